@@ -1,0 +1,36 @@
+"""jaxlstm: LSTMs for JAX as pure functions on ``lax.scan``.
+
+Conventions: kernels ``[in, out]``; gate order i, f, g, o; one bias ``[4H]``;
+``LSTMState(h, c)``; batch-major ``[..., T, D]`` inputs.
+"""
+
+from .gates import (
+    candidate,
+    cell_update,
+    forget_gate,
+    hidden_output,
+    input_gate,
+    lstm_pointwise,
+    output_gate,
+)
+from .params import GATE_ORDER, LSTMParams, LSTMState, init_lstm, zero_state
+from .recurrence import lstm, lstm_cell
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GATE_ORDER",
+    "LSTMParams",
+    "LSTMState",
+    "candidate",
+    "cell_update",
+    "forget_gate",
+    "hidden_output",
+    "init_lstm",
+    "input_gate",
+    "lstm",
+    "lstm_cell",
+    "lstm_pointwise",
+    "output_gate",
+    "zero_state",
+]

@@ -1,0 +1,191 @@
+"""The training fast path: a hand-written VJP for a whole LSTM sequence.
+
+``fused_lstm`` is a ``jax.custom_vjp`` over the time-major core ``[T, B, D]``:
+
+* the forward scan saves the activated gates ``i, f, g, o`` and ``c`` per step;
+* the backward is a reverse ``lax.scan`` that carries only ``(dh, dc)`` and
+  emits the pre-activation gradients ``dz [B, 4H]`` per step::
+
+      dh  = dy(t) + dh(t+1)                     (dm = dh @ w_hrᵀ with a projection)
+      dc  = dc(t+1) + dm ∗ o ∗ (1 - tanh²c)
+      dz  = [dc∗g∗i(1-i), dc∗c(t-1)∗f(1-f), dc∗i∗(1-g²), dm∗tanh(c)∗o(1-o)]
+      dh(t-1) = dz @ w_hhᵀ,  dc(t-1) = dc ∗ f
+
+* after the loop, ``dW_ih = Xᵀ·dZ``, ``dW_hh = H_prevᵀ·dZ``, ``db = ΣdZ``,
+  ``dX = dZ·W_ihᵀ`` (and ``dW_hr = Mᵀ·dH``) are each one GEMM over all T·B
+  rows, where XLA's autodiff of a scan would leave T small GEMMs in the loop.
+
+Steps past a sequence's length pass ``(dh, dc)`` through and contribute nothing,
+mirroring the forward's masking. With ``checkpoint_every=k`` the forward keeps
+only the state at chunk starts; the backward recomputes one chunk of ``k`` steps
+at a time and accumulates the weight gradients chunk by chunk, so stored
+activations are O(T/k + k).
+
+Forward-mode AD (``jax.jvp``) does not apply to a ``custom_vjp``; ``lstm(...,
+backward="autodiff")`` selects plain autodiff for that.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from .params import LSTMParams
+from .recurrence import dot, lstm_step, scan_masked, time_mask
+
+
+class FusedConfig(NamedTuple):
+    unroll: int
+    checkpoint_every: Optional[int]
+    mm_dtype: str
+    acc_dtype: str
+
+
+def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
+    """``[first, seq[0], ..., seq[T-2]]``: the value entering each step."""
+    return jnp.concatenate([first[None], seq[:-1]], axis=0)
+
+
+def _forward(cfg: FusedConfig, params, carry0, xs, lengths, t_offset=0):
+    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype)
+    return scan_masked(step, carry0, xs, lengths, unroll=cfg.unroll, t_offset=t_offset)
+
+
+def _backward(cfg: FusedConfig, params, carry0, xs, ys, gates, cs, dys, dcarry, lengths, t_offset=0):
+    """Backward over one segment. Returns ``(dcarry0, weight_grads, dxs)``."""
+    mm, acc = cfg.mm_dtype, cfg.acc_dtype
+    proj = params.w_hr is not None
+    h_prev = _shift(carry0[0], ys.astype(acc))
+    c_prev = _shift(carry0[1], cs)
+    w_hh_t = params.w_hh.T
+    w_hr_t = None if not proj else params.w_hr.T
+
+    def body(carry, inp):
+        dh, dc = carry
+        t, dy, (i, f, g, o), c, cp = inp
+        valid = None if lengths is None else time_mask(t_offset + t, lengths)
+        dy = dy.astype(acc)
+        if valid is not None:
+            dy = jnp.where(valid, dy, jnp.zeros((), acc))
+        dh_tot = dy + dh
+        dm = dot(dh_tot, w_hr_t, mm, acc) if proj else dh_tot
+        tc = jnp.tanh(c)
+        dc_tot = dc + dm * o * (1 - tc * tc)
+        dz = jnp.concatenate(
+            [dc_tot * g * i * (1 - i), dc_tot * cp * f * (1 - f), dc_tot * i * (1 - g * g), dm * tc * o * (1 - o)],
+            axis=-1,
+        )
+        if valid is not None:
+            dz = jnp.where(valid, dz, jnp.zeros((), acc))
+        dh_prev = dot(dz, w_hh_t, mm, acc)
+        dc_prev = dc_tot * f
+        if valid is not None:
+            dh_prev = jnp.where(valid, dh_prev, dh)
+            dc_prev = jnp.where(valid, dc_prev, dc)
+            if proj:
+                dh_tot = jnp.where(valid, dh_tot, jnp.zeros((), acc))
+        return (dh_prev, dc_prev), (dz, dh_tot if proj else None)
+
+    T = xs.shape[0]
+    ts = jnp.arange(T, dtype=jnp.int32)
+    dcarry0, (dz, dh_tot) = jax.lax.scan(body, dcarry, (ts, dys, gates, cs, c_prev), reverse=True)
+
+    # The weight gradients: one GEMM each over all T*B rows.
+    rows = lambda a: a.reshape((-1, a.shape[-1]))
+    dz2 = rows(dz)
+    tdot = lambda a, b: jnp.matmul(rows(a).astype(mm).T, b.astype(mm), preferred_element_type=acc)
+    d_w_ih = tdot(xs, dz2)
+    d_w_hh = tdot(h_prev, dz2)
+    d_b = dz2.sum(axis=0)
+    d_w_hr = None
+    if proj:
+        m = gates.o * jnp.tanh(cs)
+        d_w_hr = tdot(m, rows(dh_tot))
+    dxs = dot(dz2, params.w_ih.T, mm, acc).reshape(xs.shape[:2] + (params.w_ih.shape[0],))
+    return dcarry0, LSTMParams(d_w_ih, d_w_hh, d_b, d_w_hr), dxs
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, lengths):
+    """Time-major core: ``xs [T, B, D]``, ``carry0 = (h [B, R], c [B, H])`` in the
+    accumulation dtype. Returns ``(ys [T, B, R], (h, c))``."""
+    carry, ys, _ = _forward(cfg, params, carry0, xs, lengths)
+    return ys, carry
+
+
+def _chunked(x, n, k):
+    return x.reshape((n, k) + x.shape[1:])
+
+
+def _pad_time(x, total):
+    pad = total - x.shape[0]
+    return x if pad == 0 else jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+
+
+def _fused_fwd(cfg, params, carry0, xs, lengths):
+    k = cfg.checkpoint_every
+    if k is None or k >= xs.shape[0]:
+        carry, ys, (gates, cs) = _forward(cfg, params, carry0, xs, lengths)
+        return (ys, carry), (params, carry0, xs, lengths, ys, gates, cs)
+
+    T, B = xs.shape[:2]
+    n = -(-T // k)
+    if lengths is None and n * k != T:
+        lengths = jnp.full((B,), T, jnp.int32)  # mask the padding steps
+    xs_c = _chunked(_pad_time(xs, n * k), n, k)
+    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype)
+
+    def no_residuals(carry, x):
+        carry, y, _ = step(carry, x)
+        return carry, y, None
+
+    def chunk(carry, inp):
+        j, x = inp
+        new, ys, _ = scan_masked(no_residuals, carry, x, lengths, unroll=cfg.unroll, t_offset=j * k)
+        return new, (ys, carry)
+
+    carry, (ys_c, starts) = jax.lax.scan(chunk, carry0, (jnp.arange(n, dtype=jnp.int32), xs_c))
+    ys = ys_c.reshape((n * k,) + ys_c.shape[2:])[:T]
+    return (ys, carry), (params, starts, xs_c, lengths, None, None, None)
+
+
+def _cast_like(tree, like):
+    return jax.tree_util.tree_map(lambda g, p: None if p is None else g.astype(p.dtype), tree, like,
+                                  is_leaf=lambda x: x is None)
+
+
+def _fused_bwd(cfg, res, cotangents):
+    dys, dcarry = cotangents
+    acc = cfg.acc_dtype
+    dcarry = tuple(d.astype(acc) for d in dcarry)
+    params, carry0, xs, lengths, ys, gates, cs = res
+    if ys is not None:
+        dcarry0, grads, dxs = _backward(cfg, params, carry0, xs, ys, gates, cs, dys, dcarry, lengths)
+        return _cast_like(grads, params), dcarry0, dxs.astype(xs.dtype), None
+
+    # Checkpointed: carry0 holds the state at each chunk start, xs is [n, k, B, D].
+    starts, xs_c = carry0, xs
+    n, k = xs_c.shape[:2]
+    T = dys.shape[0]
+    dys_c = _chunked(_pad_time(dys, n * k), n, k)
+    zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
+
+    def chunk(carry, inp):
+        dcarry, grads = carry
+        j, start, x, dy = inp
+        _, ys, (gates, cs) = _forward(cfg, params, start, x, lengths, t_offset=j * k)
+        dstart, g, dx = _backward(cfg, params, start, x, ys, gates, cs, dy, dcarry, lengths, t_offset=j * k)
+        grads = jax.tree_util.tree_map(jnp.add, grads, g)
+        return (dstart, grads), dx
+
+    (dcarry0, grads), dxs_c = jax.lax.scan(
+        chunk, (dcarry, zero_grads), (jnp.arange(n, dtype=jnp.int32), starts, xs_c, dys_c), reverse=True
+    )
+    dxs = dxs_c.reshape((n * k,) + dxs_c.shape[2:])[:T]
+    return _cast_like(grads, params), dcarry0, dxs.astype(xs.dtype), None
+
+
+fused_lstm.defvjp(_fused_fwd, _fused_bwd)

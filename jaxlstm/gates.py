@@ -1,0 +1,92 @@
+"""The LSTM equations as pure functions.
+
+The textbook form, one function per gate, each reading the concatenation
+``[h(t-1), x(t)]`` (so each gate kernel ``W_*`` is ``[R + D, H]``)::
+
+    f  = σ(W_f · [h(t-1), x(t)] + b_f)          forget gate
+    i  = σ(W_i · [h(t-1), x(t)] + b_i)          input gate
+    C̃  = tanh(W_C · [h(t-1), x(t)] + b_C)       candidate
+    C  = f ∗ C(t-1) + i ∗ C̃                      cell update
+    o  = σ(W_o · [h(t-1), x(t)] + b_o)          output gate
+    h  = o ∗ tanh(C)                             hidden output
+
+The engine does not call these one by one: it computes all four pre-activations
+``z = x @ w_ih + h @ w_hh + b`` (gate order i, f, g, o along the last axis) in one
+matmul and calls :func:`lstm_pointwise`, the fused form of the same equations.
+``tests/test_gates.py`` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def _affine(w: jax.Array, b: jax.Array, h_prev: jax.Array, x: jax.Array) -> jax.Array:
+    return jnp.concatenate([h_prev, x], axis=-1) @ w + b
+
+
+def forget_gate(w_f, b_f, h_prev, x):
+    """``f = σ(W_f · [h(t-1), x(t)] + b_f)``: how much of ``C(t-1)`` to keep."""
+    return jax.nn.sigmoid(_affine(w_f, b_f, h_prev, x))
+
+
+def input_gate(w_i, b_i, h_prev, x):
+    """``i = σ(W_i · [h(t-1), x(t)] + b_i)``: how much of the candidate to write."""
+    return jax.nn.sigmoid(_affine(w_i, b_i, h_prev, x))
+
+
+def candidate(w_c, b_c, h_prev, x):
+    """``C̃ = tanh(W_C · [h(t-1), x(t)] + b_C)``: the new content."""
+    return jnp.tanh(_affine(w_c, b_c, h_prev, x))
+
+
+def output_gate(w_o, b_o, h_prev, x):
+    """``o = σ(W_o · [h(t-1), x(t)] + b_o)``: how much of the cell to expose."""
+    return jax.nn.sigmoid(_affine(w_o, b_o, h_prev, x))
+
+
+def cell_update(f, c_prev, i, c_tilde):
+    """``C(t) = f ∗ C(t-1) + i ∗ C̃``."""
+    return f * c_prev + i * c_tilde
+
+
+def hidden_output(o, c):
+    """``h(t) = o ∗ tanh(C(t))``."""
+    return o * jnp.tanh(c)
+
+
+class Gates(NamedTuple):
+    """Activated gates of one step, each ``[..., H]``."""
+
+    i: jax.Array
+    f: jax.Array
+    g: jax.Array
+    o: jax.Array
+
+
+def split_gates(z: jax.Array):
+    """Split ``[..., 4H]`` into its four ``[..., H]`` blocks (order i, f, g, o)."""
+    return jnp.split(z, 4, axis=-1)
+
+
+def lstm_pointwise(z: jax.Array, c_prev: jax.Array):
+    """Fused LSTM step from pre-activations.
+
+    Args:
+      z: pre-activations ``[..., 4H]`` in gate order i, f, g, o.
+      c_prev: ``C(t-1)`` ``[..., H]``.
+
+    Returns:
+      ``(m, c, gates)``: ``m = o ∗ tanh(C(t))`` (the hidden output before any
+      projection), ``c = C(t)`` and the activated :class:`Gates`.
+    """
+    zi, zf, zg, zo = split_gates(z)
+    i = jax.nn.sigmoid(zi)
+    f = jax.nn.sigmoid(zf)
+    g = jnp.tanh(zg)
+    o = jax.nn.sigmoid(zo)
+    c = cell_update(f, c_prev, i, g)
+    return hidden_output(o, c), c, Gates(i, f, g, o)

@@ -1,0 +1,131 @@
+"""Parameter and state pytrees for the LSTM, and their initialisers.
+
+Layout conventions (the same everywhere in jaxlstm):
+
+* kernels are ``[in, out]``, so the code computes ``x @ w`` (the JAX convention);
+* the ``4H`` gate axis is ordered **i, f, g, o** (input, forget, candidate C̃,
+  output), as in PyTorch, cuDNN and ``flax.linen.OptimizedLSTMCell``;
+* there is one bias ``b`` of shape ``[4H]`` (PyTorch's ``b_ih + b_hh``);
+* with a projection (LSTMP, ``proj_size=P``), ``h = (o * tanh(c)) @ w_hr`` and the
+  recurrence reads the projected ``h``; so ``w_hh`` is ``[R, 4H]`` with ``R = P``
+  when projected and ``R = H`` otherwise;
+* the state is ``LSTMState(h, c)``, h first, as in PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+GATE_ORDER = ("i", "f", "g", "o")
+"""Order of the four gate blocks along the ``4H`` axis."""
+
+
+class LSTMParams(NamedTuple):
+    """Weights of one LSTM layer in one direction.
+
+    Attributes:
+      w_ih: input kernel ``[D, 4H]``.
+      w_hh: recurrent kernel ``[R, 4H]`` (``R = P`` if projected, else ``H``).
+      b: bias ``[4H]``.
+      w_hr: projection kernel ``[H, P]``, or ``None`` without projection.
+    """
+
+    w_ih: jax.Array
+    w_hh: jax.Array
+    b: jax.Array
+    w_hr: Optional[jax.Array] = None
+
+    @property
+    def input_size(self) -> int:
+        return self.w_ih.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_ih.shape[1] // 4
+
+    @property
+    def output_size(self) -> int:
+        """``R``: the size of ``h`` (``P`` with a projection, else ``H``)."""
+        return self.w_hh.shape[0]
+
+
+class LSTMState(NamedTuple):
+    """Recurrent state: ``h [..., R]`` and ``c [..., H]``."""
+
+    h: jax.Array
+    c: jax.Array
+
+
+def _check_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def init_lstm(
+    key: jax.Array,
+    input_size: int,
+    hidden_size: int,
+    *,
+    proj_size: Optional[int] = None,
+    forget_bias: float = 1.0,
+    dtype=jnp.float32,
+) -> LSTMParams:
+    """Initialise one LSTM layer.
+
+    Glorot-uniform input kernel, orthogonal recurrent kernel (per gate block),
+    zero bias except ``forget_bias`` on the f slice, Glorot-uniform projection.
+
+    Args:
+      key: a PRNG key.
+      input_size: D.
+      hidden_size: H.
+      proj_size: P for an LSTMP layer, or ``None``.
+      forget_bias: added to the forget-gate bias (1.0 is the usual choice).
+      dtype: parameter dtype.
+
+    Returns:
+      ``LSTMParams``.
+
+    Example:
+      >>> params = init_lstm(jax.random.key(0), 8, 16)
+      >>> params.w_ih.shape, params.w_hh.shape
+      ((8, 64), (16, 64))
+    """
+    D = _check_size("input_size", input_size)
+    H = _check_size("hidden_size", hidden_size)
+    if proj_size is not None:
+        P = _check_size("proj_size", proj_size)
+        if P >= H:
+            raise ValueError(f"proj_size must be smaller than hidden_size={H}, got {P}")
+    R = H if proj_size is None else proj_size
+    k_ih, k_hh, k_hr = jax.random.split(key, 3)
+    w_ih = jax.nn.initializers.glorot_uniform()(k_ih, (D, 4 * H), dtype)
+    orth = jax.nn.initializers.orthogonal()
+    w_hh = jnp.concatenate(
+        [orth(k, (R, H), dtype) for k in jax.random.split(k_hh, 4)], axis=1
+    )
+    b = jnp.zeros((4 * H,), dtype).at[H : 2 * H].set(forget_bias)
+    w_hr = None
+    if proj_size is not None:
+        w_hr = jax.nn.initializers.glorot_uniform()(k_hr, (H, R), dtype)
+    return LSTMParams(w_ih, w_hh, b, w_hr)
+
+
+def zero_state(
+    batch_shape: Sequence[int] | int,
+    hidden_size: int,
+    *,
+    proj_size: Optional[int] = None,
+    dtype=jnp.float32,
+) -> LSTMState:
+    """All-zero ``LSTMState`` with ``h [*batch_shape, R]`` and ``c [*batch_shape, H]``."""
+    if isinstance(batch_shape, int):
+        batch_shape = (batch_shape,)
+    H = _check_size("hidden_size", hidden_size)
+    R = H if proj_size is None else _check_size("proj_size", proj_size)
+    batch_shape = tuple(batch_shape)
+    return LSTMState(jnp.zeros(batch_shape + (R,), dtype), jnp.zeros(batch_shape + (H,), dtype))

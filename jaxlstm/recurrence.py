@@ -1,0 +1,323 @@
+"""The recurrence engine: ``lax.scan`` over time, masking, reversal, layouts.
+
+What lives here:
+
+* :func:`apply_sequence`: the one place that handles ``time_major``, any number of
+  leading batch dims, ``seq_lengths`` and ``reverse``. Every recurrent layer
+  (LSTM, RNN, GRU) goes through it with its own ``core``.
+* :func:`scan_masked`: ``lax.scan`` of a step function where steps past a
+  sequence's length leave the carry unchanged and emit zeros. The final carry is
+  therefore the state at the last valid step, without storing every carry.
+* :func:`reverse_padded`: per-sequence reversal of the valid prefix, padding left
+  in place. It is its own inverse (and its own transpose).
+* :func:`lstm_cell` and :func:`lstm`, the LSTM on top of that engine.
+
+Layout: the scan runs time-major on ``[T, B, D]`` with the batch dims flattened.
+The input projection ``x_t @ w_ih`` is computed inside the step together with
+``h @ w_hh``: on XLA:CPU this measured faster than hoisting it into one big GEMM
+before the scan (see ``benchmarks/results/layout.md``). The training fast path
+(:mod:`jaxlstm.backward`) still does every weight-gradient GEMM over all T·B rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks
+from .gates import lstm_pointwise
+from .params import LSTMParams, LSTMState
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------
+# dtypes
+
+
+def _widest_float(*dtypes):
+    dtypes = [jnp.dtype(d) for d in dtypes if d is not None]
+    return max(dtypes, key=lambda d: (d.itemsize, d == jnp.float32))
+
+
+def accum_dtype(*dtypes):
+    """float32, or float64 where an input is float64 (x64 mode)."""
+    return jnp.dtype(jnp.float64) if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.dtype(jnp.float32)
+
+
+def matmul_dtype(compute_dtype, *dtypes):
+    """The matmul operand dtype: ``compute_dtype`` if given, else the widest input dtype."""
+    if compute_dtype is not None:
+        return jnp.dtype(compute_dtype)
+    return _widest_float(*dtypes)
+
+
+def dot(a: Array, w: Array, mm_dtype, acc_dtype) -> Array:
+    """``a @ w`` with operands in ``mm_dtype`` and accumulation in ``acc_dtype``."""
+    return jnp.matmul(a.astype(mm_dtype), w.astype(mm_dtype), preferred_element_type=acc_dtype)
+
+
+# ----------------------------------------------------------------------------
+# the engine
+
+
+def time_mask(t, lengths: Array) -> Array:
+    """``[B, 1]`` boolean: is step ``t`` inside each sequence."""
+    return (t < lengths)[:, None]
+
+
+def scan_masked(step: Callable, carry0, xs, lengths: Optional[Array], *, unroll: int = 1, t_offset=0):
+    """Scans ``step(carry, x) -> (carry, y, aux)`` over the leading axis of ``xs``.
+
+    With ``lengths [B]``, steps with ``t_offset + t >= lengths`` keep the carry and
+    emit ``y = 0``; ``aux`` (residuals for a backward pass) is returned unmasked.
+
+    Returns:
+      ``(final_carry, ys, auxs)``.
+    """
+    if lengths is None:
+
+        def body(carry, x):
+            carry, y, aux = step(carry, x)
+            return carry, (y, aux)
+
+        carry, (ys, aux) = jax.lax.scan(body, carry0, xs, unroll=unroll)
+        return carry, ys, aux
+
+    T = jax.tree_util.tree_leaves(xs)[0].shape[0]
+
+    def masked_body(carry, inp):
+        t, x = inp
+        new, y, aux = step(carry, x)
+        valid = time_mask(t_offset + t, lengths)
+        new = jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, carry)
+        y = jnp.where(valid, y, jnp.zeros((), y.dtype))
+        return new, (y, aux)
+
+    carry, (ys, aux) = jax.lax.scan(masked_body, carry0, (jnp.arange(T, dtype=jnp.int32), xs), unroll=unroll)
+    return carry, ys, aux
+
+
+def _reverse_index(T: int, lengths: Array) -> Array:
+    t = jnp.arange(T, dtype=lengths.dtype)[:, None]
+    return jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+
+
+@jax.custom_vjp
+def reverse_padded(xs: Array, lengths: Array) -> Array:
+    """Reverses each sequence's valid prefix: ``out[t, b] = xs[len_b - 1 - t, b]`` for
+    ``t < len_b``; padded steps stay where they are. ``xs`` is ``[T, B, ...]``."""
+    idx = _reverse_index(xs.shape[0], lengths)
+    return xs[idx, jnp.arange(xs.shape[1])[None, :]]
+
+
+def _reverse_padded_fwd(xs, lengths):
+    return reverse_padded(xs, lengths), lengths
+
+
+def _reverse_padded_bwd(lengths, g):
+    # A permutation that is its own inverse is its own transpose.
+    return reverse_padded(g, lengths), None
+
+
+reverse_padded.defvjp(_reverse_padded_fwd, _reverse_padded_bwd)
+
+
+def _flip_time(xs: Array, lengths: Optional[Array]) -> Array:
+    return jnp.flip(xs, axis=0) if lengths is None else reverse_padded(xs, lengths)
+
+
+def apply_sequence(
+    core: Callable,
+    xs: Array,
+    carry0,
+    batch_shape: tuple,
+    *,
+    seq_lengths: Optional[Array],
+    reverse: bool,
+    time_major: bool,
+):
+    """Runs ``core(xs_tm [T, B, D], carry [B, ...], lengths [B] | None) -> (ys_tm, carry)``
+    on ``xs`` of any layout; ``carry0`` leaves are ``[*batch_shape, F]``.
+
+    Returns ``(ys, final_carry)`` in the layout of ``xs`` and ``carry0``.
+    """
+    T = xs.shape[0] if time_major else xs.shape[-2]
+    D = xs.shape[-1]
+    B = _checks.batch_size(batch_shape)
+    xs_tm = xs if time_major else jnp.moveaxis(xs, -2, 0)
+    xs_tm = xs_tm.reshape((T, B, D))
+    carry = jax.tree_util.tree_map(lambda a: a.reshape((B,) + a.shape[len(batch_shape):]), carry0)
+    lengths = None
+    if seq_lengths is not None:
+        lengths = jnp.clip(jnp.asarray(seq_lengths).reshape((B,)).astype(jnp.int32), 0, T)
+    if reverse:
+        xs_tm = _flip_time(xs_tm, lengths)
+    ys_tm, carry = core(xs_tm, carry, lengths)
+    if reverse:
+        ys_tm = _flip_time(ys_tm, lengths)
+    ys = ys_tm.reshape((T,) + tuple(batch_shape) + ys_tm.shape[2:])
+    if not time_major:
+        ys = jnp.moveaxis(ys, 0, -2)
+    carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)
+    return ys, carry
+
+
+# ----------------------------------------------------------------------------
+# the LSTM
+
+
+def lstm_step(params: LSTMParams, mm_dtype, acc_dtype):
+    """The step ``(carry, x) -> (carry, h, (gates, c))`` used by every LSTM path.
+
+    ``carry = (h, c)`` in ``acc_dtype``; ``gates`` and ``c`` are what the fused
+    backward needs from each step.
+    """
+
+    def step(carry, x):
+        h, c = carry
+        z = dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h, params.w_hh, mm_dtype, acc_dtype) + params.b.astype(acc_dtype)
+        m, c, gates = lstm_pointwise(z, c)
+        h = m if params.w_hr is None else dot(m, params.w_hr, mm_dtype, acc_dtype)
+        return (h, c), h, (gates, c)
+
+    return step
+
+
+def _check_state(state, batch_shape, H, R, name="initial_state"):
+    if not isinstance(state, tuple) or len(state) != 2:
+        raise TypeError(f"{name} must be an LSTMState(h, c), got {type(state).__name__}")
+    h, c = state
+    _checks.state_array(f"{name}.h", h, tuple(batch_shape) + (R,))
+    _checks.state_array(f"{name}.c", c, tuple(batch_shape) + (H,))
+
+
+def lstm_cell(params: LSTMParams, state: LSTMState, x: Array, *, compute_dtype=None):
+    """One LSTM step, for streaming and autoregressive generation.
+
+    Args:
+      params: ``LSTMParams``.
+      state: ``LSTMState(h [..., R], c [..., H])``.
+      x: input ``[..., D]`` with the same leading dims as the state.
+      compute_dtype: optional matmul dtype (e.g. ``jnp.bfloat16``).
+
+    Returns:
+      ``(new_state, h)``: ``h`` in the dtype of ``x``; the new state's ``h`` too,
+      its ``c`` in float32 (the cell state is accumulated in float32).
+    """
+    D, H, R = _checks.lstm_params(params)
+    _checks.float_array("x", x)
+    if x.ndim < 1 or x.shape[-1] != D:
+        raise ValueError(f"x must have shape [..., {D}] (the params' input size), got {tuple(x.shape)}")
+    _check_state(state, x.shape[:-1], H, R, name="state")
+    acc = accum_dtype(x.dtype, params.w_ih.dtype)
+    mm = matmul_dtype(compute_dtype, x.dtype, params.w_ih.dtype, params.w_hh.dtype)
+    step = lstm_step(params, mm, acc)
+    (h, c), y, _ = step((state.h.astype(acc), state.c.astype(acc)), x)
+    y = y.astype(x.dtype)
+    return LSTMState(y, c), y
+
+
+def lstm(
+    params: LSTMParams,
+    xs: Array,
+    initial_state: Optional[LSTMState] = None,
+    *,
+    seq_lengths: Optional[Array] = None,
+    reverse: bool = False,
+    time_major: bool = False,
+    unroll: int = 1,
+    checkpoint_every: Optional[int] = None,
+    compute_dtype=None,
+    backward: str = "fused",
+):
+    """Runs an LSTM layer over a sequence.
+
+    Per step (gate order i, f, g, o; ``g`` is the candidate C̃)::
+
+        z = x(t) @ w_ih + h(t-1) @ w_hh + b
+        i, f, g, o = σ(z_i), σ(z_f), tanh(z_g), σ(z_o)
+        c(t) = f ∗ c(t-1) + i ∗ g
+        h(t) = o ∗ tanh(c(t))            (then @ w_hr with a projection)
+
+    Args:
+      params: ``LSTMParams`` (``w_ih [D, 4H]``, ``w_hh [R, 4H]``, ``b [4H]``,
+        ``w_hr [H, P]`` or ``None``).
+      xs: ``[..., T, D]`` (any number of leading batch dims, including none), or
+        ``[T, ..., D]`` with ``time_major=True``.
+      initial_state: ``LSTMState(h [..., R], c [..., H])``; zeros if ``None``.
+      seq_lengths: integer ``[...]`` (the batch shape). Outputs past a sequence's
+        length are zero and the final state is taken at its last valid step.
+        Concrete values are checked to lie in ``[0, T]``; traced values (under
+        ``jit``) are clipped to that range.
+      reverse: read each sequence from its last valid step back to the first.
+        Outputs stay aligned with input positions; padding never enters.
+      time_major: ``xs`` is ``[T, ..., D]`` (and so are the outputs).
+      unroll: ``lax.scan`` unroll factor of the forward scan.
+      checkpoint_every: with the fused backward, keep only the state every ``k``
+        steps and recompute each chunk in the backward pass: the stored
+        activations are O(T/k + k) instead of O(T).
+      compute_dtype: matmul operand dtype, e.g. ``jnp.bfloat16``. Accumulation,
+        gate maths, the cell state and the weight gradients stay in float32.
+      backward: ``"fused"`` (default): a hand-written VJP for the whole sequence
+        (:mod:`jaxlstm.backward`). ``"autodiff"``: plain JAX autodiff of the
+        scan; use it for forward-mode AD (``jax.jvp``, ``jax.jacfwd``,
+        ``jax.hessian``), which a ``custom_vjp`` does not support.
+
+    Returns:
+      ``(ys, final_state)``: ``ys [..., T, R]`` in the dtype of ``xs`` and
+      ``LSTMState(h [..., R], c [..., H])`` (h in the dtype of ``xs``, c in
+      float32).
+
+    Example:
+      >>> params = jaxlstm.init_lstm(jax.random.key(0), 8, 16)
+      >>> ys, state = jaxlstm.lstm(params, jnp.ones((4, 10, 8)))
+      >>> ys.shape, state.c.shape
+      ((4, 10, 16), (4, 16))
+    """
+    D, H, R = _checks.lstm_params(params)
+    batch_shape, T = _checks.sequence("xs", xs, D, time_major)
+    seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
+    if backward not in ("fused", "autodiff"):
+        raise ValueError(f"backward must be 'fused' or 'autodiff', got {backward!r}")
+    unroll = _checks.positive_int("unroll", unroll)
+    if checkpoint_every is not None:
+        checkpoint_every = _checks.positive_int("checkpoint_every", checkpoint_every)
+        if backward != "fused":
+            raise ValueError("checkpoint_every requires backward='fused'")
+    weights = [params.w_ih.dtype, params.w_hh.dtype] + ([] if params.w_hr is None else [params.w_hr.dtype])
+    acc = accum_dtype(xs.dtype, *weights)
+    mm = matmul_dtype(compute_dtype, xs.dtype, *weights)
+    if initial_state is None:
+        carry0 = (jnp.zeros(batch_shape + (R,), acc), jnp.zeros(batch_shape + (H,), acc))
+    else:
+        _check_state(initial_state, batch_shape, H, R)
+        carry0 = (initial_state.h.astype(acc), initial_state.c.astype(acc))
+
+    if backward == "fused":
+        from .backward import FusedConfig, fused_lstm
+
+        cfg = FusedConfig(unroll, checkpoint_every, mm.name, acc.name)
+
+        def core(xs_tm, carry, lengths):
+            return fused_lstm(cfg, params, carry, xs_tm, lengths)
+
+    else:
+
+        step = lstm_step(params, mm, acc)
+
+        def no_residuals(carry, x):
+            carry, y, _ = step(carry, x)
+            return carry, y, None
+
+        def core(xs_tm, carry, lengths):
+            carry, ys, _ = scan_masked(no_residuals, carry, xs_tm, lengths, unroll=unroll)
+            return ys, carry
+
+    ys, (h, c) = apply_sequence(
+        core, xs, carry0, batch_shape, seq_lengths=seq_lengths, reverse=reverse, time_major=time_major
+    )
+    return ys.astype(xs.dtype), LSTMState(h.astype(xs.dtype), c)
