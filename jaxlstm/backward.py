@@ -91,6 +91,7 @@ def _backward(cfg: FusedConfig, params, carry0, xs, ys, gates, cs, dys, dcarry, 
 
     T = xs.shape[0]
     ts = jnp.arange(T, dtype=jnp.int32)
+    import os
     dcarry0, (dz, dh_tot) = jax.lax.scan(body, dcarry, (ts, dys, gates, cs, c_prev), reverse=True)
 
     # The weight gradients: one GEMM each over all T*B rows.

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 
 def _affine(w: jax.Array, b: jax.Array, h_prev: jax.Array, x: jax.Array) -> jax.Array:
-    return jnp.concatenate([h_prev, x], axis=-1) @ w + b
+    z = jnp.concatenate([h_prev, x], axis=-1) @ w
+    return z + b.reshape((1,) * (z.ndim - 1) + b.shape)
 
 
 def forget_gate(w_f, b_f, h_prev, x):

@@ -103,16 +103,16 @@ def init_lstm(
             raise ValueError(f"proj_size must be smaller than hidden_size={H}, got {P}")
     R = H if proj_size is None else proj_size
     k_ih, k_hh, k_hr = jax.random.split(key, 3)
-    w_ih = jax.nn.initializers.glorot_uniform()(k_ih, (D, 4 * H), dtype)
+    # Drawn in float32 (QR has no bfloat16 kernel), then cast.
+    f32 = jnp.float32
+    w_ih = jax.nn.initializers.glorot_uniform()(k_ih, (D, 4 * H), f32)
     orth = jax.nn.initializers.orthogonal()
-    w_hh = jnp.concatenate(
-        [orth(k, (R, H), dtype) for k in jax.random.split(k_hh, 4)], axis=1
-    )
-    b = jnp.zeros((4 * H,), dtype).at[H : 2 * H].set(forget_bias)
+    w_hh = jnp.concatenate([orth(k, (R, H), f32) for k in jax.random.split(k_hh, 4)], axis=1)
+    b = jnp.zeros((4 * H,), f32).at[H : 2 * H].set(forget_bias)
     w_hr = None
     if proj_size is not None:
-        w_hr = jax.nn.initializers.glorot_uniform()(k_hr, (H, R), dtype)
-    return LSTMParams(w_ih, w_hh, b, w_hr)
+        w_hr = jax.nn.initializers.glorot_uniform()(k_hr, (H, R), f32).astype(dtype)
+    return LSTMParams(w_ih.astype(dtype), w_hh.astype(dtype), b.astype(dtype), w_hr)
 
 
 def zero_state(

@@ -55,6 +55,11 @@ def matmul_dtype(compute_dtype, *dtypes):
     return _widest_float(*dtypes)
 
 
+def add_bias(z: Array, b: Array) -> Array:
+    """``z [..., F] + b [F]`` with the broadcast spelled out (strict rank promotion)."""
+    return z + b.astype(z.dtype).reshape((1,) * (z.ndim - 1) + b.shape)
+
+
 def dot(a: Array, w: Array, mm_dtype, acc_dtype) -> Array:
     """``a @ w`` with operands in ``mm_dtype`` and accumulation in ``acc_dtype``."""
     return jnp.matmul(a.astype(mm_dtype), w.astype(mm_dtype), preferred_element_type=acc_dtype)
@@ -106,12 +111,19 @@ def _reverse_index(T: int, lengths: Array) -> Array:
     return jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
 
 
-@jax.custom_vjp
-def reverse_padded(xs: Array, lengths: Array) -> Array:
+def reverse_padded_plain(xs: Array, lengths: Array) -> Array:
     """Reverses each sequence's valid prefix: ``out[t, b] = xs[len_b - 1 - t, b]`` for
-    ``t < len_b``; padded steps stay where they are. ``xs`` is ``[T, B, ...]``."""
+    ``t < len_b``; padded steps stay where they are. ``xs`` is ``[T, B, ...]``.
+
+    Differentiable in both modes (its transpose is a scatter-add)."""
     idx = _reverse_index(xs.shape[0], lengths)
     return xs[idx, jnp.arange(xs.shape[1])[None, :]]
+
+
+@jax.custom_vjp
+def reverse_padded(xs: Array, lengths: Array) -> Array:
+    """:func:`reverse_padded_plain` with a gather, not a scatter-add, as its VJP."""
+    return reverse_padded_plain(xs, lengths)
 
 
 def _reverse_padded_fwd(xs, lengths):
@@ -126,8 +138,10 @@ def _reverse_padded_bwd(lengths, g):
 reverse_padded.defvjp(_reverse_padded_fwd, _reverse_padded_bwd)
 
 
-def _flip_time(xs: Array, lengths: Optional[Array]) -> Array:
-    return jnp.flip(xs, axis=0) if lengths is None else reverse_padded(xs, lengths)
+def _flip_time(xs: Array, lengths: Optional[Array], forward_mode: bool) -> Array:
+    if lengths is None:
+        return jnp.flip(xs, axis=0)
+    return reverse_padded_plain(xs, lengths) if forward_mode else reverse_padded(xs, lengths)
 
 
 def apply_sequence(
@@ -139,9 +153,13 @@ def apply_sequence(
     seq_lengths: Optional[Array],
     reverse: bool,
     time_major: bool,
+    forward_mode: bool = True,
 ):
     """Runs ``core(xs_tm [T, B, D], carry [B, ...], lengths [B] | None) -> (ys_tm, carry)``
     on ``xs`` of any layout; ``carry0`` leaves are ``[*batch_shape, F]``.
+
+    ``forward_mode=False`` lets reversal use a ``custom_vjp`` (cheaper VJP, no
+    ``jax.jvp``); pass it only when ``core`` is itself reverse-mode only.
 
     Returns ``(ys, final_carry)`` in the layout of ``xs`` and ``carry0``.
     """
@@ -155,10 +173,10 @@ def apply_sequence(
     if seq_lengths is not None:
         lengths = jnp.clip(jnp.asarray(seq_lengths).reshape((B,)).astype(jnp.int32), 0, T)
     if reverse:
-        xs_tm = _flip_time(xs_tm, lengths)
+        xs_tm = _flip_time(xs_tm, lengths, forward_mode)
     ys_tm, carry = core(xs_tm, carry, lengths)
     if reverse:
-        ys_tm = _flip_time(ys_tm, lengths)
+        ys_tm = _flip_time(ys_tm, lengths, forward_mode)
     ys = ys_tm.reshape((T,) + tuple(batch_shape) + ys_tm.shape[2:])
     if not time_major:
         ys = jnp.moveaxis(ys, 0, -2)
@@ -179,7 +197,7 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype):
 
     def step(carry, x):
         h, c = carry
-        z = dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h, params.w_hh, mm_dtype, acc_dtype) + params.b.astype(acc_dtype)
+        z = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h, params.w_hh, mm_dtype, acc_dtype), params.b)
         m, c, gates = lstm_pointwise(z, c)
         h = m if params.w_hr is None else dot(m, params.w_hr, mm_dtype, acc_dtype)
         return (h, c), h, (gates, c)
@@ -318,6 +336,7 @@ def lstm(
             return ys, carry
 
     ys, (h, c) = apply_sequence(
-        core, xs, carry0, batch_shape, seq_lengths=seq_lengths, reverse=reverse, time_major=time_major
+        core, xs, carry0, batch_shape, seq_lengths=seq_lengths, reverse=reverse, time_major=time_major,
+        forward_mode=backward == "autodiff",
     )
     return ys.astype(xs.dtype), LSTMState(h.astype(xs.dtype), c)

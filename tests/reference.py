@@ -1,0 +1,66 @@
+"""Slow, obvious reference implementations: a Python loop over the textbook equations.
+
+Written against an array module ``xp`` (``numpy`` for values, ``jax.numpy`` for
+autodiff), one sequence at a time, so that masking and reversal are plain slicing.
+"""
+
+import numpy as np
+
+
+def _sigmoid(xp, z):
+    return 1.0 / (1.0 + xp.exp(-z))
+
+
+def lstm_step_ref(xp, params, h, c, x):
+    """Textbook step: each gate is σ(W·[h, x] + b) with W = [W_hh; W_ih] for its slice."""
+    H = params["w_ih"].shape[1] // 4
+    hx = xp.concatenate([h, x], axis=-1)
+
+    def gate(k):
+        w = xp.concatenate([params["w_hh"][:, k * H:(k + 1) * H], params["w_ih"][:, k * H:(k + 1) * H]], axis=0)
+        return hx @ w + params["b"][k * H:(k + 1) * H]
+
+    i = _sigmoid(xp, gate(0))
+    f = _sigmoid(xp, gate(1))
+    g = xp.tanh(gate(2))
+    o = _sigmoid(xp, gate(3))
+    c = f * c + i * g
+    h = o * xp.tanh(c)
+    if params.get("w_hr") is not None:
+        h = h @ params["w_hr"]
+    return h, c
+
+
+def run_ref(xp, step, xs, h0, c0, lengths=None, reverse=False):
+    """Runs ``step(h, c, x) -> (h, c)`` over batch-major ``xs [B, T, D]`` sequence by sequence.
+
+    ``c0`` may be ``None`` for cells without a cell state. Returns
+    ``(ys [B, T, R], hT [B, R], cT [B, H] or None)``, zeros past each length.
+    """
+    B, T, _ = xs.shape
+    R = h0.shape[-1]
+    ys_all, hs, cs = [], [], []
+    for b in range(B):
+        L = T if lengths is None else int(lengths[b])
+        h, c = h0[b], None if c0 is None else c0[b]
+        order = list(range(L))[::-1] if reverse else list(range(L))
+        out = {}
+        for t in order:
+            h, c = step(h, c, xs[b, t])
+            out[t] = h
+        zero = xp.zeros((R,), dtype=xs.dtype)
+        ys_all.append(xp.stack([out.get(t, zero) for t in range(T)]) if T else xp.zeros((0, R), xs.dtype))
+        hs.append(h)
+        cs.append(c)
+    return xp.stack(ys_all), xp.stack(hs), None if c0 is None else xp.stack(cs)
+
+
+def lstm_ref(xp, params, xs, h0, c0, lengths=None, reverse=False):
+    def step(h, c, x):
+        return lstm_step_ref(xp, params, h, c, x)
+
+    return run_ref(xp, step, xs, h0, c0, lengths, reverse)
+
+
+def as_dict(params):
+    return {k: (None if v is None else np.asarray(v, np.float64)) for k, v in params._asdict().items()}

@@ -1,0 +1,49 @@
+"""The fused step equals the composition of the textbook per-gate functions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxlstm
+from jaxlstm import gates
+
+
+def test_fused_step_equals_per_gate_functions():
+    k = jax.random.split(jax.random.key(0), 5)
+    D, H, B = 3, 4, 2
+    p = jaxlstm.init_lstm(k[0], D, H)._replace(b=jax.random.normal(k[1], (4 * H,)))
+    x, h, c = jax.random.normal(k[2], (B, D)), jax.random.normal(k[3], (B, H)), jax.random.normal(k[4], (B, H))
+    # The textbook gate kernel W_* acts on [h, x]: rows of w_hh, then rows of w_ih.
+    W = lambda j: jnp.concatenate([p.w_hh[:, j * H:(j + 1) * H], p.w_ih[:, j * H:(j + 1) * H]], axis=0)
+    bb = lambda j: p.b[j * H:(j + 1) * H]
+    i = gates.input_gate(W(0), bb(0), h, x)
+    f = gates.forget_gate(W(1), bb(1), h, x)
+    g = gates.candidate(W(2), bb(2), h, x)
+    o = gates.output_gate(W(3), bb(3), h, x)
+    c_new = gates.cell_update(f, c, i, g)
+    h_new = gates.hidden_output(o, c_new)
+
+    z = x @ p.w_ih + h @ p.w_hh + p.b[None]
+    m, c_fused, gs = gates.lstm_pointwise(z, c)
+    np.testing.assert_allclose(m, h_new, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(c_fused, c_new, rtol=1e-6, atol=1e-6)
+    for a, b in zip(gs, (i, f, g, o)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # and lstm_cell is the same step
+    state, y = jaxlstm.lstm_cell(p, jaxlstm.LSTMState(h, c), x)
+    np.testing.assert_allclose(y, h_new, rtol=1e-6, atol=1e-6)
+
+
+def test_init_lstm_conventions():
+    p = jaxlstm.init_lstm(jax.random.key(0), 5, 6, forget_bias=1.0)
+    assert p.w_ih.shape == (5, 24) and p.w_hh.shape == (6, 24) and p.b.shape == (24,) and p.w_hr is None
+    np.testing.assert_array_equal(p.b[6:12], 1.0)
+    np.testing.assert_array_equal(p.b[:6], 0.0)
+    # Each recurrent gate block is orthogonal.
+    for j in range(4):
+        blk = np.asarray(p.w_hh[:, j * 6:(j + 1) * 6])
+        np.testing.assert_allclose(blk.T @ blk, np.eye(6), atol=1e-5)
+    q = jaxlstm.init_lstm(jax.random.key(0), 5, 6, proj_size=2, dtype=jnp.bfloat16)
+    assert q.w_hh.shape == (2, 24) and q.w_hr.shape == (6, 2) and q.w_ih.dtype == jnp.bfloat16
+    s = jaxlstm.zero_state((3, 2), 6, proj_size=2)
+    assert s.h.shape == (3, 2, 2) and s.c.shape == (3, 2, 6)
