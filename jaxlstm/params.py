@@ -65,6 +65,52 @@ def _check_size(name: str, value) -> int:
     return value
 
 
+def lstm_param_shapes(input_size: int, hidden_size: int, proj_size: Optional[int] = None) -> dict:
+    """``{field: (shape, role)}`` of one layer's ``LSTMParams``; role is one of
+    ``"kernel"``, ``"recurrent"``, ``"bias"`` (which initialiser a module uses)."""
+    H, R = hidden_size, hidden_size if proj_size is None else proj_size
+    shapes = {
+        "w_ih": ((input_size, 4 * H), "kernel"),
+        "w_hh": ((R, 4 * H), "recurrent"),
+        "b": ((4 * H,), "bias"),
+    }
+    if proj_size is not None:
+        shapes["w_hr"] = ((H, R), "kernel")
+    return shapes
+
+
+def stack_layout(input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, proj_size: Optional[int]):
+    """``[(layer, direction, layer_input_size), ...]`` of a stack, in PyTorch's order."""
+    dirs = 2 if bidirectional else 1
+    R = hidden_size if proj_size is None else proj_size
+    return [(l, d, input_size if l == 0 else dirs * R) for l in range(num_layers) for d in range(dirs)]
+
+
+def kernel_init(key, shape, dtype=jnp.float32):
+    """Glorot-uniform, drawn in float32 and cast (the default input/projection kernel init)."""
+    return jax.nn.initializers.glorot_uniform()(key, shape, jnp.float32).astype(dtype)
+
+
+def recurrent_init(key, shape, dtype=jnp.float32, *, n_gates: int = 4):
+    """Orthogonal per gate block of a ``[R, G*H]`` recurrent kernel (float32, then cast;
+    QR has no bfloat16 kernel)."""
+    R, GH = shape
+    orth = jax.nn.initializers.orthogonal()
+    blocks = [orth(k, (R, GH // n_gates), jnp.float32) for k in jax.random.split(key, n_gates)]
+    return jnp.concatenate(blocks, axis=1).astype(dtype)
+
+
+def lstm_bias_init(forget_bias: float = 1.0):
+    """Zeros with ``forget_bias`` on the f slice of a ``[4H]`` bias."""
+
+    def init(key, shape, dtype=jnp.float32):
+        (G,) = shape
+        H = G // 4
+        return jnp.zeros(shape, jnp.float32).at[H : 2 * H].set(forget_bias).astype(dtype)
+
+    return init
+
+
 def init_lstm(
     key: jax.Array,
     input_size: int,
@@ -103,16 +149,12 @@ def init_lstm(
             raise ValueError(f"proj_size must be smaller than hidden_size={H}, got {P}")
     R = H if proj_size is None else proj_size
     k_ih, k_hh, k_hr = jax.random.split(key, 3)
-    # Drawn in float32 (QR has no bfloat16 kernel), then cast.
-    f32 = jnp.float32
-    w_ih = jax.nn.initializers.glorot_uniform()(k_ih, (D, 4 * H), f32)
-    orth = jax.nn.initializers.orthogonal()
-    w_hh = jnp.concatenate([orth(k, (R, H), f32) for k in jax.random.split(k_hh, 4)], axis=1)
-    b = jnp.zeros((4 * H,), f32).at[H : 2 * H].set(forget_bias)
-    w_hr = None
-    if proj_size is not None:
-        w_hr = jax.nn.initializers.glorot_uniform()(k_hr, (H, R), f32).astype(dtype)
-    return LSTMParams(w_ih.astype(dtype), w_hh.astype(dtype), b.astype(dtype), w_hr)
+    return LSTMParams(
+        kernel_init(k_ih, (D, 4 * H), dtype),
+        recurrent_init(k_hh, (R, 4 * H), dtype),
+        lstm_bias_init(forget_bias)(None, (4 * H,), dtype),
+        None if proj_size is None else kernel_init(k_hr, (H, R), dtype),
+    )
 
 
 def zero_state(

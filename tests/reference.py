@@ -64,3 +64,27 @@ def lstm_ref(xp, params, xs, h0, c0, lengths=None, reverse=False):
 
 def as_dict(params):
     return {k: (None if v is None else np.asarray(v, np.float64)) for k, v in params._asdict().items()}
+
+
+def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False):
+    def step(h, _c, x):
+        return xp.tanh(x @ params["w_ih"] + h @ params["w_hh"] + params["b"]), None
+
+    ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse)
+    return ys, h
+
+
+def gru_ref(xp, params, xs, h0, lengths=None, reverse=False):
+    """PyTorch's GRU equations, gate by gate (order r, z, n)."""
+    H = h0.shape[-1]
+    W = lambda w, k: w[:, k * H:(k + 1) * H]
+    b = lambda k: params["b"][k * H:(k + 1) * H]
+
+    def step(h, _c, x):
+        r = _sigmoid(xp, x @ W(params["w_ih"], 0) + h @ W(params["w_hh"], 0) + b(0))
+        z = _sigmoid(xp, x @ W(params["w_ih"], 1) + h @ W(params["w_hh"], 1) + b(1))
+        n = xp.tanh(x @ W(params["w_ih"], 2) + b(2) + r * (h @ W(params["w_hh"], 2) + params["b_hn"]))
+        return (1 - z) * n + z * h, None
+
+    ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse)
+    return ys, h

@@ -1,0 +1,175 @@
+"""Shared pieces of the benchmark scripts: implementations, timing, machine info."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxlstm
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return d.platform if d.platform == "cpu" else re.sub(r"[^a-z0-9]+", "-", d.device_kind.lower()).strip("-")
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.devices()[0].platform,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "malloc_env": {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ},
+    }
+    for mod in ("flax", "optax", "torch"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    return info
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------------------
+# implementations: each builder returns {"forward": fn, "train": fn} of no arguments
+# (inputs are bound), plus "compile_s" measured on the JAX ones.
+
+
+def _jax_pair(apply: Callable, params, xs):
+    """jit-compiles forward and train (value and grad w.r.t. params and inputs), timing the compiles."""
+    fwd = jax.jit(apply)
+    loss = lambda p, x: jnp.mean(jnp.square(apply(p, x).astype(jnp.float32)))
+    train = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    out = {}
+    for mode, fn in (("forward", fwd), ("train", train)):
+        t0 = time.perf_counter()
+        compiled = fn.lower(params, xs).compile()
+        out[mode + "_compile_s"] = time.perf_counter() - t0
+        out[mode] = (lambda c=compiled: jax.block_until_ready(c(params, xs)))
+    return out
+
+
+def build(impl: str, B: int, T: int, D: int, H: int, dtype: str):
+    key = jax.random.key(0)
+    jdtype = jnp.dtype(dtype)
+    xs = jax.random.normal(key, (B, T, D), jnp.float32).astype(jdtype)
+    if impl.startswith("jaxlstm"):
+        params = jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_lstm(key, D, H))
+        kw = {
+            "jaxlstm": {},
+            "jaxlstm-unroll8": {"unroll": 8},
+            "jaxlstm-ckpt64": {"checkpoint_every": 64},
+            "jaxlstm-bf16": {"compute_dtype": jnp.bfloat16},
+            "jaxlstm-autodiff": {"backward": "autodiff"},
+        }[impl]
+        return _jax_pair(lambda p, x: jaxlstm.lstm(p, x, **kw)[0], params, xs)
+    if impl.startswith("flax"):
+        import flax.linen as nn
+
+        cell = {"flax-optimized": nn.OptimizedLSTMCell, "flax-lstmcell": nn.LSTMCell}[impl]
+        model = nn.RNN(cell(H, dtype=jdtype, param_dtype=jdtype))
+        params = model.init(key, xs)
+        return _jax_pair(lambda p, x: model.apply(p, x), params, xs)
+    if impl == "jax-cudnn":
+        from jax.experimental import rnn as jrnn
+
+        W = jrnn.init_lstm_weight(key, D, H, 1, False)
+        h0 = jnp.zeros((1, B, H), jdtype)
+        lengths = jnp.full((B,), T, jnp.int32)
+        apply = lambda w, x: jrnn.lstm(x, h0, h0, w, lengths, D, H, 1, 0.0, False)[0]
+        return _jax_pair(apply, W, xs)
+    if impl == "torch":
+        import torch
+
+        torch.manual_seed(0)
+        torch.set_num_threads(os.cpu_count() or 1)
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        m = torch.nn.LSTM(D, H, batch_first=True).to(tdtype)
+        x = torch.from_numpy(np.array(xs.astype(jnp.float32))).to(tdtype).requires_grad_(True)
+
+        def forward():
+            with torch.no_grad():
+                return m(x)[0]
+
+        def train():
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+            loss = m(x)[0].float().square().mean()
+            loss.backward()
+            return loss
+
+        return {"forward": forward, "train": train, "forward_compile_s": 0.0, "train_compile_s": 0.0}
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def available_impls() -> List[str]:
+    impls = ["jaxlstm", "jaxlstm-unroll8", "jaxlstm-ckpt64", "jaxlstm-bf16", "flax-optimized", "flax-lstmcell"]
+    if torch_available():
+        impls.append("torch")
+    if jax.devices()[0].platform == "gpu":
+        impls.append("jax-cudnn")
+    return impls
+
+
+def time_interleaved(fns: Dict[str, Callable], repeats: int, min_repeats: int = 3, budget_s: float = 1e9):
+    """Calls each fn once to warm up, then ``repeats`` rounds, one call of each per round.
+    Stops early (after ``min_repeats``) once ``budget_s`` is spent. Returns per-name lists."""
+    times = {n: [] for n in fns}
+    for f in fns.values():
+        f()
+    start = time.perf_counter()
+    for r in range(repeats):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t0)
+        if r + 1 >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+    return times
+
+
+def summarize(ts: List[float]) -> dict:
+    q = np.percentile(ts, [25, 75]) if len(ts) > 1 else (ts[0], ts[0])
+    return {"median_s": statistics.median(ts), "q25_s": float(q[0]), "q75_s": float(q[1]), "repeats": len(ts)}
+
+
+def peak_matmul_gflops(n: int = 2048) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    ts = time_interleaved({"dot": lambda: jax.block_until_ready(f(a))}, 5)["dot"]
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def lstm_flops(mode: str, B: int, T: int, D: int, H: int) -> float:
+    fwd = 2.0 * B * T * 4 * H * (D + H)
+    return fwd if mode == "forward" else 3.0 * fwd
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)

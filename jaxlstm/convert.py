@@ -1,0 +1,188 @@
+"""Weight layouts of other libraries <-> jaxlstm params.
+
+nn.GRU and nn.RNN use the same key names (gate order r, z, n for the GRU).
+
+PyTorch ``nn.LSTM`` (``from_torch`` / ``to_torch``), for layer ``k`` and suffix
+``""`` (forward) or ``"_reverse"`` (backward direction)::
+
+    weight_ih_l{k}{sfx}  [4H, D_in]  ->  w_ih = weight_ih.T          [D_in, 4H]
+    weight_hh_l{k}{sfx}  [4H, R]     ->  w_hh = weight_hh.T          [R, 4H]
+    bias_ih_l{k}{sfx} + bias_hh_l{k}{sfx}  [4H]  ->  b               [4H]
+    weight_hr_l{k}{sfx}  [P, H]      ->  w_hr = weight_hr.T          [H, P]
+
+Both use gate order i, f, g, o, so no gate is permuted. ``to_torch`` writes the
+summed bias into ``bias_ih_*`` and zeros into ``bias_hh_*``. torch is imported
+only inside these functions.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from .params import LSTMParams
+from .rnn import GRUParams, RNNParams
+
+_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
+
+
+def _to_numpy(v) -> np.ndarray:
+    if hasattr(v, "detach"):
+        v = v.detach().cpu().float().numpy() if str(v.dtype) == "torch.bfloat16" else v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+def _state_dict(module_or_state_dict) -> Dict[str, np.ndarray]:
+    sd = module_or_state_dict.state_dict() if hasattr(module_or_state_dict, "state_dict") else module_or_state_dict
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"expected an nn.LSTM or its state_dict, got {type(module_or_state_dict).__name__}")
+    return {k: _to_numpy(v) for k, v in sd.items()}
+
+
+def _layout(sd: Mapping[str, Any], kind: str):
+    """Infers ``(num_layers, num_directions, has_proj)`` from the keys."""
+    found = {}
+    for k in sd:
+        m = _KEY.match(k)
+        if m is None:
+            raise ValueError(f"unexpected key {k!r} in a {kind} state_dict")
+        found.setdefault((int(m.group(2)), 1 if m.group(3) else 0), set()).add(m.group(1))
+    if not found:
+        raise ValueError(f"the {kind} state_dict has no weight_ih_l0 key")
+    L = max(l for l, _ in found) + 1
+    dirs = max(d for _, d in found) + 1
+    has_proj = any("weight_hr" in v for v in found.values())
+    for l in range(L):
+        for d in range(dirs):
+            sfx = "_reverse" if d else ""
+            need = ["weight_ih", "weight_hh"] + (["weight_hr"] if has_proj else [])
+            for name in need:
+                if name not in found.get((l, d), set()):
+                    raise ValueError(f"the {kind} state_dict is missing {name}_l{l}{sfx}")
+    return L, dirs, has_proj
+
+
+def _kind(module_or_state_dict, sd) -> str:
+    name = type(module_or_state_dict).__name__
+    if name in ("LSTM", "GRU", "RNN"):
+        return name.lower()
+    if any(k.startswith("weight_hr") for k in sd):
+        return "lstm"
+    if "weight_hh_l0" not in sd:
+        raise ValueError("the state_dict is missing weight_hh_l0")
+    rows, cols = sd["weight_hh_l0"].shape
+    kinds = {4: "lstm", 3: "gru", 1: "rnn"}
+    if rows % cols or rows // cols not in kinds:
+        raise ValueError(f"cannot tell LSTM/GRU/RNN from weight_hh_l0 of shape {(rows, cols)}")
+    return kinds[rows // cols]
+
+
+def _layer_params(kind, sd, sfx, has_proj, dtype):
+    a = lambda name: jnp.asarray(sd[name + sfx], dtype)
+    w_ih, w_hh = a("weight_ih").T, a("weight_hh").T
+    G = w_ih.shape[1]
+    zeros = jnp.zeros((G,), dtype)
+    b_ih = a("bias_ih") if "bias_ih" + sfx in sd else zeros
+    b_hh = a("bias_hh") if "bias_hh" + sfx in sd else zeros
+    if kind == "lstm":
+        return LSTMParams(w_ih, w_hh, b_ih + b_hh, a("weight_hr").T if has_proj else None)
+    if kind == "rnn":
+        return RNNParams(w_ih, w_hh, b_ih + b_hh)
+    H = G // 3  # GRU: b_hn stays apart because r multiplies it
+    return GRUParams(w_ih, w_hh, b_ih + b_hh.at[2 * H:].set(0), b_hh[2 * H:])
+
+
+def from_torch(module_or_state_dict, *, dtype=jnp.float32):
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (or a ``state_dict``) -> ``params[layer][direction]``.
+
+    ``num_layers``, ``bidirectional`` and ``proj_size`` are inferred from the keys
+    (and the kind from the module's class, or from the shape of ``weight_hh_l0``);
+    a module built with ``bias=False`` gives zero biases. LSTM params feed
+    :func:`jaxlstm.lstm_stack`; each ``params[l][d]`` feeds :func:`jaxlstm.lstm`,
+    :func:`jaxlstm.gru` or :func:`jaxlstm.rnn`. nn.RNN's ``nonlinearity='relu'``
+    is not supported (jaxlstm's Elman RNN is tanh).
+    """
+    sd = _state_dict(module_or_state_dict)
+    if getattr(module_or_state_dict, "nonlinearity", "tanh") != "tanh":
+        raise ValueError("only nn.RNN(nonlinearity='tanh') is supported")
+    kind = _kind(module_or_state_dict, sd)
+    L, dirs, has_proj = _layout(sd, "nn." + kind.upper())
+    return tuple(
+        tuple(_layer_params(kind, sd, f"_l{l}" + ("_reverse" if d else ""), has_proj, dtype) for d in range(dirs))
+        for l in range(L)
+    )
+
+
+def to_torch(params, *, as_numpy: bool = False) -> Dict[str, Any]:
+    """``params[layer][direction]`` (or any pytree of that structure, such as its
+    gradients) -> an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` ``state_dict`` of torch
+    tensors (numpy arrays with ``as_numpy=True``). Load it with
+    ``load_state_dict``. The whole bias goes to ``bias_ih_*``; ``bias_hh_*`` is
+    zero except a GRU's n slice, which holds ``b_hn``."""
+    f32 = lambda a: np.asarray(a, np.float32)
+    out = {}
+    for l, layer in enumerate(params):
+        for d, p in enumerate(layer):
+            sfx = f"_l{l}" + ("_reverse" if d else "")
+            b = f32(p.b)
+            out["weight_ih" + sfx] = f32(p.w_ih).T
+            out["weight_hh" + sfx] = f32(p.w_hh).T
+            out["bias_ih" + sfx] = b
+            b_hh = np.zeros_like(b)
+            if isinstance(p, GRUParams):
+                b_hh[2 * (b.shape[0] // 3):] = f32(p.b_hn)
+            out["bias_hh" + sfx] = b_hh
+            if isinstance(p, LSTMParams) and p.w_hr is not None:
+                out["weight_hr" + sfx] = f32(p.w_hr).T
+    out = {k: np.ascontiguousarray(v) for k, v in out.items()}
+    if as_numpy:
+        return out
+    import torch
+
+    return {k: torch.from_numpy(v.copy()) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------
+# flax.linen: LSTMCell / OptimizedLSTMCell (same names) and jaxlstm.linen.LSTMCell
+#
+#   ii, if, ig, io: {"kernel": [D, H]}              (input side, no bias)
+#   hi, hf, hg, ho: {"kernel": [H, H], "bias": [H]} (hidden side, with bias)
+#   ->  w_ih = [ii | if | ig | io],  w_hh = [hi | hf | hg | ho],  b = [bi | bf | bg | bo]
+
+
+def _unwrap(params):
+    """Strips ``{"params": ...}`` and ``nn.RNN``'s ``{"cell": ...}`` wrappers."""
+    while isinstance(params, Mapping) and len(params) == 1 and next(iter(params)) in ("params", "cell"):
+        params = params[next(iter(params))]
+    return params
+
+
+def from_flax(params) -> LSTMParams:
+    """Params of ``flax.linen.LSTMCell`` / ``OptimizedLSTMCell`` (or of
+    ``jaxlstm.linen.LSTMCell``), optionally wrapped in ``{"params": ...}`` or
+    ``nn.RNN``'s ``{"cell": ...}``, -> ``LSTMParams``."""
+    p = _unwrap(params)
+    if not isinstance(p, Mapping):
+        raise TypeError(f"expected a flax params dict, got {type(params).__name__}")
+    if {"w_ih", "w_hh", "b"} <= set(p):
+        return LSTMParams(p["w_ih"], p["w_hh"], p["b"], p.get("w_hr"))
+    need = [f"{side}{g}" for side in "ih" for g in "ifgo"]
+    missing = [k for k in need if k not in p]
+    if missing:
+        raise ValueError(f"flax LSTM params are missing {missing} (found {sorted(p)})")
+    cat = lambda ks, leaf: jnp.concatenate([p[k][leaf] for k in ks], axis=-1)
+    return LSTMParams(cat(need[:4], "kernel"), cat(need[4:], "kernel"), cat(need[4:], "bias"))
+
+
+def to_flax(params: LSTMParams) -> dict:
+    """``LSTMParams`` (no projection) -> the param dict of ``flax.linen.LSTMCell`` /
+    ``OptimizedLSTMCell`` (without the ``{"params": ...}`` wrapper)."""
+    if params.w_hr is not None:
+        raise ValueError("flax's LSTM cells have no projection: params.w_hr must be None")
+    w_ih, w_hh, b = (jnp.split(a, 4, axis=-1) for a in (params.w_ih, params.w_hh, params.b))
+    out = {f"i{g}": {"kernel": w_ih[j]} for j, g in enumerate("ifgo")}
+    out.update({f"h{g}": {"kernel": w_hh[j], "bias": b[j]} for j, g in enumerate("ifgo")})
+    return out

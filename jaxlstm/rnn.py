@@ -1,0 +1,169 @@
+"""Vanilla (Elman) RNN and GRU on the same engine as the LSTM.
+
+Both go through :func:`jaxlstm.recurrence.apply_sequence` and
+:func:`jaxlstm.recurrence.scan_masked`, so ``seq_lengths``, ``reverse``,
+``time_major``, leading batch dims and the argument checks behave exactly as in
+:func:`jaxlstm.lstm`. Their gradients are plain JAX autodiff (no fused VJP).
+
+Elman RNN (``RNNParams``: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``)::
+
+    h(t) = tanh(x(t) @ w_ih + h(t-1) @ w_hh + b)
+
+GRU, PyTorch's equations and gate order **r, z, n** (``GRUParams``:
+``w_ih [D, 3H]``, ``w_hh [H, 3H]``, ``b [3H]``, ``b_hn [H]``)::
+
+    r = σ(x @ W_ir + h @ W_hr + b_r)
+    z = σ(x @ W_iz + h @ W_hz + b_z)
+    n = tanh(x @ W_in + b_n + r ∗ (h @ W_hn + b_hn))
+    h(t) = (1 - z) ∗ n + z ∗ h(t-1)
+
+``b`` is PyTorch's ``b_ih + b_hh`` on the r and z slices and ``b_in`` on the n
+slice; ``b_hn`` stays separate because r multiplies it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks
+from .params import _check_size, kernel_init, recurrent_init
+from .recurrence import accum_dtype, add_bias, apply_sequence, dot, matmul_dtype, scan_masked
+
+
+class RNNParams(NamedTuple):
+    """Elman RNN weights: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``."""
+
+    w_ih: jax.Array
+    w_hh: jax.Array
+    b: jax.Array
+
+
+class GRUParams(NamedTuple):
+    """GRU weights, gate order r, z, n: ``w_ih [D, 3H]``, ``w_hh [H, 3H]``, ``b [3H]``, ``b_hn [H]``."""
+
+    w_ih: jax.Array
+    w_hh: jax.Array
+    b: jax.Array
+    b_hn: jax.Array
+
+
+def init_rnn(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> RNNParams:
+    """Glorot-uniform ``w_ih``, orthogonal ``w_hh``, zero bias."""
+    D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
+    k1, k2 = jax.random.split(key)
+    return RNNParams(kernel_init(k1, (D, H), dtype), recurrent_init(k2, (H, H), dtype, n_gates=1), jnp.zeros((H,), dtype))
+
+
+def init_gru(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> GRUParams:
+    """Glorot-uniform ``w_ih``, orthogonal ``w_hh`` per gate block, zero biases."""
+    D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
+    k1, k2 = jax.random.split(key)
+    return GRUParams(
+        kernel_init(k1, (D, 3 * H), dtype),
+        recurrent_init(k2, (H, 3 * H), dtype, n_gates=3),
+        jnp.zeros((3 * H,), dtype),
+        jnp.zeros((H,), dtype),
+    )
+
+
+def _rnn_step(params: RNNParams, mm, acc):
+    def step(h, x):
+        h = jnp.tanh(add_bias(dot(x, params.w_ih, mm, acc) + dot(h, params.w_hh, mm, acc), params.b))
+        return h, h, None
+
+    return step
+
+
+def _gru_step(params: GRUParams, mm, acc):
+    def step(h, x):
+        gx = add_bias(dot(x, params.w_ih, mm, acc), params.b)
+        gh = dot(h, params.w_hh, mm, acc)
+        xr, xz, xn = jnp.split(gx, 3, axis=-1)
+        hr, hz, hn = jnp.split(gh, 3, axis=-1)
+        r = jax.nn.sigmoid(xr + hr)
+        z = jax.nn.sigmoid(xz + hz)
+        n = jnp.tanh(xn + r * add_bias(hn, params.b_hn))
+        h = (1 - z) * n + z * h
+        return h, h, None
+
+    return step
+
+
+def _check(params, kind: str):
+    n_gates = {"rnn": 1, "gru": 3}[kind]
+    D, H = _checks.gated_params("params", params, n_gates)
+    if params.w_hh.shape[0] != H:
+        raise ValueError(f"params.w_hh must have {H} rows (hidden_size), got shape {tuple(params.w_hh.shape)}")
+    if kind == "gru":
+        _checks.vector("params.b_hn", params.b_hn, H)
+    return D, H
+
+
+def _dtypes(params, x_dtype, compute_dtype):
+    acc = accum_dtype(x_dtype, params.w_ih.dtype)
+    mm = matmul_dtype(compute_dtype, x_dtype, params.w_ih.dtype, params.w_hh.dtype)
+    return mm, acc
+
+
+def _cell(kind, make_step, params, h, x, compute_dtype):
+    D, H = _check(params, kind)
+    _checks.float_array("x", x)
+    if x.ndim < 1 or x.shape[-1] != D:
+        raise ValueError(f"x must have shape [..., {D}] (the params' input size), got {tuple(x.shape)}")
+    _checks.state_array("h", h, tuple(x.shape[:-1]) + (H,))
+    mm, acc = _dtypes(params, x.dtype, compute_dtype)
+    h, _, _ = make_step(params, mm, acc)(h.astype(acc), x)
+    h = h.astype(x.dtype)
+    return h, h
+
+
+def _sequence(kind, make_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype):
+    D, H = _check(params, kind)
+    batch_shape, T = _checks.sequence("xs", xs, D, time_major)
+    seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
+    unroll = _checks.positive_int("unroll", unroll)
+    mm, acc = _dtypes(params, xs.dtype, compute_dtype)
+    if initial_state is None:
+        h0 = jnp.zeros(batch_shape + (H,), acc)
+    else:
+        _checks.state_array("initial_state", initial_state, batch_shape + (H,))
+        h0 = initial_state.astype(acc)
+    step = make_step(params, mm, acc)
+
+    def core(xs_tm, h, lengths):
+        h, ys, _ = scan_masked(step, h, xs_tm, lengths, unroll=unroll)
+        return ys, h
+
+    ys, h = apply_sequence(core, xs, h0, batch_shape, seq_lengths=seq_lengths, reverse=reverse, time_major=time_major)
+    return ys.astype(xs.dtype), h.astype(xs.dtype)
+
+
+def rnn_cell(params: RNNParams, h: jax.Array, x: jax.Array, *, compute_dtype=None):
+    """One Elman step. Returns ``(h, h)`` (new state and output)."""
+    return _cell("rnn", _rnn_step, params, h, x, compute_dtype)
+
+
+def gru_cell(params: GRUParams, h: jax.Array, x: jax.Array, *, compute_dtype=None):
+    """One GRU step. Returns ``(h, h)`` (new state and output)."""
+    return _cell("gru", _gru_step, params, h, x, compute_dtype)
+
+
+def rnn(params: RNNParams, xs, initial_state: Optional[jax.Array] = None, *, seq_lengths=None, reverse=False,
+        time_major=False, unroll=1, compute_dtype=None):
+    """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm`, the state is ``h [..., H]``.
+
+    Returns ``(ys [..., T, H], h_final [..., H])``.
+    """
+    return _sequence("rnn", _rnn_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype)
+
+
+def gru(params: GRUParams, xs, initial_state: Optional[jax.Array] = None, *, seq_lengths=None, reverse=False,
+        time_major=False, unroll=1, compute_dtype=None):
+    """GRU over a sequence; arguments as :func:`jaxlstm.lstm`, the state is ``h [..., H]``.
+
+    Returns ``(ys [..., T, H], h_final [..., H])``.
+    """
+    return _sequence("gru", _gru_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype)

@@ -1,0 +1,144 @@
+"""Layers on layers: multi-layer, bidirectional, projected LSTMs with dropout.
+
+``init_lstm_stack`` returns ``params[layer][direction]``: a tuple (one entry per
+layer) of tuples (``(forward,)`` or ``(forward, backward)``) of ``LSTMParams``.
+Layer ``l + 1`` reads layer ``l``'s outputs, the two directions concatenated on
+features (forward first), as PyTorch's ``nn.LSTM`` does. Every layer calls the
+core :func:`jaxlstm.lstm`, so it gets the fused backward; nothing is re-derived.
+
+States are stacked ``[num_layers * num_directions, ..., features]`` with index
+``layer * num_directions + direction``: PyTorch's ``h_n``/``c_n`` order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks
+from .params import LSTMParams, LSTMState, init_lstm, stack_layout
+from .recurrence import lstm
+
+StackParams = Tuple[Tuple[LSTMParams, ...], ...]
+
+
+def init_lstm_stack(
+    key: jax.Array,
+    input_size: int,
+    hidden_size: int,
+    num_layers: int = 1,
+    *,
+    bidirectional: bool = False,
+    proj_size: Optional[int] = None,
+    forget_bias: float = 1.0,
+    dtype=jnp.float32,
+) -> StackParams:
+    """Initialise a stack; layer ``l > 0`` has input size ``num_directions * R``.
+
+    Example:
+      >>> params = init_lstm_stack(jax.random.key(0), 8, 16, num_layers=2, bidirectional=True)
+      >>> params[1][0].w_ih.shape        # reads both directions of layer 0
+      (32, 64)
+    """
+    num_layers = _checks.positive_int("num_layers", num_layers)
+    _checks.positive_int("input_size", input_size)
+    _checks.positive_int("hidden_size", hidden_size)
+    layout = stack_layout(input_size, hidden_size, num_layers, bidirectional, proj_size)
+    keys = jax.random.split(key, len(layout))
+    flat = [
+        init_lstm(k, d_in, hidden_size, proj_size=proj_size, forget_bias=forget_bias, dtype=dtype)
+        for k, (_, _, d_in) in zip(keys, layout)
+    ]
+    return group_layers(flat, 2 if bidirectional else 1)
+
+
+def layer_name(layer: int, direction: int) -> str:
+    """Name of one layer-direction in the Flax modules: ``l0_fwd``, ``l0_bwd``, ..."""
+    return f"l{layer}_{'bwd' if direction else 'fwd'}"
+
+
+def group_layers(flat, num_directions: int) -> StackParams:
+    """``[p(0,0), p(0,1), p(1,0), ...]`` -> ``((p(0,0), p(0,1)), (p(1,0), ...), ...)``."""
+    return tuple(tuple(flat[i:i + num_directions]) for i in range(0, len(flat), num_directions))
+
+
+def check_stack(params) -> Tuple[int, int, int, int, int]:
+    """Validates a stack; returns ``(num_layers, num_directions, D, H, R)``."""
+    if not isinstance(params, (tuple, list)) or not params or not all(isinstance(l, (tuple, list)) for l in params):
+        raise TypeError("params must be a non-empty tuple of layers, each a tuple of LSTMParams (see init_lstm_stack)")
+    dirs = len(params[0])
+    if dirs not in (1, 2):
+        raise ValueError(f"params[0] must hold 1 or 2 directions, got {dirs}")
+    D, H, R = _checks.lstm_params(params[0][0], "params[0][0]")
+    for l, layer in enumerate(params):
+        if len(layer) != dirs:
+            raise ValueError(f"params[{l}] must hold {dirs} directions (like params[0]), got {len(layer)}")
+        for d, p in enumerate(layer):
+            d_in = D if l == 0 else dirs * R
+            name = f"params[{l}][{d}]"
+            Dl, Hl, Rl = _checks.lstm_params(p, name)
+            if (Dl, Hl, Rl) != (d_in, H, R):
+                raise ValueError(
+                    f"{name} must have input size {d_in}, hidden size {H} and output size {R} "
+                    f"(w_ih [{d_in}, {4 * H}], w_hh [{R}, {4 * H}]), got w_ih {tuple(p.w_ih.shape)}, w_hh {tuple(p.w_hh.shape)}"
+                )
+    return len(params), dirs, D, H, R
+
+
+def lstm_stack(
+    params: StackParams,
+    xs: jax.Array,
+    initial_state: Optional[LSTMState] = None,
+    *,
+    seq_lengths: Optional[jax.Array] = None,
+    dropout: float = 0.0,
+    key: Optional[jax.Array] = None,
+    time_major: bool = False,
+    unroll: int = 1,
+    **lstm_kwargs,
+):
+    """Runs a multi-layer, optionally bidirectional LSTM.
+
+    Args:
+      params: from :func:`init_lstm_stack` (``params[layer][direction]``).
+      xs: ``[..., T, D]`` (or ``[T, ..., D]`` with ``time_major``).
+      initial_state: ``LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H])``; zeros if ``None``.
+      seq_lengths: integer ``[...]``; the reverse direction reads each sequence's
+        valid part backwards, as PyTorch's packed sequences do.
+      dropout: drop probability on the outputs of every layer but the last.
+      key: PRNG key, required when ``dropout > 0``.
+      time_major, unroll, **lstm_kwargs: passed to :func:`jaxlstm.lstm`
+        (``checkpoint_every``, ``compute_dtype``, ``backward``).
+
+    Returns:
+      ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
+    """
+    L, dirs, D, H, R = check_stack(params)
+    batch_shape, T = _checks.sequence("xs", xs, D, time_major)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    if dropout > 0.0 and key is None:
+        raise ValueError("dropout > 0 needs a PRNG key: pass key=jax.random.key(...)")
+    if initial_state is not None:
+        if not isinstance(initial_state, tuple) or len(initial_state) != 2:
+            raise TypeError(f"initial_state must be an LSTMState(h, c), got {type(initial_state).__name__}")
+        _checks.state_array("initial_state.h", initial_state.h, (L * dirs,) + batch_shape + (R,))
+        _checks.state_array("initial_state.c", initial_state.c, (L * dirs,) + batch_shape + (H,))
+    hs, cs = [], []
+    for l, layer in enumerate(params):
+        outs = []
+        for d, p in enumerate(layer):
+            idx = l * dirs + d
+            s0 = None if initial_state is None else LSTMState(initial_state.h[idx], initial_state.c[idx])
+            ys, s = lstm(p, xs, s0, seq_lengths=seq_lengths, reverse=d == 1, time_major=time_major, unroll=unroll, **lstm_kwargs)
+            outs.append(ys)
+            hs.append(s.h)
+            cs.append(s.c)
+        xs = outs[0] if dirs == 1 else jnp.concatenate(outs, axis=-1)
+        if dropout > 0.0 and l < L - 1:
+            key, sub = jax.random.split(key)
+            keep = jax.random.bernoulli(sub, 1.0 - dropout, xs.shape)
+            xs = jnp.where(keep, xs / jnp.asarray(1.0 - dropout, xs.dtype), jnp.zeros((), xs.dtype))
+    return xs, LSTMState(jnp.stack(hs), jnp.stack(cs))
