@@ -29,17 +29,19 @@ def parse(argv=None):
     ap.add_argument("--input-size", type=int, default=128)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--impls", nargs="+", default=None, help="default: every available implementation")
+    ap.add_argument("--impls", nargs="+", default=None, choices=C.ALL_IMPLS,
+                    help="default: jaxlstm, jaxlstm-ckpt64, both flax cells, torch if installed, cuDNN on GPU")
+    ap.add_argument("--all-impls", action="store_true", help="also the unroll8 / bf16 / autodiff variants")
     ap.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--budget-s", type=float, default=6.0, help="per (T, mode): stop repeating after this, min 3 rounds")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 lengths, every implementation")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 lengths, every available implementation")
     ap.add_argument("--out", default=None, help="default benchmarks/results/<device>/")
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_lens, args.batch, args.input_size, args.hidden_size = [4, 8, 16], 2, 4, 8
         args.repeats, args.budget_s = 3, 0.5
-    args.impls = args.impls or C.available_impls()
+    args.impls = args.impls or C.available_impls(full=args.all_impls or args.quick)
     args.out = args.out or os.path.join("benchmarks", "results", C.device_name())
     return args
 

@@ -1,0 +1,82 @@
+"""Trace, lower and compile time of jaxlstm and flax against sequence length and unroll.
+
+    python -m benchmarks.compile_time
+    python -m benchmarks.compile_time --quick
+
+A scan compiles its body once, so compile time should stay flat in T; unroll
+multiplies the body. Each (impl, mode, T, unroll) gets a fresh function, so no
+cache is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+import jaxlstm
+
+from . import _common as C
+
+
+def _fn(impl, mode, H, unroll):
+    if impl == "jaxlstm":
+        apply = lambda p, x: jaxlstm.lstm(p, x, unroll=unroll)[0]
+    else:
+        import flax.linen as nn
+
+        model = nn.RNN(nn.OptimizedLSTMCell(H), unroll=unroll)
+        apply = lambda p, x: model.apply(p, x)
+    if mode == "forward":
+        return apply
+    return jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(apply(p, x))), argnums=(0, 1))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[16, 256, 4096])
+    ap.add_argument("--unrolls", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--input-size", type=int, default=128)
+    ap.add_argument("--hidden-size", type=int, default=256)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seq_lens, args.batch, args.input_size, args.hidden_size = [4, 16], 2, 4, 8
+    out = args.out or os.path.join("benchmarks", "results", C.device_name())
+    B, D, H = args.batch, args.input_size, args.hidden_size
+    import flax.linen as nn
+
+    params = {"jaxlstm": jaxlstm.init_lstm(jax.random.key(0), D, H),
+              "flax-optimized": nn.RNN(nn.OptimizedLSTMCell(H)).init(jax.random.key(0), jnp.zeros((B, 1, D)))}
+    records = []
+    grid = [(i, m, T, u) for T in args.seq_lens for u in args.unrolls for i in params for m in ("forward", "train")]
+    for impl, mode, T, unroll in tqdm(grid, desc="compile"):
+        xs = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
+        f = jax.jit(_fn(impl, mode, H, unroll))
+        t0 = time.perf_counter()
+        traced = f.trace(params[impl], xs)
+        t1 = time.perf_counter()
+        lowered = traced.lower()
+        t2 = time.perf_counter()
+        lowered.compile()
+        t3 = time.perf_counter()
+        records.append(dict(impl=impl, mode=mode, seq_len=T, unroll=unroll, batch=B, input_size=D, hidden_size=H,
+                            trace_s=t1 - t0, lower_s=t2 - t1, compile_s=t3 - t2, total_s=t3 - t0))
+    print(f"{'impl':15s} {'mode':8s} {'T':>5s} {'unroll':>6s} {'trace':>7s} {'lower':>7s} {'compile':>8s}")
+    for r in records:
+        print(f"{r['impl']:15s} {r['mode']:8s} {r['seq_len']:5d} {r['unroll']:6d} {r['trace_s']:7.3f} {r['lower_s']:7.3f} {r['compile_s']:8.3f}")
+    result = {"machine": C.machine_info(), "records": records}
+    os.makedirs(out, exist_ok=True)
+    C.write_json(os.path.join(out, "compile_time.json"), result)
+    print(f"wrote {out}/compile_time.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()

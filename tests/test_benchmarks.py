@@ -1,0 +1,36 @@
+"""The benchmark scripts run and write what they promise (no timing assertions)."""
+
+import json
+import os
+
+import pytest
+
+from benchmarks import memory, throughput
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_throughput_quick_schema(tmp_path):
+    throughput.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert {"cpu", "cores", "jax", "flax", "peak_matmul_gflops"} <= set(data["machine"])
+    recs = data["records"]
+    impls = {r["impl"] for r in recs}
+    assert {"jaxlstm", "flax-optimized", "flax-lstmcell", "jaxlstm-ckpt64"} <= impls
+    assert all(r["impl"].split("-")[0] in ("jaxlstm", "flax", "torch", "jax") for r in recs)
+    assert len({r["seq_len"] for r in recs}) >= 3 and {r["mode"] for r in recs} == {"forward", "train"}
+    for r in recs:
+        for k in ("impl", "mode", "batch", "seq_len", "input_size", "hidden_size", "dtype", "tokens_per_s",
+                  "compile_s", "tokens_per_s_q25", "tokens_per_s_q75", "ratio_vs_flax"):
+            assert k in r, k
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s_q25"] <= r["tokens_per_s_q75"]
+    assert os.path.getsize(tmp_path / "throughput.png") > 1000
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_memory_quick(tmp_path):
+    memory.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "memory.json").read_text())
+    by = {(r["impl"], r["seq_len"]): r for r in data["records"]}
+    # Checkpointing must store less than keeping every step's activations.
+    assert by[("jaxlstm-ckpt8", 64)]["temp_bytes"] < by[("jaxlstm", 64)]["temp_bytes"]
+    assert (tmp_path / "memory.png").exists()
