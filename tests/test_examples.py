@@ -1,0 +1,36 @@
+"""The examples' data, models and outputs on tiny sizes (no long training here)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from examples import long_memory
+
+
+def test_long_memory_data_and_models():
+    xs, labels = long_memory.make_batch(jax.random.key(0), 8, 12, num_classes=4)
+    assert xs.shape == (8, 12, 5) and labels.shape == (8,)
+    # the answer is only in step 0, marked; later steps carry no marker
+    np.testing.assert_array_equal(jnp.argmax(xs[:, 0, :4], -1), labels)
+    np.testing.assert_array_equal(xs[:, 0, 4], 1.0)
+    np.testing.assert_array_equal(xs[:, 1:, 4], 0.0)
+    sizes = long_memory.hidden_sizes(5, 32)
+    counts = {m: long_memory.num_params(long_memory.init_model(jax.random.key(0), m, 5, sizes[m], 4)) for m in sizes}
+    assert max(counts.values()) / min(counts.values()) < 1.1, counts
+    p = long_memory.init_model(jax.random.key(0), "lstm", 5, 8, 4, gate_bias=5.0)
+    np.testing.assert_array_equal(p["cell"].b[8:16], 5.0)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_long_memory_runs_and_writes(tmp_path):
+    result = long_memory.main(["--seq-lens", "6", "--steps", "3", "--hidden", "4", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "long_memory.json").read_text())
+    assert {r["model"] for r in data["results"]} == {"rnn", "lstm", "gru"}
+    for r in data["results"]:
+        assert r["seq_len"] == 6 and 0.0 <= r["metric"] <= 1.0 and isinstance(r["solved"], bool)
+    assert all(len(g) == 6 for g in data["grad_norms"].values())
+    assert (tmp_path / "long_memory_accuracy.png").exists() and (tmp_path / "long_memory_gradients.png").exists()
+    assert result["grad_norm_seq_len"] == 6
