@@ -2,13 +2,14 @@
 
 ``fused_lstm`` is a ``jax.custom_vjp`` over the time-major core ``[T, B, D]``:
 
-* the forward scan saves the activated gates ``i, f, g, o`` and ``c`` per step;
+* the forward scan saves the activated gates ``a = [i, f, g, o]`` ``[B, 4H]``
+  and ``c`` per step;
 * the backward is a reverse ``lax.scan`` that carries only ``(dh, dc)`` and
   emits the pre-activation gradients ``dz [B, 4H]`` per step::
 
       dh  = dy(t) + dh(t+1)                     (dm = dh @ w_hrᵀ with a projection)
       dc  = dc(t+1) + dm ∗ o ∗ (1 - tanh²c)
-      dz  = [dc∗g∗i(1-i), dc∗c(t-1)∗f(1-f), dc∗i∗(1-g²), dm∗tanh(c)∗o(1-o)]
+      dz  = [dc∗g, dc∗c(t-1), dc∗i, dm∗tanh(c)] ∗ [i(1-i), f(1-f), 1-g², o(1-o)]
       dh(t-1) = dz @ w_hhᵀ,  dc(t-1) = dc ∗ f
 
 * after the loop, ``dW_ih = Xᵀ·dZ``, ``dW_hh = H_prevᵀ·dZ``, ``db = ΣdZ``,
@@ -33,6 +34,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from .gates import activation_derivative, split_gates
 from .params import LSTMParams
 from .recurrence import dot, lstm_step, scan_masked, time_mask
 
@@ -42,6 +44,8 @@ class FusedConfig(NamedTuple):
     checkpoint_every: Optional[int]
     mm_dtype: str
     acc_dtype: str
+    # Unrolling the reverse scan measured 15-35% slower on XLA:CPU (benchmarks/layout.py).
+    backward_unroll: int = 1
 
 
 def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
@@ -54,7 +58,7 @@ def _forward(cfg: FusedConfig, params, carry0, xs, lengths, t_offset=0):
     return scan_masked(step, carry0, xs, lengths, unroll=cfg.unroll, t_offset=t_offset)
 
 
-def _backward(cfg: FusedConfig, params, carry0, xs, ys, gates, cs, dys, dcarry, lengths, t_offset=0):
+def _backward(cfg: FusedConfig, params, carry0, xs, ys, acts, cs, dys, dcarry, lengths, t_offset=0):
     """Backward over one segment. Returns ``(dcarry0, weight_grads, dxs)``."""
     mm, acc = cfg.mm_dtype, cfg.acc_dtype
     proj = params.w_hr is not None
@@ -65,7 +69,8 @@ def _backward(cfg: FusedConfig, params, carry0, xs, ys, gates, cs, dys, dcarry, 
 
     def body(carry, inp):
         dh, dc = carry
-        t, dy, (i, f, g, o), c, cp = inp
+        t, dy, a, c, cp = inp
+        i, f, g, o = split_gates(a)
         valid = None if lengths is None else time_mask(t_offset + t, lengths)
         dy = dy.astype(acc)
         if valid is not None:
@@ -74,10 +79,7 @@ def _backward(cfg: FusedConfig, params, carry0, xs, ys, gates, cs, dys, dcarry, 
         dm = dot(dh_tot, w_hr_t, mm, acc) if proj else dh_tot
         tc = jnp.tanh(c)
         dc_tot = dc + dm * o * (1 - tc * tc)
-        dz = jnp.concatenate(
-            [dc_tot * g * i * (1 - i), dc_tot * cp * f * (1 - f), dc_tot * i * (1 - g * g), dm * tc * o * (1 - o)],
-            axis=-1,
-        )
+        dz = jnp.concatenate([dc_tot * g, dc_tot * cp, dc_tot * i, dm * tc], axis=-1) * activation_derivative(a)
         if valid is not None:
             dz = jnp.where(valid, dz, jnp.zeros((), acc))
         dh_prev = dot(dz, w_hh_t, mm, acc)
@@ -92,7 +94,7 @@ def _backward(cfg: FusedConfig, params, carry0, xs, ys, gates, cs, dys, dcarry, 
     T = xs.shape[0]
     ts = jnp.arange(T, dtype=jnp.int32)
     import os
-    dcarry0, (dz, dh_tot) = jax.lax.scan(body, dcarry, (ts, dys, gates, cs, c_prev), reverse=True)
+    dcarry0, (dz, dh_tot) = jax.lax.scan(body, dcarry, (ts, dys, acts, cs, c_prev), reverse=True, unroll=cfg.backward_unroll)
 
     # The weight gradients: one GEMM each over all T*B rows.
     rows = lambda a: a.reshape((-1, a.shape[-1]))
@@ -103,7 +105,7 @@ def _backward(cfg: FusedConfig, params, carry0, xs, ys, gates, cs, dys, dcarry, 
     d_b = dz2.sum(axis=0)
     d_w_hr = None
     if proj:
-        m = gates.o * jnp.tanh(cs)
+        m = split_gates(acts)[3] * jnp.tanh(cs)
         d_w_hr = tdot(m, rows(dh_tot))
     dxs = dot(dz2, params.w_ih.T, mm, acc).reshape(xs.shape[:2] + (params.w_ih.shape[0],))
     return dcarry0, LSTMParams(d_w_ih, d_w_hh, d_b, d_w_hr), dxs
@@ -129,8 +131,8 @@ def _pad_time(x, total):
 def _fused_fwd(cfg, params, carry0, xs, lengths):
     k = cfg.checkpoint_every
     if k is None or k >= xs.shape[0]:
-        carry, ys, (gates, cs) = _forward(cfg, params, carry0, xs, lengths)
-        return (ys, carry), (params, carry0, xs, lengths, ys, gates, cs)
+        carry, ys, (acts, cs) = _forward(cfg, params, carry0, xs, lengths)
+        return (ys, carry), (params, carry0, xs, lengths, ys, acts, cs)
 
     T, B = xs.shape[:2]
     n = -(-T // k)
@@ -162,9 +164,9 @@ def _fused_bwd(cfg, res, cotangents):
     dys, dcarry = cotangents
     acc = cfg.acc_dtype
     dcarry = tuple(d.astype(acc) for d in dcarry)
-    params, carry0, xs, lengths, ys, gates, cs = res
+    params, carry0, xs, lengths, ys, acts, cs = res
     if ys is not None:
-        dcarry0, grads, dxs = _backward(cfg, params, carry0, xs, ys, gates, cs, dys, dcarry, lengths)
+        dcarry0, grads, dxs = _backward(cfg, params, carry0, xs, ys, acts, cs, dys, dcarry, lengths)
         return _cast_like(grads, params), dcarry0, dxs.astype(xs.dtype), None
 
     # Checkpointed: carry0 holds the state at each chunk start, xs is [n, k, B, D].
@@ -177,8 +179,8 @@ def _fused_bwd(cfg, res, cotangents):
     def chunk(carry, inp):
         dcarry, grads = carry
         j, start, x, dy = inp
-        _, ys, (gates, cs) = _forward(cfg, params, start, x, lengths, t_offset=j * k)
-        dstart, g, dx = _backward(cfg, params, start, x, ys, gates, cs, dy, dcarry, lengths, t_offset=j * k)
+        _, ys, (acts, cs) = _forward(cfg, params, start, x, lengths, t_offset=j * k)
+        dstart, g, dx = _backward(cfg, params, start, x, ys, acts, cs, dy, dcarry, lengths, t_offset=j * k)
         grads = jax.tree_util.tree_map(jnp.add, grads, g)
         return (dstart, grads), dx
 

@@ -144,6 +144,21 @@ def _flip_time(xs: Array, lengths: Optional[Array], forward_mode: bool) -> Array
     return reverse_padded_plain(xs, lengths) if forward_mode else reverse_padded(xs, lengths)
 
 
+def reverse_sequences(xs: Array, seq_lengths: Optional[Array], *, time_major: bool = False) -> Array:
+    """Reverses each sequence's valid part in ``xs [..., T, F]`` (``[T, ..., F]`` if
+    ``time_major``); padding stays in place. Its own inverse."""
+    T = xs.shape[0] if time_major else xs.shape[-2]
+    batch_shape = xs.shape[1:-1] if time_major else xs.shape[:-2]
+    if seq_lengths is None:
+        return jnp.flip(xs, axis=0 if time_major else -2)
+    B = _checks.batch_size(batch_shape)
+    x = xs if time_major else jnp.moveaxis(xs, -2, 0)
+    x = x.reshape((T, B, xs.shape[-1]))
+    lengths = jnp.clip(jnp.asarray(seq_lengths).reshape((B,)).astype(jnp.int32), 0, T)
+    x = reverse_padded(x, lengths).reshape((T,) + tuple(batch_shape) + (xs.shape[-1],))
+    return x if time_major else jnp.moveaxis(x, 0, -2)
+
+
 def apply_sequence(
     core: Callable,
     xs: Array,
@@ -189,18 +204,18 @@ def apply_sequence(
 
 
 def lstm_step(params: LSTMParams, mm_dtype, acc_dtype):
-    """The step ``(carry, x) -> (carry, h, (gates, c))`` used by every LSTM path.
+    """The step ``(carry, x) -> (carry, h, (a, c))`` used by every LSTM path.
 
-    ``carry = (h, c)`` in ``acc_dtype``; ``gates`` and ``c`` are what the fused
-    backward needs from each step.
+    ``carry = (h, c)`` in ``acc_dtype``; the activated gates ``a [B, 4H]`` and
+    ``c`` are what the fused backward needs from each step.
     """
 
     def step(carry, x):
         h, c = carry
         z = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h, params.w_hh, mm_dtype, acc_dtype), params.b)
-        m, c, gates = lstm_pointwise(z, c)
+        m, c, a = lstm_pointwise(z, c)
         h = m if params.w_hr is None else dot(m, params.w_hr, mm_dtype, acc_dtype)
-        return (h, c), h, (gates, c)
+        return (h, c), h, (a, c)
 
     return step
 

@@ -22,6 +22,7 @@ def test_long_memory_data_and_models():
     assert max(counts.values()) / min(counts.values()) < 1.1, counts
     p = long_memory.init_model(jax.random.key(0), "lstm", 5, 8, 4, gate_bias=5.0)
     np.testing.assert_array_equal(p["cell"].b[8:16], 5.0)
+    np.testing.assert_array_equal(p["cell"].b[:8], -5.0)
 
 
 @pytest.mark.usefixtures("standard_promotion")
@@ -34,3 +35,25 @@ def test_long_memory_runs_and_writes(tmp_path):
     assert all(len(g) == 6 for g in data["grad_norms"].values())
     assert (tmp_path / "long_memory_accuracy.png").exists() and (tmp_path / "long_memory_gradients.png").exists()
     assert result["grad_norm_seq_len"] == 6
+
+
+def test_digits_data_lengths():
+    from examples import flax_classifier as fc
+
+    (x, l, y), (xt, lt, yt) = fc.load_digits()
+    assert x.shape[1:] == (64, 1) and len(x) + len(xt) == 1797 and set(np.unique(y)) == set(range(10))
+    assert l.min() >= 1 and l.max() <= 64
+    # every pixel after a sequence's length is blank
+    i = int(np.argmin(l))
+    assert not x[i, l[i]:].any() and x[i, l[i] - 1] > 0
+
+
+@pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_flax_classifier_runs_saves_and_restores(tmp_path, api):
+    from examples import flax_classifier as fc
+
+    result = fc.main(["--api", api, "--epochs", "1", "--hidden", "4", "--out", str(tmp_path)])
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert result["restored_predictions_identical"] is True
+    assert (tmp_path / f"digits_{api}.msgpack").exists()

@@ -27,11 +27,21 @@ def test_fused_step_equals_per_gate_functions():
     m, c_fused, gs = gates.lstm_pointwise(z, c)
     np.testing.assert_allclose(m, h_new, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(c_fused, c_new, rtol=1e-6, atol=1e-6)
-    for a, b in zip(gs, (i, f, g, o)):
+    for a, b in zip(gates.split_gates(gs), (i, f, g, o)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     # and lstm_cell is the same step
     state, y = jaxlstm.lstm_cell(p, jaxlstm.LSTMState(h, c), x)
     np.testing.assert_allclose(y, h_new, rtol=1e-6, atol=1e-6)
+
+
+def test_activation_and_its_derivative():
+    z = jnp.linspace(-6.0, 6.0, 4 * 5).reshape(1, 20)
+    a = gates.activate_gates(z)
+    zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+    expected = jnp.concatenate([jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)], axis=-1)
+    np.testing.assert_allclose(a, expected, atol=1e-6)
+    _, tangent = jax.jvp(gates.activate_gates, (z,), (jnp.ones_like(z),))
+    np.testing.assert_allclose(gates.activation_derivative(a), tangent, atol=1e-6)
 
 
 def test_init_lstm_conventions():

@@ -155,3 +155,20 @@ def test_from_torch_errors():
         convert.from_torch({**sd, "foo": np.zeros(3)})
     with pytest.raises(TypeError, match="expected an nn.LSTM or its state_dict"):
         convert.from_torch(42)
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_fused_directions_equal_separate_calls(time_major):
+    k = jax.random.split(jax.random.key(5), 3)
+    params = jaxlstm.init_lstm_stack(k[0], 3, 4, 2, bidirectional=True, proj_size=2)
+    xs = jax.random.normal(k[1], (5, 3, 3) if time_major else (3, 5, 3))
+    state = jaxlstm.LSTMState(jax.random.normal(k[2], (4, 3, 2)), jax.random.normal(k[2], (4, 3, 4)))
+    lengths = jnp.array([5, 1, 3], jnp.int32)
+    run = lambda p, fuse: jaxlstm.lstm_stack(p, xs, state, seq_lengths=lengths, time_major=time_major, fuse_directions=fuse)
+    (y1, s1), (y2, s2) = run(params, True), run(params, False)
+    np.testing.assert_allclose(y1, y2, atol=1e-6)
+    np.testing.assert_allclose(s1.h, s2.h, atol=1e-6)
+    g1 = jax.grad(lambda p: (run(p, True)[0] ** 2).sum())(params)
+    g2 = jax.grad(lambda p: (run(p, False)[0] ** 2).sum())(params)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

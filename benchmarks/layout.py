@@ -1,0 +1,130 @@
+"""Evidence for the scan-body layout of jaxlstm's forward (the choices in recurrence.py).
+
+    python -m benchmarks.layout
+
+Times the forward of one LSTM layer (B=32, D=128, H=256, float32) written in
+several ways, against ``flax.linen.RNN(OptimizedLSTMCell)`` in the same process:
+
+* ``hoist-4H``:   ``xs @ w_ih + b`` for all steps before the scan, the body slices
+                  four gates out of the ``[T, B, 4H]`` row it reads;
+* ``hoist-gate``: the same, but the scan reads four per-gate ``[T, B, H]`` arrays;
+* ``inloop``:     ``x_t @ w_ih + h @ w_hh + b`` inside the body (four activations);
+* ``inloop-act``: in-loop, one fused activation over ``[B, 4H]`` (what jaxlstm does);
+each with ``unroll`` 1 and 8. Also the fused backward with its reverse scan
+unrolled 1 and 4 (``jaxlstm.backward`` uses 1). Writes ``layout.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import jaxlstm
+from jaxlstm.gates import activate_gates, split_gates
+
+from . import _common as C
+
+
+def _cell(h, c, zi, zf, zg, zo):
+    i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
+    c = f * c + i * g
+    return o * jnp.tanh(c), c
+
+
+def variants(p, B, T, D, H):
+    zeros = (jnp.zeros((B, H)), jnp.zeros((B, H)))
+    b = p.b[None, :]
+
+    def hoist_4h(xs, unroll):
+        xp = (jnp.swapaxes(xs, 0, 1).reshape(T * B, D) @ p.w_ih + b).reshape(T, B, 4 * H)
+
+        def body(carry, x):
+            h, c = _cell(*carry, *split_gates(x + carry[0] @ p.w_hh))
+            return (h, c), h
+
+        return jax.lax.scan(body, zeros, xp, unroll=unroll)[1]
+
+    def hoist_gate(xs, unroll):
+        xp = (jnp.swapaxes(xs, 0, 1).reshape(T * B, D) @ p.w_ih + b).reshape(T, B, 4, H)
+        parts = tuple(xp[:, :, j] for j in range(4))
+
+        def body(carry, x):
+            zh = split_gates(carry[0] @ p.w_hh)
+            h, c = _cell(*carry, *(zh[j] + x[j] for j in range(4)))
+            return (h, c), h
+
+        return jax.lax.scan(body, zeros, parts, unroll=unroll)[1]
+
+    def inloop(xs, unroll):
+        def body(carry, x):
+            h, c = _cell(*carry, *split_gates(x @ p.w_ih + carry[0] @ p.w_hh + b))
+            return (h, c), h
+
+        return jax.lax.scan(body, zeros, jnp.swapaxes(xs, 0, 1), unroll=unroll)[1]
+
+    def inloop_act(xs, unroll):
+        def body(carry, x):
+            i, f, g, o = split_gates(activate_gates(x @ p.w_ih + carry[0] @ p.w_hh + b))
+            c = f * carry[1] + i * g
+            h = o * jnp.tanh(c)
+            return (h, c), h
+
+        return jax.lax.scan(body, zeros, jnp.swapaxes(xs, 0, 1), unroll=unroll)[1]
+
+    return {"hoist-4H": hoist_4h, "hoist-gate": hoist_gate, "inloop": inloop, "inloop-act": inloop_act}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    out = args.out or os.path.join("benchmarks", "results", C.device_name())
+    B, D, H = 32, 128, 256
+    p = jaxlstm.init_lstm(jax.random.key(0), D, H)
+    records = []
+    for T in args.seq_lens:
+        xs = jax.random.normal(jax.random.key(1), (B, T, D))
+        rnn = nn.RNN(nn.OptimizedLSTMCell(H))
+        fp = rnn.init(jax.random.key(0), xs)
+        flax_fwd = jax.jit(lambda v, x: rnn.apply(v, x))
+        fns = {"flax-optimized": lambda: jax.block_until_ready(flax_fwd(fp, xs))}
+        for name, f in variants(p, B, T, D, H).items():
+            for u in (1, 8):
+                j = jax.jit(lambda x, f=f, u=u: f(x, u))
+                fns[f"{name}/unroll{u}"] = lambda j=j: jax.block_until_ready(j(xs))
+        times = C.time_interleaved(fns, args.repeats)
+        # the fused backward's reverse scan, unrolled or not (full train step)
+        import jaxlstm.backward as bw
+
+        train = {}
+        for u in (1, 4):
+            def loss(p, x, u=u):
+                cfg = bw.FusedConfig(1, None, "float32", "float32", u)
+                ys, _ = bw.fused_lstm(cfg, p, (jnp.zeros((B, H)), jnp.zeros((B, H))), jnp.swapaxes(x, 0, 1), None)
+                return jnp.mean(jnp.square(ys))
+
+            g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            train[f"train/backward-unroll{u}"] = lambda g=g: jax.block_until_ready(g(p, xs))
+        times.update(C.time_interleaved(train, args.repeats))
+        base = C.summarize(times["flax-optimized"])["median_s"]
+        base_train = C.summarize(times["train/backward-unroll1"])["median_s"]
+        for name, ts in times.items():
+            s = C.summarize(ts)
+            ref = base_train if name.startswith("train/") else base
+            records.append(dict(variant=name, seq_len=T, batch=B, input_size=D, hidden_size=H,
+                                tokens_per_s=B * T / s["median_s"], ratio=ref / s["median_s"], **s))
+            print(f"T={T:5d} {name:26s} {B * T / s['median_s']:9.0f} tok/s  {ref / s['median_s']:.2f}x "
+                  f"{'vs backward-unroll1' if name.startswith('train/') else 'vs flax'}")
+    os.makedirs(out, exist_ok=True)
+    C.write_json(os.path.join(out, "layout.json"), {"machine": C.machine_info(), "records": records})
+    print(f"wrote {out}/layout.json")
+
+
+if __name__ == "__main__":
+    main()
