@@ -16,7 +16,8 @@ with Adam on the same batches. "Solved" means held-out accuracy >= 0.9.
 Initialisation, each model at its best practice for memory: the RNN's
 recurrent kernel is orthogonal (jaxlstm's default); the LSTM uses the "chrono"
 recipe (Tallec & Ollivier, 2018) with forget-gate bias ``+b`` and input-gate
-bias ``-b``, ``b = --gate-bias`` (default 5), so that at initialisation the cell
+bias ``-b``, ``b = --gate-bias`` (default ``log(T)``, the chrono value for
+sequences of length T), so that at initialisation the cell
 keeps what it holds and lets little noise in; the GRU gets update-gate bias
 ``+b``, its equivalent. This is the near-identity memory path a gated cell has
 and a plain RNN has no parameter for. With jaxlstm's general-purpose default
@@ -70,7 +71,7 @@ MODELS = {
 }
 
 
-def init_model(key, model: str, input_size: int, hidden: int, num_classes: int, gate_bias: float = 5.0):
+def init_model(key, model: str, input_size: int, hidden: int, num_classes: int, gate_bias: float = 1.0):
     k1, k2 = jax.random.split(key)
     cell = MODELS[model][0](k1, input_size, hidden)
     if model == "lstm":  # chrono: input gate (slice i of i, f, g, o) -b, forget gate (slice f) +b
@@ -101,10 +102,14 @@ def hidden_sizes(input_size: int, lstm_hidden: int) -> dict:
     return {"lstm": lstm_hidden, "rnn": solve(1), "gru": solve(3)}
 
 
+def gate_bias(args, seq_len: int) -> float:
+    return args.gate_bias if args.gate_bias is not None else max(1.0, float(np.log(seq_len)))
+
+
 def train(model, seq_len, args, key):
     D = args.num_classes + 1
     H = hidden_sizes(D, args.hidden)[model]
-    params = init_model(key, model, D, H, args.num_classes, args.gate_bias)
+    params = init_model(key, model, D, H, args.num_classes, gate_bias(args, seq_len))
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(args.lr))
     state = opt.init(params)
 
@@ -122,13 +127,13 @@ def train(model, seq_len, args, key):
     acc = float((logits_fn(model, params, xs).argmax(-1) == labels).mean())
     return {"model": model, "seq_len": seq_len, "metric": acc, "metric_name": "accuracy",
             "solved": acc >= SOLVED, "final_loss": float(loss), "hidden_size": H, "num_params": num_params(params),
-            "chance": 1.0 / args.num_classes}
+            "chance": 1.0 / args.num_classes, "gate_bias": gate_bias(args, seq_len)}
 
 
 def gradient_norms(model, seq_len, args, key):
     """``||dL/dx_t||`` averaged over a batch, for t = 0 .. T-1, at initialisation."""
     D = args.num_classes + 1
-    params = init_model(key, model, D, hidden_sizes(D, args.hidden)[model], args.num_classes, args.gate_bias)
+    params = init_model(key, model, D, hidden_sizes(D, args.hidden)[model], args.num_classes, gate_bias(args, seq_len))
     xs, labels = make_batch(jax.random.key(7), 256, seq_len, args.num_classes, args.noise)
     per_example = jax.vmap(jax.grad(lambda x, y: loss_fn(model, params, x[None], y[None])))(xs, labels)
     return np.asarray(jnp.linalg.norm(per_example, axis=-1).mean(0)).tolist()
@@ -175,7 +180,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--num-classes", type=int, default=4)
     ap.add_argument("--noise", type=float, default=1.0, help="std of the distractor noise")
-    ap.add_argument("--gate-bias", type=float, default=5.0, help="chrono init: LSTM forget bias +b, input bias -b; GRU update bias +b")
+    ap.add_argument("--gate-bias", type=float, default=None, help="chrono init: LSTM forget bias +b, input bias -b; GRU update bias +b (default log(T), at least 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="3 lengths up to 100, fewer steps")
     ap.add_argument("--out", default=os.path.join("examples", "results"))

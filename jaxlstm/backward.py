@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from .gates import activation_derivative, split_gates
+from .gates import split_gates
 from .params import LSTMParams
 from .recurrence import dot, lstm_step, scan_masked, time_mask
 
@@ -79,7 +79,7 @@ def _backward(cfg: FusedConfig, params, carry0, xs, ys, acts, cs, dys, dcarry, l
         dm = dot(dh_tot, w_hr_t, mm, acc) if proj else dh_tot
         tc = jnp.tanh(c)
         dc_tot = dc + dm * o * (1 - tc * tc)
-        dz = jnp.concatenate([dc_tot * g, dc_tot * cp, dc_tot * i, dm * tc], axis=-1) * activation_derivative(a)
+        dz = _gate_grads(a, dc_tot, cp, dm * tc)
         if valid is not None:
             dz = jnp.where(valid, dz, jnp.zeros((), acc))
         dh_prev = dot(dz, w_hh_t, mm, acc)
@@ -109,6 +109,21 @@ def _backward(cfg: FusedConfig, params, carry0, xs, ys, acts, cs, dys, dcarry, l
         d_w_hr = tdot(m, rows(dh_tot))
     dxs = dot(dz2, params.w_ih.T, mm, acc).reshape(xs.shape[:2] + (params.w_ih.shape[0],))
     return dcarry0, LSTMParams(d_w_ih, d_w_hh, d_b, d_w_hr), dxs
+
+
+def _gate_grads(a, dc, c_prev, do):
+    """``dz = [dc∗g, dc∗c(t-1), dc∗i, do] ∗ act'(a)`` as one ``[B, 4, H]`` expression.
+
+    Broadcasts and selects over the gate axis instead of a concatenate, so that
+    XLA:CPU fuses it into a single loop (a concatenate stays a separate op)."""
+    a4 = a.reshape(a.shape[:-1] + (4, a.shape[-1] // 4))
+    k = jax.lax.broadcasted_iota(jnp.int32, a4.shape, a4.ndim - 2)
+    ex = lambda v: jnp.expand_dims(v, -2)
+    i, g = a4[..., 0:1, :], a4[..., 2:3, :]
+    partner = jnp.where(k == 0, g, jnp.where(k == 1, ex(c_prev), jnp.where(k == 2, i, ex(do))))
+    scale = jnp.where(k == 3, jnp.ones_like(a4), ex(dc))
+    dz4 = partner * scale * jnp.where(k == 2, 1 - a4 * a4, a4 * (1 - a4))
+    return dz4.reshape(a.shape)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
