@@ -5,7 +5,9 @@
 
 Memory is XLA's own accounting of the compiled train step
 (``jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes``): what the
-step allocates beyond its inputs and outputs. Nothing is executed for it, so long
+step allocates beyond its inputs and outputs. Ratios compare each variant with
+the un-checkpointed run of the same layout (``jaxlstm`` or ``jaxlstm-tm``, the
+latter fed time-major inputs, which saves the batch-major <-> time-major copies). Nothing is executed for it, so long
 sequences cost only a compile. Throughput (tokens/s of the same train step,
 interleaved medians) is measured at ``--time-seq-lens``.
 """
@@ -31,10 +33,12 @@ def _train_fn(impl, D, H):
         model = nn.RNN(nn.OptimizedLSTMCell(H))
         init = lambda xs: model.init(jax.random.key(0), xs[:, :1])
         apply = lambda p, x: model.apply(p, x)
-    else:
-        kw = {"jaxlstm": {}, "jaxlstm-autodiff": {"backward": "autodiff"}}.get(impl)
-        if kw is None:  # jaxlstm-ckptK
-            kw = {"checkpoint_every": int(impl.split("ckpt")[1])}
+    else:  # jaxlstm[-tm][-ckptK] or jaxlstm-autodiff
+        kw = {"backward": "autodiff"} if impl == "jaxlstm-autodiff" else {}
+        if "-ckpt" in impl:
+            kw["checkpoint_every"] = int(impl.split("-ckpt")[1])
+        if "-tm" in impl:
+            kw["time_major"] = True
         init = lambda xs: jaxlstm.init_lstm(jax.random.key(0), D, H)
         apply = lambda p, x: jaxlstm.lstm(p, x, **kw)[0]
     loss = lambda p, x: jnp.mean(jnp.square(apply(p, x)))
@@ -49,21 +53,24 @@ def main(argv=None):
     ap.add_argument("--input-size", type=int, default=128)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--impls", nargs="+",
-                    default=["jaxlstm", "jaxlstm-ckpt16", "jaxlstm-ckpt64", "jaxlstm-ckpt256", "jaxlstm-autodiff", "flax-optimized"])
+                    default=["jaxlstm", "jaxlstm-ckpt64", "jaxlstm-ckpt256", "jaxlstm-tm", "jaxlstm-tm-ckpt64",
+                             "jaxlstm-tm-ckpt256", "jaxlstm-autodiff", "flax-optimized"],
+                    help="jaxlstm[-tm][-ckptK]: -tm feeds time-major [T, B, D] inputs (no layout copies)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_lens, args.time_seq_lens, args.batch, args.input_size, args.hidden_size = [16, 64], [64], 2, 4, 8
-        args.impls, args.repeats = ["jaxlstm", "jaxlstm-ckpt8", "flax-optimized"], 3
+        args.impls, args.repeats = ["jaxlstm", "jaxlstm-ckpt8", "jaxlstm-tm", "jaxlstm-tm-ckpt8", "flax-optimized"], 3
     out = args.out or os.path.join("benchmarks", "results", C.device_name())
     B, D, H = args.batch, args.input_size, args.hidden_size
     records = []
     for T in tqdm(args.seq_lens, desc="seq_len"):
-        xs = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
         timed = {}
         for impl in args.impls:
+            shape = (T, B, D) if "-tm" in impl else (B, T, D)
+            xs = jax.ShapeDtypeStruct(shape, jnp.float32)
             init, step = _train_fn(impl, D, H)
             params = init(jnp.zeros((B, 1, D)))
             compiled = step.lower(params, xs).compile()
@@ -73,23 +80,25 @@ def main(argv=None):
                        output_bytes=int(mem.output_size_in_bytes))
             records.append(rec)
             if T in args.time_seq_lens:
-                x = jax.random.normal(jax.random.key(1), (B, T, D))
+                x = jax.random.normal(jax.random.key(1), shape)
                 timed[impl] = (rec, lambda c=compiled, p=params, x=x: jax.block_until_ready(c(p, x)))
         if timed:
             times = C.time_interleaved({k: v[1] for k, v in timed.items()}, args.repeats)
             for impl, ts in times.items():
                 s = C.summarize(ts)
                 timed[impl][0].update(tokens_per_s=B * T / s["median_s"], **s)
-    base = {r["seq_len"]: r for r in records if r["impl"] == "jaxlstm"}
-    print(f"{'T':>6s} {'impl':18s} {'temp MB':>10s} {'vs jaxlstm':>11s} {'tok/s':>9s} {'tok/s vs jaxlstm':>17s}")
+    # each variant against its own layout's un-checkpointed run
+    base_of = lambda impl: "jaxlstm-tm" if impl.startswith("jaxlstm-tm") else "jaxlstm"
+    base = {(r["impl"], r["seq_len"]): r for r in records if r["impl"] in ("jaxlstm", "jaxlstm-tm")}
+    print(f"{'T':>6s} {'impl':18s} {'temp MiB':>10s} {'vs base':>11s} {'tok/s':>9s} {'tok/s vs base':>17s}")
     for r in records:
-        b = base.get(r["seq_len"])
-        r["temp_ratio_vs_jaxlstm"] = None if b is None else r["temp_bytes"] / max(b["temp_bytes"], 1)
-        r["throughput_ratio_vs_jaxlstm"] = (r["tokens_per_s"] / b["tokens_per_s"]
+        b = base.get((base_of(r["impl"]), r["seq_len"]))
+        r["temp_ratio_vs_base"] = None if b is None else r["temp_bytes"] / max(b["temp_bytes"], 1)
+        r["throughput_ratio_vs_base"] = (r["tokens_per_s"] / b["tokens_per_s"]
                                             if b is not None and "tokens_per_s" in r and "tokens_per_s" in b else None)
         tps = f"{r['tokens_per_s']:9.0f}" if "tokens_per_s" in r else " " * 9
-        tr = f"{r['throughput_ratio_vs_jaxlstm']:.2f}x" if r["throughput_ratio_vs_jaxlstm"] else ""
-        print(f"{r['seq_len']:6d} {r['impl']:18s} {r['temp_bytes'] / 2**20:10.1f} {r['temp_ratio_vs_jaxlstm'] or 0:10.3f}x {tps} {tr:>17s}")
+        tr = f"{r['throughput_ratio_vs_base']:.2f}x" if r["throughput_ratio_vs_base"] else ""
+        print(f"{r['seq_len']:6d} {r['impl']:18s} {r['temp_bytes'] / 2**20:10.1f} {r['temp_ratio_vs_base'] or 0:10.3f}x {tps} {tr:>17s}")
     result = {"machine": C.machine_info(), "records": records}
     os.makedirs(out, exist_ok=True)
     C.write_json(os.path.join(out, "memory.json"), result)

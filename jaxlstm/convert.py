@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -186,3 +187,39 @@ def to_flax(params: LSTMParams) -> dict:
     out = {f"i{g}": {"kernel": w_ih[j]} for j, g in enumerate("ifgo")}
     out.update({f"h{g}": {"kernel": w_hh[j], "bias": b[j]} for j, g in enumerate("ifgo")})
     return out
+
+
+# ---------------------------------------------------------------------------
+# cuDNN flat weights, as used by jax.experimental.rnn: for each layer and
+# direction W_ih [4H, D_in] then W_hh [4H, H], all flattened; then for each
+# b_ih [4H] and b_hh [4H]. Gate order i, f, g, o, as in PyTorch.
+
+
+def from_cudnn(weights, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False):
+    """A ``jax.experimental.rnn`` / cuDNN flat weight vector -> ``params[layer][direction]``."""
+    from jax.experimental import rnn as jrnn
+
+    expected = jrnn.get_num_params_in_lstm(input_size, hidden_size, num_layers, bidirectional)
+    if weights.shape != (expected,):
+        raise ValueError(f"weights must have shape ({expected},) for input_size={input_size}, "
+                         f"hidden_size={hidden_size}, num_layers={num_layers}, bidirectional={bidirectional}; "
+                         f"got {tuple(weights.shape)}")
+    w_ih, w_hh, b_ih, b_hh = jrnn.unpack_lstm_weights(weights, input_size, hidden_size, num_layers, bidirectional)
+    dirs = 2 if bidirectional else 1
+    sd = {}
+    for i in w_ih:
+        sfx = f"_l{i // dirs}" + ("_reverse" if i % dirs else "")
+        sd.update({"weight_ih" + sfx: w_ih[i], "weight_hh" + sfx: w_hh[i], "bias_ih" + sfx: b_ih[i],
+                   "bias_hh" + sfx: b_hh[i]})
+    return from_torch(sd, dtype=weights.dtype)
+
+
+def to_cudnn(params) -> jax.Array:
+    """``params[layer][direction]`` (no projection) -> the flat cuDNN weight vector of
+    ``jax.experimental.rnn.lstm`` (bias whole in ``b_ih``, zeros in ``b_hh``)."""
+    flat = [p for layer in params for p in layer]
+    if any(p.w_hr is not None for p in flat):
+        raise ValueError("cuDNN LSTM weights have no projection: every w_hr must be None")
+    ws = [jnp.ravel(w.T) for p in flat for w in (p.w_ih, p.w_hh)]
+    bs = [b for p in flat for b in (p.b, jnp.zeros_like(p.b))]
+    return jnp.concatenate(ws + bs)

@@ -144,9 +144,11 @@ def _flip_time(xs: Array, lengths: Optional[Array], forward_mode: bool) -> Array
     return reverse_padded_plain(xs, lengths) if forward_mode else reverse_padded(xs, lengths)
 
 
-def reverse_sequences(xs: Array, seq_lengths: Optional[Array], *, time_major: bool = False) -> Array:
+def reverse_sequences(xs: Array, seq_lengths: Optional[Array], *, time_major: bool = False,
+                      forward_mode: bool = True) -> Array:
     """Reverses each sequence's valid part in ``xs [..., T, F]`` (``[T, ..., F]`` if
-    ``time_major``); padding stays in place. Its own inverse."""
+    ``time_major``); padding stays in place. Its own inverse. ``forward_mode=False``
+    allows a cheaper VJP at the price of ``jax.jvp`` support."""
     T = xs.shape[0] if time_major else xs.shape[-2]
     batch_shape = xs.shape[1:-1] if time_major else xs.shape[:-2]
     if seq_lengths is None:
@@ -155,7 +157,7 @@ def reverse_sequences(xs: Array, seq_lengths: Optional[Array], *, time_major: bo
     x = xs if time_major else jnp.moveaxis(xs, -2, 0)
     x = x.reshape((T, B, xs.shape[-1]))
     lengths = jnp.clip(jnp.asarray(seq_lengths).reshape((B,)).astype(jnp.int32), 0, T)
-    x = reverse_padded(x, lengths).reshape((T,) + tuple(batch_shape) + (xs.shape[-1],))
+    x = _flip_time(x, lengths, forward_mode).reshape((T,) + tuple(batch_shape) + (xs.shape[-1],))
     return x if time_major else jnp.moveaxis(x, 0, -2)
 
 

@@ -138,7 +138,8 @@ def lstm_stack(
         if initial_state is not None:
             s0 = LSTMState(initial_state.h[l * dirs:(l + 1) * dirs], initial_state.c[l * dirs:(l + 1) * dirs])
         if dirs == 2 and fuse_directions:
-            outs, s = _both_directions(run, layer, xs, s0, seq_lengths, time_major)
+            outs, s = _both_directions(run, layer, xs, s0, seq_lengths, time_major,
+                                       forward_mode=lstm_kwargs.get("backward") == "autodiff")
         else:
             outs, states = [], []
             for d, p in enumerate(layer):
@@ -156,13 +157,14 @@ def lstm_stack(
     return xs, LSTMState(jnp.concatenate(hs), jnp.concatenate(cs))
 
 
-def _both_directions(run, layer, xs, s0, seq_lengths, time_major):
+def _both_directions(run, layer, xs, s0, seq_lengths, time_major, forward_mode):
     """Both directions in one scan: the backward direction reads the per-sequence
     reversed input forwards, and ``vmap`` stacks the two along a direction axis."""
     p2 = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), layer[0], layer[1])
-    x2 = jnp.stack([xs, reverse_sequences(xs, seq_lengths, time_major=time_major)])
+    flip = lambda a: reverse_sequences(a, seq_lengths, time_major=time_major, forward_mode=forward_mode)
+    x2 = jnp.stack([xs, flip(xs)])
     if s0 is None:
         ys2, s = jax.vmap(lambda p, x: run(p, x, None, False))(p2, x2)
     else:
         ys2, s = jax.vmap(lambda p, x, st: run(p, x, st, False))(p2, x2, s0)
-    return [ys2[0], reverse_sequences(ys2[1], seq_lengths, time_major=time_major)], s
+    return [ys2[0], flip(ys2[1])], s

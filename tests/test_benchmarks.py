@@ -10,7 +10,7 @@ from benchmarks import memory, throughput
 
 @pytest.mark.usefixtures("standard_promotion")
 def test_throughput_quick_schema(tmp_path):
-    throughput.main(["--quick", "--out", str(tmp_path)])
+    throughput.main(["--quick", "--impls", "jaxlstm", "jaxlstm-ckpt64", "flax-optimized", "flax-lstmcell", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert {"cpu", "cores", "jax", "flax", "peak_matmul_gflops"} <= set(data["machine"])
     recs = data["records"]
@@ -33,4 +33,5 @@ def test_memory_quick(tmp_path):
     by = {(r["impl"], r["seq_len"]): r for r in data["records"]}
     # Checkpointing must store less than keeping every step's activations.
     assert by[("jaxlstm-ckpt8", 64)]["temp_bytes"] < by[("jaxlstm", 64)]["temp_bytes"]
+    assert by[("jaxlstm-tm-ckpt8", 64)]["temp_bytes"] < by[("jaxlstm-tm", 64)]["temp_bytes"]
     assert (tmp_path / "memory.png").exists()
