@@ -79,6 +79,7 @@ def scan_masked(step: Callable, carry0, xs, lengths: Optional[Array], *, unroll:
 
     With ``lengths [B]``, steps with ``t_offset + t >= lengths`` keep the carry and
     emit ``y = 0``; ``aux`` (residuals for a backward pass) is returned unmasked.
+    ``y`` and ``aux`` may be ``None``.
 
     Returns:
       ``(final_carry, ys, auxs)``.
@@ -99,7 +100,8 @@ def scan_masked(step: Callable, carry0, xs, lengths: Optional[Array], *, unroll:
         new, y, aux = step(carry, x)
         valid = time_mask(t_offset + t, lengths)
         new = jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, carry)
-        y = jnp.where(valid, y, jnp.zeros((), y.dtype))
+        if y is not None:
+            y = jnp.where(valid, y, jnp.zeros((), y.dtype))
         return new, (y, aux)
 
     carry, (ys, aux) = jax.lax.scan(masked_body, carry0, (jnp.arange(T, dtype=jnp.int32), xs), unroll=unroll)
