@@ -44,7 +44,7 @@ class FusedConfig(NamedTuple):
     checkpoint_every: Optional[int]
     mm_dtype: str
     acc_dtype: str
-    # Unrolling the reverse scan measured 15-35% slower on XLA:CPU (benchmarks/layout.py).
+    # Unrolling the reverse scan by 4 measured up to 24% slower on XLA:CPU (benchmarks/layout.py).
     backward_unroll: int = 1
 
 
@@ -54,25 +54,8 @@ def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
 
 
 def _forward(cfg: FusedConfig, params, carry0, xs, lengths, t_offset=0):
-    """Forward over one segment, saving the residuals ``(a, c)`` per step.
-
-    The outputs are rebuilt after the loop as ``o ∗ tanh(c)`` (``@ w_hr``) in one
-    vectorised pass instead of being written from inside it: one dynamic-update-slice
-    less per step. Bit-identical to the carried ``h`` (same ops on the same values)."""
     step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype)
-
-    def residual_step(carry, x):
-        carry, _, aux = step(carry, x)
-        return carry, None, aux
-
-    carry, _, (acts, cs) = scan_masked(residual_step, carry0, xs, lengths, unroll=cfg.unroll, t_offset=t_offset)
-    ys = split_gates(acts)[3] * jnp.tanh(cs)
-    if params.w_hr is not None:
-        ys = dot(ys, params.w_hr, cfg.mm_dtype, cfg.acc_dtype)
-    if lengths is not None:
-        t = t_offset + jnp.arange(xs.shape[0], dtype=jnp.int32)[:, None]
-        ys = jnp.where((t < lengths[None, :])[..., None], ys, jnp.zeros((), ys.dtype))
-    return carry, ys, (acts, cs)
+    return scan_masked(step, carry0, xs, lengths, unroll=cfg.unroll, t_offset=t_offset)
 
 
 def _backward(cfg: FusedConfig, params, carry0, xs, ys, acts, cs, dys, dcarry, lengths, t_offset=0):

@@ -15,7 +15,8 @@ What lives here:
 Layout: the scan runs time-major on ``[T, B, D]`` with the batch dims flattened.
 The input projection ``x_t @ w_ih`` is computed inside the step together with
 ``h @ w_hh``: on XLA:CPU this measured faster than hoisting it into one big GEMM
-before the scan (see ``benchmarks/results/layout.md``). The training fast path
+before the scan (``python -m benchmarks.layout``; results in
+``benchmarks/results/cpu/SUMMARY.md``). The training fast path
 (:mod:`jaxlstm.backward`) still does every weight-gradient GEMM over all T·B rows.
 """
 

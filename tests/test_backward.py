@@ -75,7 +75,6 @@ def test_checkpointed_equals_plain(k, proj, lengths):
 @pytest.mark.parametrize("backward", ["fused", "autodiff"])
 def test_check_grads(backward):
     params, xs, state, seq_lengths = _inputs(23, (2,), 2, with_state=True, lengths=True, T=4)
-    params, xs, state = jax.tree.map(lambda a: a.astype(jnp.float64) if False else a, (params, xs, state))
     f = lambda p, x, s: _loss(p, x, s, seq_lengths, True, backward=backward)
     modes = ["rev"] if backward == "fused" else ["fwd", "rev"]
     check_grads(f, (params, xs, state), order=1, modes=modes, atol=5e-2, rtol=5e-2, eps=1e-2)
