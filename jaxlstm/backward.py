@@ -34,7 +34,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from .gates import split_gates
+from .gates import activation_derivative, split_gates
 from .params import LSTMParams
 from .recurrence import dot, lstm_step, scan_masked, time_mask
 
@@ -116,14 +116,14 @@ def _gate_grads(a, dc, c_prev, do):
 
     Broadcasts and selects over the gate axis instead of a concatenate, so that
     XLA:CPU fuses it into a single loop (a concatenate stays a separate op)."""
-    a4 = a.reshape(a.shape[:-1] + (4, a.shape[-1] // 4))
+    by_gate = lambda v: v.reshape(v.shape[:-1] + (4, v.shape[-1] // 4))
+    a4 = by_gate(a)
     k = jax.lax.broadcasted_iota(jnp.int32, a4.shape, a4.ndim - 2)
     ex = lambda v: jnp.expand_dims(v, -2)
     i, g = a4[..., 0:1, :], a4[..., 2:3, :]
     partner = jnp.where(k == 0, g, jnp.where(k == 1, ex(c_prev), jnp.where(k == 2, i, ex(do))))
     scale = jnp.where(k == 3, jnp.ones_like(a4), ex(dc))
-    dz4 = partner * scale * jnp.where(k == 2, 1 - a4 * a4, a4 * (1 - a4))
-    return dz4.reshape(a.shape)
+    return (partner * scale * by_gate(activation_derivative(a))).reshape(a.shape)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
