@@ -94,6 +94,13 @@ def sequence(name: str, xs, input_size: int, time_major: bool) -> Tuple[tuple, i
     return tuple(xs.shape[:-2]), xs.shape[-2]
 
 
+def step_input(name: str, x, input_size: int) -> None:
+    """One step's input ``[..., D]``."""
+    float_array(name, x)
+    if x.ndim < 1 or x.shape[-1] != input_size:
+        raise ValueError(f"{name} must have shape [..., {input_size}] (the params' input size), got {tuple(x.shape)}")
+
+
 def state_array(name: str, x, expected: tuple) -> None:
     float_array(name, x)
     if _shape(x) != tuple(expected):

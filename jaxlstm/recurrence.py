@@ -147,21 +147,37 @@ def _flip_time(xs: Array, lengths: Optional[Array], forward_mode: bool) -> Array
     return reverse_padded_plain(xs, lengths) if forward_mode else reverse_padded(xs, lengths)
 
 
+def _to_time_major(xs: Array, batch_shape: tuple, time_major: bool) -> Array:
+    """``[..., T, F]`` (or ``[T, ..., F]``) -> ``[T, B, F]`` with the batch dims flattened."""
+    x = xs if time_major else jnp.moveaxis(xs, -2, 0)
+    return x.reshape((x.shape[0], _checks.batch_size(batch_shape), xs.shape[-1]))
+
+
+def _from_time_major(ys_tm: Array, batch_shape: tuple, time_major: bool) -> Array:
+    """Inverse of :func:`_to_time_major`."""
+    ys = ys_tm.reshape((ys_tm.shape[0],) + tuple(batch_shape) + ys_tm.shape[2:])
+    return ys if time_major else jnp.moveaxis(ys, 0, -2)
+
+
+def _flat_lengths(seq_lengths: Optional[Array], batch_shape: tuple, T: int) -> Optional[Array]:
+    """``seq_lengths [*batch_shape]`` -> int32 ``[B]`` clipped to ``[0, T]`` (or ``None``)."""
+    if seq_lengths is None:
+        return None
+    B = _checks.batch_size(batch_shape)
+    return jnp.clip(jnp.asarray(seq_lengths).reshape((B,)).astype(jnp.int32), 0, T)
+
+
 def reverse_sequences(xs: Array, seq_lengths: Optional[Array], *, time_major: bool = False,
                       forward_mode: bool = True) -> Array:
     """Reverses each sequence's valid part in ``xs [..., T, F]`` (``[T, ..., F]`` if
     ``time_major``); padding stays in place. Its own inverse. ``forward_mode=False``
     allows a cheaper VJP at the price of ``jax.jvp`` support."""
-    T = xs.shape[0] if time_major else xs.shape[-2]
-    batch_shape = xs.shape[1:-1] if time_major else xs.shape[:-2]
     if seq_lengths is None:
         return jnp.flip(xs, axis=0 if time_major else -2)
-    B = _checks.batch_size(batch_shape)
-    x = xs if time_major else jnp.moveaxis(xs, -2, 0)
-    x = x.reshape((T, B, xs.shape[-1]))
-    lengths = jnp.clip(jnp.asarray(seq_lengths).reshape((B,)).astype(jnp.int32), 0, T)
-    x = _flip_time(x, lengths, forward_mode).reshape((T,) + tuple(batch_shape) + (xs.shape[-1],))
-    return x if time_major else jnp.moveaxis(x, 0, -2)
+    batch_shape = xs.shape[1:-1] if time_major else xs.shape[:-2]
+    x = _to_time_major(xs, batch_shape, time_major)
+    x = _flip_time(x, _flat_lengths(seq_lengths, batch_shape, x.shape[0]), forward_mode)
+    return _from_time_major(x, batch_shape, time_major)
 
 
 def apply_sequence(
@@ -183,25 +199,17 @@ def apply_sequence(
 
     Returns ``(ys, final_carry)`` in the layout of ``xs`` and ``carry0``.
     """
-    T = xs.shape[0] if time_major else xs.shape[-2]
-    D = xs.shape[-1]
-    B = _checks.batch_size(batch_shape)
-    xs_tm = xs if time_major else jnp.moveaxis(xs, -2, 0)
-    xs_tm = xs_tm.reshape((T, B, D))
+    xs_tm = _to_time_major(xs, batch_shape, time_major)
+    B = xs_tm.shape[1]
     carry = jax.tree_util.tree_map(lambda a: a.reshape((B,) + a.shape[len(batch_shape):]), carry0)
-    lengths = None
-    if seq_lengths is not None:
-        lengths = jnp.clip(jnp.asarray(seq_lengths).reshape((B,)).astype(jnp.int32), 0, T)
+    lengths = _flat_lengths(seq_lengths, batch_shape, xs_tm.shape[0])
     if reverse:
         xs_tm = _flip_time(xs_tm, lengths, forward_mode)
     ys_tm, carry = core(xs_tm, carry, lengths)
     if reverse:
         ys_tm = _flip_time(ys_tm, lengths, forward_mode)
-    ys = ys_tm.reshape((T,) + tuple(batch_shape) + ys_tm.shape[2:])
-    if not time_major:
-        ys = jnp.moveaxis(ys, 0, -2)
     carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)
-    return ys, carry
+    return _from_time_major(ys_tm, batch_shape, time_major), carry
 
 
 # ----------------------------------------------------------------------------
@@ -247,9 +255,7 @@ def lstm_cell(params: LSTMParams, state: LSTMState, x: Array, *, compute_dtype=N
       its ``c`` in float32 (the cell state is accumulated in float32).
     """
     D, H, R = _checks.lstm_params(params)
-    _checks.float_array("x", x)
-    if x.ndim < 1 or x.shape[-1] != D:
-        raise ValueError(f"x must have shape [..., {D}] (the params' input size), got {tuple(x.shape)}")
+    _checks.step_input("x", x, D)
     _check_state(state, x.shape[:-1], H, R, name="state")
     acc = accum_dtype(x.dtype, params.w_ih.dtype)
     mm = matmul_dtype(compute_dtype, x.dtype, params.w_ih.dtype, params.w_hh.dtype)

@@ -110,9 +110,7 @@ def _dtypes(params, x_dtype, compute_dtype):
 
 def _cell(kind, make_step, params, h, x, compute_dtype):
     D, H = _check(params, kind)
-    _checks.float_array("x", x)
-    if x.ndim < 1 or x.shape[-1] != D:
-        raise ValueError(f"x must have shape [..., {D}] (the params' input size), got {tuple(x.shape)}")
+    _checks.step_input("x", x, D)
     _checks.state_array("h", h, tuple(x.shape[:-1]) + (H,))
     mm, acc = _dtypes(params, x.dtype, compute_dtype)
     h, _, _ = make_step(params, mm, acc)(h.astype(acc), x)

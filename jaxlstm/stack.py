@@ -122,6 +122,8 @@ def lstm_stack(
     """
     L, dirs, D, H, R = check_stack(params)
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
+    # Checked here too: the fused-directions path reverses by seq_lengths before any lstm call.
+    seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     if dropout > 0.0 and key is None:

@@ -106,3 +106,9 @@ def test_bfloat16_params_get_bfloat16_gradients():
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     g, gx = jax.grad(lambda p, x: jaxlstm.lstm(p, x)[0].astype(jnp.float32).sum(), argnums=(0, 1))(params, xs.astype(jnp.bfloat16))
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(g)) and gx.dtype == jnp.bfloat16
+    # ... and their values follow the float32 gradients (bf16 rounding of inputs, weights and outputs)
+    g32, gx32 = jax.grad(lambda p, x: jaxlstm.lstm(p, x)[0].sum(), argnums=(0, 1))(
+        jax.tree.map(lambda a: a.astype(jnp.float32), params), xs.astype(jnp.bfloat16).astype(jnp.float32))
+    for a, b in zip(jax.tree.leaves((g, gx)), jax.tree.leaves((g32, gx32))):
+        a = a.astype(jnp.float32)
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 5e-2

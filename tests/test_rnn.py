@@ -70,6 +70,8 @@ def test_cell_layouts_and_checks(kind):
     # time-major and extra batch dims agree with the batch-major call
     ys_tm, _ = run(params, jnp.swapaxes(xs, 0, 1), h0, seq_lengths=L, time_major=True)
     np.testing.assert_allclose(jnp.swapaxes(ys_tm, 0, 1), run(params, xs, h0, seq_lengths=L)[0], atol=1e-6)
+    with pytest.raises(ValueError, match=r"x must have shape \[..., 3\]"):
+        cell(params, h0, xs[:, 0, :2])
     with pytest.raises(ValueError, match=r"initial_state must have shape \(3, 4\)"):
         run(params, xs, h0[:2])
     with pytest.raises(ValueError, match=r"xs must have 3 features"):

@@ -81,6 +81,11 @@ def test_stack_bad_inputs():
         jaxlstm.lstm_stack(bad, xs)
     with pytest.raises(ValueError, match=r"params\[1\] must hold 2 directions"):
         jaxlstm.lstm_stack((params[0], params[1][:1]), xs)
+    for fuse in (False, True):
+        with pytest.raises(ValueError, match=r"seq_lengths must have shape \(2,\)"):
+            jaxlstm.lstm_stack(params, xs, seq_lengths=jnp.array([1, 2, 3]), fuse_directions=fuse)
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
+        jaxlstm.lstm_stack(params, xs, dropout=1.0, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"initial_state.h must have shape \(4, 2, 4\)"):
         jaxlstm.lstm_stack(params, xs, jaxlstm.LSTMState(jnp.zeros((2, 2, 4)), jnp.zeros((4, 2, 4))))
 
