@@ -59,48 +59,54 @@ def hidden_output(o, c):
     return o * jnp.tanh(c)
 
 
-def split_gates(a: jax.Array):
-    """Split ``[..., 4H]`` into its four ``[..., H]`` blocks (order i, f, g, o)."""
-    return jnp.split(a, 4, axis=-1)
+def split_gates(a: jax.Array, axis: int = -1):
+    """Split ``[..., 4H]`` into its four ``[..., H]`` blocks (order i, f, g, o).
+
+    ``axis`` is the gate axis: ``-2`` for the feature-major ``[4H, B]`` layout
+    of the sequence scans."""
+    return jnp.split(a, 4, axis=axis)
 
 
-def _candidate_mask(shape) -> jax.Array:
-    """True on the g (candidate) block of a ``[..., 4H]`` axis."""
-    H = shape[-1] // 4
-    return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1) // H == 2
+def _candidate_mask(shape, axis: int = -1) -> jax.Array:
+    """True on the g (candidate) block of the ``4H`` gate axis."""
+    axis = axis % len(shape)
+    H = shape[axis] // 4
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis) // H == 2
 
 
-def activate_gates(z: jax.Array) -> jax.Array:
-    """``[σ(z_i), σ(z_f), tanh(z_g), σ(z_o)]`` over the whole ``[..., 4H]`` axis.
+def activate_gates(z: jax.Array, axis: int = -1) -> jax.Array:
+    """``[σ(z_i), σ(z_f), tanh(z_g), σ(z_o)]`` over the whole ``4H`` gate axis.
 
     One elementwise pass with one ``tanh`` per element, using
     ``σ(x) = (1 + tanh(x / 2)) / 2``: XLA:CPU emits one fused loop (and one
     saved residual) per step instead of four.
     """
-    is_g = _candidate_mask(z.shape)
+    is_g = _candidate_mask(z.shape, axis)
     t = jnp.tanh(jnp.where(is_g, z, 0.5 * z))
     return jnp.where(is_g, t, 0.5 * t + 0.5)
 
 
-def activation_derivative(a: jax.Array) -> jax.Array:
+def activation_derivative(a: jax.Array, axis: int = -1) -> jax.Array:
     """Derivative of :func:`activate_gates` in terms of its output ``a``:
     ``σ' = a(1-a)`` on i, f, o and ``tanh' = 1 - a²`` on g."""
-    return jnp.where(_candidate_mask(a.shape), 1 - a * a, a * (1 - a))
+    return jnp.where(_candidate_mask(a.shape, axis), 1 - a * a, a * (1 - a))
 
 
-def lstm_pointwise(z: jax.Array, c_prev: jax.Array):
+def lstm_pointwise(z: jax.Array, c_prev: jax.Array, axis: int = -1):
     """Fused LSTM step from pre-activations.
 
     Args:
       z: pre-activations ``[..., 4H]`` in gate order i, f, g, o.
       c_prev: ``C(t-1)`` ``[..., H]``.
+      axis: the gate axis of ``z`` (and the feature axis of ``c_prev``); ``-2``
+        for the feature-major ``[4H, B]`` layout.
 
     Returns:
       ``(m, c, a)``: ``m = o ∗ tanh(C(t))`` (the hidden output before any
       projection), ``c = C(t)`` and the activated gates ``a = [i, f, g, o]``
       ``[..., 4H]``.
     """
-    a = activate_gates(z)
-    i, f, g, o = split_gates(a)
+    a = activate_gates(z, axis)
+    i, f, g, o = split_gates(a, axis)
     c = cell_update(f, c_prev, i, g)
     return hidden_output(o, c), c, a
