@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
 
@@ -20,6 +21,33 @@ import jaxlstm
 def device_name() -> str:
     d = jax.devices()[0]
     return d.platform if d.platform == "cpu" else re.sub(r"[^a-z0-9]+", "-", d.device_kind.lower()).strip("-")
+
+
+# glibc's malloc serves large blocks (XLA's per-call buffers) from fresh mmaps, so a
+# train step page-faults its temporaries in again on every call. With this tunable
+# malloc asks for transparent huge pages: 512x fewer faults. It must be set before
+# the process starts; ``--thp`` re-executes the script with it.
+THP_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def allocator() -> str:
+    """``"thp"`` when glibc malloc uses transparent huge pages, else ``"default"``."""
+    return "thp" if THP_TUNABLE in os.environ.get("GLIBC_TUNABLES", "") else "default"
+
+
+def reexec_with_thp(module: str, argv) -> None:
+    """Restarts ``python -m module argv`` with :data:`THP_TUNABLE` set (no-op if it already is)."""
+    if allocator() == "thp":
+        return
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), THP_TUNABLE) if t)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+
+
+def results_dir() -> str:
+    """``benchmarks/results/<device>[-thp]``."""
+    return os.path.join("benchmarks", "results", device_name() + ("-thp" if allocator() == "thp" else ""))
 
 
 def machine_info() -> dict:
@@ -36,7 +64,9 @@ def machine_info() -> dict:
         "platform": jax.devices()[0].platform,
         "jax": jax.__version__,
         "python": platform.python_version(),
-        "malloc_env": {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ},
+        "allocator": allocator(),
+        "malloc_env": {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+                       if k in os.environ},
     }
     for mod in ("flax", "optax", "torch"):
         try:

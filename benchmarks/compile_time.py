@@ -48,7 +48,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_lens, args.batch, args.input_size, args.hidden_size = [4, 16], 2, 4, 8
-    out = args.out or os.path.join("benchmarks", "results", C.device_name())
+    out = args.out or C.results_dir()
     B, D, H = args.batch, args.input_size, args.hidden_size
     import flax.linen as nn
 

@@ -9,7 +9,11 @@ several ways, against ``flax.linen.RNN(OptimizedLSTMCell)`` in the same process:
                   four gates out of the ``[T, B, 4H]`` row it reads;
 * ``hoist-gate``: the same, but the scan reads four per-gate ``[T, B, H]`` arrays;
 * ``inloop``:     ``x_t @ w_ih + h @ w_hh + b`` inside the body (four activations);
-* ``inloop-act``: in-loop, one fused activation over ``[B, 4H]`` (what jaxlstm does);
+* ``inloop-act``: in-loop, one fused activation over ``[B, 4H]``;
+* ``fm-inloop-act``: the same feature-major: ``h [H, B]``, ``z = w_ihᵀ·x + w_hhᵀ·h + b``
+                  ``[4H, B]``, gates as contiguous row blocks (what jaxlstm does);
+* ``fm-hoist``:   feature-major with ``w_ihᵀ·X + b`` for all steps as one GEMM
+                  into ``[4H, T, B]``, the body reading its ``[4H, B]`` slice;
 each with ``unroll`` 1 and 8. Also the fused backward with its reverse scan
 unrolled 1 and 4 (``jaxlstm.backward`` uses 1). Writes ``layout.json``.
 """
@@ -75,7 +79,31 @@ def variants(p, B, T, D, H):
 
         return jax.lax.scan(body, zeros, jnp.swapaxes(xs, 0, 1), unroll=unroll)[1]
 
-    return {"hoist-4H": hoist_4h, "hoist-gate": hoist_gate, "inloop": inloop, "inloop-act": inloop_act}
+    zeros_fm = (jnp.zeros((H, B)), jnp.zeros((H, B)))
+    w_ih_t, w_hh_t, b_col = p.w_ih.T, p.w_hh.T, p.b[:, None]
+
+    def fm_cell(carry, z):
+        i, f, g, o = split_gates(activate_gates(z, -2), -2)
+        c = f * carry[1] + i * g
+        h = o * jnp.tanh(c)
+        return (h, c), h
+
+    def fm_inloop_act(xs, unroll):
+        body = lambda carry, x: fm_cell(carry, w_ih_t @ x + w_hh_t @ carry[0] + b_col)
+        ys = jax.lax.scan(body, zeros_fm, jnp.transpose(xs, (1, 2, 0)), unroll=unroll)[1]
+        return jnp.transpose(ys, (0, 2, 1))
+
+    def fm_hoist(xs, unroll):
+        zx = (w_ih_t @ jnp.transpose(xs, (2, 1, 0)).reshape(D, T * B) + b_col).reshape(4 * H, T, B)
+
+        def body(carry, t):
+            return fm_cell(carry, jax.lax.dynamic_index_in_dim(zx, t, axis=1, keepdims=False) + w_hh_t @ carry[0])
+
+        ys = jax.lax.scan(body, zeros_fm, jnp.arange(T), unroll=unroll)[1]
+        return jnp.transpose(ys, (0, 2, 1))
+
+    return {"hoist-4H": hoist_4h, "hoist-gate": hoist_gate, "inloop": inloop, "inloop-act": inloop_act,
+            "fm-inloop-act": fm_inloop_act, "fm-hoist": fm_hoist}
 
 
 def main(argv=None):
@@ -84,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    out = args.out or os.path.join("benchmarks", "results", C.device_name())
+    out = args.out or C.results_dir()
     B, D, H = 32, 128, 256
     p = jaxlstm.init_lstm(jax.random.key(0), D, H)
     records = []
@@ -106,7 +134,7 @@ def main(argv=None):
         for u in (1, 4):
             def loss(p, x, u=u):
                 cfg = bw.FusedConfig(1, None, "float32", "float32", u)
-                ys, _ = bw.fused_lstm(cfg, p, (jnp.zeros((B, H)), jnp.zeros((B, H))), jnp.swapaxes(x, 0, 1), None)
+                ys, _ = bw.fused_lstm(cfg, p, (jnp.zeros((H, B)), jnp.zeros((H, B))), jnp.transpose(x, (1, 2, 0)), None)
                 return jnp.mean(jnp.square(ys))
 
             g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

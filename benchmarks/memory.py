@@ -63,7 +63,7 @@ def main(argv=None):
     if args.quick:
         args.seq_lens, args.time_seq_lens, args.batch, args.input_size, args.hidden_size = [16, 64], [64], 2, 4, 8
         args.impls, args.repeats = ["jaxlstm", "jaxlstm-ckpt8", "jaxlstm-tm", "jaxlstm-tm-ckpt8", "flax-optimized"], 3
-    out = args.out or os.path.join("benchmarks", "results", C.device_name())
+    out = args.out or C.results_dir()
     B, D, H = args.batch, args.input_size, args.hidden_size
     records = []
     for T in tqdm(args.seq_lens, desc="seq_len"):

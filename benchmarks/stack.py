@@ -40,7 +40,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    out = args.out or os.path.join("benchmarks", "results", C.device_name())
+    out = args.out or C.results_dir()
     B, D, H, L = 32, 128, 256, 2
     params = jaxlstm.init_lstm_stack(jax.random.key(0), D, H, L, bidirectional=True)
     flax_model = FlaxBiStack(H, L)

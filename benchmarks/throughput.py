@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from tqdm import tqdm
 
@@ -36,13 +37,18 @@ def parse(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--budget-s", type=float, default=6.0, help="per (T, mode): stop repeating after this, min 3 rounds")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 lengths, every available implementation")
+    ap.add_argument("--thp", action="store_true",
+                    help="restart with glibc malloc on transparent huge pages (GLIBC_TUNABLES=%s); "
+                         "results go to benchmarks/results/<device>-thp/" % C.THP_TUNABLE)
     ap.add_argument("--out", default=None, help="default benchmarks/results/<device>/")
     args = ap.parse_args(argv)
+    if args.thp:
+        C.reexec_with_thp("benchmarks.throughput", sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.seq_lens, args.batch, args.input_size, args.hidden_size = [4, 8, 16], 2, 4, 8
         args.repeats, args.budget_s = 3, 0.5
     args.impls = args.impls or C.available_impls(full=args.all_impls or args.quick)
-    args.out = args.out or os.path.join("benchmarks", "results", C.device_name())
+    args.out = args.out or C.results_dir()
     return args
 
 

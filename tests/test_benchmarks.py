@@ -5,6 +5,11 @@ import os
 
 import pytest
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxlstm
 from benchmarks import memory, throughput
 
 
@@ -35,3 +40,15 @@ def test_memory_quick(tmp_path):
     assert by[("jaxlstm-ckpt8", 64)]["temp_bytes"] < by[("jaxlstm", 64)]["temp_bytes"]
     assert by[("jaxlstm-tm-ckpt8", 64)]["temp_bytes"] < by[("jaxlstm-tm", 64)]["temp_bytes"]
     assert (tmp_path / "memory.png").exists()
+
+
+def test_layout_variants_compute_the_lstm():
+    """The layout evidence times real LSTMs: every variant matches jaxlstm.lstm."""
+    from benchmarks.layout import variants
+
+    B, T, D, H = 2, 3, 4, 8
+    p = jaxlstm.init_lstm(jax.random.key(0), D, H)
+    xs = jax.random.normal(jax.random.key(1), (B, T, D))
+    want = jnp.swapaxes(jaxlstm.lstm(p, xs)[0], 0, 1)
+    for name, f in variants(p, B, T, D, H).items():
+        np.testing.assert_allclose(f(xs, 1), want, atol=1e-5, err_msg=name)

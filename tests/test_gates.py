@@ -44,6 +44,26 @@ def test_activation_and_its_derivative():
     np.testing.assert_allclose(gates.activation_derivative(a), tangent, atol=1e-6)
 
 
+def test_feature_major_step_is_the_transposed_step():
+    """The scans' feature-major step (gate axis -2) is the batch-major step transposed."""
+    from jaxlstm.recurrence import lstm_step
+
+    k = jax.random.split(jax.random.key(1), 5)
+    D, H, P, B = 3, 4, 2, 5
+    for p in (jaxlstm.init_lstm(k[0], D, H), jaxlstm.init_lstm(k[0], D, H, proj_size=P)):
+        p = p._replace(b=jax.random.normal(k[1], (4 * H,)))
+        R = p.w_hh.shape[0]
+        x, h, c = jax.random.normal(k[2], (B, D)), jax.random.normal(k[3], (B, R)), jax.random.normal(k[4], (B, H))
+        want = lstm_step(p, jnp.float32, jnp.float32)((h, c), x)
+        got = lstm_step(p, jnp.float32, jnp.float32, feature_major=True)((h.T, c.T), x.T)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(b.T, a, rtol=1e-6, atol=1e-6)
+    z = jax.random.normal(k[0], (4 * H, B))
+    np.testing.assert_allclose(gates.activate_gates(z, axis=-2).T, gates.activate_gates(z.T), atol=1e-7)
+    a = gates.activate_gates(z, axis=0)
+    np.testing.assert_allclose(gates.activation_derivative(a, axis=0).T, gates.activation_derivative(a.T), atol=1e-7)
+
+
 def test_init_lstm_conventions():
     p = jaxlstm.init_lstm(jax.random.key(0), 5, 6, forget_bias=1.0)
     assert p.w_ih.shape == (5, 24) and p.w_hh.shape == (6, 24) and p.b.shape == (24,) and p.w_hr is None
