@@ -21,14 +21,15 @@ def throughput_table(tp) -> str:
     lines = []
     for mode in ("forward", "train"):
         lens = sorted({r["seq_len"] for r in recs if r["mode"] == mode})
-        lines.append(f"\n**{mode}**, tokens/s (ratio to flax-optimized)\n")
+        lines.append(f"\n**{mode}**, tokens/s (ratio to flax-optimized, share of peak f32 matmul)\n")
         lines.append("| impl | " + " | ".join(f"T={T}" for T in lens) + " |")
         lines.append("|---|" + "---|" * len(lens))
         for impl in impls:
             cells = []
             for T in lens:
                 r = next((r for r in recs if r["impl"] == impl and r["mode"] == mode and r["seq_len"] == T), None)
-                cells.append("" if r is None else f"{r['tokens_per_s'] / 1e3:.1f}k ({r['ratio_vs_flax']:.2f}x)")
+                cells.append("" if r is None else f"{r['tokens_per_s'] / 1e3:.1f}k ({r['ratio_vs_flax']:.2f}x, "
+                             f"{100 * r['fraction_of_peak']:.0f}%)")
             lines.append(f"| {impl} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -70,7 +71,8 @@ def main(argv=None):
     if tp:
         m = tp["machine"]
         parts.append(f"Machine: {m['cpu']}, {m['cores']} cores, jax {m['jax']}, flax {m['flax']}, torch {m.get('torch')}; "
-                     f"peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s. "
+                     f"peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s; malloc: {m.get('allocator', 'default')}"
+                     f"{' (GLIBC_TUNABLES=' + m['malloc_env']['GLIBC_TUNABLES'] + ')' if 'GLIBC_TUNABLES' in m.get('malloc_env', {}) else ''}. "
                      f"B={tp['records'][0]['batch']}, D={tp['records'][0]['input_size']}, H={tp['records'][0]['hidden_size']}, "
                      f"{tp['records'][0]['dtype']}; medians of interleaved rounds.\n")
         parts.append("## Throughput (`benchmarks.throughput`)\n" + throughput_table(tp) + "\n")
