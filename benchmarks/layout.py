@@ -134,7 +134,7 @@ def main(argv=None):
         for u in (1, 4):
             def loss(p, x, u=u):
                 cfg = bw.FusedConfig(1, None, "float32", "float32", u)
-                ys, _ = bw.fused_lstm(cfg, p, (jnp.zeros((H, B)), jnp.zeros((H, B))), jnp.transpose(x, (1, 2, 0)), None)
+                ys, _ = bw.fused_lstm(cfg, p, (jnp.zeros((B, H)), jnp.zeros((B, H))), jnp.swapaxes(x, 0, 1), None)
                 return jnp.mean(jnp.square(ys))
 
             g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

@@ -1,8 +1,9 @@
 """The training fast path: a hand-written VJP for a whole LSTM sequence.
 
-``fused_lstm`` is a ``jax.custom_vjp`` over the feature-major core ``xs [T, D, B]``
-(see :mod:`jaxlstm.recurrence` for why feature-major; the equations below are
-written batch-major for readability):
+``fused_lstm`` is a ``jax.custom_vjp`` over the time-major core ``xs [T, B, D]``.
+Inside, both scans run feature-major (``[F, B]`` per step; see
+:mod:`jaxlstm.recurrence` for why). The equations below are written batch-major
+for readability:
 
 * the forward scan saves the activated gates ``a = [i, f, g, o]`` ``[4H, B]``
   and ``c`` per step;
@@ -130,12 +131,20 @@ def _gate_grads(a, dc, c_prev, do):
                             do * o * (1 - o)], axis=_GATE_AXIS)
 
 
+def _swap(tree):
+    """Batch-major <-> feature-major on the last two axes: ``[..., B, F] <-> [..., F, B]``."""
+    return jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, -1, -2), tree)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, lengths):
-    """Feature-major core: ``xs [T, D, B]``, ``carry0 = (h [R, B], c [H, B])`` in
-    the accumulation dtype. Returns ``(ys [T, R, B], (h, c))``."""
-    carry, ys, _ = _forward(cfg, params, carry0, xs, lengths)
-    return ys, carry
+    """Time-major core: ``xs [T, B, D]``, ``carry0 = (h [B, R], c [B, H])`` in the
+    accumulation dtype. Returns ``(ys [T, B, R], (h, c))``.
+
+    The layout changes to feature-major happen inside, per chunk when
+    checkpointing, so that a checkpointed step keeps no O(T) transposed copies."""
+    carry, ys, _ = _forward(cfg, params, _swap(carry0), _swap(xs), lengths)
+    return _swap(ys), _swap(carry)
 
 
 def _chunked(x, n, k):
@@ -149,11 +158,13 @@ def _pad_time(x, total):
 
 def _fused_fwd(cfg, params, carry0, xs, lengths):
     k = cfg.checkpoint_every
+    carry0 = _swap(carry0)
     if k is None or k >= xs.shape[0]:
+        xs = _swap(xs)
         carry, ys, (acts, cs) = _forward(cfg, params, carry0, xs, lengths)
-        return (ys, carry), (params, carry0, xs, lengths, ys, acts, cs)
+        return (_swap(ys), _swap(carry)), (params, carry0, xs, lengths, ys, acts, cs)
 
-    T, B = xs.shape[0], xs.shape[2]
+    T, B = xs.shape[:2]
     n = -(-T // k)
     if lengths is None and n * k != T:
         lengths = jnp.full((B,), T, jnp.int32)  # mask the padding steps
@@ -166,13 +177,13 @@ def _fused_fwd(cfg, params, carry0, xs, lengths):
 
     def chunk(carry, inp):
         j, x = inp
-        new, ys, _ = scan_masked(no_residuals, carry, x, lengths, unroll=cfg.unroll, t_offset=j * k,
+        new, ys, _ = scan_masked(no_residuals, carry, _swap(x), lengths, unroll=cfg.unroll, t_offset=j * k,
                                  feature_major=True)
-        return new, (ys, carry)
+        return new, (_swap(ys), carry)
 
     carry, (ys_c, starts) = jax.lax.scan(chunk, carry0, (jnp.arange(n, dtype=jnp.int32), xs_c))
     ys = ys_c.reshape((n * k,) + ys_c.shape[2:])[:T]
-    return (ys, carry), (params, starts, xs_c, lengths, None, None, None)
+    return (ys, _swap(carry)), (params, starts, xs_c, lengths, None, None, None)
 
 
 def _cast_like(tree, like):
@@ -183,13 +194,14 @@ def _cast_like(tree, like):
 def _fused_bwd(cfg, res, cotangents):
     dys, dcarry = cotangents
     acc = cfg.acc_dtype
-    dcarry = tuple(d.astype(acc) for d in dcarry)
+    dcarry = _swap(tuple(d.astype(acc) for d in dcarry))
     params, carry0, xs, lengths, ys, acts, cs = res
     if ys is not None:
-        dcarry0, grads, dxs = _backward(cfg, params, carry0, xs, ys, acts, cs, dys, dcarry, lengths)
-        return _cast_like(grads, params), dcarry0, dxs.astype(xs.dtype), None
+        dcarry0, grads, dxs = _backward(cfg, params, carry0, xs, ys, acts, cs, _swap(dys), dcarry, lengths)
+        return _cast_like(grads, params), _swap(dcarry0), _swap(dxs).astype(xs.dtype), None
 
-    # Checkpointed: carry0 holds the state at each chunk start, xs is [n, k, B, D].
+    # Checkpointed: carry0 holds the (feature-major) state at each chunk start,
+    # xs is batch-inner [n, k, B, D].
     starts, xs_c = carry0, xs
     n, k = xs_c.shape[:2]
     T = dys.shape[0]
@@ -199,16 +211,17 @@ def _fused_bwd(cfg, res, cotangents):
     def chunk(carry, inp):
         dcarry, grads = carry
         j, start, x, dy = inp
+        x = _swap(x)
         _, ys, (acts, cs) = _forward(cfg, params, start, x, lengths, t_offset=j * k)
-        dstart, g, dx = _backward(cfg, params, start, x, ys, acts, cs, dy, dcarry, lengths, t_offset=j * k)
+        dstart, g, dx = _backward(cfg, params, start, x, ys, acts, cs, _swap(dy), dcarry, lengths, t_offset=j * k)
         grads = jax.tree_util.tree_map(jnp.add, grads, g)
-        return (dstart, grads), dx
+        return (dstart, grads), _swap(dx)
 
     (dcarry0, grads), dxs_c = jax.lax.scan(
         chunk, (dcarry, zero_grads), (jnp.arange(n, dtype=jnp.int32), starts, xs_c, dys_c), reverse=True
     )
     dxs = dxs_c.reshape((n * k,) + dxs_c.shape[2:])[:T]
-    return _cast_like(grads, params), dcarry0, dxs.astype(xs.dtype), None
+    return _cast_like(grads, params), _swap(dcarry0), dxs.astype(xs.dtype), None
 
 
 fused_lstm.defvjp(_fused_fwd, _fused_bwd)

@@ -378,9 +378,8 @@ def lstm(
 
         cfg = FusedConfig(unroll, checkpoint_every, mm.name, acc.name)
 
-        @feature_major_core
-        def core(xs, carry, lengths):
-            return fused_lstm(cfg, params, carry, xs, lengths)
+        def core(xs_tm, carry, lengths):
+            return fused_lstm(cfg, params, carry, xs_tm, lengths)
 
     else:
 
