@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from .gates import activation_derivative, split_gates
 from .params import LSTMParams
-from .recurrence import dot, lstm_step, scan_masked, time_mask
+from .recurrence import dot, lstm_step, scan_masked, swap_feature_axis as _swap, time_mask
 
 # Every array below is feature-major: ``[F, B]`` per step, ``[T, F, B]`` stacked.
 _GATE_AXIS = -2
@@ -129,11 +129,6 @@ def _gate_grads(a, dc, c_prev, do):
     i, f, g, o = split_gates(a, _GATE_AXIS)
     return jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
                             do * o * (1 - o)], axis=_GATE_AXIS)
-
-
-def _swap(tree):
-    """Batch-major <-> feature-major on the last two axes: ``[..., B, F] <-> [..., F, B]``."""
-    return jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, -1, -2), tree)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

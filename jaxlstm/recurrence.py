@@ -187,11 +187,16 @@ def reverse_sequences(xs: Array, seq_lengths: Optional[Array], *, time_major: bo
     return _from_time_major(x, batch_shape, time_major)
 
 
+def swap_feature_axis(tree):
+    """Batch-major <-> feature-major on the last two axes: ``[..., B, F] <-> [..., F, B]``."""
+    return jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, -1, -2), tree)
+
+
 def feature_major_core(core_fm: Callable) -> Callable:
     """Adapts ``core_fm(xs [T, D, B], carry [F, B], lengths)`` to the time-major
     ``core`` of :func:`apply_sequence`. The transposes are fused by XLA with the
     batch↔time-major ones around them."""
-    flip = lambda tree: jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, -1, -2), tree)
+    flip = swap_feature_axis
 
     def core(xs_tm, carry, lengths):
         ys, carry = core_fm(flip(xs_tm), flip(carry), lengths)
