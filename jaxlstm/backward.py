@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from .gates import activation_derivative, split_gates
+from .gates import split_gates
 from .params import LSTMParams
 from .recurrence import dot, lstm_step, scan_masked, swap_feature_axis as _swap, time_mask
 
@@ -125,7 +125,13 @@ def _backward(cfg: FusedConfig, params, carry0, xs, ys, acts, cs, dys, dcarry, l
 
 
 def _gate_grads(a, dc, c_prev, do):
-    """``dz = [dc∗g, dc∗c(t-1), dc∗i, do] ∗ act'(a)`` ``[4H, B]``."""
+    """``dz = [dc∗g, dc∗c(t-1), dc∗i, do] ∗ act'(a)`` ``[4H, B]``.
+
+    Feature-major, the gate blocks are contiguous rows and a concatenate fuses
+    into one loop (a select over a gate axis, as batch-major needed, was split
+    into two fusions by XLA:CPU and measured 1.4x slower in the backward). The
+    derivatives are :func:`jaxlstm.gates.activation_derivative` written per block:
+    multiplying the concatenate by it measured 3–5 % slower."""
     i, f, g, o = split_gates(a, _GATE_AXIS)
     return jnp.concatenate([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
                             do * o * (1 - o)], axis=_GATE_AXIS)
