@@ -11,7 +11,9 @@ several ways, against ``flax.linen.RNN(OptimizedLSTMCell)`` in the same process:
 * ``inloop``:     ``x_t @ w_ih + h @ w_hh + b`` inside the body (four activations);
 * ``inloop-act``: in-loop, one fused activation over ``[B, 4H]``;
 * ``fm-inloop-act``: the same feature-major: ``h [H, B]``, ``z = w_ihᵀ·x + w_hhᵀ·h + b``
-                  ``[4H, B]``, gates as contiguous row blocks (what jaxlstm does);
+                  ``[4H, B]``, gates as contiguous row blocks;
+* ``fm-inloop-cat``: feature-major with one dot, ``z = [w_ih; w_hh]ᵀ·[x; h] + b``
+                  (what jaxlstm does);
 * ``fm-hoist``:   feature-major with ``w_ihᵀ·X + b`` for all steps as one GEMM
                   into ``[4H, T, B]``, the body reading its ``[4H, B]`` slice;
 each with ``unroll`` 1 and 8. Also the fused backward with its reverse scan
@@ -93,6 +95,13 @@ def variants(p, B, T, D, H):
         ys = jax.lax.scan(body, zeros_fm, jnp.transpose(xs, (1, 2, 0)), unroll=unroll)[1]
         return jnp.transpose(ys, (0, 2, 1))
 
+    w_in_t = jnp.concatenate([p.w_ih, p.w_hh], axis=0).T
+
+    def fm_inloop_cat(xs, unroll):
+        body = lambda carry, x: fm_cell(carry, w_in_t @ jnp.concatenate([x, carry[0]], axis=0) + b_col)
+        ys = jax.lax.scan(body, zeros_fm, jnp.transpose(xs, (1, 2, 0)), unroll=unroll)[1]
+        return jnp.transpose(ys, (0, 2, 1))
+
     def fm_hoist(xs, unroll):
         zx = (w_ih_t @ jnp.transpose(xs, (2, 1, 0)).reshape(D, T * B) + b_col).reshape(4 * H, T, B)
 
@@ -103,7 +112,7 @@ def variants(p, B, T, D, H):
         return jnp.transpose(ys, (0, 2, 1))
 
     return {"hoist-4H": hoist_4h, "hoist-gate": hoist_gate, "inloop": inloop, "inloop-act": inloop_act,
-            "fm-inloop-act": fm_inloop_act, "fm-hoist": fm_hoist}
+            "fm-inloop-act": fm_inloop_act, "fm-inloop-cat": fm_inloop_cat, "fm-hoist": fm_hoist}
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ What lives here:
 
 Layout: the scan runs time-major with the batch dims flattened. The LSTM scans
 are feature-major: each step sees ``x [D, B]`` and carries ``h [R, B]``,
-``c [H, B]``, so the step computes ``z = w_ihᵀ·x + w_hhᵀ·h + b`` as ``[4H, B]``:
+``c [H, B]``, so the step computes ``z = [w_ih; w_hh]ᵀ·[x; h] + b`` as ``[4H, B]``:
 its four gate blocks are contiguous rows, and XLA:CPU ran the ``[4H, H]·[H, B]``
 dot 1.3–1.4x faster than ``[B, H]·[H, 4H]`` inside a while loop. The input
 projection is computed inside the step together with the recurrent one: on
@@ -247,24 +247,29 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
     ``carry = (h, c)`` in ``acc_dtype``; the activated gates ``a [B, 4H]`` and
     ``c`` are what the fused backward needs from each step. With
     ``feature_major`` every array is transposed: ``x [D, B]``, ``h [R, B]``,
-    ``c [H, B]``, ``z = w_ihᵀ·x + w_hhᵀ·h + b`` and ``a [4H, B]``.
+    ``c [H, B]``, ``a [4H, B]``, and the two input dots are one,
+    ``z = [w_ih; w_hh]ᵀ·[x; h] + b``: against two dots it measured 1.00–1.13x
+    as fast in training and 0.93–1.13x in the forward (slower only at T=1024).
     """
     if feature_major:
         # Transposed here, outside the scan body: a transpose inside it is folded
         # into the dot as a transposed operand, which XLA:CPU runs ~3x slower.
-        params = jax.tree_util.tree_map(lambda w: w.T if w.ndim == 2 else w[:, None], params)
-        mm = lambda w, a: dot(w, a, mm_dtype, acc_dtype)
-        bias = lambda z: z + params.b.astype(z.dtype)
+        w_in = jnp.concatenate([params.w_ih, params.w_hh], axis=0).astype(mm_dtype).T
+        w_hr = None if params.w_hr is None else params.w_hr.T
+        b = params.b[:, None]
+        pre = lambda x, h: dot(w_in, jnp.concatenate([x.astype(mm_dtype), h.astype(mm_dtype)], axis=0),
+                               mm_dtype, acc_dtype) + b.astype(acc_dtype)
+        proj = lambda m: dot(w_hr, m, mm_dtype, acc_dtype)
     else:
-        mm = lambda w, a: dot(a, w, mm_dtype, acc_dtype)
-        bias = lambda z: add_bias(z, params.b)
+        pre = lambda x, h: add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h, params.w_hh, mm_dtype, acc_dtype),
+                                    params.b)
+        proj = lambda m: dot(m, params.w_hr, mm_dtype, acc_dtype)
     axis = -2 if feature_major else -1
 
     def step(carry, x):
         h, c = carry
-        z = bias(mm(params.w_ih, x) + mm(params.w_hh, h))
-        m, c, a = lstm_pointwise(z, c, axis)
-        h = m if params.w_hr is None else mm(params.w_hr, m)
+        m, c, a = lstm_pointwise(pre(x, h), c, axis)
+        h = m if params.w_hr is None else proj(m)
         return (h, c), h, (a, c)
 
     return step
