@@ -30,15 +30,15 @@ import jax
 import jax.numpy as jnp
 
 import jaxlstm
-from jaxlstm.gates import activate_gates, split_gates
+from jaxlstm.gates import cell_update, hidden_output, lstm_pointwise, split_gates
 
 from . import _common as C
 
 
 def _cell(h, c, zi, zf, zg, zo):
-    i, f, g, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo)
-    c = f * c + i * g
-    return o * jnp.tanh(c), c
+    """Four separate activations, then jaxlstm's cell update and hidden output."""
+    c = cell_update(jax.nn.sigmoid(zf), c, jax.nn.sigmoid(zi), jnp.tanh(zg))
+    return hidden_output(jax.nn.sigmoid(zo), c), c
 
 
 def variants(p, B, T, D, H):
@@ -74,9 +74,7 @@ def variants(p, B, T, D, H):
 
     def inloop_act(xs, unroll):
         def body(carry, x):
-            i, f, g, o = split_gates(activate_gates(x @ p.w_ih + carry[0] @ p.w_hh + b))
-            c = f * carry[1] + i * g
-            h = o * jnp.tanh(c)
+            h, c, _ = lstm_pointwise(x @ p.w_ih + carry[0] @ p.w_hh + b, carry[1])
             return (h, c), h
 
         return jax.lax.scan(body, zeros, jnp.swapaxes(xs, 0, 1), unroll=unroll)[1]
@@ -85,9 +83,7 @@ def variants(p, B, T, D, H):
     w_ih_t, w_hh_t, b_col = p.w_ih.T, p.w_hh.T, p.b[:, None]
 
     def fm_cell(carry, z):
-        i, f, g, o = split_gates(activate_gates(z, -2), -2)
-        c = f * carry[1] + i * g
-        h = o * jnp.tanh(c)
+        h, c, _ = lstm_pointwise(z, carry[1], axis=-2)
         return (h, c), h
 
     def fm_inloop_act(xs, unroll):

@@ -51,7 +51,7 @@ class FusedConfig(NamedTuple):
     checkpoint_every: Optional[int]
     mm_dtype: str
     acc_dtype: str
-    # Unrolling the reverse scan by 4 measured up to 24% slower on XLA:CPU (benchmarks/layout.py).
+    # Unrolling the reverse scan by 4 measured 11-26% slower on XLA:CPU (benchmarks/layout.py).
     backward_unroll: int = 1
 
 

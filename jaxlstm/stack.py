@@ -114,7 +114,7 @@ def lstm_stack(
         (``checkpoint_every``, ``compute_dtype``, ``backward``).
       fuse_directions: run the two directions of a bidirectional layer as one
         scan, ``vmap`` ped over a direction axis (batched matmuls), instead of two
-        calls. Same numbers; on a 2-core CPU it measured 0.97-1.05x of two calls
+        calls. Same numbers; on a 2-core CPU it measured 0.94-1.09x of two calls
         (``benchmarks/stack.py``), so it is off by default.
 
     Returns:

@@ -63,11 +63,24 @@ def test_fused_vjp_layouts(batch_shape, time_major):
     _assert_grads_close(g, g_ref)
 
 
-@pytest.mark.parametrize("k,proj,lengths", [(2, None, True), (4, 2, False), (T, None, False), (100, None, True)])
-def test_checkpointed_equals_plain(k, proj, lengths):
+@pytest.mark.parametrize("proj,lengths,reverse", [(2, True, True), (None, False, False)])
+def test_autodiff_path_matches_reference(proj, lengths, reverse):
+    """backward="autodiff" runs its own (feature-major) scan: values and gradients against the reference."""
+    params, xs, state, seq_lengths = _inputs(26, (3,), proj, with_state=True, lengths=lengths)
+    v, g = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse, backward="autodiff")
+    v_ref, g_ref = jax.value_and_grad(_ref_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    _assert_grads_close(g, g_ref)
+
+
+@pytest.mark.parametrize("k,proj,lengths,reverse,time_major",
+                         [(2, None, True, False, False), (4, 2, False, False, False), (T, None, False, False, False),
+                          (100, None, True, False, False), (3, 2, True, True, True)])
+def test_checkpointed_equals_plain(k, proj, lengths, reverse, time_major):
     params, xs, state, seq_lengths = _inputs(22, (3,), proj, with_state=True, lengths=lengths)
-    (v, g) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, False, checkpoint_every=k)
-    (v0, g0) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, False)
+    (v, g) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse, time_major,
+                                                          checkpoint_every=k)
+    (v0, g0) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse, time_major)
     np.testing.assert_allclose(v, v0, rtol=1e-6)
     _assert_grads_close(g, g0, rtol=1e-6)
 
