@@ -7,20 +7,17 @@ value given.
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .params import LSTMParams, LSTMState
+
 
 def _shape(x) -> tuple:
     return tuple(np.shape(x))
-
-
-def _dtype(x):
-    return jnp.result_type(x)
 
 
 def float_array(name: str, x) -> None:
@@ -28,6 +25,57 @@ def float_array(name: str, x) -> None:
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, ...), got {x.dtype}")
+
+
+def as_float_array(name: str, x):
+    """:func:`float_array`, and a NumPy array becomes a JAX array in its canonical
+    dtype (float64 NumPy input with x64 off becomes float32 once, here, instead of
+    warning at every cast inside)."""
+    float_array(name, x)
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
+def static_bool(name: str, value) -> bool:
+    """A Python bool that chooses the program (not an array: it cannot be traced)."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a Python bool, got a traced value: under jax.jit pass it as a static argument "
+            f"(jax.jit(fn, static_argnames=({name!r},))) or close over it"
+        )
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def one_of(name: str, value, options: tuple) -> None:
+    if isinstance(value, jax.core.Tracer) or value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def compute_dtype(dtype):
+    """``None`` or a floating dtype."""
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"compute_dtype must be a floating dtype such as jnp.bfloat16, got {dtype!r}") from e
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"compute_dtype must be a floating dtype (float32, bfloat16, ...), got {dt}")
+    return dt
+
+
+def _what(x) -> str:
+    if isinstance(x, (tuple, list)) and x and all(isinstance(e, (tuple, list)) for e in x):
+        return "stack params (params[layer][direction]); pass them to jaxlstm.lstm_stack, or one params[l][d] here"
+    if isinstance(x, dict):
+        return (
+            "a dict; convert flax variables with jaxlstm.convert.from_flax and a PyTorch state_dict with "
+            "jaxlstm.convert.from_torch"
+        )
+    if hasattr(x, "shape"):
+        return f"an array of shape {_shape(x)}; the order is lstm(params, xs)"
+    return type(x).__name__
 
 
 def positive_int(name: str, value) -> int:
@@ -67,6 +115,11 @@ def gated_params(name: str, params, n_gates: int) -> Tuple[int, int]:
 
 def lstm_params(params, name: str = "params") -> Tuple[int, int, int]:
     """Validates ``LSTMParams``; returns ``(D, H, R)``."""
+    if not isinstance(params, LSTMParams):
+        kind = type(params).__name__
+        what = f"{kind} (use the function for that cell)" if kind in ("GRUParams", "RNNParams") else _what(params)
+        raise TypeError(f"{name} must be LSTMParams (see jaxlstm.init_lstm), got {what}")
+    same_dtype(name, params)
     D, H = gated_params(name, params, 4)
     R = params.w_hh.shape[0]
     if params.w_hr is None:
@@ -94,11 +147,26 @@ def sequence(name: str, xs, input_size: int, time_major: bool) -> Tuple[tuple, i
     return tuple(xs.shape[:-2]), xs.shape[-2]
 
 
-def step_input(name: str, x, input_size: int) -> None:
-    """One step's input ``[..., D]``."""
+def same_dtype(name: str, params) -> None:
+    """Every array of a params tuple has one dtype (a mixed set is almost always a mistake)."""
+    dtypes = {f: jnp.dtype(a.dtype) for f, a in params._asdict().items() if hasattr(a, "dtype")}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{f} {d}" for f, d in dtypes.items())
+        raise TypeError(f"{name} must have one dtype throughout (cast with jax.tree.map), got {listed}")
+
+
+def step_input(name: str, x, input_size: int, batch_shape: Optional[tuple] = None) -> None:
+    """One step's input ``[..., D]``; with ``batch_shape`` (the state's), a rank
+    mismatch blames ``x`` (a sequence passed as a step); other batch mismatches
+    are reported on the state."""
     float_array(name, x)
     if x.ndim < 1 or x.shape[-1] != input_size:
         raise ValueError(f"{name} must have shape [..., {input_size}] (the params' input size), got {tuple(x.shape)}")
+    if batch_shape is not None and x.ndim != len(batch_shape) + 1:
+        raise ValueError(
+            f"{name} must have rank {len(batch_shape) + 1}, shape {tuple(batch_shape) + (input_size,)} (the state's "
+            f"batch shape, then features: one step, not a sequence), got {tuple(x.shape)}"
+        )
 
 
 def state_array(name: str, x, expected: tuple) -> None:
@@ -107,12 +175,24 @@ def state_array(name: str, x, expected: tuple) -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {_shape(x)}")
 
 
+def lstm_state(name: str, state, batch_shape: tuple, H: int, R: int) -> None:
+    """``LSTMState(h [*batch_shape, R], c [*batch_shape, H])``."""
+    if not isinstance(state, LSTMState):
+        hint = " (wrap a pair as jaxlstm.LSTMState(h, c): h first; flax cells carry (c, h))" if isinstance(
+            state, tuple
+        ) else ""
+        raise TypeError(f"{name} must be an LSTMState(h, c){hint}, got {type(state).__name__}")
+    state_array(f"{name}.h", state.h, tuple(batch_shape) + (R,))
+    state_array(f"{name}.c", state.c, tuple(batch_shape) + (H,))
+
+
 def seq_lengths(seq_lengths, batch_shape: tuple, T: int):
     """Validates ``seq_lengths [*batch_shape]`` of integers in ``[0, T]`` (checked when concrete)."""
     if seq_lengths is None:
         return None
     if not hasattr(seq_lengths, "dtype"):
-        seq_lengths = np.asarray(seq_lengths)
+        # A list may hold tracers (jit flattens it into scalars): jnp, not np.
+        seq_lengths = jnp.asarray(seq_lengths)
     if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
         raise TypeError(f"seq_lengths must have an integer dtype, got {seq_lengths.dtype}")
     if _shape(seq_lengths) != tuple(batch_shape):
@@ -120,6 +200,7 @@ def seq_lengths(seq_lengths, batch_shape: tuple, T: int):
             f"seq_lengths must have shape {tuple(batch_shape)} (the batch shape of xs), got {_shape(seq_lengths)}"
         )
     if not isinstance(seq_lengths, jax.core.Tracer):
+        # Concrete: checked here (traced values are clipped by the engine).
         values = np.asarray(seq_lengths)
         if values.size and (values.min() < 0 or values.max() > T):
             raise ValueError(
@@ -128,6 +209,3 @@ def seq_lengths(seq_lengths, batch_shape: tuple, T: int):
             )
     return seq_lengths
 
-
-def batch_size(batch_shape: Sequence[int]) -> int:
-    return math.prod(batch_shape)

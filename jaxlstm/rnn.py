@@ -1,7 +1,7 @@
 """Vanilla (Elman) RNN and GRU on the same engine as the LSTM.
 
-Both go through :func:`jaxlstm.recurrence.apply_sequence` and
-:func:`jaxlstm.recurrence.scan_masked`, so ``seq_lengths``, ``reverse``,
+Both go through the engine's ``apply_sequence`` and ``scan_masked``
+(:mod:`jaxlstm._engine`), so ``seq_lengths``, ``reverse``,
 ``time_major``, leading batch dims and the argument checks behave exactly as in
 :func:`jaxlstm.lstm`. Their gradients are plain JAX autodiff (no fused VJP).
 
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from . import _checks
 from .params import _check_size, kernel_init, recurrent_init
-from .recurrence import accum_dtype, add_bias, apply_sequence, dot, matmul_dtype, scan_masked
+from ._engine import accum_dtype, add_bias, apply_sequence, dot, matmul_dtype, scan_masked
 
 
 class RNNParams(NamedTuple):

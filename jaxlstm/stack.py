@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from . import _checks
 from .params import LSTMParams, LSTMState, init_lstm, stack_layout
-from .recurrence import lstm, reverse_sequences
+from ._engine import reverse_sequences
+from .recurrence import lstm
 
 StackParams = Tuple[Tuple[LSTMParams, ...], ...]
 
@@ -142,7 +143,7 @@ def lstm_stack(
             s0 = LSTMState(initial_state.h[l * dirs:(l + 1) * dirs], initial_state.c[l * dirs:(l + 1) * dirs])
         if dirs == 2 and fuse_directions:
             outs, s = _both_directions(run, layer, xs, s0, seq_lengths, time_major,
-                                       forward_mode=lstm_kwargs.get("backward") == "autodiff")
+                                       supports_jvp=lstm_kwargs.get("backward") == "autodiff")
         else:
             outs, states = [], []
             for d, p in enumerate(layer):
@@ -160,14 +161,14 @@ def lstm_stack(
     return xs, LSTMState(jnp.concatenate(hs), jnp.concatenate(cs))
 
 
-def _both_directions(run, layer, xs, s0, seq_lengths, time_major, forward_mode):
+def _both_directions(run, layer, xs, s0, seq_lengths, time_major, supports_jvp):
     """Both directions in one scan: the backward direction reads the per-sequence
     reversed input forwards, and ``vmap`` stacks the two along a direction axis."""
     p2 = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), layer[0], layer[1])
-    flip = lambda a: reverse_sequences(a, seq_lengths, time_major=time_major, forward_mode=forward_mode)
-    x2 = jnp.stack([xs, flip(xs)])
+    rev = lambda a: reverse_sequences(a, seq_lengths, time_major=time_major, supports_jvp=supports_jvp)
+    x2 = jnp.stack([xs, rev(xs)])
     if s0 is None:
         ys2, s = jax.vmap(lambda p, x: run(p, x, None, False))(p2, x2)
     else:
         ys2, s = jax.vmap(lambda p, x, st: run(p, x, st, False))(p2, x2, s0)
-    return [ys2[0], flip(ys2[1])], s
+    return [ys2[0], rev(ys2[1])], s

@@ -86,7 +86,7 @@ def test_non_positive_hidden_size(bad):
 def test_other_options(params, xs):
     with pytest.raises(ValueError, match=r"proj_size must be smaller than hidden_size=4"):
         jaxlstm.init_lstm(jax.random.key(0), D, H, proj_size=4)
-    with pytest.raises(ValueError, match=r"backward must be 'fused' or 'autodiff'"):
+    with pytest.raises(ValueError, match=r"backward must be one of \('fused', 'autodiff'\)"):
         jaxlstm.lstm(params, xs, backward="xla")
     with pytest.raises(ValueError, match=r"checkpoint_every must be a positive int"):
         jaxlstm.lstm(params, xs, checkpoint_every=0)

@@ -46,7 +46,7 @@ def test_activation_and_its_derivative():
 
 def test_feature_major_step_is_the_transposed_step():
     """The scans' feature-major step (gate axis -2) is the batch-major step transposed."""
-    from jaxlstm.recurrence import lstm_step
+    from jaxlstm._step import lstm_step
 
     k = jax.random.split(jax.random.key(1), 5)
     D, H, P, B = 3, 4, 2, 5

@@ -1,0 +1,247 @@
+"""The recurrence engine: it knows scans, layouts, masking and reversal, and no cell.
+
+Every recurrent layer (LSTM, GRU, Elman RNN) runs through :func:`apply_sequence`
+with its own ``core``; the core usually calls :func:`scan_masked` with its step.
+
+Words used here with one meaning each:
+
+* *reverse*: read a sequence in reverse time order (``reverse=True``); padding
+  never enters, so only each sequence's valid prefix is reversed
+  (:func:`reverse_time`).
+* *transpose*: swap the batch and feature axes of a step, batch-major
+  ``[B, F]`` <-> feature-major ``[F, B]`` (:func:`transpose_features`).
+* *time-major*: ``[T, B, F]``, the layout every scan runs in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------
+# dtypes and dots
+
+
+def _canonical(dtype) -> jnp.dtype:
+    # float64 is float32 with x64 off: never ask JAX for a dtype it would warn about.
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def accum_dtype(*dtypes) -> jnp.dtype:
+    """float32, or float64 where an input is float64 (x64 mode)."""
+    wide = any(_canonical(d) == jnp.float64 for d in dtypes)
+    return jnp.dtype(jnp.float64) if wide else jnp.dtype(jnp.float32)
+
+
+def matmul_dtype(compute_dtype, *dtypes) -> jnp.dtype:
+    """The matmul operand dtype: ``compute_dtype`` if given, else the widest input dtype."""
+    if compute_dtype is not None:
+        return _canonical(compute_dtype)
+    return max((_canonical(d) for d in dtypes), key=lambda d: (d.itemsize, d == jnp.float32))
+
+
+def add_bias(z: Array, b: Array) -> Array:
+    """``z [..., F] + b [F]`` with the broadcast spelled out (strict rank promotion)."""
+    return z + b.astype(z.dtype).reshape((1,) * (z.ndim - 1) + b.shape)
+
+
+def dot(a: Array, w: Array, mm_dtype, acc_dtype) -> Array:
+    """``a @ w`` with operands in ``mm_dtype`` and accumulation in ``acc_dtype``."""
+    return jnp.matmul(a.astype(mm_dtype), w.astype(mm_dtype), preferred_element_type=acc_dtype)
+
+
+def transpose_features(tree):
+    """Batch-major <-> feature-major on the last two axes: ``[..., B, F] <-> [..., F, B]``."""
+    return jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, -1, -2), tree)
+
+
+# ----------------------------------------------------------------------------
+# masking and the scan
+
+
+def valid_steps(t, lengths: Optional[Array], feature_major: bool = False) -> Optional[Array]:
+    """``[B, 1]`` (``[1, B]`` if ``feature_major``) boolean: is step ``t`` inside each
+    sequence. ``None`` without lengths (every step is valid)."""
+    if lengths is None:
+        return None
+    valid = t < lengths
+    return valid[None, :] if feature_major else valid[:, None]
+
+
+def where_valid(valid: Optional[Array], new, old):
+    """``new`` where the step is valid, else ``old`` (a pytree, or a scalar ``old``)."""
+    if valid is None:
+        return new
+    if not isinstance(old, (tuple, list)) and not hasattr(old, "shape"):
+        return jnp.where(valid, new, jnp.asarray(old, new.dtype))
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
+
+
+def scan_masked(
+    step: Callable,
+    carry0,
+    xs,
+    lengths: Optional[Array],
+    *,
+    unroll: int = 1,
+    t_offset=0,
+    feature_major: bool = False,
+):
+    """Scans ``step(carry, x) -> (carry, y, aux)`` over the leading axis of ``xs``.
+
+    With ``lengths [B]``, steps with ``t_offset + t >= lengths`` keep the carry and
+    emit ``y = 0``; ``aux`` (residuals for a backward pass) is returned unmasked.
+    ``y`` and ``aux`` may be ``None``. Carries and ``y`` are ``[B, F]``, or
+    ``[F, B]`` with ``feature_major``.
+
+    Returns:
+      ``(final_carry, ys, auxs)``.
+    """
+    T = jax.tree_util.tree_leaves(xs)[0].shape[0]
+
+    # Without lengths the scan reads no step index (one dynamic slice less per step).
+    def body(carry, inp):
+        t, x = inp if lengths is not None else (None, inp)
+        new, y, aux = step(carry, x)
+        valid = None if t is None else valid_steps(t_offset + t, lengths, feature_major)
+        new = where_valid(valid, new, carry)
+        if y is not None:
+            y = where_valid(valid, y, 0)
+        return new, (y, aux)
+
+    inputs = xs if lengths is None else (jnp.arange(T, dtype=jnp.int32), xs)
+    carry, (ys, aux) = jax.lax.scan(body, carry0, inputs, unroll=unroll)
+    return carry, ys, aux
+
+
+# ----------------------------------------------------------------------------
+# reversal
+
+
+def _reversed_index(T: int, lengths: Array) -> Array:
+    t = jnp.arange(T, dtype=lengths.dtype)[:, None]
+    return jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+
+
+def _reverse_prefix(xs: Array, lengths: Array) -> Array:
+    idx = _reversed_index(xs.shape[0], lengths)
+    return xs[idx, jnp.arange(xs.shape[1])[None, :]]
+
+
+@jax.custom_vjp
+def _reverse_prefix_gather_vjp(xs: Array, lengths: Array) -> Array:
+    return _reverse_prefix(xs, lengths)
+
+
+def _reverse_prefix_fwd(xs, lengths):
+    return _reverse_prefix(xs, lengths), lengths
+
+
+def _reverse_prefix_bwd(lengths, g):
+    # A permutation that is its own inverse is its own transpose: a gather, not
+    # the scatter-add that autodiff of a gather gives.
+    return _reverse_prefix(g, lengths), None
+
+
+_reverse_prefix_gather_vjp.defvjp(_reverse_prefix_fwd, _reverse_prefix_bwd)
+
+
+def reverse_time(xs: Array, lengths: Optional[Array], *, supports_jvp: bool = True) -> Array:
+    """Reverses each sequence's valid prefix of time-major ``xs [T, B, ...]``:
+    ``out[t, b] = xs[len_b - 1 - t, b]`` for ``t < len_b``; padded steps stay in
+    place. Its own inverse.
+
+    ``supports_jvp=False`` uses a ``custom_vjp`` whose VJP is a gather (cheaper
+    than autodiff's scatter-add) at the price of forward-mode AD."""
+    if lengths is None:
+        return jnp.flip(xs, axis=0)
+    return _reverse_prefix(xs, lengths) if supports_jvp else _reverse_prefix_gather_vjp(xs, lengths)
+
+
+# ----------------------------------------------------------------------------
+# layouts
+
+
+def batch_size(batch_shape) -> int:
+    return math.prod(batch_shape)
+
+
+def to_time_major(xs: Array, batch_shape: tuple, time_major: bool) -> Array:
+    """``[..., T, F]`` (or ``[T, ..., F]``) -> ``[T, B, F]`` with the batch dims flattened."""
+    x = xs if time_major else jnp.moveaxis(xs, -2, 0)
+    return x.reshape((x.shape[0], batch_size(batch_shape), xs.shape[-1]))
+
+
+def from_time_major(ys_tm: Array, batch_shape: tuple, time_major: bool) -> Array:
+    """Inverse of :func:`to_time_major`."""
+    ys = ys_tm.reshape((ys_tm.shape[0],) + tuple(batch_shape) + ys_tm.shape[2:])
+    return ys if time_major else jnp.moveaxis(ys, 0, -2)
+
+
+def flat_lengths(seq_lengths: Optional[Array], batch_shape: tuple, T: int) -> Optional[Array]:
+    """``seq_lengths [*batch_shape]`` -> int32 ``[B]`` clipped to ``[0, T]`` (or ``None``)."""
+    if seq_lengths is None:
+        return None
+    return jnp.clip(jnp.asarray(seq_lengths).reshape((batch_size(batch_shape),)).astype(jnp.int32), 0, T)
+
+
+def reverse_sequences(
+    xs: Array, seq_lengths: Optional[Array], *, time_major: bool = False, supports_jvp: bool = True
+) -> Array:
+    """:func:`reverse_time` on ``xs [..., T, F]`` (``[T, ..., F]`` if ``time_major``)."""
+    if seq_lengths is None:
+        return jnp.flip(xs, axis=0 if time_major else -2)
+    batch_shape = xs.shape[1:-1] if time_major else xs.shape[:-2]
+    x = to_time_major(xs, batch_shape, time_major)
+    x = reverse_time(x, flat_lengths(seq_lengths, batch_shape, x.shape[0]), supports_jvp=supports_jvp)
+    return from_time_major(x, batch_shape, time_major)
+
+
+def feature_major_core(core_fm: Callable) -> Callable:
+    """Adapts ``core_fm(xs [T, D, B], carry [F, B], lengths)`` to the time-major
+    ``core`` of :func:`apply_sequence`. XLA fuses the transposes with the
+    batch <-> time-major ones around them."""
+
+    def core(xs_tm, carry, lengths):
+        ys, carry = core_fm(transpose_features(xs_tm), transpose_features(carry), lengths)
+        return transpose_features(ys), transpose_features(carry)
+
+    return core
+
+
+def apply_sequence(
+    core: Callable,
+    xs: Array,
+    carry0,
+    batch_shape: tuple,
+    *,
+    seq_lengths: Optional[Array],
+    reverse: bool,
+    time_major: bool,
+    supports_jvp: bool = True,
+):
+    """Runs ``core(xs_tm [T, B, D], carry [B, ...], lengths [B] | None) -> (ys_tm, carry)``
+    on ``xs`` of any layout; ``carry0`` leaves are ``[*batch_shape, F]``.
+
+    ``supports_jvp=False`` lets the reversal use a cheaper VJP that has no JVP;
+    pass it only when ``core`` is itself reverse-mode only.
+
+    Returns ``(ys, final_carry)`` in the layout of ``xs`` and ``carry0``.
+    """
+    xs_tm = to_time_major(xs, batch_shape, time_major)
+    B = xs_tm.shape[1]
+    carry = jax.tree_util.tree_map(lambda a: a.reshape((B,) + a.shape[len(batch_shape) :]), carry0)
+    lengths = flat_lengths(seq_lengths, batch_shape, xs_tm.shape[0])
+    if reverse:
+        xs_tm = reverse_time(xs_tm, lengths, supports_jvp=supports_jvp)
+    ys_tm, carry = core(xs_tm, carry, lengths)
+    if reverse:
+        ys_tm = reverse_time(ys_tm, lengths, supports_jvp=supports_jvp)
+    carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)
+    return from_time_major(ys_tm, batch_shape, time_major), carry

@@ -1,0 +1,225 @@
+"""The training fast path: a ``custom_vjp`` over a whole LSTM sequence.
+
+:func:`fused_lstm` is the time-major core ``xs [T, B, D]`` that
+:func:`jaxlstm.lstm` runs by default. Inside, both scans run feature-major
+(``[F, B]`` per step, see :mod:`jaxlstm._step`).
+
+* The forward pass saves the activated gates ``a [4H, B]`` and ``c`` of every
+  step (:class:`Saved`), or, with ``checkpoint_every=k``, only the state at each
+  chunk start (:class:`Checkpoints`): stored activations O(T/k + k).
+* The backward pass is a reverse ``lax.scan`` that carries ``(dh, dc)`` and
+  applies :func:`jaxlstm._step.lstm_step_vjp` per step, writing ``dz`` into a
+  ``[4H, T, B]`` buffer. After the loop ``dW_ih = Xᵀ·dZ``, ``dW_hh = H_prevᵀ·dZ``,
+  ``db = ΣdZ``, ``dX = dZ·W_ihᵀ`` (and ``dW_hr = Mᵀ·dH``) are each one GEMM over
+  all T·B columns, where autodiff of a scan leaves T small GEMMs in the loop.
+  Checkpointed, it recomputes one chunk at a time and sums the weight gradients.
+
+Steps past a sequence's length pass ``(dh, dc)`` through and contribute nothing,
+mirroring the forward's masking. A ``custom_vjp`` has no forward-mode AD;
+``lstm(..., backward="autodiff")`` is the path for ``jax.jvp``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._engine import dot, scan_masked, transpose_features as _t, valid_steps, where_valid
+from ._step import GATE_AXIS_FM, lstm_step, lstm_step_vjp
+from .gates import split_gates
+from .params import LSTMParams
+
+
+class FusedConfig(NamedTuple):
+    """Static settings of :func:`fused_lstm` (hashable: it is a ``nondiff_argnum``)."""
+
+    mm_dtype: np.dtype
+    acc_dtype: np.dtype
+    unroll: int = 1
+    checkpoint_every: Optional[int] = None
+    # 1: unrolling the reverse scan measured slower (python -m benchmarks.layout).
+    backward_unroll: int = 1
+
+
+class Segment(NamedTuple):
+    """A run of consecutive steps, feature-major: the state entering it
+    ``(h [R, B], c [H, B])`` and its inputs ``xs [T, D, B]``."""
+
+    carry0: tuple
+    xs: jax.Array
+
+
+class Saved(NamedTuple):
+    """Residuals without checkpointing: every step's output and gates."""
+
+    params: LSTMParams
+    segment: Segment
+    lengths: Optional[jax.Array]
+    ys: jax.Array  # [T, R, B]
+    acts: jax.Array  # [T, 4H, B]
+    cs: jax.Array  # [T, H, B]
+
+
+class Checkpoints(NamedTuple):
+    """Residuals with checkpointing: the state at each of the ``n`` chunk starts
+    ``(h [n, R, B], c [n, H, B])`` and the inputs in chunks ``[n, k, B, D]``."""
+
+    params: LSTMParams
+    starts: tuple
+    xs_chunks: jax.Array
+    lengths: Optional[jax.Array]
+
+
+def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: bool = True):
+    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True)
+    if not save:
+        inner = step
+
+        def step(carry, x):
+            carry, y, _ = inner(carry, x)
+            return carry, y, None
+
+    return scan_masked(step, seg.carry0, seg.xs, lengths, unroll=cfg.unroll, t_offset=t_offset, feature_major=True)
+
+
+def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
+    """``[first, seq[0], ..., seq[T-2]]``: the value entering each step."""
+    if seq.shape[0] == 0:
+        return seq
+    return jnp.concatenate([first[None], seq[:-1]], axis=0)
+
+
+def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, dys, dcarry, lengths, t_offset=0):
+    """Backward pass over one segment, given its saved ``(ys, acts, cs)`` and the
+    cotangents ``dys [T, R, B]`` and ``dcarry``. Returns ``(dcarry0, grads, dxs [T, D, B])``."""
+    mm, acc = cfg.mm_dtype, cfg.acc_dtype
+    ys, acts, cs = saved
+    T, D, B = seg.xs.shape
+    proj = params.w_hr is not None
+    c_prev = _shift(seg.carry0[1], cs)
+
+    def body(carry, inp):
+        (dh, dc), bufs = carry
+        t, dy, a, c, cp = inp
+        valid = valid_steps(t_offset + t, lengths, feature_major=True)
+        dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
+        g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_tot, dc, mm, acc)
+        dz = where_valid(valid, g.dz, 0)
+        dcarry = where_valid(valid, (g.dh_prev, g.dc_prev), (dh, dc))
+        # Written straight into [F, T, B] buffers, whose [F, T*B] views feed the
+        # GEMMs below without a transpose of the whole stack.
+        outs = (dz, where_valid(valid, dh_tot, 0)) if proj else (dz,)
+        bufs = tuple(
+            jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), t, axis=1) for b, v in zip(bufs, outs)
+        )
+        return (dcarry, bufs), None
+
+    widths = [params.w_hh.shape[1]] + ([params.w_hr.shape[1]] if proj else [])
+    bufs = tuple(jnp.zeros((n, T, B), acc) for n in widths)
+    ts = jnp.arange(T, dtype=jnp.int32)
+    (dcarry0, bufs), _ = jax.lax.scan(
+        body, (dcarry, bufs), (ts, dys, acts, cs, c_prev), reverse=True, unroll=cfg.backward_unroll
+    )
+
+    # The weight gradients: one GEMM each over all T*B columns, on [F, T*B] views.
+    def cols(a):
+        return jnp.swapaxes(a, 0, 1).reshape((a.shape[1], -1)).astype(mm)
+
+    def gemm(a, b):
+        return jnp.matmul(a, b.T, preferred_element_type=acc)
+
+    dz2 = bufs[0].reshape((bufs[0].shape[0], -1)).astype(mm)
+    h_prev = _shift(seg.carry0[0], ys.astype(acc))
+    d_w_hr = None
+    if proj:
+        m = split_gates(acts, GATE_AXIS_FM)[3] * jnp.tanh(cs)
+        d_w_hr = gemm(cols(m), bufs[1].reshape((bufs[1].shape[0], -1)).astype(mm))
+    grads = LSTMParams(gemm(cols(seg.xs), dz2), gemm(cols(h_prev), dz2), bufs[0].sum(axis=(1, 2)), d_w_hr)
+    dxs = jnp.swapaxes(dot(params.w_ih, dz2, mm, acc).reshape((D, T, B)), 0, 1)
+    return dcarry0, grads, dxs
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, lengths):
+    """Time-major core: ``xs [T, B, D]``, ``carry0 = (h [B, R], c [B, H])`` in the
+    accumulation dtype. Returns ``(ys [T, B, R], (h, c))``.
+
+    The layout changes to feature-major happen inside, per chunk when
+    checkpointing, so that a checkpointed step keeps no O(T) transposed copies."""
+    carry, ys, _ = _forward(cfg, params, Segment(_t(carry0), _t(xs)), lengths, save=False)
+    return _t(ys), _t(carry)
+
+
+def _chunked(x, n, k):
+    return x.reshape((n, k) + x.shape[1:])
+
+
+def _pad_time(x, total):
+    pad = total - x.shape[0]
+    return x if pad == 0 else jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+
+
+def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, lengths):
+    k = cfg.checkpoint_every
+    T, B = xs.shape[:2]
+    if k is None or k >= T:
+        seg = Segment(_t(carry0), _t(xs))
+        carry, ys, (acts, cs) = _forward(cfg, params, seg, lengths)
+        return (_t(ys), _t(carry)), Saved(params, seg, lengths, ys, acts, cs)
+
+    n = -(-T // k)
+    if lengths is None and n * k != T:
+        lengths = jnp.full((B,), T, jnp.int32)  # mask the padding steps
+    xs_c = _chunked(_pad_time(xs, n * k), n, k)
+
+    def chunk(carry, inp):
+        j, x = inp
+        new, ys, _ = _forward(cfg, params, Segment(carry, _t(x)), lengths, t_offset=j * k, save=False)
+        return new, (_t(ys), carry)
+
+    carry, (ys_c, starts) = jax.lax.scan(chunk, _t(carry0), (jnp.arange(n, dtype=jnp.int32), xs_c))
+    ys = ys_c.reshape((n * k,) + ys_c.shape[2:])[:T]
+    return (ys, _t(carry)), Checkpoints(params, starts, xs_c, lengths)
+
+
+def _cast_like(tree, like):
+    return jax.tree_util.tree_map(
+        lambda g, p: None if p is None else g.astype(p.dtype), tree, like, is_leaf=lambda x: x is None
+    )
+
+
+def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
+    dys, dcarry = cotangents
+    acc = cfg.acc_dtype
+    dcarry = _t(tuple(d.astype(acc) for d in dcarry))
+    params = res.params
+    if isinstance(res, Saved):
+        dcarry0, grads, dxs = _backward(
+            cfg, params, res.segment, (res.ys, res.acts, res.cs), _t(dys), dcarry, res.lengths
+        )
+        return _cast_like(grads, params), _t(dcarry0), _t(dxs).astype(res.segment.xs.dtype), None
+
+    n, k = res.xs_chunks.shape[:2]
+    T = dys.shape[0]
+    dys_c = _chunked(_pad_time(dys, n * k), n, k)
+    zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
+
+    def chunk(carry, inp):
+        dcarry, grads = carry
+        j, start, x, dy = inp
+        seg = Segment(start, _t(x))
+        _, ys, (acts, cs) = _forward(cfg, params, seg, res.lengths, t_offset=j * k)
+        dstart, g, dx = _backward(cfg, params, seg, (ys, acts, cs), _t(dy), dcarry, res.lengths, t_offset=j * k)
+        return (dstart, jax.tree_util.tree_map(jnp.add, grads, g)), _t(dx)
+
+    ins = (jnp.arange(n, dtype=jnp.int32), res.starts, res.xs_chunks, dys_c)
+    (dcarry0, grads), dxs_c = jax.lax.scan(chunk, (dcarry, zero_grads), ins, reverse=True)
+    dxs = dxs_c.reshape((n * k,) + dxs_c.shape[2:])[:T]
+    return _cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None
+
+
+fused_lstm.defvjp(_fused_forward_pass, _fused_backward_pass)

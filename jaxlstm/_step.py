@@ -1,0 +1,131 @@
+"""One LSTM step and its pure VJP: what the sequence paths scan.
+
+:func:`lstm_step` builds the forward step ``(carry, x) -> (carry, h, (a, c))``,
+batch-major (``[B, F]`` per step, the maths as written) or feature-major
+(``[F, B]``, what the sequence scans use: the gate blocks are contiguous rows
+and the step is one dot ``z = [w_ih; w_hh]ᵀ·[x; h] + b``; the choice and its
+evidence: ``python -m benchmarks.layout``).
+
+:func:`lstm_step_vjp` is the backward of one feature-major step, in terms of
+what the forward saved (the activated gates ``a`` and the cell states): with
+``m = o ∗ tanh(c)`` and ``h = m`` (or ``m @ w_hr`` with a projection)::
+
+    dm  = dh                                  (w_hr · dh with a projection)
+    dc  = dc + dm ∗ o ∗ (1 - tanh²c)
+    dz  = [dc∗g, dc∗c(t-1), dc∗i, dm∗tanh(c)] ∗ [i(1-i), f(1-f), 1-g², o(1-o)]
+    dh(t-1) = w_hh · dz,   dc(t-1) = dc ∗ f
+
+The weight and input gradients of a step follow from ``dz`` (``dW_ih = x·dzᵀ``,
+``dW_hh = h(t-1)·dzᵀ``, ``db = Σ dz``, ``dx = w_ih·dz``, ``dW_hr = m·dhᵀ``);
+:mod:`jaxlstm._fused` does them once for the whole sequence, as GEMMs.
+``tests/test_step.py`` holds this VJP against ``jax.vjp`` of :func:`lstm_step`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ._engine import add_bias, dot
+from .gates import lstm_pointwise, split_gates
+from .params import LSTMParams
+
+# Feature-major: the gate axis is the row axis of ``[4H, B]``.
+GATE_AXIS_FM = -2
+
+
+def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = False):
+    """The step ``(carry, x) -> (carry, h, (a, c))`` used by every LSTM path.
+
+    ``carry = (h, c)`` in ``acc_dtype``; the activated gates ``a`` ``[B, 4H]``
+    and ``c`` are what the fused backward needs from each step. With
+    ``feature_major`` every array is transposed: ``x [D, B]``, ``h [R, B]``,
+    ``c [H, B]``, ``a [4H, B]``.
+    """
+    if feature_major:
+        # Transposed here, outside any scan body: a transpose inside it is folded
+        # into the dot as a transposed operand, which XLA:CPU runs slower.
+        w_in = jnp.concatenate([params.w_ih, params.w_hh], axis=0).astype(mm_dtype).T
+        w_hr_t = None if params.w_hr is None else params.w_hr.T
+        b = params.b[:, None].astype(acc_dtype)
+
+        def pre(x, h):
+            xh = jnp.concatenate([x.astype(mm_dtype), h.astype(mm_dtype)], axis=0)
+            return dot(w_in, xh, mm_dtype, acc_dtype) + b
+
+        def proj(m):
+            return dot(w_hr_t, m, mm_dtype, acc_dtype)
+
+    else:
+
+        def pre(x, h):
+            z = dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h, params.w_hh, mm_dtype, acc_dtype)
+            return add_bias(z, params.b)
+
+        def proj(m):
+            return dot(m, params.w_hr, mm_dtype, acc_dtype)
+
+    axis = GATE_AXIS_FM if feature_major else -1
+
+    def step(carry, x):
+        h, c = carry
+        m, c, a = lstm_pointwise(pre(x, h), c, axis)
+        h = m if params.w_hr is None else proj(m)
+        return (h, c), h, (a, c)
+
+    return step
+
+
+class StepGrads(NamedTuple):
+    """Cotangents of one feature-major step (see :func:`lstm_step_vjp`)."""
+
+    dz: jax.Array  # pre-activations [4H, B]
+    dh_prev: jax.Array  # h(t-1) [R, B]
+    dc_prev: jax.Array  # c(t-1) [H, B]
+
+
+def gate_grads(a: jax.Array, dc: jax.Array, c_prev: jax.Array, do: jax.Array) -> jax.Array:
+    """``dz = [dc∗g, dc∗c(t-1), dc∗i, do] ∗ act'(a)`` ``[4H, B]``, feature-major.
+
+    The gate blocks are contiguous rows, so one concatenate fuses into one loop;
+    the derivatives are :func:`jaxlstm.gates.activation_derivative` written per
+    block, which XLA:CPU fused better than multiplying by it
+    (``python -m benchmarks.layout``, backward rows)."""
+    i, f, g, o = split_gates(a, GATE_AXIS_FM)
+    return jnp.concatenate(
+        [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), do * o * (1 - o)],
+        axis=GATE_AXIS_FM,
+    )
+
+
+def lstm_step_vjp(
+    w_hh: jax.Array,
+    w_hr: Optional[jax.Array],
+    a: jax.Array,
+    c: jax.Array,
+    c_prev: jax.Array,
+    dh: jax.Array,
+    dc: jax.Array,
+    mm_dtype,
+    acc_dtype,
+) -> StepGrads:
+    """Backward of one feature-major step.
+
+    Args:
+      w_hh: ``[R, 4H]``; w_hr: ``[H, P]`` or ``None``.
+      a: the step's activated gates ``[4H, B]``; c: its new cell ``[H, B]``;
+        c_prev: ``c(t-1)`` ``[H, B]``.
+      dh: cotangent of the step's output ``h`` ``[R, B]`` (from the loss and
+        from step t+1); dc: cotangent of its new cell ``[H, B]``.
+
+    Returns:
+      ``StepGrads(dz, dh_prev, dc_prev)``.
+    """
+    dm = dh if w_hr is None else dot(w_hr, dh, mm_dtype, acc_dtype)
+    f, o = split_gates(a, GATE_AXIS_FM)[1::2]
+    tc = jnp.tanh(c)
+    dc = dc + dm * o * (1 - tc * tc)
+    dz = gate_grads(a, dc, c_prev, dm * tc)
+    return StepGrads(dz, dot(w_hh, dz, mm_dtype, acc_dtype), dc * f)
