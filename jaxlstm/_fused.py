@@ -88,8 +88,6 @@ def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: 
 
 def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
     """``[first, seq[0], ..., seq[T-2]]``: the value entering each step."""
-    if seq.shape[0] == 0:
-        return seq
     return jnp.concatenate([first[None], seq[:-1]], axis=0)
 
 
@@ -99,6 +97,8 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     mm, acc = cfg.mm_dtype, cfg.acc_dtype
     ys, acts, cs = saved
     T, D, B = seg.xs.shape
+    if T == 0:  # no step: the state's cotangent passes straight through
+        return dcarry, jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params), jnp.zeros((0, D, B), acc)
     proj = params.w_hr is not None
     c_prev = _shift(seg.carry0[1], cs)
 

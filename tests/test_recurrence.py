@@ -11,24 +11,7 @@ from hypothesis import given, settings, strategies as st
 import jaxlstm
 from reference import as_dict, lstm_ref
 
-D, H, T = 3, 4, 6
-
-
-def _inputs(seed, batch_shape, proj=None, with_state=False, lengths=False, T=T):
-    k = jax.random.split(jax.random.key(seed), 5)
-    params = jaxlstm.init_lstm(k[0], D, H, proj_size=proj)
-    # Non-trivial biases so that a wrong gate order changes the numbers.
-    params = params._replace(b=jax.random.normal(k[1], params.b.shape))
-    xs = jax.random.normal(k[2], batch_shape + (T, D))
-    R = proj or H
-    state = None
-    if with_state:
-        state = jaxlstm.LSTMState(jax.random.normal(k[3], batch_shape + (R,)), jax.random.normal(k[4], batch_shape + (H,)))
-    seq_lengths = None
-    if lengths:
-        B = int(np.prod(batch_shape))
-        seq_lengths = jnp.asarray((np.arange(B) * 5 + T) % (T + 1), jnp.int32).reshape(batch_shape)  # includes 0 and T
-    return params, xs, state, seq_lengths
+from helpers import D, H, T, lstm_inputs as _inputs
 
 
 def _reference(params, xs, state, seq_lengths, reverse):

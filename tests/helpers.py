@@ -1,0 +1,42 @@
+"""Test helpers shared by the test modules: inputs and tree comparisons."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxlstm
+
+D, H, T = 3, 4, 6
+
+
+def lstm_inputs(seed, batch_shape, proj=None, with_state=False, lengths=False, T=T):
+    k = jax.random.split(jax.random.key(seed), 5)
+    params = jaxlstm.init_lstm(k[0], D, H, proj_size=proj)
+    # Non-trivial biases so that a wrong gate order changes the numbers.
+    params = params._replace(b=jax.random.normal(k[1], params.b.shape))
+    xs = jax.random.normal(k[2], batch_shape + (T, D))
+    R = proj or H
+    state = None
+    if with_state:
+        state = jaxlstm.LSTMState(jax.random.normal(k[3], batch_shape + (R,)), jax.random.normal(k[4], batch_shape + (H,)))
+    seq_lengths = None
+    if lengths:
+        B = int(np.prod(batch_shape))
+        seq_lengths = jnp.asarray((np.arange(B) * 5 + T) % (T + 1), jnp.int32).reshape(batch_shape)  # includes 0 and T
+    return params, xs, state, seq_lengths
+
+
+
+def assert_trees_close(got, want, rtol=1e-5, floor=1e-3):
+    """Same tree structure (``None`` leaves included), and every leaf within
+    ``rtol`` of the largest magnitude of its reference leaf (at least ``floor``)."""
+    chex.assert_trees_all_equal_structs(got, want)
+    for path, a, b in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(got), jax.tree.leaves(want)
+    ):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert a.shape == b.shape, (path[0], a.shape, b.shape)
+        scale = max(np.abs(b).max(initial=0.0), floor)
+        err = np.abs(a - b).max(initial=0.0)
+        assert err <= rtol * scale, (jax.tree_util.keystr(path[0]), err, scale)
