@@ -46,8 +46,10 @@ def reexec_with_thp(module: str, argv) -> None:
 
 
 def results_dir() -> str:
-    """``benchmarks/results/<device>[-thp]``."""
-    return os.path.join("benchmarks", "results", device_name() + ("-thp" if allocator() == "thp" else ""))
+    """Where a run writes by default: ``benchmarks/runs/<device>[-thp]``, which git
+    ignores. The committed results under ``benchmarks/results/`` are regenerated on
+    purpose, with ``--out``."""
+    return os.path.join("benchmarks", "runs", device_name() + ("-thp" if allocator() == "thp" else ""))
 
 
 def machine_info() -> dict:
@@ -85,75 +87,108 @@ def torch_available() -> bool:
 
 
 # ---------------------------------------------------------------------------
-# implementations: each builder returns {"forward": fn, "train": fn} of no arguments
-# (inputs are bound), plus "compile_s" measured on the JAX ones.
+# implementations: the one registry every script uses.
+#
+#   jaxlstm[-tm][-ckptK][-unrollN][-bf16][-autodiff]   jaxlstm.lstm with those options
+#                                                      (-tm: time-major [T, B, D] inputs)
+#   flax-optimized, flax-lstmcell                      nn.RNN(OptimizedLSTMCell / LSTMCell)
+#   jax-cudnn                                          jax.experimental.rnn (GPU only)
+#   torch                                              torch.nn.LSTM (see build)
+
+
+def input_shape(impl: str, B: int, T: int, D: int) -> tuple:
+    return (T, B, D) if "-tm" in impl else (B, T, D)
+
+
+def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: int = 1):
+    """``(init(key) -> params, apply(params, xs) -> ys)`` of a JAX implementation."""
+    jdtype = jnp.dtype(dtype)
+    if impl.startswith("jaxlstm"):
+        kw = {"unroll": unroll}
+        for opt in impl.split("-")[1:]:
+            if opt == "tm":
+                kw["time_major"] = True
+            elif opt.startswith("ckpt"):
+                kw["checkpoint_every"] = int(opt[4:])
+            elif opt.startswith("unroll"):
+                kw["unroll"] = int(opt[6:])
+            elif opt == "bf16":
+                kw["compute_dtype"] = jnp.bfloat16
+            elif opt == "autodiff":
+                kw["backward"] = "autodiff"
+            else:
+                raise ValueError(f"unknown jaxlstm option {opt!r} in {impl!r}")
+
+        def init(key):
+            return jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_lstm(key, D, H))
+
+        return init, lambda p, x: jaxlstm.lstm(p, x, **kw)[0]
+    if impl in ("flax-optimized", "flax-lstmcell"):
+        import flax.linen as nn
+
+        cell = {"flax-optimized": nn.OptimizedLSTMCell, "flax-lstmcell": nn.LSTMCell}[impl]
+        model = nn.RNN(cell(H, dtype=jdtype, param_dtype=jdtype), unroll=unroll)
+        return lambda key: model.init(key, jnp.zeros((B, 1, D), jdtype)), model.apply
+    if impl == "jax-cudnn":
+        from jax.experimental import rnn as jrnn
+
+        def apply(w, x):
+            h0 = jnp.zeros((1, x.shape[0], H), jdtype)
+            lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
+            return jrnn.lstm(x, h0, h0, w, lengths, D, H, 1, 0.0, False)[0]
+
+        return lambda key: jrnn.init_lstm_weight(key, D, H, 1, False), apply
+    raise ValueError(f"unknown JAX impl {impl!r}")
+
+
+def train_step(apply: Callable) -> Callable:
+    """Value and grad of a mean-square loss over all outputs, w.r.t. params and inputs."""
+    loss = lambda p, x: jnp.mean(jnp.square(apply(p, x).astype(jnp.float32)))
+    return jax.value_and_grad(loss, argnums=(0, 1))
 
 
 def _jax_pair(apply: Callable, params, xs):
-    """jit-compiles forward and train (value and grad w.r.t. params and inputs), timing the compiles."""
-    fwd = jax.jit(apply)
-    loss = lambda p, x: jnp.mean(jnp.square(apply(p, x).astype(jnp.float32)))
-    train = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    """jit-compiles forward and train, timing the compiles."""
     out = {}
-    for mode, fn in (("forward", fwd), ("train", train)):
+    for mode, fn in (("forward", jax.jit(apply)), ("train", jax.jit(train_step(apply)))):
         t0 = time.perf_counter()
         compiled = fn.lower(params, xs).compile()
         out[mode + "_compile_s"] = time.perf_counter() - t0
-        out[mode] = (lambda c=compiled: jax.block_until_ready(c(params, xs)))
+        out[mode] = lambda c=compiled: jax.block_until_ready(c(params, xs))
     return out
 
 
 def build(impl: str, B: int, T: int, D: int, H: int, dtype: str):
+    """``{"forward": fn, "train": fn, "<mode>_compile_s": s}``, fns of no arguments."""
     key = jax.random.key(0)
-    jdtype = jnp.dtype(dtype)
-    xs = jax.random.normal(key, (B, T, D), jnp.float32).astype(jdtype)
-    if impl.startswith("jaxlstm"):
-        params = jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_lstm(key, D, H))
-        kw = {
-            "jaxlstm": {},
-            "jaxlstm-unroll8": {"unroll": 8},
-            "jaxlstm-ckpt64": {"checkpoint_every": 64},
-            "jaxlstm-bf16": {"compute_dtype": jnp.bfloat16},
-            "jaxlstm-autodiff": {"backward": "autodiff"},
-        }[impl]
-        return _jax_pair(lambda p, x: jaxlstm.lstm(p, x, **kw)[0], params, xs)
-    if impl.startswith("flax"):
-        import flax.linen as nn
-
-        cell = {"flax-optimized": nn.OptimizedLSTMCell, "flax-lstmcell": nn.LSTMCell}[impl]
-        model = nn.RNN(cell(H, dtype=jdtype, param_dtype=jdtype))
-        params = model.init(key, xs)
-        return _jax_pair(lambda p, x: model.apply(p, x), params, xs)
-    if impl == "jax-cudnn":
-        from jax.experimental import rnn as jrnn
-
-        W = jrnn.init_lstm_weight(key, D, H, 1, False)
-        h0 = jnp.zeros((1, B, H), jdtype)
-        lengths = jnp.full((B,), T, jnp.int32)
-        apply = lambda w, x: jrnn.lstm(x, h0, h0, w, lengths, D, H, 1, 0.0, False)[0]
-        return _jax_pair(apply, W, xs)
+    xs = jax.random.normal(key, input_shape(impl, B, T, D), jnp.float32).astype(jnp.dtype(dtype))
     if impl == "torch":
-        import torch
+        return _torch_pair(B, D, H, dtype, xs)
+    init, apply = jax_impl(impl, B, D, H, dtype)
+    return _jax_pair(apply, init(key), xs)
 
-        torch.manual_seed(0)
-        torch.set_num_threads(os.cpu_count() or 1)
-        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        m = torch.nn.LSTM(D, H, batch_first=True).to(tdtype)
-        x = torch.from_numpy(np.array(xs.astype(jnp.float32))).to(tdtype).requires_grad_(True)
 
-        def forward():
-            with torch.no_grad():
-                return m(x)[0]
+def _torch_pair(B, D, H, dtype, xs):
+    import torch
 
-        def train():
-            m.zero_grad(set_to_none=True)
-            x.grad = None
-            loss = m(x)[0].float().square().mean()
-            loss.backward()
-            return loss
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    m = torch.nn.LSTM(D, H, batch_first=True).to(tdtype)
+    x = torch.from_numpy(np.array(xs.astype(jnp.float32))).to(tdtype).requires_grad_(True)
 
-        return {"forward": forward, "train": train, "forward_compile_s": 0.0, "train_compile_s": 0.0}
-    raise ValueError(f"unknown impl {impl!r}")
+    def forward():
+        with torch.no_grad():
+            return m(x)[0]
+
+    def train():
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        loss = m(x)[0].float().square().mean()
+        loss.backward()
+        return loss
+
+    return {"forward": forward, "train": train, "forward_compile_s": 0.0, "train_compile_s": 0.0}
 
 
 ALL_IMPLS = ["jaxlstm", "jaxlstm-unroll8", "jaxlstm-ckpt64", "jaxlstm-bf16", "jaxlstm-autodiff",

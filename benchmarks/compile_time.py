@@ -18,22 +18,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-import jaxlstm
-
 from . import _common as C
-
-
-def _fn(impl, mode, H, unroll):
-    if impl == "jaxlstm":
-        apply = lambda p, x: jaxlstm.lstm(p, x, unroll=unroll)[0]
-    else:
-        import flax.linen as nn
-
-        model = nn.RNN(nn.OptimizedLSTMCell(H), unroll=unroll)
-        apply = lambda p, x: model.apply(p, x)
-    if mode == "forward":
-        return apply
-    return jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(apply(p, x))), argnums=(0, 1))
 
 
 def main(argv=None):
@@ -50,15 +35,13 @@ def main(argv=None):
         args.seq_lens, args.batch, args.input_size, args.hidden_size = [4, 16], 2, 4, 8
     out = args.out or C.results_dir()
     B, D, H = args.batch, args.input_size, args.hidden_size
-    import flax.linen as nn
-
-    params = {"jaxlstm": jaxlstm.init_lstm(jax.random.key(0), D, H),
-              "flax-optimized": nn.RNN(nn.OptimizedLSTMCell(H)).init(jax.random.key(0), jnp.zeros((B, 1, D)))}
+    params = {impl: C.jax_impl(impl, B, D, H)[0](jax.random.key(0)) for impl in ("jaxlstm", "flax-optimized")}
     records = []
     grid = [(i, m, T, u) for T in args.seq_lens for u in args.unrolls for i in params for m in ("forward", "train")]
     for impl, mode, T, unroll in tqdm(grid, desc="compile"):
         xs = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
-        f = jax.jit(_fn(impl, mode, H, unroll))
+        apply = C.jax_impl(impl, B, D, H, unroll=unroll)[1]
+        f = jax.jit(apply if mode == "forward" else C.train_step(apply))
         t0 = time.perf_counter()
         traced = f.trace(params[impl], xs)
         t1 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Evidence for the scan-body layout of jaxlstm's forward (the choices in recurrence.py).
+"""Evidence for the scan-body layout of jaxlstm's forward (the choices in jaxlstm/_step.py).
 
     python -m benchmarks.layout
 
@@ -17,7 +17,7 @@ several ways, against ``flax.linen.RNN(OptimizedLSTMCell)`` in the same process:
 * ``fm-hoist``:   feature-major with ``w_ihᵀ·X + b`` for all steps as one GEMM
                   into ``[4H, T, B]``, the body reading its ``[4H, B]`` slice;
 each with ``unroll`` 1 and 8. Also the fused backward with its reverse scan
-unrolled 1 and 4 (``jaxlstm.backward`` uses 1). Writes ``layout.json``.
+unrolled 1 and 4 (``jaxlstm._fused`` uses 1). Writes ``layout.json``.
 """
 
 from __future__ import annotations
@@ -133,13 +133,15 @@ def main(argv=None):
                 fns[f"{name}/unroll{u}"] = lambda j=j: jax.block_until_ready(j(xs))
         times = C.time_interleaved(fns, args.repeats)
         # the fused backward's reverse scan, unrolled or not (full train step)
-        import jaxlstm.backward as bw
+        # (an internal knob, so the private core is called directly)
+        from jaxlstm._fused import FusedConfig, fused_lstm
 
+        f32 = jnp.dtype(jnp.float32)
         train = {}
         for u in (1, 4):
             def loss(p, x, u=u):
-                cfg = bw.FusedConfig(1, None, "float32", "float32", u)
-                ys, _ = bw.fused_lstm(cfg, p, (jnp.zeros((B, H)), jnp.zeros((B, H))), jnp.swapaxes(x, 0, 1), None)
+                cfg = FusedConfig(mm_dtype=f32, acc_dtype=f32, backward_unroll=u)
+                ys, _ = fused_lstm(cfg, p, (jnp.zeros((B, H)), jnp.zeros((B, H))), jnp.swapaxes(x, 0, 1), None)
                 return jnp.mean(jnp.square(ys))
 
             g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

@@ -21,28 +21,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-import jaxlstm
-
 from . import _common as C
-
-
-def _train_fn(impl, D, H):
-    if impl.startswith("flax"):
-        import flax.linen as nn
-
-        model = nn.RNN(nn.OptimizedLSTMCell(H))
-        init = lambda xs: model.init(jax.random.key(0), xs[:, :1])
-        apply = lambda p, x: model.apply(p, x)
-    else:  # jaxlstm[-tm][-ckptK] or jaxlstm-autodiff
-        kw = {"backward": "autodiff"} if impl == "jaxlstm-autodiff" else {}
-        if "-ckpt" in impl:
-            kw["checkpoint_every"] = int(impl.split("-ckpt")[1])
-        if "-tm" in impl:
-            kw["time_major"] = True
-        init = lambda xs: jaxlstm.init_lstm(jax.random.key(0), D, H)
-        apply = lambda p, x: jaxlstm.lstm(p, x, **kw)[0]
-    loss = lambda p, x: jnp.mean(jnp.square(apply(p, x)))
-    return init, jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
 def main(argv=None):
@@ -69,11 +48,11 @@ def main(argv=None):
     for T in tqdm(args.seq_lens, desc="seq_len"):
         timed = {}
         for impl in args.impls:
-            shape = (T, B, D) if "-tm" in impl else (B, T, D)
+            shape = C.input_shape(impl, B, T, D)
             xs = jax.ShapeDtypeStruct(shape, jnp.float32)
-            init, step = _train_fn(impl, D, H)
-            params = init(jnp.zeros((B, 1, D)))
-            compiled = step.lower(params, xs).compile()
+            init, apply = C.jax_impl(impl, B, D, H)
+            params = init(jax.random.key(0))
+            compiled = jax.jit(C.train_step(apply)).lower(params, xs).compile()
             mem = compiled.memory_analysis()
             rec = dict(impl=impl, mode="train", batch=B, seq_len=T, input_size=D, hidden_size=H, dtype="float32",
                        temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),

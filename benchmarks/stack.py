@@ -50,7 +50,7 @@ def main(argv=None):
         lengths = jnp.full((B,), T, jnp.int32).at[0].set(T // 2)
         fp = flax_model.init(jax.random.key(0), xs, lengths)
         impls = {
-            "jaxlstm-fused-directions": (lambda p, x: jaxlstm.lstm_stack(p, x, seq_lengths=lengths)[0], params),
+            "jaxlstm-fused-directions": (lambda p, x: jaxlstm.lstm_stack(p, x, seq_lengths=lengths, fuse_directions=True)[0], params),
             "jaxlstm-separate-directions": (lambda p, x: jaxlstm.lstm_stack(p, x, seq_lengths=lengths, fuse_directions=False)[0], params),
             "flax-optimized": (lambda p, x: flax_model.apply(p, x, lengths), fp),
         }

@@ -39,8 +39,8 @@ def parse(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 lengths, every available implementation")
     ap.add_argument("--thp", action="store_true",
                     help="restart with glibc malloc on transparent huge pages (GLIBC_TUNABLES=%s); "
-                         "results go to benchmarks/results/<device>-thp/" % C.THP_TUNABLE)
-    ap.add_argument("--out", default=None, help="default benchmarks/results/<device>/")
+                         "results go to benchmarks/runs/<device>-thp/" % C.THP_TUNABLE)
+    ap.add_argument("--out", default=None, help="default benchmarks/runs/<device>/ (untracked); committed results: --out benchmarks/results/<name>")
     args = ap.parse_args(argv)
     if args.thp:
         C.reexec_with_thp("benchmarks.throughput", sys.argv[1:] if argv is None else argv)

@@ -72,8 +72,8 @@ class NNXClassifier(nnx.Module):
         self.lstm = jn.LSTM(embed, hidden, num_layers=2, bidirectional=True, dropout=dropout, rngs=rngs)
         self.head = nnx.Linear(2 * hidden, classes, rngs=rngs)
 
-    def __call__(self, xs, lengths, deterministic=True):
-        ys, _ = self.lstm(self.embed(xs), seq_lengths=lengths, deterministic=deterministic)
+    def __call__(self, xs, lengths):  # dropout follows model.train() / model.eval(), as nnx.Dropout does
+        ys, _ = self.lstm(self.embed(xs), seq_lengths=lengths)
         return self.head(masked_mean(ys, lengths))
 
 
@@ -118,7 +118,7 @@ def train_nnx(train, test, args):
     @nnx.jit
     def step(model, optimizer, x, l, y):
         def loss_fn(m):
-            logits = m(x, l, deterministic=False)
+            logits = m(x, l)
             return _xent(logits, y), (logits.argmax(-1) == y).mean()
 
         (loss, acc), g = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -129,7 +129,9 @@ def train_nnx(train, test, args):
         loss, acc = step(*carry, x, l, y)
         return carry, loss, acc
 
+    model.train()
     _loop(nnx_step, (model, optimizer), train, args)
+    model.eval()
     predict = nnx.jit(lambda m, x, l: m(x, l).argmax(-1))
     # Pure nested dicts of arrays serialize like linen params.
     return nnx.to_pure_dict(nnx.state(model, nnx.Param)), lambda params, x, l: predict(_with_params(model, params), x, l)
@@ -172,7 +174,8 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join("examples", "results"))
+    ap.add_argument("--out", default=os.path.join("examples", "runs"),
+                    help="untracked by default; the committed results: --out examples/results")
     args = ap.parse_args(argv)
     train, test = load_digits(args.seed)
     t0 = time.time()

@@ -183,7 +183,8 @@ def main(argv=None):
     ap.add_argument("--gate-bias", type=float, default=None, help="chrono init: LSTM forget bias +b, input bias -b; GRU update bias +b (default log(T), at least 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="3 lengths up to 100, fewer steps")
-    ap.add_argument("--out", default=os.path.join("examples", "results"))
+    ap.add_argument("--out", default=os.path.join("examples", "runs"),
+                    help="untracked by default; the committed results: --out examples/results")
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_lens, args.steps = [10, 30, 100], 400

@@ -3,37 +3,55 @@
 * :class:`LSTMCell` is a ``flax.linen.RNNCellBase`` with Flax's ``(c, h)`` carry,
   so ``flax.linen.RNN(jaxlstm.linen.LSTMCell(H))`` works wherever
   ``OptimizedLSTMCell`` does (``seq_lengths``, ``reverse``, ``Bidirectional``).
-  Its step is :func:`jaxlstm.lstm_cell`.
+  Its step is :func:`jaxlstm.lstm_cell`; its params are ``w_ih [D, 4H]``,
+  ``w_hh [H, 4H]``, ``b [4H]`` (:func:`jaxlstm.convert.from_flax` maps flax's
+  own cells to them).
 * :class:`LSTM` is a whole (multi-layer, bidirectional, projected) LSTM that calls
-  :func:`jaxlstm.lstm_stack`, so it gets the fused backward; it does not use
-  ``nn.RNN``.
+  :func:`jaxlstm.lstm_stack`, so it gets the fused backward pass; it does not
+  use ``nn.RNN``. Its params are nested per layer and direction::
 
-Parameters are ``w_ih [D, 4H]``, ``w_hh [R, 4H]``, ``b [4H]`` (and ``w_hr [H, P]``),
-gate order i, f, g, o; :mod:`jaxlstm.convert` maps flax's own LSTM cells to them.
-``dtype`` is the computation dtype (inputs are cast to it, outputs come out in
-it); ``param_dtype`` is the parameters' dtype.
+      {"layer_0": {"forward": {"w_ih", "w_hh", "b"[, "w_hr"]}, "reverse": {...}}, "layer_1": ...}
+
+  :func:`stack_params` and :func:`stack_variables` convert between that tree and
+  the functional ``params[layer][direction]``.
+
+Sizes are ``features`` (the hidden size H), as in flax.linen; the input size
+comes from the input. ``dtype`` is the computation dtype (inputs are cast to
+it, outputs come out in it); ``param_dtype`` is the parameters' dtype. Gate
+order i, f, g, o.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import _checks
 from .params import LSTMParams, LSTMState, kernel_init, lstm_bias_init, lstm_param_shapes, recurrent_init, stack_layout
 from .recurrence import lstm_cell
-from .stack import group_layers, layer_name, lstm_stack
+from .stack import DIRECTIONS, StackParams, layer_key, lstm_stack
+
+__all__ = ["LSTM", "LSTMCell", "stack_params", "stack_variables"]
 
 Initializer = Callable[..., jax.Array]
 
 
-def _layer_params(module: nn.Module, prefix: str, d_in: int, H: int, proj_size: Optional[int]) -> LSTMParams:
-    inits = {"kernel": module.kernel_init, "recurrent": module.recurrent_kernel_init,
-             "bias": module.bias_init or lstm_bias_init(module.forget_bias)}
-    arrays = {name: module.param(prefix + name, inits[role], shape, module.param_dtype)
-              for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size).items()}
+def _inits(module) -> dict:
+    return {
+        "kernel": module.kernel_init,
+        "recurrent": module.recurrent_kernel_init,
+        "bias": module.bias_init or lstm_bias_init(module.forget_bias),
+    }
+
+
+def _layer_params(module: nn.Module, inits: dict, d_in: int, H: int, proj_size: Optional[int]) -> LSTMParams:
+    arrays = {
+        name: module.param(name, inits[role], shape, module.param_dtype)
+        for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size).items()
+    }
     return LSTMParams(**arrays)
 
 
@@ -64,14 +82,16 @@ class LSTMCell(nn.RNNCellBase):
 
     @nn.compact
     def __call__(self, carry: Tuple[jax.Array, jax.Array], inputs: jax.Array):
+        _checks.positive_int("features", self.features)
         c, h = carry
-        params = _layer_params(self, "", inputs.shape[-1], self.features, None)
+        params = _layer_params(self, _inits(self), inputs.shape[-1], self.features, None)
         inputs = _compute(self, inputs)
         state, y = lstm_cell(params, LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype)
         return (state.c.astype(c.dtype), state.h), y
 
     @nn.nowrap
     def initialize_carry(self, rng: jax.Array, input_shape: Tuple[int, ...]):
+        _checks.positive_int("features", self.features)
         shape = tuple(input_shape[:-1]) + (self.features,)
         kc, kh = jax.random.split(rng)
         return self.carry_init(kc, shape, self.param_dtype), self.carry_init(kh, shape, self.param_dtype)
@@ -81,24 +101,65 @@ class LSTMCell(nn.RNNCellBase):
         return 1
 
 
+class _Direction(nn.Module):
+    """The params of one layer-direction: a scope in the tree, no maths."""
+
+    shape: tuple  # (d_in, features, proj_size)
+    inits: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self) -> LSTMParams:
+        return _layer_params(self, self.inits, *self.shape)
+
+
+class _Layer(nn.Module):
+    """One layer: a scope holding its ``forward`` (and ``reverse``) direction."""
+
+    shape: tuple
+    num_directions: int
+    inits: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self) -> tuple:
+        return tuple(
+            _Direction(self.shape, self.inits, self.param_dtype, name=DIRECTIONS[d])()
+            for d in range(self.num_directions)
+        )
+
+
 class LSTM(nn.Module):
     """A multi-layer, optionally bidirectional and projected LSTM on :func:`jaxlstm.lstm_stack`.
 
-    Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=True)``;
+    Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=None)``;
     returns ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
-    Dropout (between layers) draws from the ``'dropout'`` RNG stream.
+
+    Dropout (between layers, ``dropout > 0``) follows ``flax.linen.Dropout``:
+    ``deterministic`` is an attribute or a call argument (the call wins), one of
+    them is required, and masks draw from the ``'dropout'`` RNG stream.
+
+    Attributes:
+      features: hidden size H. num_layers, bidirectional, proj_size, dropout,
+        unroll, checkpoint_every, backward, time_major: as in
+        :func:`jaxlstm.lstm_stack`. dtype: computation dtype (also the matmul
+        ``compute_dtype``); param_dtype; initialisers as :class:`LSTMCell`.
 
     Example:
-      >>> model = LSTM(hidden_size=32, num_layers=2, bidirectional=True)
+      >>> import jax, jax.numpy as jnp, jaxlstm.linen as jl
+      >>> model = jl.LSTM(32, num_layers=2, bidirectional=True)
       >>> variables = model.init(jax.random.key(0), jnp.ones((4, 10, 8)))
       >>> ys, state = model.apply(variables, jnp.ones((4, 10, 8)))
+      >>> ys.shape, sorted(variables["params"]["layer_1"])
+      ((4, 10, 64), ['forward', 'reverse'])
     """
 
-    hidden_size: int
+    features: int
     num_layers: int = 1
     bidirectional: bool = False
     proj_size: Optional[int] = None
     dropout: float = 0.0
+    deterministic: Optional[bool] = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = kernel_init
@@ -107,17 +168,53 @@ class LSTM(nn.Module):
     forget_bias: float = 1.0
     unroll: int = 1
     checkpoint_every: Optional[int] = None
+    backward: str = "fused"
     time_major: bool = False
 
     @nn.compact
-    def __call__(self, xs, initial_state: Optional[LSTMState] = None, seq_lengths=None, deterministic: bool = True):
-        layout = stack_layout(xs.shape[-1], self.hidden_size, self.num_layers, self.bidirectional, self.proj_size)
-        flat = [_layer_params(self, layer_name(l, d) + "_", d_in, self.hidden_size, self.proj_size) for l, d, d_in in layout]
-        params = group_layers(flat, 2 if self.bidirectional else 1)
-        active = self.dropout > 0.0 and not deterministic
+    def __call__(self, xs, initial_state: Optional[LSTMState] = None, seq_lengths=None,
+                 deterministic: Optional[bool] = None):
+        _checks.positive_int("features", self.features)
+        _checks.positive_int("num_layers", self.num_layers)
+        layout = stack_layout(xs.shape[-1], self.features, self.num_layers, self.bidirectional, self.proj_size)
+        dirs = 2 if self.bidirectional else 1
+        params = tuple(
+            _Layer((d_in, self.features, self.proj_size), dirs, _inits(self), self.param_dtype, name=layer_key(l))()
+            for l, d, d_in in layout
+            if d == 0
+        )
+        active = False
+        if self.dropout > 0.0:
+            active = not nn.merge_param("deterministic", self.deterministic, deterministic)
         return lstm_stack(
             params, _compute(self, xs), initial_state, seq_lengths=seq_lengths,
             dropout=self.dropout if active else 0.0, key=self.make_rng("dropout") if active else None,
             time_major=self.time_major, unroll=self.unroll, checkpoint_every=self.checkpoint_every,
-            compute_dtype=self.dtype,
+            compute_dtype=self.dtype, backward=self.backward,
         )
+
+
+def stack_params(variables: Mapping) -> StackParams:
+    """:class:`LSTM` variables (or their ``"params"``) -> ``params[layer][direction]``
+    for :func:`jaxlstm.lstm_stack`."""
+    p = variables.get("params", variables) if isinstance(variables, Mapping) else variables
+    if not isinstance(p, Mapping) or layer_key(0) not in p:
+        raise TypeError(f"variables must be jaxlstm.linen.LSTM variables with a '{layer_key(0)}' entry, "
+                        f"got {type(variables).__name__}" + (f" with keys {sorted(p)}" if isinstance(p, Mapping) else ""))
+    layers = []
+    for l in range(len(p)):
+        layer = p[layer_key(l)]
+        layers.append(tuple(LSTMParams(**{k: layer[d][k] for k in layer[d]}) for d in DIRECTIONS if d in layer))
+    return tuple(layers)
+
+
+def stack_variables(params: StackParams) -> dict:
+    """``params[layer][direction]`` -> ``{"params": ...}`` for :class:`LSTM`'s ``apply``."""
+    return {
+        "params": {
+            layer_key(l): {
+                DIRECTIONS[d]: {k: v for k, v in p._asdict().items() if v is not None} for d, p in enumerate(layer)
+            }
+            for l, layer in enumerate(params)
+        }
+    }

@@ -1,14 +1,18 @@
 """flax.nnx modules: thin shells over the functional core, no maths here.
 
-* :class:`LSTMCell`: one step, Flax's ``(c, h)`` carry, for ``nnx.RNN``.
+* :class:`LSTMCell`: one step, Flax's ``(c, h)`` carry, for ``nnx.RNN``; params
+  ``w_ih``, ``w_hh``, ``b``.
 * :class:`LSTM`: multi-layer / bidirectional / projected, on
-  :func:`jaxlstm.lstm_stack` (fused backward). Same call signature as
-  :class:`jaxlstm.linen.LSTM`: ``(xs, initial_state=None, seq_lengths=None,
-  deterministic=True)`` -> ``(ys, LSTMState)``.
+  :func:`jaxlstm.lstm_stack` (fused backward pass). Its params are nested per
+  layer and direction as in :class:`jaxlstm.linen.LSTM`
+  (``layer_0.forward.w_ih``, ``layer_0.reverse.w_ih``, ...);
+  :func:`stack_params` and :func:`set_stack_params` read and write them as the
+  functional ``params[layer][direction]``.
 
-Parameters are ``nnx.Param`` attributes named as in the linen modules
-(``l0_fwd_w_ih``, ...; ``w_ih``/``w_hh``/``b`` for the cell); the shapes and
-initialisers come from :mod:`jaxlstm.params`.
+Sizes are ``in_features`` and ``hidden_features``, as in flax.nnx. Dropout
+between layers follows ``nnx.Dropout``: the ``deterministic`` attribute, which
+``model.train()`` / ``model.eval()`` switch, unless the call passes
+``deterministic``. Shapes and initialisers come from :mod:`jaxlstm.params`.
 """
 
 from __future__ import annotations
@@ -19,25 +23,34 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import _checks
 from .params import LSTMParams, LSTMState, kernel_init, lstm_bias_init, lstm_param_shapes, recurrent_init, stack_layout
 from .recurrence import lstm_cell
-from .stack import group_layers, layer_name, lstm_stack
+from .stack import DIRECTIONS, StackParams, check_stack, layer_key, lstm_stack
+
+__all__ = ["LSTM", "LSTMCell", "set_stack_params", "stack_params"]
 
 Initializer = Callable[..., jax.Array]
 
 
-class _Weights:
-    """Creates and reads the ``nnx.Param`` s of LSTM layers on a module."""
+class _Weights(nnx.Module):
+    """The params of one layer-direction (or of a cell)."""
 
-    @staticmethod
-    def create(module, prefix, d_in, H, proj_size, rngs, inits, param_dtype):
+    def __init__(self, d_in, H, proj_size, inits, param_dtype, rngs: nnx.Rngs):
         for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size).items():
-            setattr(module, prefix + name, nnx.Param(inits[role](rngs.params(), shape, param_dtype)))
+            setattr(self, name, nnx.Param(inits[role](rngs.params(), shape, param_dtype)))
+        if proj_size is None:
+            self.w_hr = nnx.data(None)
 
-    @staticmethod
-    def read(module, prefix) -> LSTMParams:
-        get = lambda n: getattr(module, prefix + n)[...] if hasattr(module, prefix + n) else None
-        return LSTMParams(get("w_ih"), get("w_hh"), get("b"), get("w_hr"))
+    def read(self) -> LSTMParams:
+        get = lambda v: None if v is None else v[...]
+        return LSTMParams(get(self.w_ih), get(self.w_hh), get(self.b), get(self.w_hr))
+
+
+class _Layer(nnx.Module):
+    def __init__(self, weights):
+        for d, w in enumerate(weights):
+            setattr(self, DIRECTIONS[d], w)
 
 
 def _inits(kernel, recurrent, bias, forget_bias):
@@ -50,16 +63,19 @@ class LSTMCell(nnx.Module):
     def __init__(self, in_features: int, hidden_features: int, *, kernel_init: Initializer = kernel_init,
                  recurrent_kernel_init: Initializer = recurrent_init, bias_init: Optional[Initializer] = None,
                  forget_bias: float = 1.0, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        self.in_features, self.hidden_features = in_features, hidden_features
+        self.in_features = _checks.positive_int("in_features", in_features)
+        self.hidden_features = _checks.positive_int("hidden_features", hidden_features)
         self.dtype, self.param_dtype = dtype, param_dtype
-        _Weights.create(self, "", in_features, hidden_features, None, rngs,
-                        _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias), param_dtype)
+        inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
+        w = _Weights(in_features, hidden_features, None, inits, param_dtype, rngs)
+        self.w_ih, self.w_hh, self.b = w.w_ih, w.w_hh, w.b
 
     def __call__(self, carry, inputs):
         c, h = carry
         if self.dtype is not None:
             inputs = inputs.astype(self.dtype)
-        state, y = lstm_cell(_Weights.read(self, ""), LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype)
+        params = LSTMParams(self.w_ih[...], self.w_hh[...], self.b[...])
+        state, y = lstm_cell(params, LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype)
         return (state.c.astype(c.dtype), state.h), y
 
     def initialize_carry(self, input_shape, rngs=None):
@@ -74,38 +90,74 @@ class LSTMCell(nnx.Module):
 class LSTM(nnx.Module):
     """Multi-layer, optionally bidirectional and projected LSTM on :func:`jaxlstm.lstm_stack`.
 
+    Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=None)``;
+    returns ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
+    Other arguments as :class:`jaxlstm.linen.LSTM`.
+
     Example:
-      >>> model = LSTM(8, 32, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+      >>> import jax.numpy as jnp, jaxlstm.nnx as jn
+      >>> from flax import nnx
+      >>> model = jn.LSTM(8, 32, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
       >>> ys, state = model(jnp.ones((4, 10, 8)))
+      >>> ys.shape, model.layer_1.reverse.w_ih.shape
+      ((4, 10, 64), (64, 128))
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
-                 proj_size: Optional[int] = None, dropout: float = 0.0, *, kernel_init: Initializer = kernel_init,
-                 recurrent_kernel_init: Initializer = recurrent_init, bias_init: Optional[Initializer] = None,
-                 forget_bias: float = 1.0, dtype: Any = None, param_dtype: Any = jnp.float32, unroll: int = 1,
-                 checkpoint_every: Optional[int] = None, time_major: bool = False, rngs: nnx.Rngs):
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+    def __init__(self, in_features: int, hidden_features: int, num_layers: int = 1, bidirectional: bool = False,
+                 proj_size: Optional[int] = None, dropout: float = 0.0, *, deterministic: bool = False,
+                 kernel_init: Initializer = kernel_init, recurrent_kernel_init: Initializer = recurrent_init,
+                 bias_init: Optional[Initializer] = None, forget_bias: float = 1.0, dtype: Any = None,
+                 param_dtype: Any = jnp.float32, unroll: int = 1, checkpoint_every: Optional[int] = None,
+                 backward: str = "fused", time_major: bool = False, rngs: nnx.Rngs):
+        self.in_features = _checks.positive_int("in_features", in_features)
+        self.hidden_features = _checks.positive_int("hidden_features", hidden_features)
+        self.num_layers = _checks.positive_int("num_layers", num_layers)
         self.bidirectional, self.proj_size, self.dropout = bidirectional, proj_size, dropout
+        self.deterministic = deterministic
         self.dtype, self.param_dtype, self.unroll = dtype, param_dtype, unroll
-        self.checkpoint_every, self.time_major = checkpoint_every, time_major
+        self.checkpoint_every, self.backward, self.time_major = checkpoint_every, backward, time_major
         inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
-        for l, d, d_in in stack_layout(input_size, hidden_size, num_layers, bidirectional, proj_size):
-            _Weights.create(self, layer_name(l, d) + "_", d_in, hidden_size, proj_size, rngs, inits, param_dtype)
+        layout = stack_layout(in_features, hidden_features, num_layers, bidirectional, proj_size)
+        for l in range(num_layers):
+            ws = [_Weights(d_in, hidden_features, proj_size, inits, param_dtype, rngs) for l2, _, d_in in layout
+                  if l2 == l]
+            setattr(self, layer_key(l), _Layer(ws))
         self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
 
-    def params(self):
-        """The weights as ``params[layer][direction]`` for the functional API."""
-        layout = stack_layout(self.input_size, self.hidden_size, self.num_layers, self.bidirectional, self.proj_size)
-        return group_layers([_Weights.read(self, layer_name(l, d) + "_") for l, d, _ in layout],
-                            2 if self.bidirectional else 1)
-
-    def __call__(self, xs, initial_state: Optional[LSTMState] = None, seq_lengths=None, deterministic: bool = True):
+    def __call__(self, xs, initial_state: Optional[LSTMState] = None, seq_lengths=None,
+                 deterministic: Optional[bool] = None):
+        deterministic = self.deterministic if deterministic is None else deterministic
         active = self.dropout > 0.0 and not deterministic
         if self.dtype is not None:
             xs = xs.astype(self.dtype)
         return lstm_stack(
-            self.params(), xs, initial_state, seq_lengths=seq_lengths,
+            stack_params(self), xs, initial_state, seq_lengths=seq_lengths,
             dropout=self.dropout if active else 0.0, key=self.rngs() if active else None,
             time_major=self.time_major, unroll=self.unroll, checkpoint_every=self.checkpoint_every,
-            compute_dtype=self.dtype,
+            compute_dtype=self.dtype, backward=self.backward,
         )
+
+
+def _layers(module: LSTM):
+    if not isinstance(module, LSTM):
+        raise TypeError(f"module must be a jaxlstm.nnx.LSTM, got {type(module).__name__}")
+    return [getattr(module, layer_key(l)) for l in range(module.num_layers)]
+
+
+def stack_params(module: LSTM) -> StackParams:
+    """The weights of a :class:`LSTM` as ``params[layer][direction]`` for :func:`jaxlstm.lstm_stack`."""
+    return tuple(tuple(getattr(layer, d).read() for d in DIRECTIONS if hasattr(layer, d)) for layer in _layers(module))
+
+
+def set_stack_params(module: LSTM, params: StackParams) -> None:
+    """Writes ``params[layer][direction]`` (same shapes) into a :class:`LSTM`, in place."""
+    want = jax.tree.map(jnp.shape, stack_params(module))
+    check_stack(params)
+    if jax.tree.map(jnp.shape, params) != want:
+        raise ValueError(f"params must have the module's shapes {want}, got {jax.tree.map(jnp.shape, params)}")
+    for layer, ps in zip(_layers(module), params):
+        for d, p in enumerate(ps):
+            w = getattr(layer, DIRECTIONS[d])
+            for name, v in p._asdict().items():
+                if v is not None:
+                    getattr(w, name)[...] = v

@@ -55,9 +55,13 @@ def init_lstm_stack(
     return group_layers(flat, 2 if bidirectional else 1)
 
 
-def layer_name(layer: int, direction: int) -> str:
-    """Name of one layer-direction in the Flax modules: ``l0_fwd``, ``l0_bwd``, ..."""
-    return f"l{layer}_{'bwd' if direction else 'fwd'}"
+DIRECTIONS = ("forward", "reverse")
+"""Names of a bidirectional layer's two directions (``params[l][0]``, ``params[l][1]``)."""
+
+
+def layer_key(layer: int) -> str:
+    """Name of layer ``l`` in the Flax modules' parameter trees: ``layer_0``, ..."""
+    return f"layer_{layer}"
 
 
 def group_layers(flat, num_directions: int) -> StackParams:
@@ -68,7 +72,15 @@ def group_layers(flat, num_directions: int) -> StackParams:
 def check_stack(params) -> Tuple[int, int, int, int, int]:
     """Validates a stack; returns ``(num_layers, num_directions, D, H, R)``."""
     if not isinstance(params, (tuple, list)) or not params or not all(isinstance(l, (tuple, list)) for l in params):
-        raise TypeError("params must be a non-empty tuple of layers, each a tuple of LSTMParams (see init_lstm_stack)")
+        hint = ""
+        if isinstance(params, LSTMParams):
+            hint = " (one layer's LSTMParams: use jaxlstm.lstm, or wrap it as ((params,),))"
+        elif isinstance(params, dict):
+            hint = " (a dict: take them out of Flax variables with jaxlstm.linen.stack_params)"
+        raise TypeError(
+            "params must be a non-empty tuple of layers, each a tuple of LSTMParams (see init_lstm_stack), "
+            f"got {type(params).__name__}{hint}"
+        )
     dirs = len(params[0])
     if dirs not in (1, 2):
         raise ValueError(f"params[0] must hold 1 or 2 directions, got {dirs}")
@@ -98,8 +110,10 @@ def lstm_stack(
     key: Optional[jax.Array] = None,
     time_major: bool = False,
     unroll: int = 1,
+    checkpoint_every: Optional[int] = None,
+    compute_dtype=None,
+    backward: str = "fused",
     fuse_directions: bool = False,
-    **lstm_kwargs,
 ):
     """Runs a multi-layer, optionally bidirectional LSTM.
 
@@ -111,12 +125,12 @@ def lstm_stack(
         valid part backwards, as PyTorch's packed sequences do.
       dropout: drop probability on the outputs of every layer but the last.
       key: PRNG key, required when ``dropout > 0``.
-      time_major, unroll, **lstm_kwargs: passed to :func:`jaxlstm.lstm`
-        (``checkpoint_every``, ``compute_dtype``, ``backward``).
+      time_major, unroll, checkpoint_every, compute_dtype, backward: passed to
+        every layer's :func:`jaxlstm.lstm`.
       fuse_directions: run the two directions of a bidirectional layer as one
         scan, ``vmap`` ped over a direction axis (batched matmuls), instead of two
-        calls. Same numbers; on a 2-core CPU it measured 0.94-1.09x of two calls
-        (``benchmarks/stack.py``), so it is off by default.
+        calls. Same numbers; off by default, as it did not pay on the CPUs
+        measured (``python -m benchmarks.stack``).
 
     Returns:
       ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
@@ -125,17 +139,18 @@ def lstm_stack(
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
     # Checked here too: the fused-directions path reverses by seq_lengths before any lstm call.
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
-    if not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, jax.core.Tracer) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     if dropout > 0.0 and key is None:
         raise ValueError("dropout > 0 needs a PRNG key: pass key=jax.random.key(...)")
     if initial_state is not None:
-        if not isinstance(initial_state, tuple) or len(initial_state) != 2:
-            raise TypeError(f"initial_state must be an LSTMState(h, c), got {type(initial_state).__name__}")
-        _checks.state_array("initial_state.h", initial_state.h, (L * dirs,) + batch_shape + (R,))
-        _checks.state_array("initial_state.c", initial_state.c, (L * dirs,) + batch_shape + (H,))
-    run = lambda p, x, s0, reverse: lstm(p, x, s0, seq_lengths=seq_lengths, reverse=reverse, time_major=time_major,
-                                         unroll=unroll, **lstm_kwargs)
+        _checks.lstm_state("initial_state", initial_state, (L * dirs,) + batch_shape, H, R)
+    _checks.static_bool("fuse_directions", fuse_directions)
+
+    def run(p, x, s0, reverse):
+        return lstm(p, x, s0, seq_lengths=seq_lengths, reverse=reverse, time_major=time_major, unroll=unroll,
+                    checkpoint_every=checkpoint_every, compute_dtype=compute_dtype, backward=backward)
+
     hs, cs = [], []
     for l, layer in enumerate(params):
         s0 = None
@@ -143,7 +158,7 @@ def lstm_stack(
             s0 = LSTMState(initial_state.h[l * dirs:(l + 1) * dirs], initial_state.c[l * dirs:(l + 1) * dirs])
         if dirs == 2 and fuse_directions:
             outs, s = _both_directions(run, layer, xs, s0, seq_lengths, time_major,
-                                       supports_jvp=lstm_kwargs.get("backward") == "autodiff")
+                                       supports_jvp=backward == "autodiff")
         else:
             outs, states = [], []
             for d, p in enumerate(layer):

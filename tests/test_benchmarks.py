@@ -58,7 +58,7 @@ def test_allocator_mode_picks_the_results_folder(monkeypatch):
     from benchmarks import _common as C
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert C.allocator() == "default" and C.results_dir().endswith(os.path.join("results", C.device_name()))
+    assert C.allocator() == "default" and C.results_dir().endswith(os.path.join("benchmarks", "runs", C.device_name()))
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0:" + C.THP_TUNABLE)
     assert C.allocator() == "thp" and C.results_dir().endswith(C.device_name() + "-thp")
     assert C.machine_info()["malloc_env"]["GLIBC_TUNABLES"].endswith(C.THP_TUNABLE)

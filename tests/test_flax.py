@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import chex
 import pytest
 from flax import nnx
 
@@ -12,19 +13,10 @@ import jaxlstm
 import jaxlstm.linen as jl
 import jaxlstm.nnx as jn
 from jaxlstm import convert
-from jaxlstm.stack import group_layers, layer_name
 
 D, H, B, T = 3, 4, 3, 6
 XS = jax.random.normal(jax.random.key(1), (B, T, D))
 LENGTHS = jnp.array([6, 2, 0], jnp.int32)
-
-
-def _linen_stack_params(variables, num_layers, bidirectional):
-    p = variables["params"]
-    dirs = 2 if bidirectional else 1
-    flat = [convert.from_flax({k[len(layer_name(l, d)) + 1:]: v for k, v in p.items() if k.startswith(layer_name(l, d) + "_")})
-            for l in range(num_layers) for d in range(dirs)]
-    return group_layers(flat, dirs)
 
 
 @pytest.mark.parametrize("num_layers,bidirectional,proj", [(1, False, None), (2, True, 2)])
@@ -32,23 +24,22 @@ def test_linen_and_nnx_equal_lstm_stack(num_layers, bidirectional, proj):
     model = jl.LSTM(H, num_layers=num_layers, bidirectional=bidirectional, proj_size=proj)
     variables = model.init(jax.random.key(0), XS)
     ys, state = model.apply(variables, XS, seq_lengths=LENGTHS)
-    params = _linen_stack_params(variables, num_layers, bidirectional)
+    params = jl.stack_params(variables)
+    assert len(params) == num_layers and len(params[0]) == (2 if bidirectional else 1)
+    chex.assert_trees_all_equal(jl.stack_variables(params), variables)
     ys_ref, state_ref = jaxlstm.lstm_stack(params, XS, seq_lengths=LENGTHS)
     np.testing.assert_allclose(ys, ys_ref, atol=1e-6)
     np.testing.assert_allclose(state.c, state_ref.c, atol=1e-6)
 
     m = jn.LSTM(D, H, num_layers=num_layers, bidirectional=bidirectional, proj_size=proj, rngs=nnx.Rngs(0))
     ys_n, state_n = m(XS, seq_lengths=LENGTHS)
-    ys_nref, state_nref = jaxlstm.lstm_stack(m.params(), XS, seq_lengths=LENGTHS)
+    ys_nref, state_nref = jaxlstm.lstm_stack(jn.stack_params(m), XS, seq_lengths=LENGTHS)
     np.testing.assert_allclose(ys_n, ys_nref, atol=1e-6)
     np.testing.assert_allclose(state_n.h, state_nref.h, atol=1e-6)
-    # linen and nnx hold the same parameter structure: load one into the other
-    for l, layer in enumerate(params):
-        for d, p in enumerate(layer):
-            for name, v in p._asdict().items():
-                if v is not None:
-                    getattr(m, f"{layer_name(l, d)}_{name}")[...] = v
+    # linen and nnx hold the same parameter tree: load one into the other
+    jn.set_stack_params(m, params)
     np.testing.assert_allclose(m(XS, seq_lengths=LENGTHS)[0], ys, atol=1e-6)
+    assert nnx.to_pure_dict(nnx.state(m, nnx.Param)).keys() == variables["params"].keys()
 
 
 def test_cell_plugs_into_flax_rnn_and_matches_optimized_cell():
@@ -85,7 +76,7 @@ standard_promotion = pytest.mark.usefixtures("standard_promotion")
 @standard_promotion
 def test_linen_training_reduces_loss_and_dropout():
     model = jl.LSTM(H, num_layers=2, dropout=0.5)
-    variables = model.init(jax.random.key(0), XS)
+    variables = model.init(jax.random.key(0), XS, deterministic=True)
     target = jnp.broadcast_to(jnp.array([0.5, -0.5, 0.3, -0.3]), (B, T, H))
     opt = optax.adam(3e-2)
     params = variables["params"]
@@ -104,7 +95,7 @@ def test_linen_training_reduces_loss_and_dropout():
         params, state, loss = step(params, state, jax.random.key(i))
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0], losses
-    det1 = model.apply({"params": params}, XS)[0]
+    det1 = jl.LSTM(H, num_layers=2, dropout=0.5, deterministic=True).apply({"params": params}, XS)[0]
     det2 = model.apply({"params": params}, XS, deterministic=True)[0]
     np.testing.assert_array_equal(det1, det2)
     drop = model.apply({"params": params}, XS, deterministic=False, rngs={"dropout": jax.random.key(0)})[0]
@@ -114,18 +105,20 @@ def test_linen_training_reduces_loss_and_dropout():
 @standard_promotion
 def test_nnx_training_reduces_loss():
     model = jn.LSTM(D, H, num_layers=2, dropout=0.3, rngs=nnx.Rngs(0))
+    model.train()
     optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.Param)
     target = jnp.broadcast_to(jnp.array([0.5, -0.5, 0.3, -0.3]), (B, T, H))
 
     @nnx.jit
     def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(XS, deterministic=False)[0] - target) ** 2))(model)
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(XS)[0] - target) ** 2))(model)
         optimizer.update(model, grads)
         return loss
 
     losses = [float(step(model, optimizer)) for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0], losses
-    np.testing.assert_array_equal(model(XS)[0], model(XS, deterministic=True)[0])
+    model.eval()
+    np.testing.assert_array_equal(model(XS)[0], model(XS)[0])
 
 
 @pytest.mark.parametrize("dtype,param_dtype", [(jnp.bfloat16, jnp.float32), (None, jnp.bfloat16)])
@@ -144,9 +137,10 @@ def test_dtypes_respected(dtype, param_dtype):
 def test_custom_initialisers_and_nnx_cell():
     model = jl.LSTM(H, bias_init=nn.initializers.constant(0.5), kernel_init=nn.initializers.zeros)
     v = model.init(jax.random.key(0), XS)["params"]
-    np.testing.assert_array_equal(v["l0_fwd_b"], 0.5)
-    np.testing.assert_array_equal(v["l0_fwd_w_ih"], 0.0)
-    np.testing.assert_array_equal(jl.LSTM(H, forget_bias=2.0).init(jax.random.key(0), XS)["params"]["l0_fwd_b"][H:2 * H], 2.0)
+    np.testing.assert_array_equal(v["layer_0"]["forward"]["b"], 0.5)
+    np.testing.assert_array_equal(v["layer_0"]["forward"]["w_ih"], 0.0)
+    v2 = jl.LSTM(H, forget_bias=2.0).init(jax.random.key(0), XS)["params"]
+    np.testing.assert_array_equal(v2["layer_0"]["forward"]["b"][H : 2 * H], 2.0)
     cell = jn.LSTMCell(D, H, rngs=nnx.Rngs(0))
     carry = cell.initialize_carry((B, D))
     for t in range(T):
@@ -160,3 +154,37 @@ def test_from_flax_errors():
         convert.from_flax({"params": {"ii": {"kernel": jnp.zeros((2, 2))}}})
     with pytest.raises(ValueError, match="no projection"):
         convert.to_flax(jaxlstm.init_lstm(jax.random.key(0), 3, 4, proj_size=2))
+
+
+def test_dropout_follows_flax_conventions():
+    """linen: like nn.Dropout, `deterministic` is an attribute or a call argument,
+    exactly one of them; nnx: model.train() / model.eval() switch it."""
+    model = jl.LSTM(H, num_layers=2, dropout=0.5)
+    v = model.init(jax.random.key(0), XS, deterministic=True)
+    with pytest.raises(ValueError, match="deterministic"):
+        model.apply(v, XS)
+    rng = {"dropout": jax.random.key(1)}
+    train = jl.LSTM(H, num_layers=2, dropout=0.5, deterministic=False)
+    assert not np.allclose(train.apply(v, XS, rngs=rng)[0], model.apply(v, XS, deterministic=True)[0])
+    with pytest.raises(ValueError, match="deterministic"):  # as nn.Dropout: not both
+        train.apply(v, XS, deterministic=True)
+    # no dropout: nothing is required
+    jl.LSTM(H).apply(jl.LSTM(H).init(jax.random.key(0), XS), XS)
+
+    m = jn.LSTM(D, H, num_layers=2, dropout=0.5, rngs=nnx.Rngs(0))
+    m.train()
+    assert not np.allclose(m(XS)[0], m(XS)[0])
+    m.eval()
+    np.testing.assert_array_equal(m(XS)[0], m(XS)[0])
+    assert not np.allclose(m(XS, deterministic=False)[0], m(XS)[0])
+
+
+def test_zero_sizes_raise_value_errors():
+    with pytest.raises(ValueError, match="features must be a positive int, got 0"):
+        jl.LSTM(0).init(jax.random.key(0), XS)
+    with pytest.raises(ValueError, match="features must be a positive int, got 0"):
+        nn.RNN(jl.LSTMCell(0)).init(jax.random.key(0), XS)
+    with pytest.raises(ValueError, match="hidden_features must be a positive int, got 0"):
+        jn.LSTM(D, 0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="in_features must be a positive int, got 0"):
+        jn.LSTMCell(0, H, rngs=nnx.Rngs(0))
