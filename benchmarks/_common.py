@@ -9,7 +9,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +67,11 @@ def machine_info() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "allocator": allocator(),
-        "malloc_env": {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-                       if k in os.environ},
+        "malloc_env": {
+            k: os.environ[k]
+            for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+            if k in os.environ
+        },
     }
     for mod in ("flax", "optax", "torch"):
         try:
@@ -81,6 +84,7 @@ def machine_info() -> dict:
 def torch_available() -> bool:
     try:
         import torch  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -191,11 +195,20 @@ def _torch_pair(B, D, H, dtype, xs):
     return {"forward": forward, "train": train, "forward_compile_s": 0.0, "train_compile_s": 0.0}
 
 
-ALL_IMPLS = ["jaxlstm", "jaxlstm-unroll8", "jaxlstm-ckpt64", "jaxlstm-bf16", "jaxlstm-autodiff",
-             "flax-optimized", "flax-lstmcell", "torch", "jax-cudnn"]
+ALL_IMPLS = [
+    "jaxlstm",
+    "jaxlstm-unroll8",
+    "jaxlstm-ckpt64",
+    "jaxlstm-bf16",
+    "jaxlstm-autodiff",
+    "flax-optimized",
+    "flax-lstmcell",
+    "torch",
+    "jax-cudnn",
+]
 
 
-def available_impls(full: bool = False) -> List[str]:
+def available_impls(full: bool = False) -> list[str]:
     """The default set (``full=False``) keeps the main job to a few minutes on 2 cores."""
     impls = ["jaxlstm", "jaxlstm-ckpt64", "flax-optimized", "flax-lstmcell"]
     if full:
@@ -207,8 +220,9 @@ def available_impls(full: bool = False) -> List[str]:
     return impls
 
 
-def time_interleaved(fns: Dict[str, Callable], repeats: int, min_repeats: int = 3, budget_s: float = 1e9,
-                     pause_s: float = 0.02):
+def time_interleaved(
+    fns: dict[str, Callable], repeats: int, min_repeats: int = 3, budget_s: float = 1e9, pause_s: float = 0.02
+):
     """Calls each fn once to warm up, then ``repeats`` rounds, one call of each per round.
 
     The order rotates from round to round, and a short pause (untimed) separates
@@ -221,7 +235,7 @@ def time_interleaved(fns: Dict[str, Callable], repeats: int, min_repeats: int = 
         f()
     start = time.perf_counter()
     for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(pause_s)
             t0 = time.perf_counter()
             fns[n]()
@@ -231,7 +245,7 @@ def time_interleaved(fns: Dict[str, Callable], repeats: int, min_repeats: int = 
     return times
 
 
-def summarize(ts: List[float]) -> dict:
+def summarize(ts: list[float]) -> dict:
     q = np.percentile(ts, [25, 75]) if len(ts) > 1 else (ts[0], ts[0])
     return {"median_s": statistics.median(ts), "q25_s": float(q[0]), "q75_s": float(q[1]), "repeats": len(ts)}
 
@@ -241,7 +255,7 @@ def peak_matmul_gflops(n: int = 2048) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     ts = time_interleaved({"dot": lambda: jax.block_until_ready(f(a))}, 7, pause_s=0.0)["dot"]
-    return 2 * n ** 3 / min(ts) / 1e9
+    return 2 * n**3 / min(ts) / 1e9
 
 
 def lstm_flops(mode: str, B: int, T: int, D: int, H: int) -> float:

@@ -49,11 +49,27 @@ def main(argv=None):
         t2 = time.perf_counter()
         lowered.compile()
         t3 = time.perf_counter()
-        records.append(dict(impl=impl, mode=mode, seq_len=T, unroll=unroll, batch=B, input_size=D, hidden_size=H,
-                            trace_s=t1 - t0, lower_s=t2 - t1, compile_s=t3 - t2, total_s=t3 - t0))
+        records.append(
+            dict(
+                impl=impl,
+                mode=mode,
+                seq_len=T,
+                unroll=unroll,
+                batch=B,
+                input_size=D,
+                hidden_size=H,
+                trace_s=t1 - t0,
+                lower_s=t2 - t1,
+                compile_s=t3 - t2,
+                total_s=t3 - t0,
+            )
+        )
     print(f"{'impl':15s} {'mode':8s} {'T':>5s} {'unroll':>6s} {'trace':>7s} {'lower':>7s} {'compile':>8s}")
     for r in records:
-        print(f"{r['impl']:15s} {r['mode']:8s} {r['seq_len']:5d} {r['unroll']:6d} {r['trace_s']:7.3f} {r['lower_s']:7.3f} {r['compile_s']:8.3f}")
+        print(
+            f"{r['impl']:15s} {r['mode']:8s} {r['seq_len']:5d} {r['unroll']:6d} "
+            f"{r['trace_s']:7.3f} {r['lower_s']:7.3f} {r['compile_s']:8.3f}"
+        )
     result = {"machine": C.machine_info(), "records": records}
     os.makedirs(out, exist_ok=True)
     C.write_json(os.path.join(out, "compile_time.json"), result)

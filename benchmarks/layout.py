@@ -107,8 +107,15 @@ def variants(p, B, T, D, H):
         ys = jax.lax.scan(body, zeros_fm, jnp.arange(T), unroll=unroll)[1]
         return jnp.transpose(ys, (0, 2, 1))
 
-    return {"hoist-4H": hoist_4h, "hoist-gate": hoist_gate, "inloop": inloop, "inloop-act": inloop_act,
-            "fm-inloop-act": fm_inloop_act, "fm-inloop-cat": fm_inloop_cat, "fm-hoist": fm_hoist}
+    return {
+        "hoist-4H": hoist_4h,
+        "hoist-gate": hoist_gate,
+        "inloop": inloop,
+        "inloop-act": inloop_act,
+        "fm-inloop-act": fm_inloop_act,
+        "fm-inloop-cat": fm_inloop_cat,
+        "fm-hoist": fm_hoist,
+    }
 
 
 def main(argv=None):
@@ -139,6 +146,7 @@ def main(argv=None):
         f32 = jnp.dtype(jnp.float32)
         train = {}
         for u in (1, 4):
+
             def loss(p, x, u=u):
                 cfg = FusedConfig(mm_dtype=f32, acc_dtype=f32, backward_unroll=u)
                 ys, _ = fused_lstm(cfg, p, (jnp.zeros((B, H)), jnp.zeros((B, H))), jnp.swapaxes(x, 0, 1), None)
@@ -152,10 +160,22 @@ def main(argv=None):
         for name, ts in times.items():
             s = C.summarize(ts)
             ref = base_train if name.startswith("train/") else base
-            records.append(dict(variant=name, seq_len=T, batch=B, input_size=D, hidden_size=H,
-                                tokens_per_s=B * T / s["median_s"], ratio=ref / s["median_s"], **s))
-            print(f"T={T:5d} {name:26s} {B * T / s['median_s']:9.0f} tok/s  {ref / s['median_s']:.2f}x "
-                  f"{'vs backward-unroll1' if name.startswith('train/') else 'vs flax'}")
+            records.append(
+                dict(
+                    variant=name,
+                    seq_len=T,
+                    batch=B,
+                    input_size=D,
+                    hidden_size=H,
+                    tokens_per_s=B * T / s["median_s"],
+                    ratio=ref / s["median_s"],
+                    **s,
+                )
+            )
+            print(
+                f"T={T:5d} {name:26s} {B * T / s['median_s']:9.0f} tok/s  {ref / s['median_s']:.2f}x "
+                f"{'vs backward-unroll1' if name.startswith('train/') else 'vs flax'}"
+            )
     os.makedirs(out, exist_ok=True)
     C.write_json(os.path.join(out, "layout.json"), {"machine": C.machine_info(), "records": records})
     print(f"wrote {out}/layout.json")

@@ -31,10 +31,21 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--input-size", type=int, default=128)
     ap.add_argument("--hidden-size", type=int, default=256)
-    ap.add_argument("--impls", nargs="+",
-                    default=["jaxlstm", "jaxlstm-ckpt64", "jaxlstm-ckpt256", "jaxlstm-tm", "jaxlstm-tm-ckpt64",
-                             "jaxlstm-tm-ckpt256", "jaxlstm-autodiff", "flax-optimized"],
-                    help="jaxlstm[-tm][-ckptK]: -tm feeds time-major [T, B, D] inputs (no layout copies)")
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        default=[
+            "jaxlstm",
+            "jaxlstm-ckpt64",
+            "jaxlstm-ckpt256",
+            "jaxlstm-tm",
+            "jaxlstm-tm-ckpt64",
+            "jaxlstm-tm-ckpt256",
+            "jaxlstm-autodiff",
+            "flax-optimized",
+        ],
+        help="jaxlstm[-tm][-ckptK]: -tm feeds time-major [T, B, D] inputs (no layout copies)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
@@ -54,9 +65,18 @@ def main(argv=None):
             params = init(jax.random.key(0))
             compiled = jax.jit(C.train_step(apply)).lower(params, xs).compile()
             mem = compiled.memory_analysis()
-            rec = dict(impl=impl, mode="train", batch=B, seq_len=T, input_size=D, hidden_size=H, dtype="float32",
-                       temp_bytes=int(mem.temp_size_in_bytes), argument_bytes=int(mem.argument_size_in_bytes),
-                       output_bytes=int(mem.output_size_in_bytes))
+            rec = dict(
+                impl=impl,
+                mode="train",
+                batch=B,
+                seq_len=T,
+                input_size=D,
+                hidden_size=H,
+                dtype="float32",
+                temp_bytes=int(mem.temp_size_in_bytes),
+                argument_bytes=int(mem.argument_size_in_bytes),
+                output_bytes=int(mem.output_size_in_bytes),
+            )
             records.append(rec)
             if T in args.time_seq_lens:
                 x = jax.random.normal(jax.random.key(1), shape)
@@ -73,11 +93,17 @@ def main(argv=None):
     for r in records:
         b = base.get((base_of(r["impl"]), r["seq_len"]))
         r["temp_ratio_vs_base"] = None if b is None else r["temp_bytes"] / max(b["temp_bytes"], 1)
-        r["throughput_ratio_vs_base"] = (r["tokens_per_s"] / b["tokens_per_s"]
-                                            if b is not None and "tokens_per_s" in r and "tokens_per_s" in b else None)
+        r["throughput_ratio_vs_base"] = (
+            r["tokens_per_s"] / b["tokens_per_s"]
+            if b is not None and "tokens_per_s" in r and "tokens_per_s" in b
+            else None
+        )
         tps = f"{r['tokens_per_s']:9.0f}" if "tokens_per_s" in r else " " * 9
         tr = f"{r['throughput_ratio_vs_base']:.2f}x" if r["throughput_ratio_vs_base"] else ""
-        print(f"{r['seq_len']:6d} {r['impl']:18s} {r['temp_bytes'] / 2**20:10.1f} {r['temp_ratio_vs_base'] or 0:10.3f}x {tps} {tr:>17s}")
+        print(
+            f"{r['seq_len']:6d} {r['impl']:18s} {r['temp_bytes'] / 2**20:10.1f} "
+            f"{r['temp_ratio_vs_base'] or 0:10.3f}x {tps} {tr:>17s}"
+        )
     result = {"machine": C.machine_info(), "records": records}
     os.makedirs(out, exist_ok=True)
     C.write_json(os.path.join(out, "memory.json"), result)
@@ -97,8 +123,13 @@ def _plot(records, path):
         rs = sorted((r for r in records if r["impl"] == impl), key=lambda r: r["seq_len"])
         ax.plot([r["seq_len"] for r in rs], [r["temp_bytes"] / 2**20 for r in rs], marker="o", label=impl)
     r0 = records[0]
-    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="peak temp memory of a train step (MiB)",
-           title=f"train step, B={r0['batch']} D={r0['input_size']} H={r0['hidden_size']} float32")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="sequence length T",
+        ylabel="peak temp memory of a train step (MiB)",
+        title=f"train step, B={r0['batch']} D={r0['input_size']} H={r0['hidden_size']} float32",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

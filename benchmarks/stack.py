@@ -50,23 +50,48 @@ def main(argv=None):
         lengths = jnp.full((B,), T, jnp.int32).at[0].set(T // 2)
         fp = flax_model.init(jax.random.key(0), xs, lengths)
         impls = {
-            "jaxlstm-fused-directions": (lambda p, x: jaxlstm.lstm_stack(p, x, seq_lengths=lengths, fuse_directions=True)[0], params),
-            "jaxlstm-separate-directions": (lambda p, x: jaxlstm.lstm_stack(p, x, seq_lengths=lengths, fuse_directions=False)[0], params),
+            "jaxlstm-fused-directions": (
+                lambda p, x: jaxlstm.lstm_stack(p, x, seq_lengths=lengths, fuse_directions=True)[0],
+                params,
+            ),
+            "jaxlstm-separate-directions": (
+                lambda p, x: jaxlstm.lstm_stack(p, x, seq_lengths=lengths, fuse_directions=False)[0],
+                params,
+            ),
             "flax-optimized": (lambda p, x: flax_model.apply(p, x, lengths), fp),
         }
         for mode in ("forward", "train"):
             fns = {}
             for name, (f, p) in impls.items():
-                g = jax.jit(f) if mode == "forward" else jax.jit(jax.value_and_grad(lambda p, x, f=f: jnp.mean(jnp.square(f(p, x))), argnums=(0, 1)))
+                g = (
+                    jax.jit(f)
+                    if mode == "forward"
+                    else jax.jit(jax.value_and_grad(lambda p, x, f=f: jnp.mean(jnp.square(f(p, x))), argnums=(0, 1)))
+                )
                 c = g.lower(p, xs).compile()
                 fns[name] = lambda c=c, p=p: jax.block_until_ready(c(p, xs))
             times = C.time_interleaved(fns, args.repeats)
             base = C.summarize(times["jaxlstm-separate-directions"])["median_s"]
             for name, ts in times.items():
                 s = C.summarize(ts)
-                records.append(dict(impl=name, mode=mode, seq_len=T, batch=B, input_size=D, hidden_size=H, num_layers=L,
-                                    tokens_per_s=B * T / s["median_s"], ratio_vs_separate=base / s["median_s"], **s))
-                print(f"{mode:8s} T={T:5d} {name:28s} {B * T / s['median_s']:9.0f} tok/s  {base / s['median_s']:.2f}x vs separate")
+                records.append(
+                    dict(
+                        impl=name,
+                        mode=mode,
+                        seq_len=T,
+                        batch=B,
+                        input_size=D,
+                        hidden_size=H,
+                        num_layers=L,
+                        tokens_per_s=B * T / s["median_s"],
+                        ratio_vs_separate=base / s["median_s"],
+                        **s,
+                    )
+                )
+                print(
+                    f"{mode:8s} T={T:5d} {name:28s} {B * T / s['median_s']:9.0f} tok/s  "
+                    f"{base / s['median_s']:.2f}x vs separate"
+                )
     os.makedirs(out, exist_ok=True)
     C.write_json(os.path.join(out, "stack.json"), {"machine": C.machine_info(), "records": records})
     print(f"wrote {out}/stack.json")

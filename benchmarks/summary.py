@@ -1,6 +1,6 @@
 """Writes ``SUMMARY.md`` from the JSON files of one results folder.
 
-    python -m benchmarks.summary [benchmarks/results/cpu]
+python -m benchmarks.summary [benchmarks/results/cpu]
 """
 
 from __future__ import annotations
@@ -28,8 +28,12 @@ def throughput_table(tp) -> str:
             cells = []
             for T in lens:
                 r = next((r for r in recs if r["impl"] == impl and r["mode"] == mode and r["seq_len"] == T), None)
-                cells.append("" if r is None else f"{r['tokens_per_s'] / 1e3:.1f}k ({r['ratio_vs_flax']:.2f}x, "
-                             f"{100 * r['fraction_of_peak']:.0f}%)")
+                cells.append(
+                    ""
+                    if r is None
+                    else f"{r['tokens_per_s'] / 1e3:.1f}k ({r['ratio_vs_flax']:.2f}x, "
+                    f"{100 * r['fraction_of_peak']:.0f}%)"
+                )
             lines.append(f"| {impl} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -38,14 +42,25 @@ def memory_table(mem) -> str:
     recs = mem["records"]
     lens = sorted({r["seq_len"] for r in recs})
     impls = list(dict.fromkeys(r["impl"] for r in recs))
-    lines = ["| impl | " + " | ".join(f"T={T} MiB (vs base)" for T in lens) + " | tokens/s at timed T (vs same layout, no checkpointing) |",
-             "|---|" + "---|" * (len(lens) + 1)]
+    lines = [
+        "| impl | "
+        + " | ".join(f"T={T} MiB (vs base)" for T in lens)
+        + " | tokens/s at timed T (vs same layout, no checkpointing) |",
+        "|---|" + "---|" * (len(lens) + 1),
+    ]
     for impl in impls:
         cells, tput = [], ""
         for T in lens:
             r = next((r for r in recs if r["impl"] == impl and r["seq_len"] == T), None)
-            cells.append("" if r is None else f"{r['temp_bytes'] / 2**20:.0f} ({r['temp_ratio_vs_base']:.2f}x)"
-                         if r.get("temp_ratio_vs_base") else "" if r is None else f"{r['temp_bytes'] / 2**20:.0f}")
+            cells.append(
+                ""
+                if r is None
+                else f"{r['temp_bytes'] / 2**20:.0f} ({r['temp_ratio_vs_base']:.2f}x)"
+                if r.get("temp_ratio_vs_base")
+                else ""
+                if r is None
+                else f"{r['temp_bytes'] / 2**20:.0f}"
+            )
             if r is not None and "tokens_per_s" in r:
                 tput = f"{r['tokens_per_s'] / 1e3:.1f}k at T={T} ({r['throughput_ratio_vs_base']:.2f}x)"
         lines.append(f"| {impl} | " + " | ".join(cells) + f" | {tput} |")
@@ -54,11 +69,15 @@ def memory_table(mem) -> str:
 
 def compile_table(ct) -> str:
     recs = ct["records"]
-    lines = ["| impl | mode | unroll | " + " | ".join(f"T={T}" for T in sorted({r['seq_len'] for r in recs})) + " |",
-             "|---|---|---|" + "---|" * len({r['seq_len'] for r in recs})]
+    lines = [
+        "| impl | mode | unroll | " + " | ".join(f"T={T}" for T in sorted({r["seq_len"] for r in recs})) + " |",
+        "|---|---|---|" + "---|" * len({r["seq_len"] for r in recs}),
+    ]
     keys = list(dict.fromkeys((r["impl"], r["mode"], r["unroll"]) for r in recs))
     for impl, mode, u in keys:
-        rs = sorted((r for r in recs if (r["impl"], r["mode"], r["unroll"]) == (impl, mode, u)), key=lambda r: r["seq_len"])
+        rs = sorted(
+            (r for r in recs if (r["impl"], r["mode"], r["unroll"]) == (impl, mode, u)), key=lambda r: r["seq_len"]
+        )
         lines.append(f"| {impl} | {mode} | {u} | " + " | ".join(f"{r['total_s']:.2f}s" for r in rs) + " |")
     return "\n".join(lines)
 
@@ -70,27 +89,38 @@ def main(argv=None):
     tp = _load(folder, "throughput.json")
     if tp:
         m = tp["machine"]
-        parts.append(f"Machine: {m['cpu']}, {m['cores']} cores, jax {m['jax']}, flax {m['flax']}, torch {m.get('torch')}; "
-                     f"peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s; malloc: {m.get('allocator', 'default')}"
-                     f"{' (GLIBC_TUNABLES=' + m['malloc_env']['GLIBC_TUNABLES'] + ')' if 'GLIBC_TUNABLES' in m.get('malloc_env', {}) else ''}. "
-                     f"B={tp['records'][0]['batch']}, D={tp['records'][0]['input_size']}, H={tp['records'][0]['hidden_size']}, "
-                     f"{tp['records'][0]['dtype']}; medians of interleaved rounds.\n")
+        tunables = m.get("malloc_env", {}).get("GLIBC_TUNABLES")
+        parts.append(
+            f"Machine: {m['cpu']}, {m['cores']} cores, jax {m['jax']}, flax {m['flax']}, torch {m.get('torch')}; "
+            f"peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s; malloc: {m.get('allocator', 'default')}"
+            f"{f' (GLIBC_TUNABLES={tunables})' if tunables else ''}. "
+            f"B={tp['records'][0]['batch']}, D={tp['records'][0]['input_size']}, H={tp['records'][0]['hidden_size']}, "
+            f"{tp['records'][0]['dtype']}; medians of interleaved rounds.\n"
+        )
         parts.append("## Throughput (`benchmarks.throughput`)\n" + throughput_table(tp) + "\n")
     mem = _load(folder, "memory.json")
     if mem:
         parts.append("## Train-step temp memory (`benchmarks.memory`)\n\n" + memory_table(mem) + "\n")
     ct = _load(folder, "compile_time.json")
     if ct:
-        parts.append("## Compile time: trace + lower + compile (`benchmarks.compile_time`)\n\n" + compile_table(ct) + "\n")
-    for name, title in (("layout.json", "Scan-body layout (`benchmarks.layout`)"), ("stack.json", "Bidirectional (`benchmarks.stack`)")):
+        parts.append(
+            "## Compile time: trace + lower + compile (`benchmarks.compile_time`)\n\n" + compile_table(ct) + "\n"
+        )
+    for name, title in (
+        ("layout.json", "Scan-body layout (`benchmarks.layout`)"),
+        ("stack.json", "Bidirectional (`benchmarks.stack`)"),
+    ):
         d = _load(folder, name)
         if d:
             parts.append(f"## {title}\n")
             key = "variant" if name == "layout.json" else "impl"
             ratio = "ratio" if name == "layout.json" else "ratio_vs_separate"
             parts.append("| case | T | tokens/s | ratio |\n|---|---|---|---|")
-            parts.extend(f"| {r.get('mode', '') + ' ' if 'mode' in r else ''}{r[key]} | {r['seq_len']} | "
-                         f"{r['tokens_per_s'] / 1e3:.1f}k | {r[ratio]:.2f}x |" for r in d["records"])
+            parts.extend(
+                f"| {r.get('mode', '') + ' ' if 'mode' in r else ''}{r[key]} | {r['seq_len']} | "
+                f"{r['tokens_per_s'] / 1e3:.1f}k | {r[ratio]:.2f}x |"
+                for r in d["records"]
+            )
             parts.append("")
     text = "\n".join(parts)
     with open(os.path.join(folder, "SUMMARY.md"), "w") as f:

@@ -30,17 +30,31 @@ def parse(argv=None):
     ap.add_argument("--input-size", type=int, default=128)
     ap.add_argument("--hidden-size", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--impls", nargs="+", default=None, choices=C.ALL_IMPLS,
-                    help="default: jaxlstm, jaxlstm-ckpt64, both flax cells, torch if installed, cuDNN on GPU")
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        choices=C.ALL_IMPLS,
+        help="default: jaxlstm, jaxlstm-ckpt64, both flax cells, torch if installed, cuDNN on GPU",
+    )
     ap.add_argument("--all-impls", action="store_true", help="also the unroll8 / bf16 / autodiff variants")
     ap.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--budget-s", type=float, default=6.0, help="per (T, mode): stop repeating after this, min 3 rounds")
+    ap.add_argument(
+        "--budget-s", type=float, default=6.0, help="per (T, mode): stop repeating after this, min 3 rounds"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 3 lengths, every available implementation")
-    ap.add_argument("--thp", action="store_true",
-                    help="restart with glibc malloc on transparent huge pages (GLIBC_TUNABLES=%s); "
-                         "results go to benchmarks/runs/<device>-thp/" % C.THP_TUNABLE)
-    ap.add_argument("--out", default=None, help="default benchmarks/runs/<device>/ (untracked); committed results: --out benchmarks/results/<name>")
+    ap.add_argument(
+        "--thp",
+        action="store_true",
+        help=f"restart with glibc malloc on transparent huge pages (GLIBC_TUNABLES={C.THP_TUNABLE}); "
+        "results go to benchmarks/runs/<device>-thp/",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="default benchmarks/runs/<device>/ (untracked); committed results: --out benchmarks/results/<name>",
+    )
     args = ap.parse_args(argv)
     if args.thp:
         C.reexec_with_thp("benchmarks.throughput", sys.argv[1:] if argv is None else argv)
@@ -65,9 +79,16 @@ def run(args) -> dict:
                 s = C.summarize(ts)
                 records.append(
                     dict(
-                        impl=impl, mode=mode, batch=B, seq_len=T, input_size=D, hidden_size=H, dtype=args.dtype,
+                        impl=impl,
+                        mode=mode,
+                        batch=B,
+                        seq_len=T,
+                        input_size=D,
+                        hidden_size=H,
+                        dtype=args.dtype,
                         tokens_per_s=B * T / s["median_s"],
-                        tokens_per_s_q25=B * T / s["q75_s"], tokens_per_s_q75=B * T / s["q25_s"],
+                        tokens_per_s_q25=B * T / s["q75_s"],
+                        tokens_per_s_q75=B * T / s["q25_s"],
                         compile_s=built[impl][mode + "_compile_s"],
                         gflops=C.lstm_flops(mode, B, T, D, H) / s["median_s"] / 1e9,
                         **s,
@@ -75,14 +96,19 @@ def run(args) -> dict:
                 )
         del built
     for r in records:
-        base = next((b for b in records if b["impl"] == BASELINE and b["mode"] == r["mode"] and b["seq_len"] == r["seq_len"]), None)
+        base = next(
+            (b for b in records if b["impl"] == BASELINE and b["mode"] == r["mode"] and b["seq_len"] == r["seq_len"]),
+            None,
+        )
         r["ratio_vs_flax"] = None if base is None else r["tokens_per_s"] / base["tokens_per_s"]
         r["fraction_of_peak"] = r["gflops"] / info["peak_matmul_gflops"]
     return {"machine": info, "config": {k: v for k, v in vars(args).items() if k != "out"}, "records": records}
 
 
 def table(result: dict) -> str:
-    lines = [f"{'mode':8s} {'T':>5s} {'impl':18s} {'tok/s':>10s} {'IQR':>17s} {'vs flax':>8s} {'%peak':>6s} {'compile':>8s}"]
+    lines = [
+        f"{'mode':8s} {'T':>5s} {'impl':18s} {'tok/s':>10s} {'IQR':>17s} {'vs flax':>8s} {'%peak':>6s} {'compile':>8s}"
+    ]
     for r in sorted(result["records"], key=lambda r: (r["mode"], r["seq_len"])):
         ratio = "" if r["ratio_vs_flax"] is None else f"{r['ratio_vs_flax']:.2f}x"
         lines.append(
@@ -102,21 +128,34 @@ def plot(result: dict, path: str) -> None:
     recs = result["records"]
     modes = sorted({r["mode"] for r in recs})
     fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[0], modes, strict=True):
         for impl in dict.fromkeys(r["impl"] for r in recs):
             rs = sorted((r for r in recs if r["impl"] == impl and r["mode"] == mode), key=lambda r: r["seq_len"])
             ax.errorbar(
-                [r["seq_len"] for r in rs], [r["tokens_per_s"] for r in rs],
-                yerr=[[r["tokens_per_s"] - r["tokens_per_s_q25"] for r in rs], [r["tokens_per_s_q75"] - r["tokens_per_s"] for r in rs]],
-                marker="o", label=impl, lw=2.5 if impl == "jaxlstm" else 1.2, capsize=2,
+                [r["seq_len"] for r in rs],
+                [r["tokens_per_s"] for r in rs],
+                yerr=[
+                    [r["tokens_per_s"] - r["tokens_per_s_q25"] for r in rs],
+                    [r["tokens_per_s_q75"] - r["tokens_per_s"] for r in rs],
+                ],
+                marker="o",
+                label=impl,
+                lw=2.5 if impl == "jaxlstm" else 1.2,
+                capsize=2,
             )
         r0 = recs[0]
-        ax.set(xscale="log", xlabel="sequence length T", ylabel="tokens / s",
-               title=f"{mode}: B={r0['batch']} D={r0['input_size']} H={r0['hidden_size']} {r0['dtype']}")
+        ax.set(
+            xscale="log",
+            xlabel="sequence length T",
+            ylabel="tokens / s",
+            title=f"{mode}: B={r0['batch']} D={r0['input_size']} H={r0['hidden_size']} {r0['dtype']}",
+        )
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['machine']['cpu']} ({result['machine']['cores']} cores), jax {result['machine']['jax']}", fontsize=9)
+    fig.suptitle(
+        f"{result['machine']['cpu']} ({result['machine']['cores']} cores), jax {result['machine']['jax']}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -62,7 +62,8 @@ class LinenClassifier(nn.Module):
     def __call__(self, xs, lengths, deterministic=True):
         h = nn.Dense(self.embed)(xs)
         ys, _ = jl.LSTM(self.hidden, num_layers=2, bidirectional=True, dropout=self.dropout)(
-            h, seq_lengths=lengths, deterministic=deterministic)
+            h, seq_lengths=lengths, deterministic=deterministic
+        )
         return nn.Dense(self.classes)(masked_mean(ys, lengths))
 
 
@@ -79,7 +80,7 @@ class NNXClassifier(nnx.Module):
 
 def _batches(rng, n, batch):
     idx = rng.permutation(n)
-    return [idx[i:i + batch] for i in range(0, n - batch + 1, batch)]
+    return [idx[i : i + batch] for i in range(0, n - batch + 1, batch)]
 
 
 def _xent(logits, y):
@@ -134,7 +135,9 @@ def train_nnx(train, test, args):
     model.eval()
     predict = nnx.jit(lambda m, x, l: m(x, l).argmax(-1))
     # Pure nested dicts of arrays serialize like linen params.
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param)), lambda params, x, l: predict(_with_params(model, params), x, l)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param)), lambda params, x, l: predict(
+        _with_params(model, params), x, l
+    )
 
 
 def _with_params(model, pure_params):
@@ -149,7 +152,7 @@ def _loop(step, carry, train, args):
     rng = np.random.default_rng(args.seed)
     key = jax.random.key(args.seed + 1)
     bar = tqdm(range(args.epochs), desc="epochs")
-    for epoch in bar:
+    for _ in bar:
         losses, accs = [], []
         for idx in _batches(rng, len(x), args.batch):
             key, sub = jax.random.split(key)
@@ -162,7 +165,9 @@ def _loop(step, carry, train, args):
 
 def accuracy(predict, params, data, batch=256):
     x, l, y = data
-    preds = np.concatenate([np.asarray(predict(params, x[i:i + batch], l[i:i + batch])) for i in range(0, len(x), batch)])
+    preds = np.concatenate(
+        [np.asarray(predict(params, x[i : i + batch], l[i : i + batch])) for i in range(0, len(x), batch)]
+    )
     return float((preds == y).mean()), preds
 
 
@@ -174,8 +179,11 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join("examples", "runs"),
-                    help="untracked by default; the committed results: --out examples/results")
+    ap.add_argument(
+        "--out",
+        default=os.path.join("examples", "runs"),
+        help="untracked by default; the committed results: --out examples/results",
+    )
     args = ap.parse_args(argv)
     train, test = load_digits(args.seed)
     t0 = time.time()
@@ -193,12 +201,21 @@ def main(argv=None):
         restored = serialization.from_bytes(template, f.read())
     _, preds_restored = accuracy(predict, restored, test)
     identical = bool((preds == preds_restored).all())
-    result = {"api": args.api, "test_accuracy": test_acc, "n_train": len(train[0]), "n_test": len(test[0]),
-              "epochs": args.epochs, "train_s": train_s, "restored_predictions_identical": identical}
+    result = {
+        "api": args.api,
+        "test_accuracy": test_acc,
+        "n_train": len(train[0]),
+        "n_test": len(test[0]),
+        "epochs": args.epochs,
+        "train_s": train_s,
+        "restored_predictions_identical": identical,
+    }
     with open(os.path.join(args.out, f"flax_classifier_{args.api}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"[{args.api}] test accuracy {test_acc:.4f} on {len(test[0])} held-out digits "
-          f"(trained {train_s:.0f}s); restored params give identical predictions: {identical}")
+    print(
+        f"[{args.api}] test accuracy {test_acc:.4f} on {len(test[0])} held-out digits "
+        f"(trained {train_s:.0f}s); restored params give identical predictions: {identical}"
+    )
     return result
 
 

@@ -75,9 +75,9 @@ def init_model(key, model: str, input_size: int, hidden: int, num_classes: int, 
     k1, k2 = jax.random.split(key)
     cell = MODELS[model][0](k1, input_size, hidden)
     if model == "lstm":  # chrono: input gate (slice i of i, f, g, o) -b, forget gate (slice f) +b
-        cell = cell._replace(b=cell.b.at[:hidden].set(-gate_bias).at[hidden:2 * hidden].set(gate_bias))
+        cell = cell._replace(b=cell.b.at[:hidden].set(-gate_bias).at[hidden : 2 * hidden].set(gate_bias))
     if model == "gru":  # update gate: slice z of r, z, n
-        cell = cell._replace(b=cell.b.at[hidden:2 * hidden].set(gate_bias))
+        cell = cell._replace(b=cell.b.at[hidden : 2 * hidden].set(gate_bias))
     w_out = jax.nn.initializers.glorot_uniform()(k2, (hidden, num_classes))
     return {"cell": cell, "w_out": w_out, "b_out": jnp.zeros((num_classes,))}
 
@@ -125,9 +125,18 @@ def train(model, seq_len, args, key):
         params, state, loss = step(params, state, keys[i])
     xs, labels = make_batch(jax.random.key(12345), 1024, seq_len, args.num_classes, args.noise)
     acc = float((logits_fn(model, params, xs).argmax(-1) == labels).mean())
-    return {"model": model, "seq_len": seq_len, "metric": acc, "metric_name": "accuracy",
-            "solved": acc >= SOLVED, "final_loss": float(loss), "hidden_size": H, "num_params": num_params(params),
-            "chance": 1.0 / args.num_classes, "gate_bias": gate_bias(args, seq_len)}
+    return {
+        "model": model,
+        "seq_len": seq_len,
+        "metric": acc,
+        "metric_name": "accuracy",
+        "solved": acc >= SOLVED,
+        "final_loss": float(loss),
+        "hidden_size": H,
+        "num_params": num_params(params),
+        "chance": 1.0 / args.num_classes,
+        "gate_bias": gate_bias(args, seq_len),
+    }
 
 
 def gradient_norms(model, seq_len, args, key):
@@ -151,8 +160,13 @@ def plot(result, out):
         ax.plot([r["seq_len"] for r in rs], [r["metric"] for r in rs], marker="o", label=m)
     ax.axhline(SOLVED, ls="--", c="gray", lw=1, label=f"solved ({SOLVED})")
     ax.axhline(result["config"]["chance"], ls=":", c="gray", lw=1, label="chance")
-    ax.set(xscale="log", xlabel="distance to remember (sequence length T)", ylabel="held-out accuracy",
-           title="recall the first token after T-1 distractors", ylim=(0, 1.05))
+    ax.set(
+        xscale="log",
+        xlabel="distance to remember (sequence length T)",
+        ylabel="held-out accuracy",
+        title="recall the first token after T-1 distractors",
+        ylim=(0, 1.05),
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "long_memory_accuracy.png"), dpi=110)
@@ -162,8 +176,12 @@ def plot(result, out):
     for m, g in result["grad_norms"].items():
         g = np.asarray(g)
         ax.plot(np.arange(len(g))[::-1], g, label=m)  # distance from the end = T-1-t
-    ax.set(yscale="log", xlabel="distance from the loss (T-1-t)", ylabel="||dL/dx_t|| at initialisation",
-           title=f"gradient reaching step t, T={result['grad_norm_seq_len']}")
+    ax.set(
+        yscale="log",
+        xlabel="distance from the loss (T-1-t)",
+        ylabel="||dL/dx_t|| at initialisation",
+        title=f"gradient reaching step t, T={result['grad_norm_seq_len']}",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "long_memory_gradients.png"), dpi=110)
@@ -180,11 +198,19 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--num-classes", type=int, default=4)
     ap.add_argument("--noise", type=float, default=1.0, help="std of the distractor noise")
-    ap.add_argument("--gate-bias", type=float, default=None, help="chrono init: LSTM forget bias +b, input bias -b; GRU update bias +b (default log(T), at least 1)")
+    ap.add_argument(
+        "--gate-bias",
+        type=float,
+        default=None,
+        help="chrono init: LSTM forget bias +b, input bias -b; GRU update bias +b (default log(T), at least 1)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="3 lengths up to 100, fewer steps")
-    ap.add_argument("--out", default=os.path.join("examples", "runs"),
-                    help="untracked by default; the committed results: --out examples/results")
+    ap.add_argument(
+        "--out",
+        default=os.path.join("examples", "runs"),
+        help="untracked by default; the committed results: --out examples/results",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_lens, args.steps = [10, 30, 100], 400
@@ -199,9 +225,14 @@ def main(argv=None):
             tqdm.write(f"T={T:5d} {m:5s} accuracy={r['metric']:.3f} solved={r['solved']} params={r['num_params']}")
     T_grad = max(args.seq_lens)
     grads = {m: gradient_norms(m, T_grad, args, jax.random.fold_in(key, T_grad)) for m in args.models}
-    result = {"results": results, "grad_norms": grads, "grad_norm_seq_len": T_grad, "solved_threshold": SOLVED,
-              "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "chance": 1.0 / args.num_classes},
-              "wall_s": time.time() - t0}
+    result = {
+        "results": results,
+        "grad_norms": grads,
+        "grad_norm_seq_len": T_grad,
+        "solved_threshold": SOLVED,
+        "config": {**{k: v for k, v in vars(args).items() if k != "out"}, "chance": 1.0 / args.num_classes},
+        "wall_s": time.time() - t0,
+    }
     with open(os.path.join(args.out, "long_memory.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, args.out)

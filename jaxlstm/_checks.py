@@ -7,11 +7,10 @@ value given.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from .params import LSTMParams, LSTMState
 
@@ -37,7 +36,7 @@ def as_float_array(name: str, x):
 
 def static_bool(name: str, value) -> bool:
     """A Python bool that chooses the program (not an array: it cannot be traced)."""
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         raise TypeError(
             f"{name} must be a Python bool, got a traced value: under jax.jit pass it as a static argument "
             f"(jax.jit(fn, static_argnames=({name!r},))) or close over it"
@@ -48,7 +47,7 @@ def static_bool(name: str, value) -> bool:
 
 
 def one_of(name: str, value, options: tuple) -> None:
-    if isinstance(value, jax.core.Tracer) or value not in options:
+    if isinstance(value, Tracer) or value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
@@ -84,7 +83,7 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
-def matrix(name: str, w, rows: Optional[int] = None, cols: Optional[int] = None) -> None:
+def matrix(name: str, w, rows: int | None = None, cols: int | None = None) -> None:
     float_array(name, w)
     if w.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {_shape(w)}")
@@ -100,7 +99,7 @@ def vector(name: str, b, size: int) -> None:
         raise ValueError(f"{name} must have shape ({size},), got {_shape(b)}")
 
 
-def gated_params(name: str, params, n_gates: int) -> Tuple[int, int]:
+def gated_params(name: str, params, n_gates: int) -> tuple[int, int]:
     """Checks ``w_ih [D, G*H]``, ``w_hh [R, G*H]``, ``b [G*H]``; returns ``(D, H)``."""
     matrix(f"{name}.w_ih", params.w_ih)
     D, GH = params.w_ih.shape
@@ -113,7 +112,7 @@ def gated_params(name: str, params, n_gates: int) -> Tuple[int, int]:
     return D, GH // n_gates
 
 
-def lstm_params(params, name: str = "params") -> Tuple[int, int, int]:
+def lstm_params(params, name: str = "params") -> tuple[int, int, int]:
     """Validates ``LSTMParams``; returns ``(D, H, R)``."""
     if not isinstance(params, LSTMParams):
         kind = type(params).__name__
@@ -132,7 +131,7 @@ def lstm_params(params, name: str = "params") -> Tuple[int, int, int]:
     return D, H, R
 
 
-def sequence(name: str, xs, input_size: int, time_major: bool) -> Tuple[tuple, int]:
+def sequence(name: str, xs, input_size: int, time_major: bool) -> tuple[tuple, int]:
     """Validates ``xs`` (``[..., T, D]`` or ``[T, ..., D]``); returns ``(batch_shape, T)``."""
     float_array(name, xs)
     layout = "[T, ..., D]" if time_major else "[..., T, D]"
@@ -155,7 +154,7 @@ def same_dtype(name: str, params) -> None:
         raise TypeError(f"{name} must have one dtype throughout (cast with jax.tree.map), got {listed}")
 
 
-def step_input(name: str, x, input_size: int, batch_shape: Optional[tuple] = None) -> None:
+def step_input(name: str, x, input_size: int, batch_shape: tuple | None = None) -> None:
     """One step's input ``[..., D]``; with ``batch_shape`` (the state's), a rank
     mismatch blames ``x`` (a sequence passed as a step); other batch mismatches
     are reported on the state."""
@@ -178,9 +177,11 @@ def state_array(name: str, x, expected: tuple) -> None:
 def lstm_state(name: str, state, batch_shape: tuple, H: int, R: int) -> None:
     """``LSTMState(h [*batch_shape, R], c [*batch_shape, H])``."""
     if not isinstance(state, LSTMState):
-        hint = " (wrap a pair as jaxlstm.LSTMState(h, c): h first; flax cells carry (c, h))" if isinstance(
-            state, tuple
-        ) else ""
+        hint = (
+            " (wrap a pair as jaxlstm.LSTMState(h, c): h first; flax cells carry (c, h))"
+            if isinstance(state, tuple)
+            else ""
+        )
         raise TypeError(f"{name} must be an LSTMState(h, c){hint}, got {type(state).__name__}")
     state_array(f"{name}.h", state.h, tuple(batch_shape) + (R,))
     state_array(f"{name}.c", state.c, tuple(batch_shape) + (H,))
@@ -199,7 +200,7 @@ def seq_lengths(seq_lengths, batch_shape: tuple, T: int):
         raise ValueError(
             f"seq_lengths must have shape {tuple(batch_shape)} (the batch shape of xs), got {_shape(seq_lengths)}"
         )
-    if not isinstance(seq_lengths, jax.core.Tracer):
+    if not isinstance(seq_lengths, Tracer):
         # Concrete: checked here (traced values are clipped by the engine).
         values = np.asarray(seq_lengths)
         if values.size and (values.min() < 0 or values.max() > T):
@@ -208,4 +209,3 @@ def seq_lengths(seq_lengths, batch_shape: tuple, T: int):
                 f"[{values.min()}, {values.max()}]"
             )
     return seq_lengths
-

@@ -16,7 +16,8 @@ Words used here with one meaning each:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ def transpose_features(tree):
 # masking and the scan
 
 
-def valid_steps(t, lengths: Optional[Array], feature_major: bool = False) -> Optional[Array]:
+def valid_steps(t, lengths: Array | None, feature_major: bool = False) -> Array | None:
     """``[B, 1]`` (``[1, B]`` if ``feature_major``) boolean: is step ``t`` inside each
     sequence. ``None`` without lengths (every step is valid)."""
     if lengths is None:
@@ -74,7 +75,7 @@ def valid_steps(t, lengths: Optional[Array], feature_major: bool = False) -> Opt
     return valid[None, :] if feature_major else valid[:, None]
 
 
-def where_valid(valid: Optional[Array], new, old):
+def where_valid(valid: Array | None, new, old):
     """``new`` where the step is valid, else ``old`` (a pytree, or a scalar ``old``)."""
     if valid is None:
         return new
@@ -87,12 +88,12 @@ def scan_masked(
     step: Callable,
     carry0,
     xs,
-    lengths: Optional[Array],
+    lengths: Array | None,
     *,
     unroll: int = 1,
     t_offset=0,
     feature_major: bool = False,
-):
+) -> tuple[Any, Any, Any]:
     """Scans ``step(carry, x) -> (carry, y, aux)`` over the leading axis of ``xs``.
 
     With ``lengths [B]``, steps with ``t_offset + t >= lengths`` keep the carry and
@@ -152,7 +153,7 @@ def _reverse_prefix_bwd(lengths, g):
 _reverse_prefix_gather_vjp.defvjp(_reverse_prefix_fwd, _reverse_prefix_bwd)
 
 
-def reverse_time(xs: Array, lengths: Optional[Array], *, supports_jvp: bool = True) -> Array:
+def reverse_time(xs: Array, lengths: Array | None, *, supports_jvp: bool = True) -> Array:
     """Reverses each sequence's valid prefix of time-major ``xs [T, B, ...]``:
     ``out[t, b] = xs[len_b - 1 - t, b]`` for ``t < len_b``; padded steps stay in
     place. Its own inverse.
@@ -184,7 +185,7 @@ def from_time_major(ys_tm: Array, batch_shape: tuple, time_major: bool) -> Array
     return ys if time_major else jnp.moveaxis(ys, 0, -2)
 
 
-def flat_lengths(seq_lengths: Optional[Array], batch_shape: tuple, T: int) -> Optional[Array]:
+def flat_lengths(seq_lengths: Array | None, batch_shape: tuple, T: int) -> Array | None:
     """``seq_lengths [*batch_shape]`` -> int32 ``[B]`` clipped to ``[0, T]`` (or ``None``)."""
     if seq_lengths is None:
         return None
@@ -192,7 +193,7 @@ def flat_lengths(seq_lengths: Optional[Array], batch_shape: tuple, T: int) -> Op
 
 
 def reverse_sequences(
-    xs: Array, seq_lengths: Optional[Array], *, time_major: bool = False, supports_jvp: bool = True
+    xs: Array, seq_lengths: Array | None, *, time_major: bool = False, supports_jvp: bool = True
 ) -> Array:
     """:func:`reverse_time` on ``xs [..., T, F]`` (``[T, ..., F]`` if ``time_major``)."""
     if seq_lengths is None:
@@ -221,7 +222,7 @@ def apply_sequence(
     carry0,
     batch_shape: tuple,
     *,
-    seq_lengths: Optional[Array],
+    seq_lengths: Array | None,
     reverse: bool,
     time_major: bool,
     supports_jvp: bool = True,

@@ -22,13 +22,14 @@ mirroring the forward's masking. A ``custom_vjp`` has no forward-mode AD;
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._engine import dot, scan_masked, transpose_features as _t, valid_steps, where_valid
+from ._engine import dot, scan_masked, valid_steps, where_valid
+from ._engine import transpose_features as _t
 from ._step import GATE_AXIS_FM, lstm_step, lstm_step_vjp
 from .gates import split_gates
 from .params import LSTMParams
@@ -40,7 +41,7 @@ class FusedConfig(NamedTuple):
     mm_dtype: np.dtype
     acc_dtype: np.dtype
     unroll: int = 1
-    checkpoint_every: Optional[int] = None
+    checkpoint_every: int | None = None
     # 1: unrolling the reverse scan measured slower (python -m benchmarks.layout).
     backward_unroll: int = 1
 
@@ -58,7 +59,7 @@ class Saved(NamedTuple):
 
     params: LSTMParams
     segment: Segment
-    lengths: Optional[jax.Array]
+    lengths: jax.Array | None
     ys: jax.Array  # [T, R, B]
     acts: jax.Array  # [T, 4H, B]
     cs: jax.Array  # [T, H, B]
@@ -71,19 +72,25 @@ class Checkpoints(NamedTuple):
     params: LSTMParams
     starts: tuple
     xs_chunks: jax.Array
-    lengths: Optional[jax.Array]
+    lengths: jax.Array | None
 
 
 def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: bool = True):
     step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True)
-    if not save:
-        inner = step
 
-        def step(carry, x):
-            carry, y, _ = inner(carry, x)
-            return carry, y, None
+    def without_residuals(carry, x):
+        carry, y, _ = step(carry, x)
+        return carry, y, None
 
-    return scan_masked(step, seg.carry0, seg.xs, lengths, unroll=cfg.unroll, t_offset=t_offset, feature_major=True)
+    return scan_masked(
+        step if save else without_residuals,
+        seg.carry0,
+        seg.xs,
+        lengths,
+        unroll=cfg.unroll,
+        t_offset=t_offset,
+        feature_major=True,
+    )
 
 
 def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
@@ -114,11 +121,12 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
         # GEMMs below without a transpose of the whole stack.
         outs = (dz, where_valid(valid, dh_tot, 0)) if proj else (dz,)
         bufs = tuple(
-            jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), t, axis=1) for b, v in zip(bufs, outs)
+            jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), t, axis=1)
+            for b, v in zip(bufs, outs, strict=True)
         )
         return (dcarry, bufs), None
 
-    widths = [params.w_hh.shape[1]] + ([params.w_hr.shape[1]] if proj else [])
+    widths = [params.w_hh.shape[1]] + ([params.w_hr.shape[1]] if params.w_hr is not None else [])
     bufs = tuple(jnp.zeros((n, T, B), acc) for n in widths)
     ts = jnp.arange(T, dtype=jnp.int32)
     (dcarry0, bufs), _ = jax.lax.scan(

@@ -23,7 +23,7 @@ The weight and input gradients of a step follow from ``dz`` (``dW_ih = x·dzᵀ`
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,7 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
             return dot(w_in, xh, mm_dtype, acc_dtype) + b
 
         def proj(m):
+            assert w_hr_t is not None
             return dot(w_hr_t, m, mm_dtype, acc_dtype)
 
     else:
@@ -65,6 +66,7 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
             return add_bias(z, params.b)
 
         def proj(m):
+            assert params.w_hr is not None
             return dot(m, params.w_hr, mm_dtype, acc_dtype)
 
     axis = GATE_AXIS_FM if feature_major else -1
@@ -102,7 +104,7 @@ def gate_grads(a: jax.Array, dc: jax.Array, c_prev: jax.Array, do: jax.Array) ->
 
 def lstm_step_vjp(
     w_hh: jax.Array,
-    w_hr: Optional[jax.Array],
+    w_hr: jax.Array | None,
     a: jax.Array,
     c: jax.Array,
     c_prev: jax.Array,

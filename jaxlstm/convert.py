@@ -18,14 +18,17 @@ only inside these functions.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .params import LSTMParams
+from .params import GATE_ORDER, LSTMParams
 from .rnn import GRUParams, RNNParams
+
+__all__ = ["from_cudnn", "from_flax", "from_torch", "to_cudnn", "to_flax", "to_torch"]
 
 _KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
 
@@ -36,7 +39,7 @@ def _to_numpy(v) -> np.ndarray:
     return np.asarray(v)
 
 
-def _state_dict(module_or_state_dict) -> Dict[str, np.ndarray]:
+def _state_dict(module_or_state_dict) -> dict[str, np.ndarray]:
     sd = module_or_state_dict.state_dict() if hasattr(module_or_state_dict, "state_dict") else module_or_state_dict
     if not isinstance(sd, Mapping):
         raise TypeError(f"expected an nn.LSTM or its state_dict, got {type(module_or_state_dict).__name__}")
@@ -93,7 +96,7 @@ def _layer_params(kind, sd, sfx, has_proj, dtype):
     if kind == "rnn":
         return RNNParams(w_ih, w_hh, b_ih + b_hh)
     H = G // 3  # GRU: b_hn stays apart because r multiplies it
-    return GRUParams(w_ih, w_hh, b_ih + b_hh.at[2 * H:].set(0), b_hh[2 * H:])
+    return GRUParams(w_ih, w_hh, b_ih + b_hh.at[2 * H :].set(0), b_hh[2 * H :])
 
 
 def from_torch(module_or_state_dict, *, dtype=jnp.float32):
@@ -117,7 +120,7 @@ def from_torch(module_or_state_dict, *, dtype=jnp.float32):
     )
 
 
-def to_torch(params, *, as_numpy: bool = False) -> Dict[str, Any]:
+def to_torch(params, *, as_numpy: bool = False) -> dict[str, Any]:
     """``params[layer][direction]`` (or any pytree of that structure, such as its
     gradients) -> an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` ``state_dict`` of torch
     tensors (numpy arrays with ``as_numpy=True``). Load it with
@@ -134,7 +137,7 @@ def to_torch(params, *, as_numpy: bool = False) -> Dict[str, Any]:
             out["bias_ih" + sfx] = b
             b_hh = np.zeros_like(b)
             if isinstance(p, GRUParams):
-                b_hh[2 * (b.shape[0] // 3):] = f32(p.b_hn)
+                b_hh[2 * (b.shape[0] // 3) :] = f32(p.b_hn)
             out["bias_hh" + sfx] = b_hh
             if isinstance(p, LSTMParams) and p.w_hr is not None:
                 out["weight_hr" + sfx] = f32(p.w_hr).T
@@ -170,7 +173,7 @@ def from_flax(params) -> LSTMParams:
         raise TypeError(f"expected a flax params dict, got {type(params).__name__}")
     if {"w_ih", "w_hh", "b"} <= set(p):
         return LSTMParams(p["w_ih"], p["w_hh"], p["b"], p.get("w_hr"))
-    need = [f"{side}{g}" for side in "ih" for g in "ifgo"]
+    need = [f"{side}{g}" for side in "ih" for g in GATE_ORDER]
     missing = [k for k in need if k not in p]
     if missing:
         raise ValueError(f"flax LSTM params are missing {missing} (found {sorted(p)})")
@@ -184,8 +187,8 @@ def to_flax(params: LSTMParams) -> dict:
     if params.w_hr is not None:
         raise ValueError("flax's LSTM cells have no projection: params.w_hr must be None")
     w_ih, w_hh, b = (jnp.split(a, 4, axis=-1) for a in (params.w_ih, params.w_hh, params.b))
-    out = {f"i{g}": {"kernel": w_ih[j]} for j, g in enumerate("ifgo")}
-    out.update({f"h{g}": {"kernel": w_hh[j], "bias": b[j]} for j, g in enumerate("ifgo")})
+    out = {f"i{g}": {"kernel": w_ih[j]} for j, g in enumerate(GATE_ORDER)}
+    out.update({f"h{g}": {"kernel": w_hh[j], "bias": b[j]} for j, g in enumerate(GATE_ORDER)})
     return out
 
 
@@ -201,16 +204,19 @@ def from_cudnn(weights, input_size: int, hidden_size: int, num_layers: int = 1, 
 
     expected = jrnn.get_num_params_in_lstm(input_size, hidden_size, num_layers, bidirectional)
     if weights.shape != (expected,):
-        raise ValueError(f"weights must have shape ({expected},) for input_size={input_size}, "
-                         f"hidden_size={hidden_size}, num_layers={num_layers}, bidirectional={bidirectional}; "
-                         f"got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must have shape ({expected},) for input_size={input_size}, "
+            f"hidden_size={hidden_size}, num_layers={num_layers}, bidirectional={bidirectional}; "
+            f"got {tuple(weights.shape)}"
+        )
     w_ih, w_hh, b_ih, b_hh = jrnn.unpack_lstm_weights(weights, input_size, hidden_size, num_layers, bidirectional)
     dirs = 2 if bidirectional else 1
     sd = {}
     for i in w_ih:
         sfx = f"_l{i // dirs}" + ("_reverse" if i % dirs else "")
-        sd.update({"weight_ih" + sfx: w_ih[i], "weight_hh" + sfx: w_hh[i], "bias_ih" + sfx: b_ih[i],
-                   "bias_hh" + sfx: b_hh[i]})
+        sd.update(
+            {"weight_ih" + sfx: w_ih[i], "weight_hh" + sfx: w_hh[i], "bias_ih" + sfx: b_ih[i], "bias_hh" + sfx: b_hh[i]}
+        )
     return from_torch(sd, dtype=weights.dtype)
 
 

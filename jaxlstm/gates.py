@@ -18,10 +18,21 @@ matmul and calls :func:`lstm_pointwise`, the fused form of the same equations.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+
+__all__ = [
+    "forget_gate",
+    "input_gate",
+    "candidate",
+    "cell_update",
+    "output_gate",
+    "hidden_output",
+    "split_gates",
+    "activate_gates",
+    "activation_derivative",
+    "lstm_pointwise",
+]
 
 
 def _affine(w: jax.Array, b: jax.Array, h_prev: jax.Array, x: jax.Array) -> jax.Array:

@@ -23,7 +23,8 @@ order i, f, g, o.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -47,7 +48,7 @@ def _inits(module) -> dict:
     }
 
 
-def _layer_params(module: nn.Module, inits: dict, d_in: int, H: int, proj_size: Optional[int]) -> LSTMParams:
+def _layer_params(module: nn.Module, inits: dict, d_in: int, H: int, proj_size: int | None) -> LSTMParams:
     arrays = {
         name: module.param(name, inits[role], shape, module.param_dtype)
         for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size).items()
@@ -74,14 +75,14 @@ class LSTMCell(nn.RNNCellBase):
     features: int
     kernel_init: Initializer = kernel_init
     recurrent_kernel_init: Initializer = recurrent_init
-    bias_init: Optional[Initializer] = None
+    bias_init: Initializer | None = None
     forget_bias: float = 1.0
     dtype: Any = None
     param_dtype: Any = jnp.float32
     carry_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, carry: Tuple[jax.Array, jax.Array], inputs: jax.Array):
+    def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array):
         _checks.positive_int("features", self.features)
         c, h = carry
         params = _layer_params(self, _inits(self), inputs.shape[-1], self.features, None)
@@ -90,7 +91,7 @@ class LSTMCell(nn.RNNCellBase):
         return (state.c.astype(c.dtype), state.h), y
 
     @nn.nowrap
-    def initialize_carry(self, rng: jax.Array, input_shape: Tuple[int, ...]):
+    def initialize_carry(self, rng: jax.Array, input_shape: tuple[int, ...]):
         _checks.positive_int("features", self.features)
         shape = tuple(input_shape[:-1]) + (self.features,)
         kc, kh = jax.random.split(rng)
@@ -157,23 +158,22 @@ class LSTM(nn.Module):
     features: int
     num_layers: int = 1
     bidirectional: bool = False
-    proj_size: Optional[int] = None
+    proj_size: int | None = None
     dropout: float = 0.0
-    deterministic: Optional[bool] = None
+    deterministic: bool | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Initializer = kernel_init
     recurrent_kernel_init: Initializer = recurrent_init
-    bias_init: Optional[Initializer] = None
+    bias_init: Initializer | None = None
     forget_bias: float = 1.0
     unroll: int = 1
-    checkpoint_every: Optional[int] = None
+    checkpoint_every: int | None = None
     backward: str = "fused"
     time_major: bool = False
 
     @nn.compact
-    def __call__(self, xs, initial_state: Optional[LSTMState] = None, seq_lengths=None,
-                 deterministic: Optional[bool] = None):
+    def __call__(self, xs, initial_state: LSTMState | None = None, seq_lengths=None, deterministic: bool | None = None):
         _checks.positive_int("features", self.features)
         _checks.positive_int("num_layers", self.num_layers)
         layout = stack_layout(xs.shape[-1], self.features, self.num_layers, self.bidirectional, self.proj_size)
@@ -187,10 +187,17 @@ class LSTM(nn.Module):
         if self.dropout > 0.0:
             active = not nn.merge_param("deterministic", self.deterministic, deterministic)
         return lstm_stack(
-            params, _compute(self, xs), initial_state, seq_lengths=seq_lengths,
-            dropout=self.dropout if active else 0.0, key=self.make_rng("dropout") if active else None,
-            time_major=self.time_major, unroll=self.unroll, checkpoint_every=self.checkpoint_every,
-            compute_dtype=self.dtype, backward=self.backward,
+            params,
+            _compute(self, xs),
+            initial_state,
+            seq_lengths=seq_lengths,
+            dropout=self.dropout if active else 0.0,
+            key=self.make_rng("dropout") if active else None,
+            time_major=self.time_major,
+            unroll=self.unroll,
+            checkpoint_every=self.checkpoint_every,
+            compute_dtype=self.dtype,
+            backward=self.backward,
         )
 
 
@@ -199,8 +206,10 @@ def stack_params(variables: Mapping) -> StackParams:
     for :func:`jaxlstm.lstm_stack`."""
     p = variables.get("params", variables) if isinstance(variables, Mapping) else variables
     if not isinstance(p, Mapping) or layer_key(0) not in p:
-        raise TypeError(f"variables must be jaxlstm.linen.LSTM variables with a '{layer_key(0)}' entry, "
-                        f"got {type(variables).__name__}" + (f" with keys {sorted(p)}" if isinstance(p, Mapping) else ""))
+        raise TypeError(
+            f"variables must be jaxlstm.linen.LSTM variables with a '{layer_key(0)}' entry, "
+            f"got {type(variables).__name__}" + (f" with keys {sorted(p)}" if isinstance(p, Mapping) else "")
+        )
     layers = []
     for l in range(len(p)):
         layer = p[layer_key(l)]

@@ -17,7 +17,8 @@ between layers follows ``nnx.Dropout``: the ``deterministic`` attribute, which
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +38,17 @@ class _Weights(nnx.Module):
     """The params of one layer-direction (or of a cell)."""
 
     def __init__(self, d_in, H, proj_size, inits, param_dtype, rngs: nnx.Rngs):
-        for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size).items():
-            setattr(self, name, nnx.Param(inits[role](rngs.params(), shape, param_dtype)))
-        if proj_size is None:
-            self.w_hr = nnx.data(None)
+        shapes = lstm_param_shapes(d_in, H, proj_size)
+
+        def make(name):
+            shape, role = shapes[name]
+            return nnx.Param(inits[role](rngs.params(), shape, param_dtype))
+
+        self.w_ih, self.w_hh, self.b = make("w_ih"), make("w_hh"), make("b")
+        self.w_hr = make("w_hr") if "w_hr" in shapes else nnx.data(None)
 
     def read(self) -> LSTMParams:
-        get = lambda v: None if v is None else v[...]
-        return LSTMParams(get(self.w_ih), get(self.w_hh), get(self.b), get(self.w_hr))
+        return LSTMParams(self.w_ih[...], self.w_hh[...], self.b[...], None if self.w_hr is None else self.w_hr[...])
 
 
 class _Layer(nnx.Module):
@@ -60,9 +64,19 @@ def _inits(kernel, recurrent, bias, forget_bias):
 class LSTMCell(nnx.Module):
     """One LSTM step with Flax's ``(c, h)`` carry (like ``nnx.OptimizedLSTMCell``)."""
 
-    def __init__(self, in_features: int, hidden_features: int, *, kernel_init: Initializer = kernel_init,
-                 recurrent_kernel_init: Initializer = recurrent_init, bias_init: Optional[Initializer] = None,
-                 forget_bias: float = 1.0, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        kernel_init: Initializer = kernel_init,
+        recurrent_kernel_init: Initializer = recurrent_init,
+        bias_init: Initializer | None = None,
+        forget_bias: float = 1.0,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.hidden_features = _checks.positive_int("hidden_features", hidden_features)
         self.dtype, self.param_dtype = dtype, param_dtype
@@ -103,12 +117,28 @@ class LSTM(nnx.Module):
       ((4, 10, 64), (64, 128))
     """
 
-    def __init__(self, in_features: int, hidden_features: int, num_layers: int = 1, bidirectional: bool = False,
-                 proj_size: Optional[int] = None, dropout: float = 0.0, *, deterministic: bool = False,
-                 kernel_init: Initializer = kernel_init, recurrent_kernel_init: Initializer = recurrent_init,
-                 bias_init: Optional[Initializer] = None, forget_bias: float = 1.0, dtype: Any = None,
-                 param_dtype: Any = jnp.float32, unroll: int = 1, checkpoint_every: Optional[int] = None,
-                 backward: str = "fused", time_major: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        proj_size: int | None = None,
+        dropout: float = 0.0,
+        *,
+        deterministic: bool = False,
+        kernel_init: Initializer = kernel_init,
+        recurrent_kernel_init: Initializer = recurrent_init,
+        bias_init: Initializer | None = None,
+        forget_bias: float = 1.0,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        unroll: int = 1,
+        checkpoint_every: int | None = None,
+        backward: str = "fused",
+        time_major: bool = False,
+        rngs: nnx.Rngs,
+    ):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.hidden_features = _checks.positive_int("hidden_features", hidden_features)
         self.num_layers = _checks.positive_int("num_layers", num_layers)
@@ -119,22 +149,31 @@ class LSTM(nnx.Module):
         inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
         layout = stack_layout(in_features, hidden_features, num_layers, bidirectional, proj_size)
         for l in range(num_layers):
-            ws = [_Weights(d_in, hidden_features, proj_size, inits, param_dtype, rngs) for l2, _, d_in in layout
-                  if l2 == l]
+            ws = [
+                _Weights(d_in, hidden_features, proj_size, inits, param_dtype, rngs)
+                for l2, _, d_in in layout
+                if l2 == l
+            ]
             setattr(self, layer_key(l), _Layer(ws))
         self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
 
-    def __call__(self, xs, initial_state: Optional[LSTMState] = None, seq_lengths=None,
-                 deterministic: Optional[bool] = None):
+    def __call__(self, xs, initial_state: LSTMState | None = None, seq_lengths=None, deterministic: bool | None = None):
         deterministic = self.deterministic if deterministic is None else deterministic
-        active = self.dropout > 0.0 and not deterministic
+        active = self.dropout > 0.0 and not deterministic and self.rngs is not None
         if self.dtype is not None:
             xs = xs.astype(self.dtype)
         return lstm_stack(
-            stack_params(self), xs, initial_state, seq_lengths=seq_lengths,
-            dropout=self.dropout if active else 0.0, key=self.rngs() if active else None,
-            time_major=self.time_major, unroll=self.unroll, checkpoint_every=self.checkpoint_every,
-            compute_dtype=self.dtype, backward=self.backward,
+            stack_params(self),
+            xs,
+            initial_state,
+            seq_lengths=seq_lengths,
+            dropout=self.dropout if active else 0.0,
+            key=self.rngs() if active and self.rngs is not None else None,
+            time_major=self.time_major,
+            unroll=self.unroll,
+            checkpoint_every=self.checkpoint_every,
+            compute_dtype=self.dtype,
+            backward=self.backward,
         )
 
 
@@ -155,7 +194,7 @@ def set_stack_params(module: LSTM, params: StackParams) -> None:
     check_stack(params)
     if jax.tree.map(jnp.shape, params) != want:
         raise ValueError(f"params must have the module's shapes {want}, got {jax.tree.map(jnp.shape, params)}")
-    for layer, ps in zip(_layers(module), params):
+    for layer, ps in zip(_layers(module), params, strict=True):
         for d, p in enumerate(ps):
             w = getattr(layer, DIRECTIONS[d])
             for name, v in p._asdict().items():

@@ -14,10 +14,22 @@ Layout conventions (the same everywhere in jaxlstm):
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+__all__ = [
+    "GATE_ORDER",
+    "LSTMParams",
+    "LSTMState",
+    "init_lstm",
+    "zero_state",
+    "kernel_init",
+    "recurrent_init",
+    "lstm_bias_init",
+]
 
 GATE_ORDER = ("i", "f", "g", "o")
 """Order of the four gate blocks along the ``4H`` axis."""
@@ -36,20 +48,7 @@ class LSTMParams(NamedTuple):
     w_ih: jax.Array
     w_hh: jax.Array
     b: jax.Array
-    w_hr: Optional[jax.Array] = None
-
-    @property
-    def input_size(self) -> int:
-        return self.w_ih.shape[0]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.w_ih.shape[1] // 4
-
-    @property
-    def output_size(self) -> int:
-        """``R``: the size of ``h`` (``P`` with a projection, else ``H``)."""
-        return self.w_hh.shape[0]
+    w_hr: jax.Array | None = None
 
 
 class LSTMState(NamedTuple):
@@ -65,7 +64,7 @@ def _check_size(name: str, value) -> int:
     return value
 
 
-def lstm_param_shapes(input_size: int, hidden_size: int, proj_size: Optional[int] = None) -> dict:
+def lstm_param_shapes(input_size: int, hidden_size: int, proj_size: int | None = None) -> dict:
     """``{field: (shape, role)}`` of one layer's ``LSTMParams``; role is one of
     ``"kernel"``, ``"recurrent"``, ``"bias"`` (which initialiser a module uses)."""
     H, R = hidden_size, hidden_size if proj_size is None else proj_size
@@ -79,7 +78,7 @@ def lstm_param_shapes(input_size: int, hidden_size: int, proj_size: Optional[int
     return shapes
 
 
-def stack_layout(input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, proj_size: Optional[int]):
+def stack_layout(input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, proj_size: int | None):
     """``[(layer, direction, layer_input_size), ...]`` of a stack, in PyTorch's order."""
     dirs = 2 if bidirectional else 1
     R = hidden_size if proj_size is None else proj_size
@@ -116,7 +115,7 @@ def init_lstm(
     input_size: int,
     hidden_size: int,
     *,
-    proj_size: Optional[int] = None,
+    proj_size: int | None = None,
     forget_bias: float = 1.0,
     dtype=jnp.float32,
 ) -> LSTMParams:
@@ -137,7 +136,8 @@ def init_lstm(
       ``LSTMParams``.
 
     Example:
-      >>> params = init_lstm(jax.random.key(0), 8, 16)
+      >>> import jax, jaxlstm
+      >>> params = jaxlstm.init_lstm(jax.random.key(0), 8, 16)
       >>> params.w_ih.shape, params.w_hh.shape
       ((8, 64), (16, 64))
     """
@@ -161,7 +161,7 @@ def zero_state(
     batch_shape: Sequence[int] | int,
     hidden_size: int,
     *,
-    proj_size: Optional[int] = None,
+    proj_size: int | None = None,
     dtype=jnp.float32,
 ) -> LSTMState:
     """All-zero ``LSTMState`` with ``h [*batch_shape, R]`` and ``c [*batch_shape, H]``."""

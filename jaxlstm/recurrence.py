@@ -9,8 +9,6 @@ inputs and outputs keep the caller's layout.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +18,8 @@ from ._engine import accum_dtype, apply_sequence, feature_major_core, matmul_dty
 from ._fused import FusedConfig, fused_lstm
 from ._step import lstm_step
 from .params import LSTMParams, LSTMState
+
+__all__ = ["lstm", "lstm_cell"]
 
 Array = jax.Array
 
@@ -67,13 +67,13 @@ def _dtypes(params: LSTMParams, x_dtype, compute_dtype):
 def lstm(
     params: LSTMParams,
     xs: Array,
-    initial_state: Optional[LSTMState] = None,
+    initial_state: LSTMState | None = None,
     *,
-    seq_lengths: Optional[Array] = None,
+    seq_lengths: Array | None = None,
     reverse: bool = False,
     time_major: bool = False,
     unroll: int = 1,
-    checkpoint_every: Optional[int] = None,
+    checkpoint_every: int | None = None,
     compute_dtype=None,
     backward: str = "fused",
 ) -> tuple[Array, LSTMState]:
@@ -150,8 +150,10 @@ def lstm(
     if backward == "fused":
         cfg = FusedConfig(mm, acc, unroll, checkpoint_every)
 
-        def core(xs_tm, carry, lengths):
+        def fused_core(xs_tm, carry, lengths):
             return fused_lstm(cfg, params, carry, xs_tm, lengths)
+
+        core = fused_core
 
     else:
         step = lstm_step(params, mm, acc, feature_major=True)
@@ -160,10 +162,11 @@ def lstm(
             carry, y, _ = step(carry, x)
             return carry, y, None
 
-        @feature_major_core
-        def core(xs, carry, lengths):
+        def autodiff_core(xs, carry, lengths):
             carry, ys, _ = scan_masked(no_residuals, carry, xs, lengths, unroll=unroll, feature_major=True)
             return ys, carry
+
+        core = feature_major_core(autodiff_core)
 
     ys, (h, c) = apply_sequence(
         core,

@@ -23,14 +23,16 @@ slice; ``b_hn`` stays separate because r multiplies it.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from . import _checks
-from .params import _check_size, kernel_init, recurrent_init
 from ._engine import accum_dtype, add_bias, apply_sequence, dot, matmul_dtype, scan_masked
+from .params import _check_size, kernel_init, recurrent_init
+
+__all__ = ["GRUParams", "RNNParams", "gru", "gru_cell", "init_gru", "init_rnn", "rnn", "rnn_cell"]
 
 
 class RNNParams(NamedTuple):
@@ -54,7 +56,9 @@ def init_rnn(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> RN
     """Glorot-uniform ``w_ih``, orthogonal ``w_hh``, zero bias."""
     D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
     k1, k2 = jax.random.split(key)
-    return RNNParams(kernel_init(k1, (D, H), dtype), recurrent_init(k2, (H, H), dtype, n_gates=1), jnp.zeros((H,), dtype))
+    return RNNParams(
+        kernel_init(k1, (D, H), dtype), recurrent_init(k2, (H, H), dtype, n_gates=1), jnp.zeros((H,), dtype)
+    )
 
 
 def init_gru(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> GRUParams:
@@ -149,19 +153,41 @@ def gru_cell(params: GRUParams, h: jax.Array, x: jax.Array, *, compute_dtype=Non
     return _cell("gru", _gru_step, params, h, x, compute_dtype)
 
 
-def rnn(params: RNNParams, xs, initial_state: Optional[jax.Array] = None, *, seq_lengths=None, reverse=False,
-        time_major=False, unroll=1, compute_dtype=None):
+def rnn(
+    params: RNNParams,
+    xs,
+    initial_state: jax.Array | None = None,
+    *,
+    seq_lengths=None,
+    reverse=False,
+    time_major=False,
+    unroll=1,
+    compute_dtype=None,
+):
     """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm`, the state is ``h [..., H]``.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
     """
-    return _sequence("rnn", _rnn_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype)
+    return _sequence(
+        "rnn", _rnn_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype
+    )
 
 
-def gru(params: GRUParams, xs, initial_state: Optional[jax.Array] = None, *, seq_lengths=None, reverse=False,
-        time_major=False, unroll=1, compute_dtype=None):
+def gru(
+    params: GRUParams,
+    xs,
+    initial_state: jax.Array | None = None,
+    *,
+    seq_lengths=None,
+    reverse=False,
+    time_major=False,
+    unroll=1,
+    compute_dtype=None,
+):
     """GRU over a sequence; arguments as :func:`jaxlstm.lstm`, the state is ``h [..., H]``.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
     """
-    return _sequence("gru", _gru_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype)
+    return _sequence(
+        "gru", _gru_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype
+    )

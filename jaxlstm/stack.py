@@ -12,17 +12,17 @@ States are stacked ``[num_layers * num_directions, ..., features]`` with index
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import jax
 import jax.numpy as jnp
 
 from . import _checks
-from .params import LSTMParams, LSTMState, init_lstm, stack_layout
 from ._engine import reverse_sequences
+from .params import LSTMParams, LSTMState, init_lstm, stack_layout
 from .recurrence import lstm
 
-StackParams = Tuple[Tuple[LSTMParams, ...], ...]
+__all__ = ["DIRECTIONS", "StackParams", "init_lstm_stack", "lstm_stack"]
+
+StackParams = tuple[tuple[LSTMParams, ...], ...]
 
 
 def init_lstm_stack(
@@ -32,14 +32,15 @@ def init_lstm_stack(
     num_layers: int = 1,
     *,
     bidirectional: bool = False,
-    proj_size: Optional[int] = None,
+    proj_size: int | None = None,
     forget_bias: float = 1.0,
     dtype=jnp.float32,
 ) -> StackParams:
     """Initialise a stack; layer ``l > 0`` has input size ``num_directions * R``.
 
     Example:
-      >>> params = init_lstm_stack(jax.random.key(0), 8, 16, num_layers=2, bidirectional=True)
+      >>> import jax, jaxlstm
+      >>> params = jaxlstm.init_lstm_stack(jax.random.key(0), 8, 16, num_layers=2, bidirectional=True)
       >>> params[1][0].w_ih.shape        # reads both directions of layer 0
       (32, 64)
     """
@@ -50,7 +51,7 @@ def init_lstm_stack(
     keys = jax.random.split(key, len(layout))
     flat = [
         init_lstm(k, d_in, hidden_size, proj_size=proj_size, forget_bias=forget_bias, dtype=dtype)
-        for k, (_, _, d_in) in zip(keys, layout)
+        for k, (_, _, d_in) in zip(keys, layout, strict=True)
     ]
     return group_layers(flat, 2 if bidirectional else 1)
 
@@ -66,10 +67,10 @@ def layer_key(layer: int) -> str:
 
 def group_layers(flat, num_directions: int) -> StackParams:
     """``[p(0,0), p(0,1), p(1,0), ...]`` -> ``((p(0,0), p(0,1)), (p(1,0), ...), ...)``."""
-    return tuple(tuple(flat[i:i + num_directions]) for i in range(0, len(flat), num_directions))
+    return tuple(tuple(flat[i : i + num_directions]) for i in range(0, len(flat), num_directions))
 
 
-def check_stack(params) -> Tuple[int, int, int, int, int]:
+def check_stack(params) -> tuple[int, int, int, int, int]:
     """Validates a stack; returns ``(num_layers, num_directions, D, H, R)``."""
     if not isinstance(params, (tuple, list)) or not params or not all(isinstance(l, (tuple, list)) for l in params):
         hint = ""
@@ -95,7 +96,8 @@ def check_stack(params) -> Tuple[int, int, int, int, int]:
             if (Dl, Hl, Rl) != (d_in, H, R):
                 raise ValueError(
                     f"{name} must have input size {d_in}, hidden size {H} and output size {R} "
-                    f"(w_ih [{d_in}, {4 * H}], w_hh [{R}, {4 * H}]), got w_ih {tuple(p.w_ih.shape)}, w_hh {tuple(p.w_hh.shape)}"
+                    f"(w_ih [{d_in}, {4 * H}], w_hh [{R}, {4 * H}]), "
+                    f"got w_ih {tuple(p.w_ih.shape)}, w_hh {tuple(p.w_hh.shape)}"
                 )
     return len(params), dirs, D, H, R
 
@@ -103,14 +105,14 @@ def check_stack(params) -> Tuple[int, int, int, int, int]:
 def lstm_stack(
     params: StackParams,
     xs: jax.Array,
-    initial_state: Optional[LSTMState] = None,
+    initial_state: LSTMState | None = None,
     *,
-    seq_lengths: Optional[jax.Array] = None,
+    seq_lengths: jax.Array | None = None,
     dropout: float = 0.0,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     time_major: bool = False,
     unroll: int = 1,
-    checkpoint_every: Optional[int] = None,
+    checkpoint_every: int | None = None,
     compute_dtype=None,
     backward: str = "fused",
     fuse_directions: bool = False,
@@ -139,7 +141,7 @@ def lstm_stack(
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
     # Checked here too: the fused-directions path reverses by seq_lengths before any lstm call.
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
-    if isinstance(dropout, jax.core.Tracer) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, _checks.Tracer) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     if dropout > 0.0 and key is None:
         raise ValueError("dropout > 0 needs a PRNG key: pass key=jax.random.key(...)")
@@ -148,17 +150,26 @@ def lstm_stack(
     _checks.static_bool("fuse_directions", fuse_directions)
 
     def run(p, x, s0, reverse):
-        return lstm(p, x, s0, seq_lengths=seq_lengths, reverse=reverse, time_major=time_major, unroll=unroll,
-                    checkpoint_every=checkpoint_every, compute_dtype=compute_dtype, backward=backward)
+        return lstm(
+            p,
+            x,
+            s0,
+            seq_lengths=seq_lengths,
+            reverse=reverse,
+            time_major=time_major,
+            unroll=unroll,
+            checkpoint_every=checkpoint_every,
+            compute_dtype=compute_dtype,
+            backward=backward,
+        )
 
     hs, cs = [], []
     for l, layer in enumerate(params):
         s0 = None
         if initial_state is not None:
-            s0 = LSTMState(initial_state.h[l * dirs:(l + 1) * dirs], initial_state.c[l * dirs:(l + 1) * dirs])
+            s0 = LSTMState(initial_state.h[l * dirs : (l + 1) * dirs], initial_state.c[l * dirs : (l + 1) * dirs])
         if dirs == 2 and fuse_directions:
-            outs, s = _both_directions(run, layer, xs, s0, seq_lengths, time_major,
-                                       supports_jvp=backward == "autodiff")
+            outs, s = _both_directions(run, layer, xs, s0, seq_lengths, time_major, supports_jvp=backward == "autodiff")
         else:
             outs, states = [], []
             for d, p in enumerate(layer):
@@ -170,6 +181,7 @@ def lstm_stack(
         cs.append(s.c)
         xs = outs[0] if dirs == 1 else jnp.concatenate(outs, axis=-1)
         if dropout > 0.0 and l < L - 1:
+            assert key is not None
             key, sub = jax.random.split(key)
             keep = jax.random.bernoulli(sub, 1.0 - dropout, xs.shape)
             xs = jnp.where(keep, xs / jnp.asarray(1.0 - dropout, xs.dtype), jnp.zeros((), xs.dtype))

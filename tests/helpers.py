@@ -19,7 +19,9 @@ def lstm_inputs(seed, batch_shape, proj=None, with_state=False, lengths=False, T
     R = proj or H
     state = None
     if with_state:
-        state = jaxlstm.LSTMState(jax.random.normal(k[3], batch_shape + (R,)), jax.random.normal(k[4], batch_shape + (H,)))
+        state = jaxlstm.LSTMState(
+            jax.random.normal(k[3], batch_shape + (R,)), jax.random.normal(k[4], batch_shape + (H,))
+        )
     seq_lengths = None
     if lengths:
         B = int(np.prod(batch_shape))
@@ -27,16 +29,13 @@ def lstm_inputs(seed, batch_shape, proj=None, with_state=False, lengths=False, T
     return params, xs, state, seq_lengths
 
 
-
 def assert_trees_close(got, want, rtol=1e-5, floor=1e-3):
     """Same tree structure (``None`` leaves included), and every leaf within
     ``rtol`` of the largest magnitude of its reference leaf (at least ``floor``)."""
     chex.assert_trees_all_equal_structs(got, want)
-    for path, a, b in zip(
-        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(got), jax.tree.leaves(want)
-    ):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert a.shape == b.shape, (path[0], a.shape, b.shape)
+        assert a.shape == b.shape, (jax.tree_util.keystr(path), a.shape, b.shape)
         scale = max(np.abs(b).max(initial=0.0), floor)
         err = np.abs(a - b).max(initial=0.0)
-        assert err <= rtol * scale, (jax.tree_util.keystr(path[0]), err, scale)
+        assert err <= rtol * scale, (jax.tree_util.keystr(path), err, scale)

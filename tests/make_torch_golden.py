@@ -25,8 +25,11 @@ B, T, D, H = 3, 5, 4, 6
 
 def loss_weights(shape_out, shape_h, shape_c, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal(shape_out).astype(np.float32), rng.standard_normal(shape_h).astype(np.float32),
-            rng.standard_normal(shape_c).astype(np.float32))
+    return (
+        rng.standard_normal(shape_out).astype(np.float32),
+        rng.standard_normal(shape_h).astype(np.float32),
+        rng.standard_normal(shape_c).astype(np.float32),
+    )
 
 
 def torch_lstm_run(sd, x, lengths, h0, c0, cfg):
@@ -34,8 +37,14 @@ def torch_lstm_run(sd, x, lengths, h0, c0, cfg):
     import torch
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    m = torch.nn.LSTM(D, H, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
-                      proj_size=cfg["proj_size"], batch_first=True)
+    m = torch.nn.LSTM(
+        D,
+        H,
+        num_layers=cfg["num_layers"],
+        bidirectional=cfg["bidirectional"],
+        proj_size=cfg["proj_size"],
+        batch_first=True,
+    )
     m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
     xt = torch.from_numpy(np.array(x)).requires_grad_(True)
     state = None if h0 is None else (torch.from_numpy(np.array(h0)), torch.from_numpy(np.array(c0)))
@@ -59,8 +68,14 @@ def main():
     os.makedirs(here, exist_ok=True)
     for i, (name, cfg) in enumerate(CONFIGS.items()):
         torch.manual_seed(i)
-        m = torch.nn.LSTM(D, H, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
-                          proj_size=cfg["proj_size"], batch_first=True)
+        m = torch.nn.LSTM(
+            D,
+            H,
+            num_layers=cfg["num_layers"],
+            bidirectional=cfg["bidirectional"],
+            proj_size=cfg["proj_size"],
+            batch_first=True,
+        )
         sd = {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
         rng = np.random.default_rng(i)
         x = rng.standard_normal((B, T, D)).astype(np.float32)
@@ -102,8 +117,15 @@ def make_gru_rnn_golden():
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
         (out * torch.from_numpy(w_out)).sum().backward()
         arrays = {f"sd.{k}": v.detach().numpy().copy() for k, v in m.state_dict().items()}
-        arrays.update(x=x, h0=h0, w_out=w_out, lengths=np.asarray(lengths, np.int32), out=out.detach().numpy(),
-                      h_n=h_n.detach().numpy(), dx=xt.grad.numpy())
+        arrays.update(
+            x=x,
+            h0=h0,
+            w_out=w_out,
+            lengths=np.asarray(lengths, np.int32),
+            out=out.detach().numpy(),
+            h_n=h_n.detach().numpy(),
+            dx=xt.grad.numpy(),
+        )
         np.savez(os.path.join(here, f"{name}_packed_init.npz"), **arrays)
         print("wrote", name)
 

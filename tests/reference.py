@@ -17,8 +17,8 @@ def lstm_step_ref(xp, params, h, c, x):
     hx = xp.concatenate([h, x], axis=-1)
 
     def gate(k):
-        w = xp.concatenate([params["w_hh"][:, k * H:(k + 1) * H], params["w_ih"][:, k * H:(k + 1) * H]], axis=0)
-        return hx @ w + params["b"][k * H:(k + 1) * H]
+        w = xp.concatenate([params["w_hh"][:, k * H : (k + 1) * H], params["w_ih"][:, k * H : (k + 1) * H]], axis=0)
+        return hx @ w + params["b"][k * H : (k + 1) * H]
 
     i = _sigmoid(xp, gate(0))
     f = _sigmoid(xp, gate(1))
@@ -77,8 +77,8 @@ def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False):
 def gru_ref(xp, params, xs, h0, lengths=None, reverse=False):
     """PyTorch's GRU equations, gate by gate (order r, z, n)."""
     H = h0.shape[-1]
-    W = lambda w, k: w[:, k * H:(k + 1) * H]
-    b = lambda k: params["b"][k * H:(k + 1) * H]
+    W = lambda w, k: w[:, k * H : (k + 1) * H]
+    b = lambda k: params["b"][k * H : (k + 1) * H]
 
     def step(h, _c, x):
         r = _sigmoid(xp, x @ W(params["w_ih"], 0) + h @ W(params["w_hh"], 0) + b(0))

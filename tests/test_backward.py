@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,14 +10,15 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxlstm
+from helpers import T, assert_trees_close
+from helpers import lstm_inputs as _inputs
 from reference import lstm_ref
-from helpers import T, assert_trees_close, lstm_inputs as _inputs
 
 
 def _loss_from_outputs(ys, h, c):
     # Weights the outputs unevenly so that a misplaced gradient cannot cancel out.
     w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
-    return (w * ys).sum() + (h ** 2).sum() + (jnp.sin(c)).sum()
+    return (w * ys).sum() + (h**2).sum() + (jnp.sin(c)).sum()
 
 
 def _ref_loss(params, xs, state, seq_lengths, reverse):
@@ -25,7 +27,9 @@ def _ref_loss(params, xs, state, seq_lengths, reverse):
     p = {k: v for k, v in params._asdict().items()}
     R, H = params.w_hh.shape[0], params.w_ih.shape[1] // 4
     L = None if seq_lengths is None else np.asarray(seq_lengths).reshape(B)
-    ys, h, c = lstm_ref(jnp, p, xs.reshape((B,) + xs.shape[-2:]), state.h.reshape(B, R), state.c.reshape(B, H), L, reverse)
+    ys, h, c = lstm_ref(
+        jnp, p, xs.reshape((B,) + xs.shape[-2:]), state.h.reshape(B, R), state.c.reshape(B, H), L, reverse
+    )
     return _loss_from_outputs(ys.reshape(xs.shape[:-1] + (R,)), h.reshape(state.h.shape), c.reshape(state.c.shape))
 
 
@@ -70,13 +74,21 @@ def test_autodiff_path_matches_reference(proj, lengths, reverse):
     _assert_grads_close(g, g_ref)
 
 
-@pytest.mark.parametrize("k,proj,lengths,reverse,time_major",
-                         [(2, None, True, False, False), (4, 2, False, False, False), (T, None, False, False, False),
-                          (100, None, True, False, False), (3, 2, True, True, True)])
+@pytest.mark.parametrize(
+    "k,proj,lengths,reverse,time_major",
+    [
+        (2, None, True, False, False),
+        (4, 2, False, False, False),
+        (T, None, False, False, False),
+        (100, None, True, False, False),
+        (3, 2, True, True, True),
+    ],
+)
 def test_checkpointed_equals_plain(k, proj, lengths, reverse, time_major):
     params, xs, state, seq_lengths = _inputs(22, (3,), proj, with_state=True, lengths=lengths)
-    (v, g) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse, time_major,
-                                                          checkpoint_every=k)
+    (v, g) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(
+        params, xs, state, seq_lengths, reverse, time_major, checkpoint_every=k
+    )
     (v0, g0) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse, time_major)
     np.testing.assert_allclose(v, v0, rtol=1e-6)
     _assert_grads_close(g, g0, rtol=1e-6)
@@ -106,7 +118,8 @@ def test_compute_dtype_bfloat16_gradients():
     g = jax.grad(_loss)(params, xs, state, seq_lengths, False, compute_dtype=jnp.bfloat16)
     g0 = jax.grad(_loss)(params, xs, state, seq_lengths, False)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(g))
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+    chex.assert_trees_all_equal_structs(g, g0)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0), strict=True):
         rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
         assert rel < 3e-2, rel
 
@@ -114,11 +127,15 @@ def test_compute_dtype_bfloat16_gradients():
 def test_bfloat16_params_get_bfloat16_gradients():
     params, xs, _, _ = _inputs(26, (2,))
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    g, gx = jax.grad(lambda p, x: jaxlstm.lstm(p, x)[0].astype(jnp.float32).sum(), argnums=(0, 1))(params, xs.astype(jnp.bfloat16))
+    g, gx = jax.grad(lambda p, x: jaxlstm.lstm(p, x)[0].astype(jnp.float32).sum(), argnums=(0, 1))(
+        params, xs.astype(jnp.bfloat16)
+    )
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(g)) and gx.dtype == jnp.bfloat16
     # ... and their values follow the float32 gradients (bf16 rounding of inputs, weights and outputs)
     g32, gx32 = jax.grad(lambda p, x: jaxlstm.lstm(p, x)[0].sum(), argnums=(0, 1))(
-        jax.tree.map(lambda a: a.astype(jnp.float32), params), xs.astype(jnp.bfloat16).astype(jnp.float32))
-    for a, b in zip(jax.tree.leaves((g, gx)), jax.tree.leaves((g32, gx32))):
+        jax.tree.map(lambda a: a.astype(jnp.float32), params), xs.astype(jnp.bfloat16).astype(jnp.float32)
+    )
+    chex.assert_trees_all_equal_structs((g, gx), (g32, gx32))
+    for a, b in zip(jax.tree.leaves((g, gx)), jax.tree.leaves((g32, gx32)), strict=True):
         a = a.astype(jnp.float32)
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 5e-2

@@ -3,11 +3,10 @@
 import json
 import os
 
-import pytest
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxlstm
 from benchmarks import memory, throughput
@@ -15,7 +14,9 @@ from benchmarks import memory, throughput
 
 @pytest.mark.usefixtures("standard_promotion")
 def test_throughput_quick_schema(tmp_path):
-    throughput.main(["--quick", "--impls", "jaxlstm", "jaxlstm-ckpt64", "flax-optimized", "flax-lstmcell", "--out", str(tmp_path)])
+    throughput.main(
+        ["--quick", "--impls", "jaxlstm", "jaxlstm-ckpt64", "flax-optimized", "flax-lstmcell", "--out", str(tmp_path)]
+    )
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert {"cpu", "cores", "jax", "flax", "peak_matmul_gflops"} <= set(data["machine"])
     recs = data["records"]
@@ -24,8 +25,20 @@ def test_throughput_quick_schema(tmp_path):
     assert all(r["impl"].split("-")[0] in ("jaxlstm", "flax", "torch", "jax") for r in recs)
     assert len({r["seq_len"] for r in recs}) >= 3 and {r["mode"] for r in recs} == {"forward", "train"}
     for r in recs:
-        for k in ("impl", "mode", "batch", "seq_len", "input_size", "hidden_size", "dtype", "tokens_per_s",
-                  "compile_s", "tokens_per_s_q25", "tokens_per_s_q75", "ratio_vs_flax"):
+        for k in (
+            "impl",
+            "mode",
+            "batch",
+            "seq_len",
+            "input_size",
+            "hidden_size",
+            "dtype",
+            "tokens_per_s",
+            "compile_s",
+            "tokens_per_s_q25",
+            "tokens_per_s_q75",
+            "ratio_vs_flax",
+        ):
             assert k in r, k
         assert r["tokens_per_s"] > 0 and r["tokens_per_s_q25"] <= r["tokens_per_s_q75"]
     assert os.path.getsize(tmp_path / "throughput.png") > 1000

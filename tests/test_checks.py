@@ -49,13 +49,25 @@ def test_mismatched_initial_state(params, xs):
 
 
 def test_seq_lengths_wrong_shape(params, xs):
-    _raises(ValueError, r"seq_lengths must have shape \(2,\).*got \(3,\)", jaxlstm.lstm, params, xs,
-            seq_lengths=jnp.array([1, 2, 3]))
+    _raises(
+        ValueError,
+        r"seq_lengths must have shape \(2,\).*got \(3,\)",
+        jaxlstm.lstm,
+        params,
+        xs,
+        seq_lengths=jnp.array([1, 2, 3]),
+    )
 
 
 def test_seq_lengths_wrong_dtype(params, xs):
-    _raises(TypeError, r"seq_lengths must have an integer dtype, got float32", jaxlstm.lstm, params, xs,
-            seq_lengths=jnp.array([1.0, 2.0]))
+    _raises(
+        TypeError,
+        r"seq_lengths must have an integer dtype, got float32",
+        jaxlstm.lstm,
+        params,
+        xs,
+        seq_lengths=jnp.array([1.0, 2.0]),
+    )
 
 
 def test_seq_lengths_out_of_range_when_concrete(params, xs):
@@ -67,10 +79,17 @@ def test_seq_lengths_out_of_range_when_concrete(params, xs):
 
 def test_params_disagree(params, xs):
     _raises(ValueError, r"params.w_hh must have 16 columns", jaxlstm.lstm, params._replace(w_hh=jnp.ones((H, 8))), xs)
-    _raises(ValueError, r"params.b must have shape \(16,\), got \(8,\)", jaxlstm.lstm, params._replace(b=jnp.ones(8)), xs)
+    _raises(
+        ValueError, r"params.b must have shape \(16,\), got \(8,\)", jaxlstm.lstm, params._replace(b=jnp.ones(8)), xs
+    )
     _raises(ValueError, r"params.w_hh must have 4 rows", jaxlstm.lstm, params._replace(w_hh=jnp.ones((3, 16))), xs)
-    _raises(ValueError, r"params.w_ih must have a multiple of 4 columns", jaxlstm.lstm,
-            params._replace(w_ih=jnp.ones((D, 10))), xs)
+    _raises(
+        ValueError,
+        r"params.w_ih must have a multiple of 4 columns",
+        jaxlstm.lstm,
+        params._replace(w_ih=jnp.ones((D, 10))),
+        xs,
+    )
     proj = jaxlstm.init_lstm(jax.random.key(1), D, H, proj_size=2)
     _raises(ValueError, r"params.w_hr must have 2 columns", jaxlstm.lstm, proj._replace(w_hr=jnp.ones((H, 3))), xs)
 

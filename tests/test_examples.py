@@ -45,7 +45,7 @@ def test_digits_data_lengths():
     assert l.min() >= 1 and l.max() <= 64
     # every pixel after a sequence's length is blank
     i = int(np.argmin(l))
-    assert not x[i, l[i]:].any() and x[i, l[i] - 1] > 0
+    assert not x[i, l[i] :].any() and x[i, l[i] - 1] > 0
 
 
 @pytest.mark.usefixtures("standard_promotion")

@@ -1,11 +1,11 @@
 """linen and nnx modules against the functional core and flax's own cells."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import chex
 import pytest
 from flax import nnx
 
@@ -54,14 +54,15 @@ def test_cell_plugs_into_flax_rnn_and_matches_optimized_cell():
     flax_rnn = nn.RNN(nn.OptimizedLSTMCell(H))
     fv = flax_rnn.init(jax.random.key(2), XS)
     y_flax = flax_rnn.apply(fv, XS)
-    y_ours = ours.apply({"params": {"cell": {k: v for k, v in convert.from_flax(fv)._asdict().items() if v is not None}}}, XS)
+    y_ours = ours.apply(
+        {"params": {"cell": {k: v for k, v in convert.from_flax(fv)._asdict().items() if v is not None}}}, XS
+    )
     np.testing.assert_allclose(y_ours, y_flax, atol=1e-6)
     y_fn, _ = jaxlstm.lstm(convert.from_flax(fv), XS)
     np.testing.assert_allclose(y_fn, y_flax, atol=1e-6)
     # and back: to_flax reproduces flax's own params
     back = convert.to_flax(convert.from_flax(fv))
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(fv["params"]["cell"])):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(back, fv["params"]["cell"])
 
     # Bidirectional with our cell
     bi = nn.Bidirectional(nn.RNN(jl.LSTMCell(H)), nn.RNN(jl.LSTMCell(H)))
@@ -85,7 +86,9 @@ def test_linen_training_reduces_loss_and_dropout():
     @jax.jit
     def step(params, state, key):
         loss, g = jax.value_and_grad(
-            lambda p: jnp.mean((model.apply({"params": p}, XS, deterministic=False, rngs={"dropout": key})[0] - target) ** 2)
+            lambda p: jnp.mean(
+                (model.apply({"params": p}, XS, deterministic=False, rngs={"dropout": key})[0] - target) ** 2
+            )
         )(params)
         updates, state = opt.update(g, state)
         return optax.apply_updates(params, updates), state, loss

@@ -1,5 +1,6 @@
 """The fused step equals the composition of the textbook per-gate functions."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,8 @@ def test_fused_step_equals_per_gate_functions():
     p = jaxlstm.init_lstm(k[0], D, H)._replace(b=jax.random.normal(k[1], (4 * H,)))
     x, h, c = jax.random.normal(k[2], (B, D)), jax.random.normal(k[3], (B, H)), jax.random.normal(k[4], (B, H))
     # The textbook gate kernel W_* acts on [h, x]: rows of w_hh, then rows of w_ih.
-    W = lambda j: jnp.concatenate([p.w_hh[:, j * H:(j + 1) * H], p.w_ih[:, j * H:(j + 1) * H]], axis=0)
-    bb = lambda j: p.b[j * H:(j + 1) * H]
+    W = lambda j: jnp.concatenate([p.w_hh[:, j * H : (j + 1) * H], p.w_ih[:, j * H : (j + 1) * H]], axis=0)
+    bb = lambda j: p.b[j * H : (j + 1) * H]
     i = gates.input_gate(W(0), bb(0), h, x)
     f = gates.forget_gate(W(1), bb(1), h, x)
     g = gates.candidate(W(2), bb(2), h, x)
@@ -27,8 +28,7 @@ def test_fused_step_equals_per_gate_functions():
     m, c_fused, gs = gates.lstm_pointwise(z, c)
     np.testing.assert_allclose(m, h_new, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(c_fused, c_new, rtol=1e-6, atol=1e-6)
-    for a, b in zip(gates.split_gates(gs), (i, f, g, o)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(tuple(gates.split_gates(gs)), (i, f, g, o), rtol=1e-6, atol=1e-6)
     # and lstm_cell is the same step
     state, y = jaxlstm.lstm_cell(p, jaxlstm.LSTMState(h, c), x)
     np.testing.assert_allclose(y, h_new, rtol=1e-6, atol=1e-6)
@@ -56,8 +56,7 @@ def test_feature_major_step_is_the_transposed_step():
         x, h, c = jax.random.normal(k[2], (B, D)), jax.random.normal(k[3], (B, R)), jax.random.normal(k[4], (B, H))
         want = lstm_step(p, jnp.float32, jnp.float32)((h, c), x)
         got = lstm_step(p, jnp.float32, jnp.float32, feature_major=True)((h.T, c.T), x.T)
-        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-            np.testing.assert_allclose(b.T, a, rtol=1e-6, atol=1e-6)
+        chex.assert_trees_all_close(jax.tree.map(jnp.transpose, got), want, rtol=1e-6, atol=1e-6)
     z = jax.random.normal(k[0], (4 * H, B))
     np.testing.assert_allclose(gates.activate_gates(z, axis=-2).T, gates.activate_gates(z.T), atol=1e-7)
     a = gates.activate_gates(z, axis=0)
@@ -71,7 +70,7 @@ def test_init_lstm_conventions():
     np.testing.assert_array_equal(p.b[:6], 0.0)
     # Each recurrent gate block is orthogonal.
     for j in range(4):
-        blk = np.asarray(p.w_hh[:, j * 6:(j + 1) * 6])
+        blk = np.asarray(p.w_hh[:, j * 6 : (j + 1) * 6])
         np.testing.assert_allclose(blk.T @ blk, np.eye(6), atol=1e-5)
     q = jaxlstm.init_lstm(jax.random.key(0), 5, 6, proj_size=2, dtype=jnp.bfloat16)
     assert q.w_hh.shape == (2, 24) and q.w_hr.shape == (6, 2) and q.w_ih.dtype == jnp.bfloat16

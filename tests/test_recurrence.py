@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxlstm
+from helpers import H, T
+from helpers import lstm_inputs as _inputs
 from reference import as_dict, lstm_ref
-
-from helpers import D, H, T, lstm_inputs as _inputs
 
 
 def _reference(params, xs, state, seq_lengths, reverse):
@@ -57,7 +58,7 @@ def test_layouts_match_reference(batch_shape, time_major):
 def test_gate_order_matters():
     """Swapping two gate blocks must change the output: the reference pins i, f, g, o."""
     params, xs, _, _ = _inputs(2, (2,))
-    perm = np.r_[H:2 * H, 0:H, 2 * H:4 * H]  # swap i and f
+    perm = np.r_[H : 2 * H, 0:H, 2 * H : 4 * H]  # swap i and f
     swapped = params._replace(w_ih=params.w_ih[:, perm], w_hh=params.w_hh[:, perm], b=params.b[perm])
     ys_ref, _, _ = _reference(params, xs, None, None, False)
     ys_bad, _ = jaxlstm.lstm(swapped, xs)

@@ -4,6 +4,7 @@ import glob
 import itertools
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,10 @@ from jaxlstm import convert
 from reference import as_dict, gru_ref, rnn_ref
 
 D, H, B, T = 3, 4, 3, 5
-GOLDEN = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "golden", "gru_*.npz")) +
-                glob.glob(os.path.join(os.path.dirname(__file__), "golden", "rnn_*.npz")))
+GOLDEN = sorted(
+    glob.glob(os.path.join(os.path.dirname(__file__), "golden", "gru_*.npz"))
+    + glob.glob(os.path.join(os.path.dirname(__file__), "golden", "rnn_*.npz"))
+)
 KINDS = {
     "rnn": (jaxlstm.init_rnn, jaxlstm.rnn, jaxlstm.rnn_cell, rnn_ref),
     "gru": (jaxlstm.init_gru, jaxlstm.gru, jaxlstm.gru_cell, gru_ref),
@@ -39,24 +42,29 @@ def test_matches_reference(kind, lengths, reverse):
     L = L if lengths else None
     _, run, _, ref = KINDS[kind]
     ys, h = run(params, xs, h0, seq_lengths=L, reverse=reverse)
-    ys_ref, h_ref = ref(np, as_dict(params), np.asarray(xs, np.float64), np.asarray(h0, np.float64),
-                        None if L is None else np.asarray(L), reverse)
+    ys_ref, h_ref = ref(
+        np,
+        as_dict(params),
+        np.asarray(xs, np.float64),
+        np.asarray(h0, np.float64),
+        None if L is None else np.asarray(L),
+        reverse,
+    )
     np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
     np.testing.assert_allclose(h, h_ref, atol=2e-5)
 
     # gradients against autodiff of the reference
     def loss(p, x, h0_):
         ys, h = run(p, x, h0_, seq_lengths=L, reverse=reverse)
-        return (jnp.cos(ys) * ys).sum() + (h ** 2).sum()
+        return (jnp.cos(ys) * ys).sum() + (h**2).sum()
 
     def loss_ref(p, x, h0_):
         ys, h = ref(jnp, p._asdict(), x, h0_, None if L is None else np.asarray(L), reverse)
-        return (jnp.cos(ys) * ys).sum() + (h ** 2).sum()
+        return (jnp.cos(ys) * ys).sum() + (h**2).sum()
 
     g = jax.grad(loss, argnums=(0, 1, 2))(params, xs, h0)
     g_ref = jax.grad(loss_ref, argnums=(0, 1, 2))(params, xs, h0)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+    chex.assert_trees_all_close(g, g_ref, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["rnn", "gru"])
@@ -98,5 +106,4 @@ def test_torch_golden(path):
     np.testing.assert_allclose(gx, z["dx"], atol=1e-5)
     # the exported state_dict has PyTorch's shapes and reproduces the params
     back = convert.from_torch(convert.to_torch(params, as_numpy=True))
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_allclose(a, b, atol=1e-7)
+    chex.assert_trees_all_close(back, params, atol=1e-7)

@@ -3,18 +3,20 @@
 import glob
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from make_torch_golden import CONFIGS, loss_weights, torch_lstm_run
 
 import jaxlstm
 from jaxlstm import convert
-from make_torch_golden import CONFIGS, loss_weights, torch_lstm_run
 
 GOLDEN = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "golden", "lstm_*.npz")))
 try:
     import torch  # noqa: F401
+
     HAVE_TORCH = True
 except ImportError:
     HAVE_TORCH = False
@@ -55,8 +57,7 @@ def test_stack_matches_layer_loop(num_layers, bidirectional, proj):
     # gradients of the fused path equal autodiff of the loop
     loss = lambda p: (jaxlstm.lstm_stack(p, xs, state, seq_lengths=lengths)[0] ** 2).sum()
     loss_ref = lambda p: (_loop_reference(p, xs, state, lengths)[0] ** 2).sum()
-    for a, b in zip(jax.tree.leaves(jax.grad(loss)(params)), jax.tree.leaves(jax.grad(loss_ref)(params))):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+    chex.assert_trees_all_close(jax.grad(loss)(params), jax.grad(loss_ref)(params), atol=2e-5, rtol=1e-5)
 
 
 def test_dropout_between_layers_only():
@@ -68,7 +69,9 @@ def test_dropout_between_layers_only():
     assert not np.allclose(y0, y1) and not np.allclose(y1, y2)
     # A single layer has no "between": dropout changes nothing.
     one = params[:1]
-    np.testing.assert_array_equal(jaxlstm.lstm_stack(one, xs)[0], jaxlstm.lstm_stack(one, xs, dropout=0.5, key=jax.random.key(1))[0])
+    np.testing.assert_array_equal(
+        jaxlstm.lstm_stack(one, xs)[0], jaxlstm.lstm_stack(one, xs, dropout=0.5, key=jax.random.key(1))[0]
+    )
     with pytest.raises(ValueError, match="dropout > 0 needs a PRNG key"):
         jaxlstm.lstm_stack(params, xs, dropout=0.1)
 
@@ -94,7 +97,9 @@ def _run_golden(z, sd_params):
     xs = jnp.asarray(z["x"])
     lengths = jnp.asarray(z["lengths"]) if "lengths" in z else None
     state = jaxlstm.LSTMState(jnp.asarray(z["h0"]), jnp.asarray(z["c0"])) if "h0" in z else None
-    ys, final = jaxlstm.lstm_stack(sd_params, xs, None if state is None else jaxlstm.LSTMState(state.h, state.c), seq_lengths=lengths)
+    ys, final = jaxlstm.lstm_stack(
+        sd_params, xs, None if state is None else jaxlstm.LSTMState(state.h, state.c), seq_lengths=lengths
+    )
     wo, wh, wc = loss_weights(ys.shape, final.h.shape, final.c.shape)
 
     def loss(p, x):
@@ -122,8 +127,7 @@ def test_torch_golden_parity(path):
             np.testing.assert_allclose(v, z["grad." + k], atol=1e-5, err_msg=k)
     # Round trip through the PyTorch layout is exact.
     back = convert.from_torch(convert.to_torch(params, as_numpy=True))
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(back, params)
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed (the golden files cover parity)")
@@ -132,13 +136,25 @@ def test_torch_live_round_trip(name):
     import torch
 
     cfg = CONFIGS[name]
-    m = torch.nn.LSTM(4, 6, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
-                      proj_size=cfg["proj_size"], batch_first=True)
+    m = torch.nn.LSTM(
+        4,
+        6,
+        num_layers=cfg["num_layers"],
+        bidirectional=cfg["bidirectional"],
+        proj_size=cfg["proj_size"],
+        batch_first=True,
+    )
     params = convert.from_torch(m)
     # perturb in JAX, export, load into a fresh module, compare live
     params = jax.tree.map(lambda a: a * 1.1, params)
-    fresh = torch.nn.LSTM(4, 6, num_layers=cfg["num_layers"], bidirectional=cfg["bidirectional"],
-                          proj_size=cfg["proj_size"], batch_first=True)
+    fresh = torch.nn.LSTM(
+        4,
+        6,
+        num_layers=cfg["num_layers"],
+        bidirectional=cfg["bidirectional"],
+        proj_size=cfg["proj_size"],
+        batch_first=True,
+    )
     fresh.load_state_dict(convert.to_torch(params))
     x = np.random.default_rng(0).standard_normal((3, 5, 4)).astype(np.float32)
     sd = {k: v.detach().numpy() for k, v in fresh.state_dict().items()}
@@ -169,14 +185,15 @@ def test_fused_directions_equal_separate_calls(time_major):
     xs = jax.random.normal(k[1], (5, 3, 3) if time_major else (3, 5, 3))
     state = jaxlstm.LSTMState(jax.random.normal(k[2], (4, 3, 2)), jax.random.normal(k[2], (4, 3, 4)))
     lengths = jnp.array([5, 1, 3], jnp.int32)
-    run = lambda p, fuse: jaxlstm.lstm_stack(p, xs, state, seq_lengths=lengths, time_major=time_major, fuse_directions=fuse)
+    run = lambda p, fuse: jaxlstm.lstm_stack(
+        p, xs, state, seq_lengths=lengths, time_major=time_major, fuse_directions=fuse
+    )
     (y1, s1), (y2, s2) = run(params, True), run(params, False)
     np.testing.assert_allclose(y1, y2, atol=1e-6)
     np.testing.assert_allclose(s1.h, s2.h, atol=1e-6)
     g1 = jax.grad(lambda p: (run(p, True)[0] ** 2).sum())(params)
     g2 = jax.grad(lambda p: (run(p, False)[0] ** 2).sum())(params)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    chex.assert_trees_all_close(g1, g2, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
@@ -192,16 +209,25 @@ def test_cudnn_flat_weights_match_jax_experimental_rnn_reference(num_layers, bid
     n = num_layers * (2 if bidirectional else 1)
     h0 = jax.random.normal(k[2], (n, B_, H_))
     lengths = jnp.full((B_,), T_, jnp.int32)
-    y_ref, h_ref, c_ref = jrnn.lstm_ref(xs, h0, h0, *jrnn.unpack_lstm_weights(w, D_, H_, num_layers, bidirectional),
-                                        lengths, D_, H_, num_layers, 0.0, bidirectional)
+    y_ref, h_ref, c_ref = jrnn.lstm_ref(
+        xs,
+        h0,
+        h0,
+        *jrnn.unpack_lstm_weights(w, D_, H_, num_layers, bidirectional),
+        lengths,
+        D_,
+        H_,
+        num_layers,
+        0.0,
+        bidirectional,
+    )
     params = convert.from_cudnn(w, D_, H_, num_layers, bidirectional)
     ys, s = jaxlstm.lstm_stack(params, xs, jaxlstm.LSTMState(h0, h0))
     np.testing.assert_allclose(ys, y_ref, atol=1e-5)
     np.testing.assert_allclose(s.h, h_ref, atol=1e-5)
     np.testing.assert_allclose(s.c, c_ref, atol=1e-5)
     back = convert.from_cudnn(convert.to_cudnn(params), D_, H_, num_layers, bidirectional)
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    chex.assert_trees_all_close(back, params, atol=1e-6)
     with pytest.raises(ValueError, match="weights must have shape"):
         convert.from_cudnn(w[:-1], D_, H_, num_layers, bidirectional)
 

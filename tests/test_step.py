@@ -23,8 +23,11 @@ def test_step_vjp_matches_jax_vjp(proj):
         p = jaxlstm.init_lstm(k[0], D, H, proj_size=proj, dtype=jnp.float64)
         p = p._replace(b=jax.random.normal(k[1], p.b.shape, jnp.float64))
         R = proj or H
-        x, h0, c0 = (jax.random.normal(kk, (n, B), jnp.float64) for kk, n in zip(k[2:5], (D, R, H)))
-        dh, dc = jax.random.normal(k[5], (R, B), jnp.float64), jnp.cos(jnp.arange(H * B, dtype=jnp.float64)).reshape(H, B)
+        x, h0, c0 = (jax.random.normal(kk, (n, B), jnp.float64) for kk, n in zip(k[2:5], (D, R, H), strict=True))
+        dh, dc = (
+            jax.random.normal(k[5], (R, B), jnp.float64),
+            jnp.cos(jnp.arange(H * B, dtype=jnp.float64)).reshape(H, B),
+        )
 
         def f(params, h, c, x):
             (h1, c1), _, _ = lstm_step(params, jnp.float64, jnp.float64, feature_major=True)((h, c), x)
