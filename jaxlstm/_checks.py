@@ -108,17 +108,14 @@ def gated_params(name: str, params, n_gates: int) -> tuple[int, int]:
             f"{name}.w_ih must have a multiple of {n_gates} columns ({n_gates} gates), got shape {_shape(params.w_ih)}"
         )
     matrix(f"{name}.w_hh", params.w_hh, cols=GH)
-    vector(f"{name}.b", params.b, GH)
+    if params.b is not None or not isinstance(params, LSTMParams):  # only the LSTM has bias-free layers
+        vector(f"{name}.b", params.b, GH)
     return D, GH // n_gates
 
 
 def lstm_params(params, name: str = "params") -> tuple[int, int, int]:
     """Validates ``LSTMParams``; returns ``(D, H, R)``."""
-    if not isinstance(params, LSTMParams):
-        kind = type(params).__name__
-        what = f"{kind} (use the function for that cell)" if kind in ("GRUParams", "RNNParams") else _what(params)
-        raise TypeError(f"{name} must be LSTMParams (see jaxlstm.init_lstm), got {what}")
-    same_dtype(name, params)
+    params_type(name, params, LSTMParams, "jaxlstm.init_lstm")
     D, H = gated_params(name, params, 4)
     R = params.w_hh.shape[0]
     if params.w_hr is None:
@@ -144,6 +141,21 @@ def sequence(name: str, xs, input_size: int, time_major: bool) -> tuple[tuple, i
     if time_major:
         return tuple(xs.shape[1:-1]), xs.shape[0]
     return tuple(xs.shape[:-2]), xs.shape[-2]
+
+
+_CELLS = {"LSTMParams": "lstm", "GRUParams": "gru", "RNNParams": "rnn"}
+
+
+def params_type(name: str, params, cls: type, init: str) -> None:
+    """``params`` is a ``cls`` (a params NamedTuple) with one dtype throughout."""
+    if not isinstance(params, cls):
+        kind = type(params).__name__
+        if kind in _CELLS:
+            what = f"{kind} (use jaxlstm.{_CELLS[kind]} / jaxlstm.{_CELLS[kind]}_cell for those)"
+        else:
+            what = _what(params)
+        raise TypeError(f"{name} must be {cls.__name__} (see {init}), got {what}")
+    same_dtype(name, params)
 
 
 def same_dtype(name: str, params) -> None:

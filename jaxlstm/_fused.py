@@ -105,7 +105,8 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     ys, acts, cs = saved
     T, D, B = seg.xs.shape
     if T == 0:  # no step: the state's cotangent passes straight through
-        return dcarry, jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params), jnp.zeros((0, D, B), acc)
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
+        return dcarry, zeros, jnp.zeros((0, D, B), acc)
     proj = params.w_hr is not None
     c_prev = _shift(seg.carry0[1], cs)
 
@@ -146,7 +147,8 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     if proj:
         m = split_gates(acts, GATE_AXIS_FM)[3] * jnp.tanh(cs)
         d_w_hr = gemm(cols(m), bufs[1].reshape((bufs[1].shape[0], -1)).astype(mm))
-    grads = LSTMParams(gemm(cols(seg.xs), dz2), gemm(cols(h_prev), dz2), bufs[0].sum(axis=(1, 2)), d_w_hr)
+    d_b = None if params.b is None else bufs[0].sum(axis=(1, 2))
+    grads = LSTMParams(gemm(cols(seg.xs), dz2), gemm(cols(h_prev), dz2), d_b, d_w_hr)
     dxs = jnp.swapaxes(dot(params.w_ih, dz2, mm, acc).reshape((D, T, B)), 0, 1)
     return dcarry0, grads, dxs
 

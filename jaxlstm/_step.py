@@ -49,11 +49,12 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
         # into the dot as a transposed operand, which XLA:CPU runs slower.
         w_in = jnp.concatenate([params.w_ih, params.w_hh], axis=0).astype(mm_dtype).T
         w_hr_t = None if params.w_hr is None else params.w_hr.T
-        b = params.b[:, None].astype(acc_dtype)
+        b = None if params.b is None else params.b[:, None].astype(acc_dtype)
 
         def pre(x, h):
             xh = jnp.concatenate([x.astype(mm_dtype), h.astype(mm_dtype)], axis=0)
-            return dot(w_in, xh, mm_dtype, acc_dtype) + b
+            z = dot(w_in, xh, mm_dtype, acc_dtype)
+            return z if b is None else z + b
 
         def proj(m):
             assert w_hr_t is not None
@@ -63,7 +64,7 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
 
         def pre(x, h):
             z = dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h, params.w_hh, mm_dtype, acc_dtype)
-            return add_bias(z, params.b)
+            return z if params.b is None else add_bias(z, params.b)
 
         def proj(m):
             assert params.w_hr is not None

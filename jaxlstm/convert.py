@@ -88,11 +88,12 @@ def _layer_params(kind, sd, sfx, has_proj, dtype):
     a = lambda name: jnp.asarray(sd[name + sfx], dtype)
     w_ih, w_hh = a("weight_ih").T, a("weight_hh").T
     G = w_ih.shape[1]
+    has_bias = "bias_ih" + sfx in sd or "bias_hh" + sfx in sd
     zeros = jnp.zeros((G,), dtype)
     b_ih = a("bias_ih") if "bias_ih" + sfx in sd else zeros
     b_hh = a("bias_hh") if "bias_hh" + sfx in sd else zeros
-    if kind == "lstm":
-        return LSTMParams(w_ih, w_hh, b_ih + b_hh, a("weight_hr").T if has_proj else None)
+    if kind == "lstm":  # bias=False: a layer without bias (b=None)
+        return LSTMParams(w_ih, w_hh, b_ih + b_hh if has_bias else None, a("weight_hr").T if has_proj else None)
     if kind == "rnn":
         return RNNParams(w_ih, w_hh, b_ih + b_hh)
     H = G // 3  # GRU: b_hn stays apart because r multiplies it
@@ -104,7 +105,8 @@ def from_torch(module_or_state_dict, *, dtype=jnp.float32):
 
     ``num_layers``, ``bidirectional`` and ``proj_size`` are inferred from the keys
     (and the kind from the module's class, or from the shape of ``weight_hh_l0``);
-    a module built with ``bias=False`` gives zero biases. LSTM params feed
+    an LSTM built with ``bias=False`` gives ``b=None`` (a layer without bias), a
+    GRU or RNN zero biases. LSTM params feed
     :func:`jaxlstm.lstm_stack`; each ``params[l][d]`` feeds :func:`jaxlstm.lstm`,
     :func:`jaxlstm.gru` or :func:`jaxlstm.rnn`. nn.RNN's ``nonlinearity='relu'``
     is not supported (jaxlstm's Elman RNN is tanh).
@@ -123,30 +125,36 @@ def from_torch(module_or_state_dict, *, dtype=jnp.float32):
 def to_torch(params, *, as_numpy: bool = False) -> dict[str, Any]:
     """``params[layer][direction]`` (or any pytree of that structure, such as its
     gradients) -> an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` ``state_dict`` of torch
-    tensors (numpy arrays with ``as_numpy=True``). Load it with
-    ``load_state_dict``. The whole bias goes to ``bias_ih_*``; ``bias_hh_*`` is
-    zero except a GRU's n slice, which holds ``b_hn``."""
-    f32 = lambda a: np.asarray(a, np.float32)
+    tensors (numpy arrays with ``as_numpy=True``), in the params' dtype. Load it
+    with ``load_state_dict``. The whole bias goes to ``bias_ih_*``; ``bias_hh_*``
+    is zero except a GRU's n slice, which holds ``b_hn``. An LSTM without bias
+    (``b=None``) writes no bias keys: it loads into ``nn.LSTM(..., bias=False)``."""
     out = {}
     for l, layer in enumerate(params):
         for d, p in enumerate(layer):
             sfx = f"_l{l}" + ("_reverse" if d else "")
-            b = f32(p.b)
-            out["weight_ih" + sfx] = f32(p.w_ih).T
-            out["weight_hh" + sfx] = f32(p.w_hh).T
-            out["bias_ih" + sfx] = b
-            b_hh = np.zeros_like(b)
-            if isinstance(p, GRUParams):
-                b_hh[2 * (b.shape[0] // 3) :] = f32(p.b_hn)
-            out["bias_hh" + sfx] = b_hh
+            out["weight_ih" + sfx] = np.asarray(p.w_ih).T
+            out["weight_hh" + sfx] = np.asarray(p.w_hh).T
+            if p.b is not None:
+                b = np.asarray(p.b)
+                out["bias_ih" + sfx] = b
+                b_hh = np.zeros_like(b)
+                if isinstance(p, GRUParams):
+                    b_hh[2 * (b.shape[0] // 3) :] = np.asarray(p.b_hn)
+                out["bias_hh" + sfx] = b_hh
             if isinstance(p, LSTMParams) and p.w_hr is not None:
-                out["weight_hr" + sfx] = f32(p.w_hr).T
+                out["weight_hr" + sfx] = np.asarray(p.w_hr).T
     out = {k: np.ascontiguousarray(v) for k, v in out.items()}
     if as_numpy:
         return out
     import torch
 
-    return {k: torch.from_numpy(v.copy()) for k, v in out.items()}
+    def tensor(v):  # torch reads no numpy bfloat16: go through float32
+        if v.dtype == jnp.bfloat16:
+            return torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16)
+        return torch.from_numpy(v.copy())
+
+    return {k: tensor(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -164,15 +172,23 @@ def _unwrap(params):
     return params
 
 
-def from_flax(params) -> LSTMParams:
+def from_flax(params, *, as_variables: bool = False):
     """Params of ``flax.linen.LSTMCell`` / ``OptimizedLSTMCell`` (or of
     ``jaxlstm.linen.LSTMCell``), optionally wrapped in ``{"params": ...}`` or
-    ``nn.RNN``'s ``{"cell": ...}``, -> ``LSTMParams``."""
+    ``nn.RNN``'s ``{"cell": ...}``, -> ``LSTMParams``.
+
+    With ``as_variables=True`` it returns the variables of
+    ``nn.RNN(jaxlstm.linen.LSTMCell(H))`` instead,
+    ``{"params": {"cell": {"w_ih", "w_hh", "b"}}}``, ready for its ``apply``.
+    """
+    if as_variables:
+        lp = from_flax(params)
+        return {"params": {"cell": {k: v for k, v in lp._asdict().items() if v is not None}}}
     p = _unwrap(params)
     if not isinstance(p, Mapping):
         raise TypeError(f"expected a flax params dict, got {type(params).__name__}")
-    if {"w_ih", "w_hh", "b"} <= set(p):
-        return LSTMParams(p["w_ih"], p["w_hh"], p["b"], p.get("w_hr"))
+    if {"w_ih", "w_hh"} <= set(p):
+        return LSTMParams(p["w_ih"], p["w_hh"], p.get("b"), p.get("w_hr"))
     need = [f"{side}{g}" for side in "ih" for g in GATE_ORDER]
     missing = [k for k in need if k not in p]
     if missing:
@@ -186,7 +202,8 @@ def to_flax(params: LSTMParams) -> dict:
     ``OptimizedLSTMCell`` (without the ``{"params": ...}`` wrapper)."""
     if params.w_hr is not None:
         raise ValueError("flax's LSTM cells have no projection: params.w_hr must be None")
-    w_ih, w_hh, b = (jnp.split(a, 4, axis=-1) for a in (params.w_ih, params.w_hh, params.b))
+    bias = jnp.zeros(params.w_ih.shape[-1:], params.w_ih.dtype) if params.b is None else params.b
+    w_ih, w_hh, b = (jnp.split(a, 4, axis=-1) for a in (params.w_ih, params.w_hh, bias))
     out = {f"i{g}": {"kernel": w_ih[j]} for j, g in enumerate(GATE_ORDER)}
     out.update({f"h{g}": {"kernel": w_hh[j], "bias": b[j]} for j, g in enumerate(GATE_ORDER)})
     return out
@@ -211,13 +228,9 @@ def from_cudnn(weights, input_size: int, hidden_size: int, num_layers: int = 1, 
         )
     w_ih, w_hh, b_ih, b_hh = jrnn.unpack_lstm_weights(weights, input_size, hidden_size, num_layers, bidirectional)
     dirs = 2 if bidirectional else 1
-    sd = {}
-    for i in w_ih:
-        sfx = f"_l{i // dirs}" + ("_reverse" if i % dirs else "")
-        sd.update(
-            {"weight_ih" + sfx: w_ih[i], "weight_hh" + sfx: w_hh[i], "bias_ih" + sfx: b_ih[i], "bias_hh" + sfx: b_hh[i]}
-        )
-    return from_torch(sd, dtype=weights.dtype)
+    # jnp throughout, so that it runs under jit and grad.
+    flat = [LSTMParams(w_ih[i].T, w_hh[i].T, b_ih[i] + b_hh[i]) for i in range(num_layers * dirs)]
+    return tuple(tuple(flat[l * dirs : (l + 1) * dirs]) for l in range(num_layers))
 
 
 def to_cudnn(params) -> jax.Array:
@@ -227,5 +240,6 @@ def to_cudnn(params) -> jax.Array:
     if any(p.w_hr is not None for p in flat):
         raise ValueError("cuDNN LSTM weights have no projection: every w_hr must be None")
     ws = [jnp.ravel(w.T) for p in flat for w in (p.w_ih, p.w_hh)]
-    bs = [b for p in flat for b in (p.b, jnp.zeros_like(p.b))]
+    zeros = [jnp.zeros(p.w_ih.shape[-1:], p.w_ih.dtype) for p in flat]
+    bs = [b for p, z in zip(flat, zeros, strict=True) for b in (z if p.b is None else p.b, z)]
     return jnp.concatenate(ws + bs)

@@ -48,12 +48,12 @@ def _inits(module) -> dict:
     }
 
 
-def _layer_params(module: nn.Module, inits: dict, d_in: int, H: int, proj_size: int | None) -> LSTMParams:
+def _layer_params(module: nn.Module, inits: dict, d_in: int, H: int, proj_size: int | None, bias: bool) -> LSTMParams:
     arrays = {
         name: module.param(name, inits[role], shape, module.param_dtype)
-        for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size).items()
+        for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size, bias).items()
     }
-    return LSTMParams(**arrays)
+    return LSTMParams(arrays["w_ih"], arrays["w_hh"], arrays.get("b"), arrays.get("w_hr"))
 
 
 def _compute(module, xs):
@@ -68,6 +68,7 @@ class LSTMCell(nn.RNNCellBase):
       kernel_init / recurrent_kernel_init / bias_init: initialisers (defaults:
         Glorot-uniform, orthogonal per gate, zeros with ``forget_bias`` on f).
       forget_bias: used by the default ``bias_init``.
+      use_bias: ``False`` for a cell without bias (no ``b`` param).
       dtype: computation dtype (``None``: the inputs' dtype).
       param_dtype: parameter dtype.
     """
@@ -77,6 +78,7 @@ class LSTMCell(nn.RNNCellBase):
     recurrent_kernel_init: Initializer = recurrent_init
     bias_init: Initializer | None = None
     forget_bias: float = 1.0
+    use_bias: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
     carry_init: Initializer = nn.initializers.zeros_init()
@@ -85,7 +87,7 @@ class LSTMCell(nn.RNNCellBase):
     def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array):
         _checks.positive_int("features", self.features)
         c, h = carry
-        params = _layer_params(self, _inits(self), inputs.shape[-1], self.features, None)
+        params = _layer_params(self, _inits(self), inputs.shape[-1], self.features, None, self.use_bias)
         inputs = _compute(self, inputs)
         state, y = lstm_cell(params, LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype)
         return (state.c.astype(c.dtype), state.h), y
@@ -105,7 +107,7 @@ class LSTMCell(nn.RNNCellBase):
 class _Direction(nn.Module):
     """The params of one layer-direction: a scope in the tree, no maths."""
 
-    shape: tuple  # (d_in, features, proj_size)
+    shape: tuple  # (d_in, features, proj_size, use_bias)
     inits: Any
     param_dtype: Any
 
@@ -167,6 +169,7 @@ class LSTM(nn.Module):
     recurrent_kernel_init: Initializer = recurrent_init
     bias_init: Initializer | None = None
     forget_bias: float = 1.0
+    use_bias: bool = True
     unroll: int = 1
     checkpoint_every: int | None = None
     backward: str = "fused"
@@ -179,7 +182,13 @@ class LSTM(nn.Module):
         layout = stack_layout(xs.shape[-1], self.features, self.num_layers, self.bidirectional, self.proj_size)
         dirs = 2 if self.bidirectional else 1
         params = tuple(
-            _Layer((d_in, self.features, self.proj_size), dirs, _inits(self), self.param_dtype, name=layer_key(l))()
+            _Layer(
+                (d_in, self.features, self.proj_size, self.use_bias),
+                dirs,
+                _inits(self),
+                self.param_dtype,
+                name=layer_key(l),
+            )()
             for l, d, d_in in layout
             if d == 0
         )
@@ -213,7 +222,13 @@ def stack_params(variables: Mapping) -> StackParams:
     layers = []
     for l in range(len(p)):
         layer = p[layer_key(l)]
-        layers.append(tuple(LSTMParams(**{k: layer[d][k] for k in layer[d]}) for d in DIRECTIONS if d in layer))
+        layers.append(
+            tuple(
+                LSTMParams(layer[d]["w_ih"], layer[d]["w_hh"], layer[d].get("b"), layer[d].get("w_hr"))
+                for d in DIRECTIONS
+                if d in layer
+            )
+        )
     return tuple(layers)
 
 

@@ -37,18 +37,21 @@ Initializer = Callable[..., jax.Array]
 class _Weights(nnx.Module):
     """The params of one layer-direction (or of a cell)."""
 
-    def __init__(self, d_in, H, proj_size, inits, param_dtype, rngs: nnx.Rngs):
-        shapes = lstm_param_shapes(d_in, H, proj_size)
+    def __init__(self, d_in, H, proj_size, bias, inits, param_dtype, rngs: nnx.Rngs):
+        shapes = lstm_param_shapes(d_in, H, proj_size, bias)
 
         def make(name):
             shape, role = shapes[name]
             return nnx.Param(inits[role](rngs.params(), shape, param_dtype))
 
-        self.w_ih, self.w_hh, self.b = make("w_ih"), make("w_hh"), make("b")
+        self.w_ih, self.w_hh = make("w_ih"), make("w_hh")
+        self.b = make("b") if "b" in shapes else nnx.data(None)
         self.w_hr = make("w_hr") if "w_hr" in shapes else nnx.data(None)
 
-    def read(self) -> LSTMParams:
-        return LSTMParams(self.w_ih[...], self.w_hh[...], self.b[...], None if self.w_hr is None else self.w_hr[...])
+    def lstm_params(self) -> LSTMParams:
+        """The weights as ``LSTMParams`` for the functional API."""
+        opt = lambda v: None if v is None else v[...]
+        return LSTMParams(self.w_ih[...], self.w_hh[...], opt(self.b), opt(self.w_hr))
 
 
 class _Layer(nnx.Module):
@@ -61,7 +64,7 @@ def _inits(kernel, recurrent, bias, forget_bias):
     return {"kernel": kernel, "recurrent": recurrent, "bias": bias or lstm_bias_init(forget_bias)}
 
 
-class LSTMCell(nnx.Module):
+class LSTMCell(_Weights):
     """One LSTM step with Flax's ``(c, h)`` carry (like ``nnx.OptimizedLSTMCell``)."""
 
     def __init__(
@@ -73,6 +76,7 @@ class LSTMCell(nnx.Module):
         recurrent_kernel_init: Initializer = recurrent_init,
         bias_init: Initializer | None = None,
         forget_bias: float = 1.0,
+        use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
@@ -81,15 +85,13 @@ class LSTMCell(nnx.Module):
         self.hidden_features = _checks.positive_int("hidden_features", hidden_features)
         self.dtype, self.param_dtype = dtype, param_dtype
         inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
-        w = _Weights(in_features, hidden_features, None, inits, param_dtype, rngs)
-        self.w_ih, self.w_hh, self.b = w.w_ih, w.w_hh, w.b
+        super().__init__(in_features, hidden_features, None, use_bias, inits, param_dtype, rngs)
 
     def __call__(self, carry, inputs):
         c, h = carry
         if self.dtype is not None:
             inputs = inputs.astype(self.dtype)
-        params = LSTMParams(self.w_ih[...], self.w_hh[...], self.b[...])
-        state, y = lstm_cell(params, LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype)
+        state, y = lstm_cell(self.lstm_params(), LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype)
         return (state.c.astype(c.dtype), state.h), y
 
     def initialize_carry(self, input_shape, rngs=None):
@@ -131,6 +133,7 @@ class LSTM(nnx.Module):
         recurrent_kernel_init: Initializer = recurrent_init,
         bias_init: Initializer | None = None,
         forget_bias: float = 1.0,
+        use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         unroll: int = 1,
@@ -150,7 +153,7 @@ class LSTM(nnx.Module):
         layout = stack_layout(in_features, hidden_features, num_layers, bidirectional, proj_size)
         for l in range(num_layers):
             ws = [
-                _Weights(d_in, hidden_features, proj_size, inits, param_dtype, rngs)
+                _Weights(d_in, hidden_features, proj_size, use_bias, inits, param_dtype, rngs)
                 for l2, _, d_in in layout
                 if l2 == l
             ]
@@ -185,7 +188,9 @@ def _layers(module: LSTM):
 
 def stack_params(module: LSTM) -> StackParams:
     """The weights of a :class:`LSTM` as ``params[layer][direction]`` for :func:`jaxlstm.lstm_stack`."""
-    return tuple(tuple(getattr(layer, d).read() for d in DIRECTIONS if hasattr(layer, d)) for layer in _layers(module))
+    return tuple(
+        tuple(getattr(layer, d).lstm_params() for d in DIRECTIONS if hasattr(layer, d)) for layer in _layers(module)
+    )
 
 
 def set_stack_params(module: LSTM, params: StackParams) -> None:

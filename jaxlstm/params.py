@@ -41,13 +41,14 @@ class LSTMParams(NamedTuple):
     Attributes:
       w_ih: input kernel ``[D, 4H]``.
       w_hh: recurrent kernel ``[R, 4H]`` (``R = P`` if projected, else ``H``).
-      b: bias ``[4H]``.
+      b: bias ``[4H]``, or ``None`` for a layer without bias (PyTorch's
+        ``bias=False``).
       w_hr: projection kernel ``[H, P]``, or ``None`` without projection.
     """
 
     w_ih: jax.Array
     w_hh: jax.Array
-    b: jax.Array
+    b: jax.Array | None
     w_hr: jax.Array | None = None
 
 
@@ -64,15 +65,17 @@ def _check_size(name: str, value) -> int:
     return value
 
 
-def lstm_param_shapes(input_size: int, hidden_size: int, proj_size: int | None = None) -> dict:
-    """``{field: (shape, role)}`` of one layer's ``LSTMParams``; role is one of
-    ``"kernel"``, ``"recurrent"``, ``"bias"`` (which initialiser a module uses)."""
+def lstm_param_shapes(input_size: int, hidden_size: int, proj_size: int | None = None, bias: bool = True) -> dict:
+    """``{field: (shape, role)}`` of one layer's ``LSTMParams`` (fields that are
+    ``None`` left out); role is one of ``"kernel"``, ``"recurrent"``, ``"bias"``
+    (which initialiser a module uses)."""
     H, R = hidden_size, hidden_size if proj_size is None else proj_size
-    shapes = {
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {
         "w_ih": ((input_size, 4 * H), "kernel"),
         "w_hh": ((R, 4 * H), "recurrent"),
-        "b": ((4 * H,), "bias"),
     }
+    if bias:
+        shapes["b"] = ((4 * H,), "bias")
     if proj_size is not None:
         shapes["w_hr"] = ((H, R), "kernel")
     return shapes
@@ -117,6 +120,7 @@ def init_lstm(
     *,
     proj_size: int | None = None,
     forget_bias: float = 1.0,
+    bias: bool = True,
     dtype=jnp.float32,
 ) -> LSTMParams:
     """Initialise one LSTM layer.
@@ -130,6 +134,7 @@ def init_lstm(
       hidden_size: H.
       proj_size: P for an LSTMP layer, or ``None``.
       forget_bias: added to the forget-gate bias (1.0 is the usual choice).
+      bias: ``False`` for a layer without bias (``b=None``).
       dtype: parameter dtype.
 
     Returns:
@@ -152,7 +157,7 @@ def init_lstm(
     return LSTMParams(
         kernel_init(k_ih, (D, 4 * H), dtype),
         recurrent_init(k_hh, (R, 4 * H), dtype),
-        lstm_bias_init(forget_bias)(None, (4 * H,), dtype),
+        lstm_bias_init(forget_bias)(None, (4 * H,), dtype) if bias else None,
         None if proj_size is None else kernel_init(k_hr, (H, R), dtype),
     )
 

@@ -97,7 +97,8 @@ def _gru_step(params: GRUParams, mm, acc):
 
 
 def _check(params, kind: str):
-    n_gates = {"rnn": 1, "gru": 3}[kind]
+    cls, n_gates = {"rnn": (RNNParams, 1), "gru": (GRUParams, 3)}[kind]
+    _checks.params_type("params", params, cls, f"jaxlstm.init_{kind}")
     D, H = _checks.gated_params("params", params, n_gates)
     if params.w_hh.shape[0] != H:
         raise ValueError(f"params.w_hh must have {H} rows (hidden_size), got shape {tuple(params.w_hh.shape)}")
@@ -107,6 +108,7 @@ def _check(params, kind: str):
 
 
 def _dtypes(params, x_dtype, compute_dtype):
+    compute_dtype = _checks.compute_dtype(compute_dtype)
     acc = accum_dtype(x_dtype, params.w_ih.dtype)
     mm = matmul_dtype(compute_dtype, x_dtype, params.w_ih.dtype, params.w_hh.dtype)
     return mm, acc
@@ -114,7 +116,9 @@ def _dtypes(params, x_dtype, compute_dtype):
 
 def _cell(kind, make_step, params, h, x, compute_dtype):
     D, H = _check(params, kind)
-    _checks.step_input("x", x, D)
+    _checks.float_array("h", h)
+    x = _checks.as_float_array("x", x)
+    _checks.step_input("x", x, D, batch_shape=h.shape[:-1])
     _checks.state_array("h", h, tuple(x.shape[:-1]) + (H,))
     mm, acc = _dtypes(params, x.dtype, compute_dtype)
     h, _, _ = make_step(params, mm, acc)(h.astype(acc), x)
@@ -124,8 +128,11 @@ def _cell(kind, make_step, params, h, x, compute_dtype):
 
 def _sequence(kind, make_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype):
     D, H = _check(params, kind)
+    xs = _checks.as_float_array("xs", xs)
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
+    _checks.static_bool("reverse", reverse)
+    _checks.static_bool("time_major", time_major)
     unroll = _checks.positive_int("unroll", unroll)
     mm, acc = _dtypes(params, xs.dtype, compute_dtype)
     if initial_state is None:

@@ -34,6 +34,7 @@ def init_lstm_stack(
     bidirectional: bool = False,
     proj_size: int | None = None,
     forget_bias: float = 1.0,
+    bias: bool = True,
     dtype=jnp.float32,
 ) -> StackParams:
     """Initialise a stack; layer ``l > 0`` has input size ``num_directions * R``.
@@ -50,7 +51,7 @@ def init_lstm_stack(
     layout = stack_layout(input_size, hidden_size, num_layers, bidirectional, proj_size)
     keys = jax.random.split(key, len(layout))
     flat = [
-        init_lstm(k, d_in, hidden_size, proj_size=proj_size, forget_bias=forget_bias, dtype=dtype)
+        init_lstm(k, d_in, hidden_size, proj_size=proj_size, forget_bias=forget_bias, bias=bias, dtype=dtype)
         for k, (_, _, d_in) in zip(keys, layout, strict=True)
     ]
     return group_layers(flat, 2 if bidirectional else 1)
@@ -138,6 +139,7 @@ def lstm_stack(
       ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
     """
     L, dirs, D, H, R = check_stack(params)
+    xs = _checks.as_float_array("xs", xs)
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
     # Checked here too: the fused-directions path reverses by seq_lengths before any lstm call.
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)

@@ -148,7 +148,7 @@ def test_custom_initialisers_and_nnx_cell():
     carry = cell.initialize_carry((B, D))
     for t in range(T):
         carry, y = cell(carry, XS[:, t])
-    params = jaxlstm.LSTMParams(cell.w_ih[...], cell.w_hh[...], cell.b[...])
+    params = cell.lstm_params()
     np.testing.assert_allclose(y, jaxlstm.lstm(params, XS)[0][:, -1], atol=1e-6)
 
 
