@@ -1,6 +1,6 @@
 """Writes ``SUMMARY.md`` from the JSON files of one results folder.
 
-python -m benchmarks.summary [benchmarks/results/cpu]
+python -m benchmarks.summary [benchmarks/results/zen4]
 """
 
 from __future__ import annotations
