@@ -52,15 +52,27 @@ def results_dir() -> str:
     return os.path.join("benchmarks", "runs", device_name() + ("-thp" if allocator() == "thp" else ""))
 
 
-def machine_info() -> dict:
-    cpu = platform.processor()
+def _cpuinfo() -> dict:
+    """``model name``, ``cpu family`` and ``model`` of the first CPU in /proc/cpuinfo (Linux)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                fields[k.strip()] = v.strip()
+    except OSError:
         pass
+    return fields
+
+
+def machine_info() -> dict:
+    cpuinfo = _cpuinfo()
     info = {
-        "cpu": cpu,
+        "cpu": cpuinfo.get("model name", platform.processor()),
+        "cpu_family": cpuinfo.get("cpu family"),
+        "cpu_model": cpuinfo.get("model"),
         "cores": os.cpu_count(),
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.devices()[0].platform,
@@ -95,7 +107,8 @@ def torch_available() -> bool:
 #
 #   jaxlstm[-tm][-ckptK][-unrollN][-bf16][-autodiff]   jaxlstm.lstm with those options
 #                                                      (-tm: time-major [T, B, D] inputs)
-#   flax-optimized, flax-lstmcell                      nn.RNN(OptimizedLSTMCell / LSTMCell)
+#   jaxlstm-gru                                        jaxlstm.gru
+#   flax-optimized, flax-lstmcell, flax-gru            nn.RNN(OptimizedLSTMCell / LSTMCell / GRUCell)
 #   jax-cudnn                                          jax.experimental.rnn (GPU only)
 #   torch                                              torch.nn.LSTM (see build)
 
@@ -107,6 +120,14 @@ def input_shape(impl: str, B: int, T: int, D: int) -> tuple:
 def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: int = 1):
     """``(init(key) -> params, apply(params, xs) -> ys)`` of a JAX implementation."""
     jdtype = jnp.dtype(dtype)
+    if impl == "jaxlstm-gru":
+        init = lambda key: jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_gru(key, D, H))
+        return init, lambda p, x: jaxlstm.gru(p, x, unroll=unroll)[0]
+    if impl == "flax-gru":
+        import flax.linen as nn
+
+        model = nn.RNN(nn.GRUCell(H, dtype=jdtype, param_dtype=jdtype), unroll=unroll)
+        return lambda key: model.init(key, jnp.zeros((B, 1, D), jdtype)), model.apply
     if impl.startswith("jaxlstm"):
         kw = {"unroll": unroll}
         for opt in impl.split("-")[1:]:

@@ -1,8 +1,13 @@
-"""Sequence length against tokens/s, forward and train step, for jaxlstm and its peers.
+"""The main job. By default the regime grid of :mod:`benchmarks.regimes` (LSTM and GRU,
+forward and train, against flax and PyTorch); with ``--sweep``, sequence length
+against tokens/s at one shape, for jaxlstm and its peers:
 
-    python -m benchmarks.throughput            # full sweep T = 16 ... 4096 (a few minutes on 2 cores)
-    python -m benchmarks.throughput --quick    # smoke run, tiny shapes
+    python -m benchmarks.throughput                    # the regime grid (a few minutes on 2 cores)
+    python -m benchmarks.throughput --quick            # the grid on tiny shapes
+    python -m benchmarks.throughput --sweep            # T = 16 ... 4096 at B=32 D=128 H=256
+    python -m benchmarks.throughput --sweep --quick    # smoke run, tiny shapes
 
+The sweep:
 Every implementation is compiled first (compile time recorded separately), warmed
 up, then timed round by round, one call of each per round, so that machine noise
 hits them alike. Reports medians and the interquartile range, the ratio to
@@ -19,12 +24,14 @@ import sys
 from tqdm import tqdm
 
 from . import _common as C
+from . import regimes
 
 BASELINE = "flax-optimized"
 
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", action="store_true", help="the T sweep at one shape instead of the regime grid")
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[16, 64, 256, 1024, 4096])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--input-size", type=int, default=128)
@@ -57,7 +64,7 @@ def parse(argv=None):
     )
     args = ap.parse_args(argv)
     if args.thp:
-        C.reexec_with_thp("benchmarks.throughput", sys.argv[1:] if argv is None else argv)
+        C.reexec_with_thp("benchmarks.throughput", argv)
     if args.quick:
         args.seq_lens, args.batch, args.input_size, args.hidden_size = [4, 8, 16], 2, 4, 8
         args.repeats, args.budget_s = 3, 0.5
@@ -162,6 +169,9 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--sweep" not in argv:
+        return regimes.main(argv)
     args = parse(argv)
     result = run(args)
     print(table(result))

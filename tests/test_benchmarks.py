@@ -15,7 +15,17 @@ from benchmarks import memory, throughput
 @pytest.mark.usefixtures("standard_promotion")
 def test_throughput_quick_schema(tmp_path):
     throughput.main(
-        ["--quick", "--impls", "jaxlstm", "jaxlstm-ckpt64", "flax-optimized", "flax-lstmcell", "--out", str(tmp_path)]
+        [
+            "--sweep",
+            "--quick",
+            "--impls",
+            "jaxlstm",
+            "jaxlstm-ckpt64",
+            "flax-optimized",
+            "flax-lstmcell",
+            "--out",
+            str(tmp_path),
+        ]
     )
     data = json.loads((tmp_path / "throughput.json").read_text())
     assert {"cpu", "cores", "jax", "flax", "peak_matmul_gflops"} <= set(data["machine"])
@@ -40,8 +50,40 @@ def test_throughput_quick_schema(tmp_path):
             "ratio_vs_flax",
         ):
             assert k in r, k
-        assert r["tokens_per_s"] > 0 and r["tokens_per_s_q25"] <= r["tokens_per_s_q75"]
+        np.testing.assert_allclose(r["tokens_per_s"], r["batch"] * r["seq_len"] / r["median_s"], rtol=1e-9)
+        if r["impl"] == "flax-optimized":
+            assert r["ratio_vs_flax"] == 1.0
     assert os.path.getsize(tmp_path / "throughput.png") > 1000
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_regimes_quick(tmp_path):
+    """The main job's grid: every (regime, cell, mode) row, torch only when installed
+    (timed in its own process), the bare dot, and ratios that follow from the medians."""
+    from benchmarks import regimes
+
+    throughput.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "regimes.json").read_text())
+    assert data["machine"]["cpu_family"] is not None and data["machine"]["cores"] >= 1
+    rows = regimes.rows(data)
+    assert {(r["regime"], r["cell"], r["mode"]) for r in rows} == {
+        (g, c, m) for g in regimes.QUICK for c in ("lstm", "gru") for m in ("forward", "train")
+    }
+    recs = {(r["regime"], r["cell"], r["mode"], r["impl"]): r for r in data["records"]}
+    for r in rows:
+        ours = recs[(r["regime"], r["cell"], r["mode"], regimes.IMPLS[r["cell"]][0])]
+        flax = recs[(r["regime"], r["cell"], r["mode"], regimes.IMPLS[r["cell"]][1])]
+        np.testing.assert_allclose(r["vs_flax"], flax["median_s"] / ours["median_s"])
+        dot = recs[(r["regime"], r["cell"], "forward", "bare-dot")]
+        np.testing.assert_allclose(r["step_over_dot"], ours["median_s"] / dot["median_s"])
+        assert (r["vs_torch"] is None) == (not C_torch())
+    assert "| tiny (2, 4, 8, 16) | lstm | forward |" in regimes.table(data)
+
+
+def C_torch():
+    from benchmarks import _common as C
+
+    return C.torch_available()
 
 
 @pytest.mark.usefixtures("standard_promotion")

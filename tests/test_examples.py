@@ -31,7 +31,7 @@ def test_long_memory_runs_and_writes(tmp_path):
     data = json.loads((tmp_path / "long_memory.json").read_text())
     assert {r["model"] for r in data["results"]} == {"rnn", "lstm", "gru"}
     for r in data["results"]:
-        assert r["seq_len"] == 6 and 0.0 <= r["metric"] <= 1.0 and isinstance(r["solved"], bool)
+        assert r["seq_len"] == 6 and r["solved"] == (r["metric"] >= data["solved_threshold"])
     assert all(len(g) == 6 for g in data["grad_norms"].values())
     assert (tmp_path / "long_memory_accuracy.png").exists() and (tmp_path / "long_memory_gradients.png").exists()
     assert result["grad_norm_seq_len"] == 6
@@ -54,6 +54,8 @@ def test_flax_classifier_runs_saves_and_restores(tmp_path, api):
     from examples import flax_classifier as fc
 
     result = fc.main(["--api", api, "--epochs", "1", "--hidden", "4", "--out", str(tmp_path)])
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    # an accuracy over n_test digits: a whole number of them is right
+    right = result["test_accuracy"] * result["n_test"]
+    assert abs(right - round(right)) < 1e-6 and result["n_test"] == 359
     assert result["restored_predictions_identical"] is True
     assert (tmp_path / f"digits_{api}.msgpack").exists()

@@ -1,0 +1,238 @@
+"""The main job: jaxlstm against flax and PyTorch over a grid of regimes, LSTM and GRU.
+
+    python -m benchmarks.throughput            # this grid (a few minutes on 2 cores)
+    python -m benchmarks.throughput --quick    # tiny shapes, seconds
+
+Regimes ``(B, D, H, T)``: latency (1, 32, 64, 1000), small (8, 64, 128, 256), base
+(32, 128, 256, 256), big-H (64, 512, 1024, 64), long-T (16, 64, 128, 4096). For each
+regime, cell (LSTM, GRU) and mode (forward; train = value and grad of a mean-square
+loss over all outputs w.r.t. params and inputs):
+
+* jaxlstm and flax (``nn.RNN(OptimizedLSTMCell)`` / ``nn.RNN(GRUCell)``) are timed
+  in this process, interleaved round by round (medians after a warm-up,
+  ``block_until_ready``);
+* ``torch.nn.LSTM`` / ``nn.GRU`` (when installed) are timed in a separate process,
+  before any JAX work starts here: XLA's and PyTorch's thread pools both spin after
+  work and steal each other's cores when they share a process;
+* the *bare recurrent dot* of the shape, ``h @ w_hh`` (``[B, H]·[H, G·H]``, every
+  output used) in a ``lax.scan`` of T steps, is timed with the JAX ones: the floor
+  of a step. ``step/dot`` is jaxlstm's forward time per step over it.
+
+Also the share of the machine's peak f32 matmul (best of 7 ``jnp.dot`` 2048²). The
+machine record names the CPU model, family and core count. Writes
+``regimes.json`` to ``--out`` (default ``benchmarks/runs/<device>/``, untracked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import _common as C
+
+REGIMES = {
+    "latency": (1, 32, 64, 1000),
+    "small": (8, 64, 128, 256),
+    "base": (32, 128, 256, 256),
+    "big-H": (64, 512, 1024, 64),
+    "long-T": (16, 64, 128, 4096),
+}
+QUICK = {"tiny": (2, 4, 8, 16), "tiny-long": (1, 3, 4, 64)}
+GATES = {"lstm": 4, "gru": 3}
+IMPLS = {"lstm": ("jaxlstm", "flax-optimized"), "gru": ("jaxlstm-gru", "flax-gru")}
+
+
+def flops(cell: str, mode: str, B: int, T: int, D: int, H: int) -> float:
+    fwd = 2.0 * B * T * GATES[cell] * H * (D + H)
+    return fwd if mode == "forward" else 3.0 * fwd
+
+
+# ---------------------------------------------------------------------------
+# PyTorch, in its own process
+
+
+def _torch_worker(grid: dict, repeats: int, budget_s: float) -> list:
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = []
+    for name, (B, D, H, T) in grid.items():
+        for cell in GATES:
+            m = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](D, H, batch_first=True)
+            x = torch.from_numpy(np.random.default_rng(0).standard_normal((B, T, D), dtype=np.float32))
+            x.requires_grad_(True)
+
+            def forward(m=m, x=x):
+                with torch.no_grad():
+                    return m(x)[0]
+
+            def train(m=m, x=x):
+                m.zero_grad(set_to_none=True)
+                x.grad = None
+                loss = m(x)[0].square().mean()
+                loss.backward()
+                return loss
+
+            times = C.time_interleaved({"forward": forward}, repeats, budget_s=budget_s)
+            times.update(C.time_interleaved({"train": train}, repeats, budget_s=budget_s))
+            for mode, ts in times.items():
+                out.append(dict(regime=name, cell=cell, mode=mode, impl="torch", **C.summarize(ts)))
+    return out
+
+
+def _torch_times(grid, repeats, budget_s) -> list:
+    """Runs :func:`_torch_worker` in a fresh interpreter; [] without torch."""
+    if not C.torch_available():
+        return []
+    cmd = [sys.executable, "-m", "benchmarks.regimes", "--torch-worker", json.dumps([grid, repeats, budget_s])]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# JAX, here
+
+
+def _bare_dot(B, H, G, T):
+    """A ``lax.scan`` of ``h @ w_hh`` over T steps, all G·H outputs used."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jax.random.normal(jax.random.key(0), (H, G * H), jnp.float32) / np.sqrt(H)
+
+    def run(w, h0):
+        def body(h, _):
+            z = h @ w
+            return jnp.tanh(z.reshape(B, G, H).sum(1)), None
+
+        return jax.lax.scan(body, h0, None, length=T)[0]
+
+    h0 = jnp.ones((B, H), jnp.float32)
+    f = jax.jit(run).lower(w, h0).compile()
+    return lambda: jax.block_until_ready(f(w, h0))
+
+
+def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
+    torch_recs = _torch_times(grid, repeats, budget_s)  # before any JAX work here
+    info = C.machine_info()
+    info["peak_matmul_gflops"] = C.peak_matmul_gflops(512 if quick else 2048)
+    records = list(torch_recs)
+    for name, (B, D, H, T) in grid.items():
+        for cell in GATES:
+            built = {impl: C.build(impl, B, T, D, H, "float32") for impl in IMPLS[cell]}
+            dot = _bare_dot(B, H, GATES[cell], T)
+            for mode in ("forward", "train"):
+                fns = {impl: b[mode] for impl, b in built.items()}
+                if mode == "forward":
+                    fns["bare-dot"] = dot
+                times = C.time_interleaved(fns, repeats, budget_s=budget_s)
+                for impl, ts in times.items():
+                    rec = dict(regime=name, cell=cell, mode=mode, impl=impl, **C.summarize(ts))
+                    if impl in built:
+                        rec["compile_s"] = built[impl][mode + "_compile_s"]
+                    records.append(rec)
+            del built
+    for r in records:
+        B, D, H, T = grid[r["regime"]]
+        r.update(batch=B, input_size=D, hidden_size=H, seq_len=T, tokens_per_s=B * T / r["median_s"])
+        if r["impl"] != "bare-dot":
+            r["fraction_of_peak"] = (
+                flops(r["cell"], r["mode"], B, T, D, H) / r["median_s"] / 1e9 / (info["peak_matmul_gflops"])
+            )
+    return {"machine": info, "regimes": grid, "records": records}
+
+
+def rows(result: dict) -> list:
+    """One row per (regime, cell, mode): the ratios the issue's targets are stated in."""
+    recs = result["records"]
+    get = lambda reg, cell, mode, impl: next(
+        (r for r in recs if (r["regime"], r["cell"], r["mode"], r["impl"]) == (reg, cell, mode, impl)), None
+    )
+    out = []
+    for reg in result["regimes"]:
+        for cell in GATES:
+            ours_name, flax_name = IMPLS[cell]
+            for mode in ("forward", "train"):
+                ours, flax = get(reg, cell, mode, ours_name), get(reg, cell, mode, flax_name)
+                torch, dot = get(reg, cell, mode, "torch"), get(reg, cell, "forward", "bare-dot")
+                if ours is None or flax is None:
+                    continue
+                T = ours["seq_len"]
+                row = dict(
+                    regime=reg,
+                    cell=cell,
+                    mode=mode,
+                    jaxlstm_tokens_per_s=ours["tokens_per_s"],
+                    vs_flax=flax["median_s"] / ours["median_s"],
+                    vs_torch=None if torch is None else torch["median_s"] / ours["median_s"],
+                    fraction_of_peak=ours["fraction_of_peak"],
+                    step_us=1e6 * ours["median_s"] / T,
+                    dot_us=None if dot is None else 1e6 * dot["median_s"] / T,
+                )
+                row["step_over_dot"] = None if dot is None else ours["median_s"] / dot["median_s"]
+                out.append(row)
+    return out
+
+
+def table(result: dict) -> str:
+    fmt = lambda v, f: "" if v is None else format(v, f)
+    lines = [
+        "| regime (B, D, H, T) | cell | mode | jaxlstm tok/s | vs flax | vs torch | % of peak | step µs | "
+        "dot µs | step/dot |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows(result):
+        shape = ", ".join(map(str, result["regimes"][r["regime"]]))
+        step_dot = fmt(r["step_over_dot"], ".2f") + "x" if r["mode"] == "forward" and r["step_over_dot"] else ""
+        lines.append(
+            f"| {r['regime']} ({shape}) | {r['cell']} | {r['mode']} | {r['jaxlstm_tokens_per_s']:.0f} | "
+            f"{r['vs_flax']:.2f}x | {fmt(r['vs_torch'], '.2f')}{'x' if r['vs_torch'] else ''} | "
+            f"{100 * r['fraction_of_peak']:.0f}% | {r['step_us']:.1f} | {fmt(r['dot_us'], '.1f')} | {step_dot} |"
+        )
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--budget-s", type=float, default=4.0, help="per timing group: stop after this, min 3 rounds")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--thp", action="store_true", help=f"restart with GLIBC_TUNABLES={C.THP_TUNABLE}")
+    ap.add_argument("--out", default=None, help="default benchmarks/runs/<device>/ (untracked)")
+    ap.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.torch_worker is not None:
+        grid, repeats, budget_s = json.loads(args.torch_worker)
+        print(json.dumps(_torch_worker(grid, repeats, budget_s)))
+        return {}
+    if args.thp:
+        C.reexec_with_thp("benchmarks.throughput", sys.argv[1:] if argv is None else argv)
+    grid = QUICK if args.quick else {k: REGIMES[k] for k in args.regimes}
+    repeats, budget = (3, 0.3) if args.quick else (args.repeats, args.budget_s)
+    t0 = time.perf_counter()
+    result = run(grid, repeats, budget, quick=args.quick)
+    result["wall_s"] = time.perf_counter() - t0
+    m = result["machine"]
+    print(f"{m['cpu']} (family {m.get('cpu_family')}, {m['cores']} cores), peak {m['peak_matmul_gflops']:.0f} GFLOP/s")
+    print(table(result))
+    out = args.out or C.results_dir()
+    os.makedirs(out, exist_ok=True)
+    C.write_json(os.path.join(out, "regimes.json"), result)
+    print(f"wrote {out}/regimes.json ({result['wall_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
