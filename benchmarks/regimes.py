@@ -14,6 +14,8 @@ loss over all outputs w.r.t. params and inputs):
 * ``torch.nn.LSTM`` / ``nn.GRU`` (when installed) are timed in a separate process,
   before any JAX work starts here: XLA's and PyTorch's thread pools both spin after
   work and steal each other's cores when they share a process;
+* jaxlstm's forward step layout is the one :mod:`jaxlstm.tuning` chose on this
+  machine (recorded under ``tuning``; ``JAXLSTM_AUTOTUNE=0`` for the default);
 * the *bare recurrent dot* of the shape, ``h @ w_hh`` (``[B, H]·[H, G·H]``, every
   output used) in a ``lax.scan`` of T steps, is timed with the JAX ones: the floor
   of a step. ``step/dot`` is jaxlstm's forward time per step over it.
@@ -146,7 +148,18 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
             r["fraction_of_peak"] = (
                 flops(r["cell"], r["mode"], B, T, D, H) / r["median_s"] / 1e9 / (info["peak_matmul_gflops"])
             )
-    return {"machine": info, "regimes": grid, "records": records}
+    return {"machine": info, "regimes": grid, "records": records, "tuning": _tuning_choices()}
+
+
+def _tuning_choices() -> dict:
+    """The forward layouts jaxlstm.tuning chose on this machine (its disk cache)."""
+    from jaxlstm import tuning
+
+    try:
+        with open(tuning.cache_file()) as f:
+            return {"enabled": tuning.enabled(), "choices": json.load(f)}
+    except (OSError, ValueError):
+        return {"enabled": tuning.enabled(), "choices": {}}
 
 
 def rows(result: dict) -> list:

@@ -44,6 +44,9 @@ class FusedConfig(NamedTuple):
     checkpoint_every: int | None = None
     # 1: unrolling the reverse scan measured slower (python -m benchmarks.layout).
     backward_unroll: int = 1
+    # The primal (no gradient) scan's step layout, "feature" or "batch" (jaxlstm.tuning);
+    # the training forward pass is always feature-major, as the backward pass is.
+    forward_layout: str = "feature"
 
 
 class Segment(NamedTuple):
@@ -159,7 +162,18 @@ def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, lengths):
     accumulation dtype. Returns ``(ys [T, B, R], (h, c))``.
 
     The layout changes to feature-major happen inside, per chunk when
-    checkpointing, so that a checkpointed step keeps no O(T) transposed copies."""
+    checkpointing, so that a checkpointed step keeps no O(T) transposed copies.
+    Outside differentiation (this primal) ``cfg.forward_layout`` may pick
+    batch-major steps instead."""
+    if cfg.forward_layout == "batch":
+        step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype)
+
+        def without_residuals(carry, x):
+            carry, y, _ = step(carry, x)
+            return carry, y, None
+
+        carry, ys, _ = scan_masked(without_residuals, carry0, xs, lengths, unroll=cfg.unroll)
+        return ys, carry
     carry, ys, _ = _forward(cfg, params, Segment(_t(carry0), _t(xs)), lengths, save=False)
     return _t(ys), _t(carry)
 

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks
-from ._engine import accum_dtype, apply_sequence, feature_major_core, matmul_dtype, scan_masked
+from . import _checks, tuning
+from ._engine import accum_dtype, apply_sequence, batch_size, feature_major_core, matmul_dtype, scan_masked
 from ._fused import FusedConfig, fused_lstm
 from ._step import lstm_step
 from .params import LSTMParams, LSTMState
@@ -147,8 +147,9 @@ def lstm(
         _checks.lstm_state("initial_state", initial_state, batch_shape, H, R)
         carry0 = (initial_state.h.astype(acc), initial_state.c.astype(acc))
 
+    layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
     if backward == "fused":
-        cfg = FusedConfig(mm, acc, unroll, checkpoint_every)
+        cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout)
 
         def fused_core(xs_tm, carry, lengths):
             return fused_lstm(cfg, params, carry, xs_tm, lengths)
@@ -156,17 +157,18 @@ def lstm(
         core = fused_core
 
     else:
-        step = lstm_step(params, mm, acc, feature_major=True)
+        feature = layout == "feature"
+        step = lstm_step(params, mm, acc, feature_major=feature)
 
         def no_residuals(carry, x):
             carry, y, _ = step(carry, x)
             return carry, y, None
 
         def autodiff_core(xs, carry, lengths):
-            carry, ys, _ = scan_masked(no_residuals, carry, xs, lengths, unroll=unroll, feature_major=True)
+            carry, ys, _ = scan_masked(no_residuals, carry, xs, lengths, unroll=unroll, feature_major=feature)
             return ys, carry
 
-        core = feature_major_core(autodiff_core)
+        core = feature_major_core(autodiff_core) if feature else autodiff_core
 
     ys, (h, c) = apply_sequence(
         core,

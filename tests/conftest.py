@@ -1,3 +1,5 @@
+import os
+
 import jax
 import pytest
 
@@ -16,3 +18,8 @@ def standard_promotion():
     """For tests that drive third-party code (optax) that is not strict-promotion clean."""
     with jax.numpy_dtype_promotion("standard"):
         yield
+
+
+# The forward-layout autotuner times candidates: off in the suite, so that every run
+# traces the same programs; tests/test_tuning.py turns it on where it is the subject.
+os.environ["JAXLSTM_AUTOTUNE"] = "0"

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlstm
+from reference import as_dict, lstm_ref
 
 D, H, T = 3, 4, 6
 
@@ -39,3 +40,16 @@ def assert_trees_close(got, want, rtol=1e-5, floor=1e-3):
         scale = max(np.abs(b).max(initial=0.0), floor)
         err = np.abs(a - b).max(initial=0.0)
         assert err <= rtol * scale, (jax.tree_util.keystr(path), err, scale)
+
+
+def reference_outputs(params, xs, state, seq_lengths, reverse):
+    """The NumPy reference loop on ``lstm_inputs``-style arguments: ``(ys, h, c)``."""
+    batch_shape = xs.shape[:-2]
+    B = int(np.prod(batch_shape))
+    R, Hh = params.w_hh.shape[0], params.w_ih.shape[1] // 4
+    x = np.asarray(xs, np.float64).reshape((B,) + xs.shape[-2:])
+    h0 = np.zeros((B, R)) if state is None else np.asarray(state.h, np.float64).reshape(B, R)
+    c0 = np.zeros((B, Hh)) if state is None else np.asarray(state.c, np.float64).reshape(B, Hh)
+    L = None if seq_lengths is None else np.asarray(seq_lengths).reshape(B)
+    ys, h, c = lstm_ref(np, as_dict(params), x, h0, c0, L, reverse)
+    return ys.reshape(xs.shape[:-1] + (R,)), h.reshape(batch_shape + (R,)), c.reshape(batch_shape + (Hh,))

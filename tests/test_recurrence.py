@@ -12,19 +12,7 @@ from hypothesis import strategies as st
 import jaxlstm
 from helpers import H, T
 from helpers import lstm_inputs as _inputs
-from reference import as_dict, lstm_ref
-
-
-def _reference(params, xs, state, seq_lengths, reverse):
-    batch_shape = xs.shape[:-2]
-    B = int(np.prod(batch_shape))
-    R, Hh = params.w_hh.shape[0], params.w_ih.shape[1] // 4
-    x = np.asarray(xs, np.float64).reshape((B,) + xs.shape[-2:])
-    h0 = np.zeros((B, R)) if state is None else np.asarray(state.h, np.float64).reshape(B, R)
-    c0 = np.zeros((B, Hh)) if state is None else np.asarray(state.c, np.float64).reshape(B, Hh)
-    L = None if seq_lengths is None else np.asarray(seq_lengths).reshape(B)
-    ys, h, c = lstm_ref(np, as_dict(params), x, h0, c0, L, reverse)
-    return ys.reshape(xs.shape[:-1] + (R,)), h.reshape(batch_shape + (R,)), c.reshape(batch_shape + (Hh,))
+from helpers import reference_outputs as _reference
 
 
 def _assert_close(a, b, tol=2e-5):

@@ -1,0 +1,92 @@
+"""Both forward layouts against the reference, and the autotuner that picks one."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlstm
+from helpers import assert_trees_close, lstm_inputs
+from helpers import reference_outputs as _reference
+from jaxlstm import tuning
+
+
+@pytest.mark.parametrize("layout", tuning.CANDIDATES)
+@pytest.mark.parametrize(
+    "batch_shape,proj,lengths,reverse,time_major",
+    [((3,), None, True, False, False), ((2, 2), 2, True, True, False), ((), None, False, True, True)],
+)
+def test_each_layout_matches_the_reference(layout, batch_shape, proj, lengths, reverse, time_major):
+    params, xs, state, seq_lengths = lstm_inputs(7, batch_shape, proj, with_state=True, lengths=lengths)
+    x_in = jnp.moveaxis(xs, -2, 0) if time_major else xs
+    ys_ref, h_ref, c_ref = _reference(params, xs, state, seq_lengths, reverse)
+    kw = dict(seq_lengths=seq_lengths, reverse=reverse, time_major=time_major)
+    for backward in ("fused", "autodiff"):
+        with tuning.forced(layout):
+            run = jax.jit(jaxlstm.lstm, static_argnames=("reverse", "time_major", "backward"))
+            ys, final = run(params, x_in, state, backward=backward, **kw)
+        ys = jnp.moveaxis(ys, 0, -2) if time_major else ys
+        np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
+        np.testing.assert_allclose(final.h, h_ref, atol=2e-5)
+        np.testing.assert_allclose(final.c, c_ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", tuning.CANDIDATES)
+def test_each_layout_gives_the_same_gradients(layout):
+    params, xs, state, lengths = lstm_inputs(8, (3,), 2, with_state=True, lengths=True)
+
+    def loss(p, x, s, backward):
+        ys, final = jaxlstm.lstm(p, x, s, seq_lengths=lengths, reverse=True, backward=backward)
+        return (jnp.sin(ys)).sum() + (final.c**2).sum()
+
+    with tuning.forced("feature"):
+        want = jax.grad(loss, argnums=(0, 1, 2))(params, xs, state, "autodiff")
+    with tuning.forced(layout):
+        for backward in ("fused", "autodiff"):
+            assert_trees_close(jax.grad(loss, argnums=(0, 1, 2))(params, xs, state, backward), want, rtol=1e-5)
+
+
+@pytest.fixture
+def autotune(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXLSTM_AUTOTUNE", "1")
+    monkeypatch.setenv("JAXLSTM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_memory", {})
+    return tmp_path
+
+
+def test_autotuner_measures_once_then_reads_its_cache(autotune, monkeypatch):
+    params = jaxlstm.init_lstm(jax.random.key(0), 3, 4)
+    xs = jnp.ones((2, 9, 3))
+    calls = []
+    measure = tuning._measure
+    monkeypatch.setattr(tuning, "_measure", lambda *a: calls.append(a) or measure(*a))
+    ys = jax.jit(lambda p, x: jaxlstm.lstm(p, x)[0])(params, xs)  # tuned while jit traces
+    assert len(calls) == 1
+    cache = json.loads((autotune / "tuning.json").read_text())
+    (key, choice), *rest = cache.items()
+    assert not rest and choice in tuning.CANDIDATES and "B=2 D=3 H=4 R=4 T<=16" in key
+    # the same shape again, in a new process (memory cleared): the disk cache answers
+    monkeypatch.setattr(tuning, "_memory", {})
+    jaxlstm.lstm(params, xs * 2)
+    assert len(calls) == 1
+    with tuning.forced("feature"):
+        np.testing.assert_allclose(ys, jaxlstm.lstm(params, xs)[0], atol=1e-6)
+
+
+def test_autotuner_off_or_failing_gives_the_default(autotune, monkeypatch):
+    def fail(*a):
+        raise RuntimeError("no timing here")
+
+    monkeypatch.setattr(tuning, "_measure", fail)
+    assert tuning.forward_layout(2, 3, 4, 4, 9, jnp.float32, jnp.float32) == tuning.DEFAULT
+    assert not (autotune / "tuning.json").exists()  # a failure is not remembered on disk
+    monkeypatch.setenv("JAXLSTM_AUTOTUNE", "0")
+    monkeypatch.setattr(tuning, "_memory", {})
+    assert tuning.forward_layout(5, 3, 4, 4, 9, jnp.float32, jnp.float32) == tuning.DEFAULT
+    with tuning.forced("batch"):
+        assert tuning.forward_layout(5, 3, 4, 4, 9, jnp.float32, jnp.float32) == "batch"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        with tuning.forced("diagonal"):
+            pass
