@@ -3,7 +3,8 @@
 Both go through the engine's ``apply_sequence`` and ``scan_masked``
 (:mod:`jaxlstm._engine`), so ``seq_lengths``, ``reverse``,
 ``time_major``, leading batch dims and the argument checks behave exactly as in
-:func:`jaxlstm.lstm`. Their gradients are plain JAX autodiff (no fused VJP).
+:func:`jaxlstm.lstm`. The GRU has a fused backward pass (:mod:`jaxlstm._fused_gru`); the
+Elman RNN's gradients are plain JAX autodiff.
 
 Elman RNN (``RNNParams``: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``)::
 
@@ -30,6 +31,8 @@ import jax.numpy as jnp
 
 from . import _checks
 from ._engine import accum_dtype, add_bias, apply_sequence, dot, matmul_dtype, scan_masked
+from ._fused import FusedConfig
+from ._fused_gru import fused_gru, gru_step
 from .params import _check_size, kernel_init, recurrent_init
 
 __all__ = ["GRUParams", "RNNParams", "gru", "gru_cell", "init_gru", "init_rnn", "rnn", "rnn_cell"]
@@ -82,18 +85,8 @@ def _rnn_step(params: RNNParams, mm, acc):
 
 
 def _gru_step(params: GRUParams, mm, acc):
-    def step(h, x):
-        gx = add_bias(dot(x, params.w_ih, mm, acc), params.b)
-        gh = dot(h, params.w_hh, mm, acc)
-        xr, xz, xn = jnp.split(gx, 3, axis=-1)
-        hr, hz, hn = jnp.split(gh, 3, axis=-1)
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
-        n = jnp.tanh(xn + r * add_bias(hn, params.b_hn))
-        h = (1 - z) * n + z * h
-        return h, h, None
-
-    return step
+    step = gru_step(params, mm, acc)  # the fused backward pass's step, without its residuals
+    return lambda h, x: step(h, x)[:2] + (None,)
 
 
 def _check(params, kind: str):
@@ -126,7 +119,9 @@ def _cell(kind, make_step, params, h, x, compute_dtype):
     return h, h
 
 
-def _sequence(kind, make_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype):
+def _sequence(
+    kind, make_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype, backward
+):
     D, H = _check(params, kind)
     xs = _checks.as_float_array("xs", xs)
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
@@ -140,13 +135,25 @@ def _sequence(kind, make_step, params, xs, initial_state, seq_lengths, reverse, 
     else:
         _checks.state_array("initial_state", initial_state, batch_shape + (H,))
         h0 = initial_state.astype(acc)
+    _checks.one_of("backward", backward, ("fused", "autodiff"))
     step = make_step(params, mm, acc)
 
     def core(xs_tm, h, lengths):
+        if backward == "fused":
+            return fused_gru(FusedConfig(mm, acc, unroll), params, h, xs_tm, lengths)
         h, ys, _ = scan_masked(step, h, xs_tm, lengths, unroll=unroll)
         return ys, h
 
-    ys, h = apply_sequence(core, xs, h0, batch_shape, seq_lengths=seq_lengths, reverse=reverse, time_major=time_major)
+    ys, h = apply_sequence(
+        core,
+        xs,
+        h0,
+        batch_shape,
+        seq_lengths=seq_lengths,
+        reverse=reverse,
+        time_major=time_major,
+        supports_jvp=backward == "autodiff",
+    )
     return ys.astype(xs.dtype), h.astype(xs.dtype)
 
 
@@ -172,11 +179,22 @@ def rnn(
     compute_dtype=None,
 ):
     """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm`, the state is ``h [..., H]``.
+    Its gradients are plain JAX autodiff.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
     """
     return _sequence(
-        "rnn", _rnn_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype
+        "rnn",
+        _rnn_step,
+        params,
+        xs,
+        initial_state,
+        seq_lengths,
+        reverse,
+        time_major,
+        unroll,
+        compute_dtype,
+        "autodiff",
     )
 
 
@@ -190,11 +208,26 @@ def gru(
     time_major=False,
     unroll=1,
     compute_dtype=None,
+    backward: str = "fused",
 ):
     """GRU over a sequence; arguments as :func:`jaxlstm.lstm`, the state is ``h [..., H]``.
+
+    ``backward="fused"`` (default): a hand-written backward pass for the whole
+    sequence (:mod:`jaxlstm._fused_gru`); ``"autodiff"``: plain JAX autodiff of the
+    scan, for forward-mode AD.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
     """
     return _sequence(
-        "gru", _gru_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype
+        "gru",
+        _gru_step,
+        params,
+        xs,
+        initial_state,
+        seq_lengths,
+        reverse,
+        time_major,
+        unroll,
+        compute_dtype,
+        backward,
     )

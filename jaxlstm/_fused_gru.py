@@ -1,0 +1,125 @@
+"""The GRU's training fast path: a ``custom_vjp`` over a whole sequence, as
+:mod:`jaxlstm._fused` is for the LSTM (batch-major ``[B, F]`` steps).
+
+With ``gx = x @ w_ih + b``, ``gh = h @ w_hh`` (gate order r, z, n) the step is::
+
+    r = σ(gx_r + gh_r),  z = σ(gx_z + gh_z),  hn = gh_n + b_hn
+    n = tanh(gx_n + r ∗ hn),  h(t) = (1 - z) ∗ n + z ∗ h(t-1)
+
+The forward pass saves ``(r, z, n, hn)`` per step. The backward pass (:func:`gru_step_vjp`
+per step, in a reverse ``lax.scan`` carrying ``dh``)::
+
+    dn' = dh ∗ (1 - z) ∗ (1 - n²)                     = d gx_n
+    dr' = dn' ∗ hn ∗ r(1 - r)                          = d gx_r = d gh_r
+    dz' = dh ∗ (h(t-1) - n) ∗ z(1 - z)                 = d gx_z = d gh_z
+    d gh_n = dn' ∗ r,   dh(t-1) = dh ∗ z + [dr', dz', dn' ∗ r] @ w_hhᵀ
+
+and after the loop ``dW_ih = Xᵀ·dGX``, ``db = ΣdGX``, ``dX = dGX·W_ihᵀ``,
+``dW_hh = H_prevᵀ·dGH``, ``db_hn = ΣdGH_n`` are each one GEMM (or sum) over all T·B
+rows. Steps past a sequence's length pass ``dh`` through and contribute nothing.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._engine import add_bias, dot, scan_masked, valid_steps, where_valid
+from ._fused import FusedConfig, _cast_like, _shift
+
+
+def gru_step(params, mm_dtype, acc_dtype):
+    """The step ``(h, x) -> (h, h, (r, z, n, hn))``, batch-major."""
+
+    def step(h, x):
+        gx = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype), params.b)
+        gh = dot(h, params.w_hh, mm_dtype, acc_dtype)
+        xr, xz, xn = jnp.split(gx, 3, axis=-1)
+        hr, hz, hn = jnp.split(gh, 3, axis=-1)
+        r = jax.nn.sigmoid(xr + hr)
+        z = jax.nn.sigmoid(xz + hz)
+        hn = add_bias(hn, params.b_hn)
+        n = jnp.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+        return h, h, (r, z, n, hn)
+
+    return step
+
+
+class GRUStepGrads(NamedTuple):
+    dgx: jax.Array  # d(x @ w_ih + b)  [B, 3H]
+    dh_prev: jax.Array  # [B, H]
+
+
+def gru_step_vjp(w_hh, r, z, n, hn, h_prev, dh, mm_dtype, acc_dtype) -> GRUStepGrads:
+    """Backward of one step, given its saved ``(r, z, n, hn)``, the state entering it
+    and the cotangent ``dh`` of its output."""
+    dn = dh * (1 - z) * (1 - n * n)
+    dr = dn * hn * r * (1 - r)
+    dz = dh * (h_prev - n) * z * (1 - z)
+    dgh = jnp.concatenate([dr, dz, dn * r], axis=-1)
+    dh_prev = dh * z + dot(dgh, w_hh.T, mm_dtype, acc_dtype)
+    return GRUStepGrads(jnp.concatenate([dr, dz, dn], axis=-1), dh_prev)
+
+
+class SavedGRU(NamedTuple):
+    params: Any  # GRUParams
+    h0: jax.Array
+    xs: jax.Array  # [T, B, D]
+    lengths: jax.Array | None
+    ys: jax.Array  # [T, B, H]
+    gates: tuple  # (r, z, n, hn), each [T, B, H]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def fused_gru(cfg: FusedConfig, params, h0, xs, lengths):
+    """Time-major core: ``xs [T, B, D]``, ``h0 [B, H]`` in the accumulation dtype.
+    Returns ``(ys [T, B, H], h)``."""
+    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype)
+    h, ys, _ = scan_masked(lambda h, x: step(h, x)[:2] + (None,), h0, xs, lengths, unroll=cfg.unroll)
+    return ys, h
+
+
+def _forward_pass(cfg, params, h0, xs, lengths):
+    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype)
+    h, ys, gates = scan_masked(step, h0, xs, lengths, unroll=cfg.unroll)
+    return (ys, h), SavedGRU(params, h0, xs, lengths, ys, gates)
+
+
+def _backward_pass(cfg, res: SavedGRU, cotangents):
+    dys, dh = cotangents
+    mm, acc = cfg.mm_dtype, cfg.acc_dtype
+    params, xs = res.params, res.xs
+    T, B, D = xs.shape
+    if T == 0:  # no step: the state's cotangent passes straight through
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
+        return _cast_like(zeros, params), dh.astype(acc), jnp.zeros(xs.shape, xs.dtype), None
+    h_prev = _shift(res.h0, res.ys.astype(acc))
+
+    def body(dh, inp):
+        t, dy, r, z, n, hn, hp = inp
+        valid = valid_steps(t, res.lengths)
+        g = gru_step_vjp(params.w_hh, r, z, n, hn, hp, where_valid(valid, dy.astype(acc), 0) + dh, mm, acc)
+        return where_valid(valid, g.dh_prev, dh), where_valid(valid, g.dgx, 0)
+
+    ts = jnp.arange(T, dtype=jnp.int32)
+    dh0, dgx = jax.lax.scan(body, dh.astype(acc), (ts, dys, *res.gates, h_prev), reverse=True)
+    r = res.gates[0]
+    H = r.shape[-1]
+    dgh = jnp.concatenate([dgx[..., : 2 * H], dgx[..., 2 * H :] * r], axis=-1)
+
+    def rows(a):
+        return a.reshape((T * B, a.shape[-1])).astype(mm)
+
+    def gemm(a, b):
+        return jnp.matmul(rows(a).T, rows(b), preferred_element_type=acc)
+
+    grads = type(params)(gemm(xs, dgx), gemm(h_prev, dgh), dgx.sum(axis=(0, 1)), dgh[..., 2 * H :].sum(axis=(0, 1)))
+    dxs = dot(rows(dgx), params.w_ih.T, mm, acc).reshape((T, B, D))
+    return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None
+
+
+fused_gru.defvjp(_forward_pass, _backward_pass)
