@@ -98,6 +98,20 @@ def main(argv=None):
             f"{tp['records'][0]['dtype']}; medians of interleaved rounds.\n"
         )
         parts.append("## Throughput (`benchmarks.throughput`)\n" + throughput_table(tp) + "\n")
+    rg = _load(folder, "regimes.json")
+    if rg:
+        from . import regimes
+
+        m = rg["machine"]
+        layouts = sorted(set(rg.get("tuning", {}).get("choices", {}).values()))
+        parts.append(
+            "## Regimes (`benchmarks.throughput`, the main job)\n\n"
+            f"Machine: {m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores, jax {m['jax']}, "
+            f"flax {m['flax']}, torch {m.get('torch')}; peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s. "
+            "Ratios are speed-ups of jaxlstm (>1: jaxlstm faster); torch timed in its own process; "
+            "step/dot: jaxlstm's forward step over the bare recurrent dot of the shape. "
+            f"Forward layouts chosen by jaxlstm.tuning: {layouts}.\n\n" + regimes.table(rg) + "\n"
+        )
     mem = _load(folder, "memory.json")
     if mem:
         parts.append("## Train-step temp memory (`benchmarks.memory`)\n\n" + memory_table(mem) + "\n")
