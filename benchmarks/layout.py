@@ -149,7 +149,8 @@ def main(argv=None):
 
             def loss(p, x, u=u):
                 cfg = FusedConfig(mm_dtype=f32, acc_dtype=f32, backward_unroll=u)
-                ys, _ = fused_lstm(cfg, p, (jnp.zeros((B, H)), jnp.zeros((B, H))), jnp.swapaxes(x, 0, 1), None)
+                zeros = (jnp.zeros((B, H)), jnp.zeros((B, H)))
+                ys, _ = fused_lstm(cfg, p, zeros, jnp.swapaxes(x, 0, 1), None, zeros)
                 return jnp.mean(jnp.square(ys))
 
             g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

@@ -221,3 +221,21 @@ def seq_lengths(seq_lengths, batch_shape: tuple, T: int):
                 f"[{values.min()}, {values.max()}]"
             )
     return seq_lengths
+
+
+def step_flags(name: str, flags, batch_shape: tuple, T: int, time_major: bool):
+    """A boolean ``[*batch_shape, T]`` (``[T, *batch_shape]`` if ``time_major``) per-step
+    flag array (``mask``, ``resets``), or ``None``."""
+    if flags is None:
+        return None
+    if not hasattr(flags, "dtype"):
+        flags = jnp.asarray(flags)
+    if flags.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean array, got dtype {flags.dtype}")
+    expected = (T,) + tuple(batch_shape) if time_major else tuple(batch_shape) + (T,)
+    layout = "[T, ...] (time_major)" if time_major else "[..., T]"
+    if _shape(flags) != expected:
+        raise ValueError(
+            f"{name} must have shape {expected} ({layout}, the batch shape and T of xs), got {_shape(flags)}"
+        )
+    return flags

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,13 +66,46 @@ def transpose_features(tree):
 # masking and the scan
 
 
-def valid_steps(t, lengths: Array | None, feature_major: bool = False) -> Array | None:
-    """``[B, 1]`` (``[1, B]`` if ``feature_major``) boolean: is step ``t`` inside each
-    sequence. ``None`` without lengths (every step is valid)."""
-    if lengths is None:
+class Steps(NamedTuple):
+    """Which steps of a time-major batch count, and where the state restarts.
+
+    * ``lengths [B]``: step t counts where ``t < lengths``;
+    * ``mask [T, B]`` (bool): step t counts where true (holes allowed);
+    * ``resets [T, B]`` (bool): where true, the state entering a counted step t is
+      the initial state (in the order the scan runs).
+
+    A step that does not count leaves the state unchanged and emits zeros. Any
+    field may be ``None``.
+    """
+
+    lengths: Array | None = None
+    mask: Array | None = None
+    resets: Array | None = None
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the scan reads per-step flags (a mask or resets)."""
+        return self.mask is not None or self.resets is not None
+
+
+def valid_steps(t, lengths: Array | None, feature_major: bool = False, mask_t=None) -> Array | None:
+    """``[B, 1]`` (``[1, B]`` if ``feature_major``) boolean: does step ``t`` count
+    (``t < lengths`` and ``mask_t``). ``None`` when every step counts."""
+    valid = None if lengths is None else t < lengths
+    if mask_t is not None:
+        valid = mask_t if valid is None else valid & mask_t
+    if valid is None:
         return None
-    valid = t < lengths
     return valid[None, :] if feature_major else valid[:, None]
+
+
+def resets_at(valid, resets_t, feature_major: bool = False):
+    """``[B, 1]`` (``[1, B]``) boolean: is the state entering this step reset
+    (resets only apply to steps that count). ``None`` without resets."""
+    if resets_t is None:
+        return None
+    r = resets_t[None, :] if feature_major else resets_t[:, None]
+    return r if valid is None else r & valid
 
 
 def where_valid(valid: Array | None, new, old):
@@ -88,35 +121,49 @@ def scan_masked(
     step: Callable,
     carry0,
     xs,
-    lengths: Array | None,
+    steps: Steps | Array | None,
     *,
     unroll: int = 1,
     t_offset=0,
     feature_major: bool = False,
+    reset_to=None,
+    save_carry_in: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Scans ``step(carry, x) -> (carry, y, aux)`` over the leading axis of ``xs``.
 
-    With ``lengths [B]``, steps with ``t_offset + t >= lengths`` keep the carry and
-    emit ``y = 0``; ``aux`` (residuals for a backward pass) is returned unmasked.
-    ``y`` and ``aux`` may be ``None``. Carries and ``y`` are ``[B, F]``, or
-    ``[F, B]`` with ``feature_major``.
+    ``steps`` (a :class:`Steps`, or bare ``lengths [B]``): steps that do not count
+    (``t_offset + t >= lengths``, or masked) keep the carry and emit ``y = 0``;
+    where ``resets`` is true the carry entering a counted step is ``reset_to``
+    (default ``carry0``). ``steps.mask`` and ``steps.resets`` are aligned with
+    ``xs``. ``aux`` (residuals for a backward pass) is returned unmasked, and with
+    ``save_carry_in`` as ``(aux, carry entering the step)``. ``y`` and ``aux`` may
+    be ``None``. Carries and ``y`` are ``[B, F]``, or ``[F, B]`` with
+    ``feature_major``.
 
     Returns:
       ``(final_carry, ys, auxs)``.
     """
+    if steps is not None and not isinstance(steps, Steps):
+        steps = Steps(lengths=steps)
+    steps = steps or Steps()
     T = jax.tree_util.tree_leaves(xs)[0].shape[0]
+    reset_to = carry0 if reset_to is None else reset_to
 
-    # Without lengths the scan reads no step index (one dynamic slice less per step).
+    # Only what is needed is scanned (without lengths, no step index: one dynamic slice less per step).
     def body(carry, inp):
-        t, x = inp if lengths is not None else (None, inp)
+        t, m, r, x = inp
+        valid = valid_steps(None if t is None else t_offset + t, steps.lengths, feature_major, m)
+        reset = resets_at(valid, r, feature_major)
+        if reset is not None:
+            carry = where_valid(reset, reset_to, carry)
         new, y, aux = step(carry, x)
-        valid = None if t is None else valid_steps(t_offset + t, lengths, feature_major)
         new = where_valid(valid, new, carry)
         if y is not None:
             y = where_valid(valid, y, 0)
-        return new, (y, aux)
+        return new, (y, (aux, carry) if save_carry_in else aux)
 
-    inputs = xs if lengths is None else (jnp.arange(T, dtype=jnp.int32), xs)
+    ts = None if steps.lengths is None else jnp.arange(T, dtype=jnp.int32)
+    inputs = (ts, steps.mask, steps.resets, xs)
     carry, (ys, aux) = jax.lax.scan(body, carry0, inputs, unroll=unroll)
     return carry, ys, aux
 
@@ -204,13 +251,31 @@ def reverse_sequences(
     return from_time_major(x, batch_shape, time_major)
 
 
+def _segment_ends(resets: Array, lengths: Array | None, mask: Array | None) -> Array:
+    """``[T, B]``: is step t the last counted step of its segment, i.e. does the next
+    counted step start one (``resets``). Read backwards, these are the resets."""
+    T = resets.shape[0]
+    valid = jnp.ones(resets.shape, bool)
+    if lengths is not None:
+        valid = valid & (jnp.arange(T)[:, None] < lengths[None, :])
+    if mask is not None:
+        valid = valid & mask
+
+    def body(next_reset, inp):
+        r, v = inp
+        return jnp.where(v, r, next_reset), next_reset
+
+    _, ends = jax.lax.scan(body, jnp.zeros(resets.shape[1:], bool), (resets, valid), reverse=True)
+    return ends
+
+
 def feature_major_core(core_fm: Callable) -> Callable:
-    """Adapts ``core_fm(xs [T, D, B], carry [F, B], lengths)`` to the time-major
+    """Adapts ``core_fm(xs [T, D, B], carry [F, B], steps)`` to the time-major
     ``core`` of :func:`apply_sequence`. XLA fuses the transposes with the
     batch <-> time-major ones around them."""
 
-    def core(xs_tm, carry, lengths):
-        ys, carry = core_fm(transpose_features(xs_tm), transpose_features(carry), lengths)
+    def core(xs_tm, carry, steps):
+        ys, carry = core_fm(transpose_features(xs_tm), transpose_features(carry), steps)
         return transpose_features(ys), transpose_features(carry)
 
     return core
@@ -226,9 +291,17 @@ def apply_sequence(
     reverse: bool,
     time_major: bool,
     supports_jvp: bool = True,
+    mask: Array | None = None,
+    resets: Array | None = None,
 ):
-    """Runs ``core(xs_tm [T, B, D], carry [B, ...], lengths [B] | None) -> (ys_tm, carry)``
-    on ``xs`` of any layout; ``carry0`` leaves are ``[*batch_shape, F]``.
+    """Runs ``core(xs_tm [T, B, D], carry [B, ...], steps: Steps | None) -> (ys_tm, carry)``
+    on ``xs`` of any layout; ``carry0`` leaves are ``[*batch_shape, F]``; ``mask``
+    and ``resets`` are boolean ``[*batch_shape, T]`` (``[T, *batch_shape]`` if
+    ``time_major``), ``resets[t]`` marking the steps that start a new segment.
+
+    With ``reverse`` each sequence's counted steps run from last to first, and
+    each segment is read backwards from the initial state: the same segments as
+    forwards (the reset falls on each segment's last step).
 
     ``supports_jvp=False`` lets the reversal use a cheaper VJP that has no JVP;
     pass it only when ``core`` is itself reverse-mode only.
@@ -236,12 +309,18 @@ def apply_sequence(
     Returns ``(ys, final_carry)`` in the layout of ``xs`` and ``carry0``.
     """
     xs_tm = to_time_major(xs, batch_shape, time_major)
-    B = xs_tm.shape[1]
+    T, B = xs_tm.shape[:2]
     carry = jax.tree_util.tree_map(lambda a: a.reshape((B,) + a.shape[len(batch_shape) :]), carry0)
-    lengths = flat_lengths(seq_lengths, batch_shape, xs_tm.shape[0])
+    lengths = flat_lengths(seq_lengths, batch_shape, T)
+    flags = lambda f: None if f is None else to_time_major(f[..., None], batch_shape, time_major)[..., 0]
+    mask_tm, resets_tm = flags(mask), flags(resets)
+    if reverse and resets_tm is not None:
+        resets_tm = _segment_ends(resets_tm, lengths, mask_tm)
     if reverse:
         xs_tm = reverse_time(xs_tm, lengths, supports_jvp=supports_jvp)
-    ys_tm, carry = core(xs_tm, carry, lengths)
+        mask_tm, resets_tm = (None if f is None else reverse_time(f, lengths) for f in (mask_tm, resets_tm))
+    steps = None if lengths is None and mask_tm is None and resets_tm is None else Steps(lengths, mask_tm, resets_tm)
+    ys_tm, carry = core(xs_tm, carry, steps)
     if reverse:
         ys_tm = reverse_time(ys_tm, lengths, supports_jvp=supports_jvp)
     carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)

@@ -22,13 +22,13 @@ mirroring the forward's masking. A ``custom_vjp`` has no forward-mode AD;
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._engine import dot, scan_masked, valid_steps, where_valid
+from ._engine import Steps, dot, resets_at, scan_masked, valid_steps, where_valid
 from ._engine import transpose_features as _t
 from ._step import GATE_AXIS_FM, lstm_step, lstm_step_vjp
 from .gates import split_gates
@@ -51,14 +51,19 @@ class FusedConfig(NamedTuple):
 
 class Segment(NamedTuple):
     """A run of consecutive steps, feature-major: the state entering it
-    ``(h [R, B], c [H, B])`` and its inputs ``xs [T, D, B]``."""
+    ``(h [R, B], c [H, B])``, its inputs ``xs [T, D, B]``, the state a reset
+    restores (``init``), and the per-step ``mask`` / ``resets`` ``[T, B]`` (or ``None``)."""
 
     carry0: tuple
     xs: jax.Array
+    init: tuple
+    mask: jax.Array | None = None
+    resets: jax.Array | None = None
 
 
 class Saved(NamedTuple):
-    """Residuals without checkpointing: every step's output and gates."""
+    """Residuals without checkpointing: every step's output and gates (and, with a
+    mask or resets, the state entering each step, which is then no shift of the outputs)."""
 
     params: LSTMParams
     segment: Segment
@@ -66,34 +71,46 @@ class Saved(NamedTuple):
     ys: jax.Array  # [T, R, B]
     acts: jax.Array  # [T, 4H, B]
     cs: jax.Array  # [T, H, B]
+    carry_in: tuple | None  # ([T, R, B], [T, H, B])
 
 
 class Checkpoints(NamedTuple):
     """Residuals with checkpointing: the state at each of the ``n`` chunk starts
-    ``(h [n, R, B], c [n, H, B])`` and the inputs in chunks ``[n, k, B, D]``."""
+    ``(h [n, R, B], c [n, H, B])``, the inputs in chunks ``[n, k, B, D]`` and the
+    per-step flags in chunks ``[n, k, B]``."""
 
     params: LSTMParams
     starts: tuple
     xs_chunks: jax.Array
     lengths: jax.Array | None
+    init: tuple
+    mask_chunks: jax.Array | None
+    resets_chunks: jax.Array | None
 
 
 def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: bool = True):
+    """``(carry, ys, residuals)``; residuals ``((acts, cs), carry_in or None)``."""
     step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True)
 
     def without_residuals(carry, x):
         carry, y, _ = step(carry, x)
         return carry, y, None
 
-    return scan_masked(
+    steps = Steps(lengths, seg.mask, seg.resets)
+    carry, ys, aux = scan_masked(
         step if save else without_residuals,
         seg.carry0,
         seg.xs,
-        lengths,
+        steps,
         unroll=cfg.unroll,
         t_offset=t_offset,
         feature_major=True,
+        reset_to=seg.init,
+        save_carry_in=save and steps.per_step,
     )
+    if save and not steps.per_step:
+        aux = (aux, None)
+    return carry, ys, aux
 
 
 def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
@@ -102,25 +119,36 @@ def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
 
 
 def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, dys, dcarry, lengths, t_offset=0):
-    """Backward pass over one segment, given its saved ``(ys, acts, cs)`` and the
-    cotangents ``dys [T, R, B]`` and ``dcarry``. Returns ``(dcarry0, grads, dxs [T, D, B])``."""
+    """Backward pass over one segment, given its saved ``(ys, (acts, cs), carry_in)``
+    and the cotangents ``dys [T, R, B]`` and ``dcarry``. Returns ``(dcarry0, dinit,
+    grads, dxs [T, D, B])``: ``dinit`` is what flowed into the reset state (zeros
+    without resets)."""
     mm, acc = cfg.mm_dtype, cfg.acc_dtype
-    ys, acts, cs = saved
+    ys, (acts, cs), carry_in = saved
     T, D, B = seg.xs.shape
+    dinit = jax.tree_util.tree_map(jnp.zeros_like, dcarry)
     if T == 0:  # no step: the state's cotangent passes straight through
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
-        return dcarry, zeros, jnp.zeros((0, D, B), acc)
+        return dcarry, dinit, zeros, jnp.zeros((0, D, B), acc)
     proj = params.w_hr is not None
-    c_prev = _shift(seg.carry0[1], cs)
+    if carry_in is None:
+        h_prev, c_prev = _shift(seg.carry0[0], ys.astype(acc)), _shift(seg.carry0[1], cs)
+    else:
+        h_prev, c_prev = carry_in[0].astype(acc), carry_in[1]
 
     def body(carry, inp):
-        (dh, dc), bufs = carry
-        t, dy, a, c, cp = inp
-        valid = valid_steps(t_offset + t, lengths, feature_major=True)
+        (dh, dc), dinit, bufs = carry
+        t, m, r, dy, a, c, cp = inp
+        valid = valid_steps(t_offset + t, lengths, True, m)
         dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
         g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_tot, dc, mm, acc)
         dz = where_valid(valid, g.dz, 0)
+        # cotangent of the state entering step t; at a reset it belongs to the initial state
         dcarry = where_valid(valid, (g.dh_prev, g.dc_prev), (dh, dc))
+        reset = resets_at(valid, r, feature_major=True)
+        if reset is not None:
+            dinit = jax.tree_util.tree_map(lambda a, d: a + jnp.where(reset, d, 0), dinit, dcarry)
+            dcarry = jax.tree_util.tree_map(lambda d: jnp.where(reset, 0, d), dcarry)
         # Written straight into [F, T, B] buffers, whose [F, T*B] views feed the
         # GEMMs below without a transpose of the whole stack.
         outs = (dz, where_valid(valid, dh_tot, 0)) if proj else (dz,)
@@ -128,14 +156,13 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
             jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), t, axis=1)
             for b, v in zip(bufs, outs, strict=True)
         )
-        return (dcarry, bufs), None
+        return (dcarry, dinit, bufs), None
 
+    ts = jnp.arange(T, dtype=jnp.int32)  # the buffers need the step index even without lengths
     widths = [params.w_hh.shape[1]] + ([params.w_hr.shape[1]] if params.w_hr is not None else [])
     bufs = tuple(jnp.zeros((n, T, B), acc) for n in widths)
-    ts = jnp.arange(T, dtype=jnp.int32)
-    (dcarry0, bufs), _ = jax.lax.scan(
-        body, (dcarry, bufs), (ts, dys, acts, cs, c_prev), reverse=True, unroll=cfg.backward_unroll
-    )
+    ins = (ts, seg.mask, seg.resets, dys, acts, cs, c_prev)
+    (dcarry0, dinit, bufs), _ = jax.lax.scan(body, (dcarry, dinit, bufs), ins, reverse=True, unroll=cfg.backward_unroll)
 
     # The weight gradients: one GEMM each over all T*B columns, on [F, T*B] views.
     def cols(a):
@@ -145,7 +172,6 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
         return jnp.matmul(a, b.T, preferred_element_type=acc)
 
     dz2 = bufs[0].reshape((bufs[0].shape[0], -1)).astype(mm)
-    h_prev = _shift(seg.carry0[0], ys.astype(acc))
     d_w_hr = None
     if proj:
         m = split_gates(acts, GATE_AXIS_FM)[3] * jnp.tanh(cs)
@@ -153,18 +179,25 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     d_b = None if params.b is None else bufs[0].sum(axis=(1, 2))
     grads = LSTMParams(gemm(cols(seg.xs), dz2), gemm(cols(h_prev), dz2), d_b, d_w_hr)
     dxs = jnp.swapaxes(dot(params.w_ih, dz2, mm, acc).reshape((D, T, B)), 0, 1)
-    return dcarry0, grads, dxs
+    return dcarry0, dinit, grads, dxs
+
+
+def _flags(steps: Steps | None):
+    return (None, None, None) if steps is None else tuple(steps)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, lengths):
+def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry):
     """Time-major core: ``xs [T, B, D]``, ``carry0 = (h [B, R], c [B, H])`` in the
-    accumulation dtype. Returns ``(ys [T, B, R], (h, c))``.
+    accumulation dtype, ``steps`` time-major (``mask``/``resets`` ``[T, B]``),
+    ``reset_carry`` (like ``carry0``) the state that ``steps.resets`` restore.
+    Returns ``(ys [T, B, R], (h, c))``.
 
     The layout changes to feature-major happen inside, per chunk when
     checkpointing, so that a checkpointed step keeps no O(T) transposed copies.
     Outside differentiation (this primal) ``cfg.forward_layout`` may pick
     batch-major steps instead."""
+    lengths, mask, resets = _flags(steps)
     if cfg.forward_layout == "batch":
         step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype)
 
@@ -172,42 +205,49 @@ def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, lengths):
             carry, y, _ = step(carry, x)
             return carry, y, None
 
-        carry, ys, _ = scan_masked(without_residuals, carry0, xs, lengths, unroll=cfg.unroll)
+        carry, ys, _ = scan_masked(without_residuals, carry0, xs, steps, unroll=cfg.unroll, reset_to=reset_carry)
         return ys, carry
-    carry, ys, _ = _forward(cfg, params, Segment(_t(carry0), _t(xs)), lengths, save=False)
+    seg = Segment(_t(carry0), _t(xs), _t(reset_carry), mask, resets)
+    carry, ys, _ = _forward(cfg, params, seg, lengths, save=False)
     return _t(ys), _t(carry)
 
 
-def _chunked(x, n, k):
-    return x.reshape((n, k) + x.shape[1:])
+def _chunked(x, n, k) -> Any:  # [n * k, ...] -> [n, k, ...]; None stays None
+    return None if x is None else x.reshape((n, k) + x.shape[1:])
 
 
-def _pad_time(x, total):
+def _pad_time(x, total) -> Any:
+    if x is None:
+        return None
     pad = total - x.shape[0]
     return x if pad == 0 else jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
 
 
-def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, lengths):
+def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry):
+    lengths, mask, resets = _flags(steps)
     k = cfg.checkpoint_every
     T, B = xs.shape[:2]
+    init = _t(reset_carry)
     if k is None or k >= T:
-        seg = Segment(_t(carry0), _t(xs))
-        carry, ys, (acts, cs) = _forward(cfg, params, seg, lengths)
-        return (_t(ys), _t(carry)), Saved(params, seg, lengths, ys, acts, cs)
+        seg = Segment(_t(carry0), _t(xs), init, mask, resets)
+        carry, ys, ((acts, cs), carry_in) = _forward(cfg, params, seg, lengths)
+        return (_t(ys), _t(carry)), Saved(params, seg, lengths, ys, acts, cs, carry_in)
 
     n = -(-T // k)
     if lengths is None and n * k != T:
         lengths = jnp.full((B,), T, jnp.int32)  # mask the padding steps
-    xs_c = _chunked(_pad_time(xs, n * k), n, k)
+    xs_c, mask_c, resets_c = (_chunked(_pad_time(a, n * k), n, k) for a in (xs, mask, resets))
 
     def chunk(carry, inp):
-        j, x = inp
-        new, ys, _ = _forward(cfg, params, Segment(carry, _t(x)), lengths, t_offset=j * k, save=False)
+        j, x, m, r = inp
+        seg = Segment(carry, _t(x), init, m, r)
+        new, ys, _ = _forward(cfg, params, seg, lengths, t_offset=j * k, save=False)
         return new, (_t(ys), carry)
 
-    carry, (ys_c, starts) = jax.lax.scan(chunk, _t(carry0), (jnp.arange(n, dtype=jnp.int32), xs_c))
+    ins = (jnp.arange(n, dtype=jnp.int32), xs_c, mask_c, resets_c)
+    carry, (ys_c, starts) = jax.lax.scan(chunk, _t(carry0), ins)
     ys = ys_c.reshape((n * k,) + ys_c.shape[2:])[:T]
-    return (ys, _t(carry)), Checkpoints(params, starts, xs_c, lengths)
+    return (ys, _t(carry)), Checkpoints(params, starts, xs_c, lengths, init, mask_c, resets_c)
 
 
 def _cast_like(tree, like):
@@ -221,11 +261,12 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
     acc = cfg.acc_dtype
     dcarry = _t(tuple(d.astype(acc) for d in dcarry))
     params = res.params
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
     if isinstance(res, Saved):
-        dcarry0, grads, dxs = _backward(
-            cfg, params, res.segment, (res.ys, res.acts, res.cs), _t(dys), dcarry, res.lengths
-        )
-        return _cast_like(grads, params), _t(dcarry0), _t(dxs).astype(res.segment.xs.dtype), None
+        saved = (res.ys, (res.acts, res.cs), res.carry_in)
+        dcarry0, dinit, grads, dxs = _backward(cfg, params, res.segment, saved, _t(dys), dcarry, res.lengths)
+        dxs = _t(dxs).astype(res.segment.xs.dtype)
+        return _cast_like(grads, params), _t(dcarry0), dxs, None, _t(dinit)
 
     n, k = res.xs_chunks.shape[:2]
     T = dys.shape[0]
@@ -233,17 +274,18 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
     zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
 
     def chunk(carry, inp):
-        dcarry, grads = carry
-        j, start, x, dy = inp
-        seg = Segment(start, _t(x))
-        _, ys, (acts, cs) = _forward(cfg, params, seg, res.lengths, t_offset=j * k)
-        dstart, g, dx = _backward(cfg, params, seg, (ys, acts, cs), _t(dy), dcarry, res.lengths, t_offset=j * k)
-        return (dstart, jax.tree_util.tree_map(jnp.add, grads, g)), _t(dx)
+        dcarry, dinit, grads = carry
+        j, start, x, m, r, dy = inp
+        seg = Segment(start, _t(x), res.init, m, r)
+        _, ys, saved = _forward(cfg, params, seg, res.lengths, t_offset=j * k)
+        dstart, di, g, dx = _backward(cfg, params, seg, (ys, *saved), _t(dy), dcarry, res.lengths, t_offset=j * k)
+        return (dstart, add(dinit, di), add(grads, g)), _t(dx)
 
-    ins = (jnp.arange(n, dtype=jnp.int32), res.starts, res.xs_chunks, dys_c)
-    (dcarry0, grads), dxs_c = jax.lax.scan(chunk, (dcarry, zero_grads), ins, reverse=True)
+    ins = (jnp.arange(n, dtype=jnp.int32), res.starts, res.xs_chunks, res.mask_chunks, res.resets_chunks, dys_c)
+    zero_init = jax.tree_util.tree_map(jnp.zeros_like, dcarry)
+    (dcarry0, dinit, grads), dxs_c = jax.lax.scan(chunk, (dcarry, zero_init, zero_grads), ins, reverse=True)
     dxs = dxs_c.reshape((n * k,) + dxs_c.shape[2:])[:T]
-    return _cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None
+    return _cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None, _t(dinit)
 
 
 fused_lstm.defvjp(_fused_forward_pass, _fused_backward_pass)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._engine import add_bias, dot, scan_masked, valid_steps, where_valid
+from ._engine import Steps, add_bias, dot, resets_at, scan_masked, valid_steps, where_valid
 from ._fused import FusedConfig, _cast_like, _shift
 
 
@@ -69,24 +69,29 @@ class SavedGRU(NamedTuple):
     params: Any  # GRUParams
     h0: jax.Array
     xs: jax.Array  # [T, B, D]
-    lengths: jax.Array | None
+    steps: Steps | None
     ys: jax.Array  # [T, B, H]
     gates: tuple  # (r, z, n, hn), each [T, B, H]
+    h_in: jax.Array | None  # the state entering each step, with a mask or resets
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_gru(cfg: FusedConfig, params, h0, xs, lengths):
-    """Time-major core: ``xs [T, B, D]``, ``h0 [B, H]`` in the accumulation dtype.
-    Returns ``(ys [T, B, H], h)``."""
+def fused_gru(cfg: FusedConfig, params, h0, xs, steps: Steps | None, h_reset):
+    """Time-major core: ``xs [T, B, D]``, ``h0 [B, H]`` in the accumulation dtype,
+    ``steps`` time-major, ``h_reset`` the state ``steps.resets`` restore. Returns
+    ``(ys [T, B, H], h)``."""
     step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype)
-    h, ys, _ = scan_masked(lambda h, x: step(h, x)[:2] + (None,), h0, xs, lengths, unroll=cfg.unroll)
+    without = lambda h, x: step(h, x)[:2] + (None,)
+    h, ys, _ = scan_masked(without, h0, xs, steps, unroll=cfg.unroll, reset_to=h_reset)
     return ys, h
 
 
-def _forward_pass(cfg, params, h0, xs, lengths):
+def _forward_pass(cfg, params, h0, xs, steps, h_reset):
     step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype)
-    h, ys, gates = scan_masked(step, h0, xs, lengths, unroll=cfg.unroll)
-    return (ys, h), SavedGRU(params, h0, xs, lengths, ys, gates)
+    per_step = steps is not None and steps.per_step
+    h, ys, aux = scan_masked(step, h0, xs, steps, unroll=cfg.unroll, save_carry_in=per_step, reset_to=h_reset)
+    gates, h_in = aux if per_step else (aux, None)
+    return (ys, h), SavedGRU(params, h0, xs, steps, ys, gates, h_in)
 
 
 def _backward_pass(cfg, res: SavedGRU, cotangents):
@@ -96,17 +101,25 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
     T, B, D = xs.shape
     if T == 0:  # no step: the state's cotangent passes straight through
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
-        return _cast_like(zeros, params), dh.astype(acc), jnp.zeros(xs.shape, xs.dtype), None
-    h_prev = _shift(res.h0, res.ys.astype(acc))
+        return _cast_like(zeros, params), dh.astype(acc), jnp.zeros(xs.shape, xs.dtype), None, jnp.zeros_like(dh)
+    h_prev = _shift(res.h0, res.ys.astype(acc)) if res.h_in is None else res.h_in
+    steps = res.steps or Steps()
 
-    def body(dh, inp):
-        t, dy, r, z, n, hn, hp = inp
-        valid = valid_steps(t, res.lengths)
+    def body(carry, inp):
+        dh, dinit = carry
+        t, m, rs, dy, r, z, n, hn, hp = inp
+        valid = valid_steps(t, steps.lengths, mask_t=m)
         g = gru_step_vjp(params.w_hh, r, z, n, hn, hp, where_valid(valid, dy.astype(acc), 0) + dh, mm, acc)
-        return where_valid(valid, g.dh_prev, dh), where_valid(valid, g.dgx, 0)
+        dh = where_valid(valid, g.dh_prev, dh)  # cotangent of the state entering step t
+        reset = resets_at(valid, rs)
+        if reset is not None:  # ... which at a reset belongs to the initial state
+            dinit, dh = dinit + jnp.where(reset, dh, 0), jnp.where(reset, 0, dh)
+        return (dh, dinit), where_valid(valid, g.dgx, 0)
 
     ts = jnp.arange(T, dtype=jnp.int32)
-    dh0, dgx = jax.lax.scan(body, dh.astype(acc), (ts, dys, *res.gates, h_prev), reverse=True)
+    dh = dh.astype(acc)
+    ins = (ts, steps.mask, steps.resets, dys, *res.gates, h_prev)
+    (dh0, dinit), dgx = jax.lax.scan(body, (dh, jnp.zeros_like(dh)), ins, reverse=True)
     r = res.gates[0]
     H = r.shape[-1]
     dgh = jnp.concatenate([dgx[..., : 2 * H], dgx[..., 2 * H :] * r], axis=-1)
@@ -119,7 +132,7 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
 
     grads = type(params)(gemm(xs, dgx), gemm(h_prev, dgh), dgx.sum(axis=(0, 1)), dgh[..., 2 * H :].sum(axis=(0, 1)))
     dxs = dot(rows(dgx), params.w_ih.T, mm, acc).reshape((T, B, D))
-    return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None
+    return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit
 
 
 fused_gru.defvjp(_forward_pass, _backward_pass)

@@ -135,7 +135,8 @@ class _Layer(nn.Module):
 class LSTM(nn.Module):
     """A multi-layer, optionally bidirectional and projected LSTM on :func:`jaxlstm.lstm_stack`.
 
-    Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=None)``;
+    Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=None, *,
+    mask=None, resets=None, reset_state=None)`` (as :func:`jaxlstm.lstm_stack`);
     returns ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
 
     Dropout (between layers, ``dropout > 0``) follows ``flax.linen.Dropout``:
@@ -176,7 +177,17 @@ class LSTM(nn.Module):
     time_major: bool = False
 
     @nn.compact
-    def __call__(self, xs, initial_state: LSTMState | None = None, seq_lengths=None, deterministic: bool | None = None):
+    def __call__(
+        self,
+        xs,
+        initial_state: LSTMState | None = None,
+        seq_lengths=None,
+        deterministic: bool | None = None,
+        *,
+        mask=None,
+        resets=None,
+        reset_state: LSTMState | None = None,
+    ):
         _checks.positive_int("features", self.features)
         _checks.positive_int("num_layers", self.num_layers)
         layout = stack_layout(xs.shape[-1], self.features, self.num_layers, self.bidirectional, self.proj_size)
@@ -200,6 +211,9 @@ class LSTM(nn.Module):
             _compute(self, xs),
             initial_state,
             seq_lengths=seq_lengths,
+            mask=mask,
+            resets=resets,
+            reset_state=reset_state,
             dropout=self.dropout if active else 0.0,
             key=self.make_rng("dropout") if active else None,
             time_major=self.time_major,

@@ -106,7 +106,8 @@ class LSTMCell(_Weights):
 class LSTM(nnx.Module):
     """Multi-layer, optionally bidirectional and projected LSTM on :func:`jaxlstm.lstm_stack`.
 
-    Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=None)``;
+    Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=None, *,
+    mask=None, resets=None, reset_state=None)`` (as :func:`jaxlstm.lstm_stack`);
     returns ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
     Other arguments as :class:`jaxlstm.linen.LSTM`.
 
@@ -160,7 +161,17 @@ class LSTM(nnx.Module):
             setattr(self, layer_key(l), _Layer(ws))
         self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
 
-    def __call__(self, xs, initial_state: LSTMState | None = None, seq_lengths=None, deterministic: bool | None = None):
+    def __call__(
+        self,
+        xs,
+        initial_state: LSTMState | None = None,
+        seq_lengths=None,
+        deterministic: bool | None = None,
+        *,
+        mask=None,
+        resets=None,
+        reset_state: LSTMState | None = None,
+    ):
         deterministic = self.deterministic if deterministic is None else deterministic
         active = self.dropout > 0.0 and not deterministic and self.rngs is not None
         if self.dtype is not None:
@@ -170,6 +181,9 @@ class LSTM(nnx.Module):
             xs,
             initial_state,
             seq_lengths=seq_lengths,
+            mask=mask,
+            resets=resets,
+            reset_state=reset_state,
             dropout=self.dropout if active else 0.0,
             key=self.rngs() if active and self.rngs is not None else None,
             time_major=self.time_major,

@@ -70,6 +70,9 @@ def lstm(
     initial_state: LSTMState | None = None,
     *,
     seq_lengths: Array | None = None,
+    mask: Array | None = None,
+    resets: Array | None = None,
+    reset_state: LSTMState | None = None,
     reverse: bool = False,
     time_major: bool = False,
     unroll: int = 1,
@@ -96,6 +99,20 @@ def lstm(
         length are zero and the final state is taken at its last valid step.
         Concrete values are checked to lie in ``[0, T]``; traced values (under
         ``jit``) are clipped to that range.
+      mask: boolean ``[..., T]`` (``[T, ...]`` with ``time_major``): a step where it
+        is false leaves the state unchanged and outputs zeros, as if it were
+        removed from the sequence (holes and left padding allowed;
+        ``seq_lengths`` is the right-padded special case; both may be given).
+      resets: boolean ``[..., T]`` (``[T, ...]`` with ``time_major``): where true,
+        step t starts a new segment (an episode boundary): the state entering it
+        is ``reset_state``. Equals running each segment on its own from
+        ``reset_state`` (the first from ``initial_state``). With ``reverse`` each
+        segment is read backwards, from its last step. Resets of steps that do not
+        count (masked or past the length) are ignored.
+      reset_state: ``LSTMState`` like ``initial_state``: what ``resets`` restore;
+        zeros if ``None``. Not ``initial_state``, so that a rollout split into
+        calls (``initial_state`` = the previous call's final state) still resets
+        to the start of an episode, as haiku's ``ResetCore`` does.
       reverse: read each sequence from its last valid step back to the first.
         Outputs stay aligned with input positions; padding never enters.
       time_major: ``xs`` is ``[T, ..., D]`` (and so are the outputs).
@@ -132,6 +149,8 @@ def lstm(
     xs = _checks.as_float_array("xs", xs)
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
+    mask = _checks.step_flags("mask", mask, batch_shape, T, time_major)
+    resets = _checks.step_flags("resets", resets, batch_shape, T, time_major)
     _checks.static_bool("reverse", reverse)
     _checks.static_bool("time_major", time_major)
     _checks.one_of("backward", backward, ("fused", "autodiff"))
@@ -141,18 +160,21 @@ def lstm(
         if backward != "fused":
             raise ValueError("checkpoint_every requires backward='fused', got backward='autodiff'")
     mm, acc = _dtypes(params, xs.dtype, compute_dtype)
-    if initial_state is None:
-        carry0 = (jnp.zeros(batch_shape + (R,), acc), jnp.zeros(batch_shape + (H,), acc))
-    else:
+    zeros = (jnp.zeros(batch_shape + (R,), acc), jnp.zeros(batch_shape + (H,), acc))
+    carry0, reset_carry = zeros, zeros
+    if initial_state is not None:
         _checks.lstm_state("initial_state", initial_state, batch_shape, H, R)
         carry0 = (initial_state.h.astype(acc), initial_state.c.astype(acc))
+    if reset_state is not None:
+        _checks.lstm_state("reset_state", reset_state, batch_shape, H, R)
+        reset_carry = (reset_state.h.astype(acc), reset_state.c.astype(acc))
 
     layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
     if backward == "fused":
         cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout)
 
-        def fused_core(xs_tm, carry, lengths):
-            return fused_lstm(cfg, params, carry, xs_tm, lengths)
+        def fused_core(xs_tm, carries, steps):
+            return fused_lstm(cfg, params, carries[0], xs_tm, steps, carries[1])
 
         core = fused_core
 
@@ -164,8 +186,10 @@ def lstm(
             carry, y, _ = step(carry, x)
             return carry, y, None
 
-        def autodiff_core(xs, carry, lengths):
-            carry, ys, _ = scan_masked(no_residuals, carry, xs, lengths, unroll=unroll, feature_major=feature)
+        def autodiff_core(xs, carries, steps):
+            carry, ys, _ = scan_masked(
+                no_residuals, carries[0], xs, steps, unroll=unroll, feature_major=feature, reset_to=carries[1]
+            )
             return ys, carry
 
         core = feature_major_core(autodiff_core) if feature else autodiff_core
@@ -173,11 +197,13 @@ def lstm(
     ys, (h, c) = apply_sequence(
         core,
         xs,
-        carry0,
+        (carry0, reset_carry),
         batch_shape,
         seq_lengths=seq_lengths,
         reverse=reverse,
         time_major=time_major,
         supports_jvp=backward == "autodiff",
+        mask=mask,
+        resets=resets,
     )
     return ys.astype(xs.dtype), LSTMState(h.astype(xs.dtype), c)

@@ -120,39 +120,59 @@ def _cell(kind, make_step, params, h, x, compute_dtype):
 
 
 def _sequence(
-    kind, make_step, params, xs, initial_state, seq_lengths, reverse, time_major, unroll, compute_dtype, backward
+    kind,
+    make_step,
+    params,
+    xs,
+    initial_state,
+    *,
+    seq_lengths,
+    mask,
+    resets,
+    reset_state,
+    reverse,
+    time_major,
+    unroll,
+    compute_dtype,
+    backward,
 ):
     D, H = _check(params, kind)
     xs = _checks.as_float_array("xs", xs)
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
+    mask = _checks.step_flags("mask", mask, batch_shape, T, time_major)
+    resets = _checks.step_flags("resets", resets, batch_shape, T, time_major)
     _checks.static_bool("reverse", reverse)
     _checks.static_bool("time_major", time_major)
     unroll = _checks.positive_int("unroll", unroll)
     mm, acc = _dtypes(params, xs.dtype, compute_dtype)
-    if initial_state is None:
-        h0 = jnp.zeros(batch_shape + (H,), acc)
-    else:
+    h0 = h_reset = jnp.zeros(batch_shape + (H,), acc)
+    if initial_state is not None:
         _checks.state_array("initial_state", initial_state, batch_shape + (H,))
         h0 = initial_state.astype(acc)
+    if reset_state is not None:
+        _checks.state_array("reset_state", reset_state, batch_shape + (H,))
+        h_reset = reset_state.astype(acc)
     _checks.one_of("backward", backward, ("fused", "autodiff"))
     step = make_step(params, mm, acc)
 
-    def core(xs_tm, h, lengths):
+    def core(xs_tm, hs, steps):
         if backward == "fused":
-            return fused_gru(FusedConfig(mm, acc, unroll), params, h, xs_tm, lengths)
-        h, ys, _ = scan_masked(step, h, xs_tm, lengths, unroll=unroll)
+            return fused_gru(FusedConfig(mm, acc, unroll), params, hs[0], xs_tm, steps, hs[1])
+        h, ys, _ = scan_masked(step, hs[0], xs_tm, steps, unroll=unroll, reset_to=hs[1])
         return ys, h
 
     ys, h = apply_sequence(
         core,
         xs,
-        h0,
+        (h0, h_reset),
         batch_shape,
         seq_lengths=seq_lengths,
         reverse=reverse,
         time_major=time_major,
         supports_jvp=backward == "autodiff",
+        mask=mask,
+        resets=resets,
     )
     return ys.astype(xs.dtype), h.astype(xs.dtype)
 
@@ -173,12 +193,16 @@ def rnn(
     initial_state: jax.Array | None = None,
     *,
     seq_lengths=None,
+    mask=None,
+    resets=None,
+    reset_state=None,
     reverse=False,
     time_major=False,
     unroll=1,
     compute_dtype=None,
 ):
-    """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm`, the state is ``h [..., H]``.
+    """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm` (``mask`` and
+    ``resets`` included), the state is ``h [..., H]``.
     Its gradients are plain JAX autodiff.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
@@ -189,12 +213,15 @@ def rnn(
         params,
         xs,
         initial_state,
-        seq_lengths,
-        reverse,
-        time_major,
-        unroll,
-        compute_dtype,
-        "autodiff",
+        seq_lengths=seq_lengths,
+        mask=mask,
+        resets=resets,
+        reset_state=reset_state,
+        reverse=reverse,
+        time_major=time_major,
+        unroll=unroll,
+        compute_dtype=compute_dtype,
+        backward="autodiff",
     )
 
 
@@ -204,13 +231,17 @@ def gru(
     initial_state: jax.Array | None = None,
     *,
     seq_lengths=None,
+    mask=None,
+    resets=None,
+    reset_state=None,
     reverse=False,
     time_major=False,
     unroll=1,
     compute_dtype=None,
     backward: str = "fused",
 ):
-    """GRU over a sequence; arguments as :func:`jaxlstm.lstm`, the state is ``h [..., H]``.
+    """GRU over a sequence; arguments as :func:`jaxlstm.lstm` (``mask`` and ``resets``
+    included), the state is ``h [..., H]``.
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
     sequence (:mod:`jaxlstm._fused_gru`); ``"autodiff"``: plain JAX autodiff of the
@@ -224,10 +255,13 @@ def gru(
         params,
         xs,
         initial_state,
-        seq_lengths,
-        reverse,
-        time_major,
-        unroll,
-        compute_dtype,
-        backward,
+        seq_lengths=seq_lengths,
+        mask=mask,
+        resets=resets,
+        reset_state=reset_state,
+        reverse=reverse,
+        time_major=time_major,
+        unroll=unroll,
+        compute_dtype=compute_dtype,
+        backward=backward,
     )

@@ -109,6 +109,9 @@ def lstm_stack(
     initial_state: LSTMState | None = None,
     *,
     seq_lengths: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    resets: jax.Array | None = None,
+    reset_state: LSTMState | None = None,
     dropout: float = 0.0,
     key: jax.Array | None = None,
     time_major: bool = False,
@@ -126,6 +129,10 @@ def lstm_stack(
       initial_state: ``LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H])``; zeros if ``None``.
       seq_lengths: integer ``[...]``; the reverse direction reads each sequence's
         valid part backwards, as PyTorch's packed sequences do.
+      mask, resets: boolean ``[..., T]``, applied in every layer as in
+        :func:`jaxlstm.lstm` (the reverse direction reads each segment backwards).
+      reset_state: ``LSTMState`` shaped like ``initial_state``: what ``resets``
+        restore in each layer-direction; zeros if ``None``.
       dropout: drop probability on the outputs of every layer but the last.
       key: PRNG key, required when ``dropout > 0``.
       time_major, unroll, checkpoint_every, compute_dtype, backward: passed to
@@ -133,7 +140,8 @@ def lstm_stack(
       fuse_directions: run the two directions of a bidirectional layer as one
         scan, ``vmap`` ped over a direction axis (batched matmuls), instead of two
         calls. Same numbers; on by default, as it paid where it was measured
-        (``python -m benchmarks.stack``; ``False`` runs two calls).
+        (``python -m benchmarks.stack``; ``False`` runs two calls). With ``mask``
+        or ``resets`` the two directions run as two calls.
 
     Returns:
       ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
@@ -149,14 +157,23 @@ def lstm_stack(
         raise ValueError("dropout > 0 needs a PRNG key: pass key=jax.random.key(...)")
     if initial_state is not None:
         _checks.lstm_state("initial_state", initial_state, (L * dirs,) + batch_shape, H, R)
+    if reset_state is not None:
+        _checks.lstm_state("reset_state", reset_state, (L * dirs,) + batch_shape, H, R)
     _checks.static_bool("fuse_directions", fuse_directions)
+    mask = _checks.step_flags("mask", mask, batch_shape, T, time_major)
+    resets = _checks.step_flags("resets", resets, batch_shape, T, time_major)
+    fuse_directions = fuse_directions and mask is None and resets is None
+    layer_state = lambda s, i: None if s is None else LSTMState(s.h[i], s.c[i])
 
-    def run(p, x, s0, reverse):
+    def run(p, x, s0, reverse, i=None):
         return lstm(
             p,
             x,
             s0,
             seq_lengths=seq_lengths,
+            mask=mask,
+            resets=resets,
+            reset_state=None if i is None else layer_state(reset_state, i),
             reverse=reverse,
             time_major=time_major,
             unroll=unroll,
@@ -175,7 +192,7 @@ def lstm_stack(
         else:
             outs, states = [], []
             for d, p in enumerate(layer):
-                ys, st = run(p, xs, None if s0 is None else LSTMState(s0.h[d], s0.c[d]), d == 1)
+                ys, st = run(p, xs, layer_state(s0, d), d == 1, l * dirs + d)
                 outs.append(ys)
                 states.append(st)
             s = LSTMState(jnp.stack([st.h for st in states]), jnp.stack([st.c for st in states]))

@@ -31,23 +31,39 @@ def lstm_step_ref(xp, params, h, c, x):
     return h, c
 
 
-def run_ref(xp, step, xs, h0, c0, lengths=None, reverse=False):
+def run_ref(xp, step, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None):
     """Runs ``step(h, c, x) -> (h, c)`` over batch-major ``xs [B, T, D]`` sequence by sequence.
 
-    ``c0`` may be ``None`` for cells without a cell state. Returns
-    ``(ys [B, T, R], hT [B, R], cT [B, H] or None)``, zeros past each length.
+    ``c0`` may be ``None`` for cells without a cell state. Only the steps ``t <
+    lengths[b]`` with ``mask[b, t]`` run (in reverse order with ``reverse``); the
+    others output zeros. ``resets[b, t]`` marks a step that starts a new segment:
+    each segment runs on its own from zeros (the reset state), read backwards with
+    ``reverse``; the first segment run starts from ``(h0, c0)`` unless a reset
+    opens it.
+    Returns ``(ys [B, T, R], hT [B, R], cT [B, H] or None)``.
     """
     B, T, _ = xs.shape
     R = h0.shape[-1]
     ys_all, hs, cs = [], [], []
     for b in range(B):
         L = T if lengths is None else int(lengths[b])
+        steps = [t for t in range(L) if mask is None or bool(mask[b, t])]
+        # split the counted steps into segments at the resets, then run each one
+        segments = []
+        for t in steps:
+            if not segments or (resets is not None and bool(resets[b, t])):
+                segments.append([])
+            segments[-1].append(t)
+        if reverse:
+            segments = [seg[::-1] for seg in segments[::-1]]
         h, c = h0[b], None if c0 is None else c0[b]
-        order = list(range(L))[::-1] if reverse else list(range(L))
         out = {}
-        for t in order:
-            h, c = step(h, c, xs[b, t])
-            out[t] = h
+        for i, seg in enumerate(segments):
+            if i > 0 or (not reverse and resets is not None and bool(resets[b, seg[0]])):
+                h, c = 0 * h0[b], None if c0 is None else 0 * c0[b]
+            for t in seg:
+                h, c = step(h, c, xs[b, t])
+                out[t] = h
         zero = xp.zeros((R,), dtype=xs.dtype)
         ys_all.append(xp.stack([out.get(t, zero) for t in range(T)]) if T else xp.zeros((0, R), xs.dtype))
         hs.append(h)
@@ -55,26 +71,26 @@ def run_ref(xp, step, xs, h0, c0, lengths=None, reverse=False):
     return xp.stack(ys_all), xp.stack(hs), None if c0 is None else xp.stack(cs)
 
 
-def lstm_ref(xp, params, xs, h0, c0, lengths=None, reverse=False):
+def lstm_ref(xp, params, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None):
     def step(h, c, x):
         return lstm_step_ref(xp, params, h, c, x)
 
-    return run_ref(xp, step, xs, h0, c0, lengths, reverse)
+    return run_ref(xp, step, xs, h0, c0, lengths, reverse, mask, resets)
 
 
 def as_dict(params):
     return {k: (None if v is None else np.asarray(v, np.float64)) for k, v in params._asdict().items()}
 
 
-def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False):
+def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None):
     def step(h, _c, x):
         return xp.tanh(x @ params["w_ih"] + h @ params["w_hh"] + params["b"]), None
 
-    ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse)
+    ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse, mask, resets)
     return ys, h
 
 
-def gru_ref(xp, params, xs, h0, lengths=None, reverse=False):
+def gru_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None):
     """PyTorch's GRU equations, gate by gate (order r, z, n)."""
     H = h0.shape[-1]
     W = lambda w, k: w[:, k * H : (k + 1) * H]
@@ -86,5 +102,5 @@ def gru_ref(xp, params, xs, h0, lengths=None, reverse=False):
         n = xp.tanh(x @ W(params["w_ih"], 2) + b(2) + r * (h @ W(params["w_hh"], 2) + params["b_hn"]))
         return (1 - z) * n + z * h, None
 
-    ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse)
+    ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse, mask, resets)
     return ys, h

@@ -1,0 +1,166 @@
+"""What training loops need from a recurrence: masks with holes and per-step resets,
+against the reference loop (segments run on their own, masked steps removed),
+values and gradients, on every path (fused, checkpointed, autodiff; both layouts)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlstm
+from helpers import assert_trees_close, lstm_inputs
+from jaxlstm import tuning
+from reference import as_dict, gru_ref, lstm_ref, rnn_ref
+
+B, T, D, H = 4, 7, 3, 4
+RNG = np.random.default_rng(0)
+MASK = RNG.random((B, T)) < 0.7
+RESETS = RNG.random((B, T)) < 0.3
+LENGTHS = np.array([7, 5, 0, 6])
+
+
+def _ref(params, xs, state, reverse, mask, resets, lengths):
+    x = np.asarray(xs, np.float64)
+    h0, c0 = (np.asarray(a, np.float64) for a in state)
+    return lstm_ref(np, as_dict(params), x, h0, c0, lengths, reverse, mask, resets)
+
+
+CASES = [
+    dict(mask=MASK),
+    dict(resets=RESETS),
+    dict(mask=MASK, resets=RESETS, lengths=LENGTHS),
+    dict(mask=MASK, resets=RESETS, reverse=True),
+    dict(resets=RESETS, lengths=LENGTHS, reverse=True),
+]
+PATHS = [
+    dict(),
+    dict(checkpoint_every=3),
+    dict(backward="autodiff"),
+    dict(layout="batch"),
+    dict(layout="batch", backward="autodiff"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("path", range(len(PATHS)))
+def test_lstm_mask_and_resets_match_the_reference(case, path):
+    kw = dict(CASES[case])
+    lengths = kw.pop("lengths", None)
+    reverse = kw.pop("reverse", False)
+    opts = dict(PATHS[path])
+    layout = opts.pop("layout", "feature")
+    params, xs, state, _ = lstm_inputs(11, (B,), 2, with_state=True, T=T)
+    args = dict(seq_lengths=None if lengths is None else jnp.asarray(lengths), reverse=reverse, **opts)
+    args.update({k: jnp.asarray(v) for k, v in kw.items()})
+    with tuning.forced(layout):
+        ys, final = jaxlstm.lstm(params, xs, state, **args)
+    ys_ref, h_ref, c_ref = _ref(params, xs, state, reverse, kw.get("mask"), kw.get("resets"), lengths)
+    np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
+    np.testing.assert_allclose(final.h, h_ref, atol=2e-5)
+    np.testing.assert_allclose(final.c, c_ref, atol=2e-5)
+
+    # gradients against autodiff of the reference loop
+    w = jnp.cos(jnp.arange(B * T * 2.0)).reshape(B, T, 2)
+
+    def loss(p, x, s):
+        with tuning.forced(layout):
+            ys, f = jaxlstm.lstm(p, x, s, **args)
+        return (w * ys).sum() + (f.h**2).sum() + jnp.sin(f.c).sum()
+
+    def loss_ref(p, x, s):
+        ys, h, c = lstm_ref(jnp, p._asdict(), x, s.h, s.c, lengths, reverse, kw.get("mask"), kw.get("resets"))
+        return (w * ys).sum() + (h**2).sum() + jnp.sin(c).sum()
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(params, xs, state)
+    want = jax.grad(loss_ref, argnums=(0, 1, 2))(params, xs, state)
+    assert_trees_close(got, want, rtol=1e-4)
+
+
+def test_resets_restore_reset_state_not_initial_state():
+    """A rollout split into two calls equals one call: resets go to reset_state
+    (zeros by default), not to the state carried in from the previous call."""
+    params, xs, state, _ = lstm_inputs(12, (B,), with_state=True, T=T)
+    resets = jnp.asarray(RESETS)
+    whole, s = jaxlstm.lstm(params, xs, resets=resets)
+    a, s1 = jaxlstm.lstm(params, xs[:, :3], resets=resets[:, :3])
+    b, s2 = jaxlstm.lstm(params, xs[:, 3:], s1, resets=resets[:, 3:])
+    np.testing.assert_allclose(jnp.concatenate([a, b], axis=1), whole, atol=1e-6)
+    np.testing.assert_allclose(s2.c, s.c, atol=1e-6)
+    # a learned reset state gets its gradient from every reset
+    g = jax.grad(lambda r: jaxlstm.lstm(params, xs, resets=resets, reset_state=r)[0].sum())(state)
+    g_ad = jax.grad(lambda r: jaxlstm.lstm(params, xs, resets=resets, reset_state=r, backward="autodiff")[0].sum())(
+        state
+    )
+    assert_trees_close(g, g_ad, rtol=1e-5)
+    assert float(jnp.abs(g.h).sum()) > 0
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gru_and_rnn_mask_and_resets(kind, reverse):
+    init, run, ref = {"gru": (jaxlstm.init_gru, jaxlstm.gru, gru_ref), "rnn": (jaxlstm.init_rnn, jaxlstm.rnn, rnn_ref)}[
+        kind
+    ]
+    params = init(jax.random.key(3), D, H)
+    params = params._replace(b=jax.random.normal(jax.random.key(4), params.b.shape))
+    xs = jax.random.normal(jax.random.key(5), (B, T, D))
+    h0 = jax.random.normal(jax.random.key(6), (B, H))
+    kw = dict(mask=jnp.asarray(MASK), resets=jnp.asarray(RESETS), seq_lengths=jnp.asarray(LENGTHS), reverse=reverse)
+    ys, h = run(params, xs, h0, **kw)
+    ys_ref, h_ref = ref(
+        np, as_dict(params), np.asarray(xs, np.float64), np.asarray(h0, np.float64), LENGTHS, reverse, MASK, RESETS
+    )
+    np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
+    np.testing.assert_allclose(h, h_ref, atol=2e-5)
+
+    def loss(p, x, h, run_kw):
+        ys, hT = run(p, x, h, **kw, **run_kw)
+        return (jnp.sin(ys)).sum() + (hT**2).sum()
+
+    def loss_ref(p, x, h):
+        ys, hT = ref(jnp, p._asdict(), x, h, LENGTHS, reverse, MASK, RESETS)
+        return (jnp.sin(ys)).sum() + (hT**2).sum()
+
+    want = jax.grad(loss_ref, argnums=(0, 1, 2))(params, xs, h0)
+    for run_kw in [{}, {"backward": "autodiff"}] if kind == "gru" else [{}]:
+        assert_trees_close(jax.grad(loss, argnums=(0, 1, 2))(params, xs, h0, run_kw), want, rtol=1e-4)
+
+
+def test_bad_flags():
+    params, xs, _, _ = lstm_inputs(13, (B,), T=T)
+    with pytest.raises(TypeError, match="mask must be a boolean array, got dtype int32"):
+        jaxlstm.lstm(params, xs, mask=jnp.ones((B, T), jnp.int32))
+    with pytest.raises(ValueError, match=r"resets must have shape \(4, 7\)"):
+        jaxlstm.lstm(params, xs, resets=jnp.ones((T, B), bool))
+    with pytest.raises(ValueError, match=r"mask must have shape \(7, 4\) \(\[T, \.\.\.\] \(time_major\)"):
+        jaxlstm.lstm(params, jnp.swapaxes(xs, 0, 1), mask=jnp.ones((B, T), bool), time_major=True)
+
+
+def test_stack_and_modules_pass_mask_and_resets():
+    """lstm_stack applies them in every layer (both directions); the linen and nnx
+    modules pass them through."""
+    import flax.linen  # noqa: F401
+    from flax import nnx
+
+    import jaxlstm.linen as jl
+    import jaxlstm.nnx as jn
+
+    params = jaxlstm.init_lstm_stack(jax.random.key(0), D, H, 2, bidirectional=True)
+    xs = jax.random.normal(jax.random.key(1), (B, T, D))
+    kw = dict(mask=jnp.asarray(MASK), resets=jnp.asarray(RESETS), seq_lengths=jnp.asarray(LENGTHS))
+    ys, state = jaxlstm.lstm_stack(params, xs, **kw)
+    # layer by layer, by hand
+    x, hs = xs, []
+    for layer in params:
+        outs = [jaxlstm.lstm(p, x, reverse=d == 1, **kw) for d, p in enumerate(layer)]
+        x = jnp.concatenate([o[0] for o in outs], axis=-1)
+        hs += [o[1].h for o in outs]
+    np.testing.assert_allclose(ys, x, atol=1e-6)
+    np.testing.assert_allclose(state.h, jnp.stack(hs), atol=1e-6)
+
+    model = jl.LSTM(H, num_layers=2, bidirectional=True)
+    v = jl.stack_variables(params)
+    np.testing.assert_allclose(model.apply(v, xs, **kw)[0], ys, atol=1e-6)
+    m = jn.LSTM(D, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+    jn.set_stack_params(m, params)
+    np.testing.assert_allclose(m(xs, **kw)[0], ys, atol=1e-6)
