@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxlstm
+from jaxlstm.tuning import cpu_info
 
 
 def device_name() -> str:
@@ -52,23 +53,8 @@ def results_dir() -> str:
     return os.path.join("benchmarks", "runs", device_name() + ("-thp" if allocator() == "thp" else ""))
 
 
-def _cpuinfo() -> dict:
-    """``model name``, ``cpu family`` and ``model`` of the first CPU in /proc/cpuinfo (Linux)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                k, _, v = line.partition(":")
-                fields[k.strip()] = v.strip()
-    except OSError:
-        pass
-    return fields
-
-
 def machine_info() -> dict:
-    cpuinfo = _cpuinfo()
+    cpuinfo = cpu_info()
     info = {
         "cpu": cpuinfo.get("model name", platform.processor()),
         "cpu_family": cpuinfo.get("cpu family"),

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._engine import add_bias, dot
+from ._engine import add_bias, dot, feature_major_core, scan_masked
 from .gates import lstm_pointwise, split_gates
 from .params import LSTMParams
 
@@ -132,3 +132,22 @@ def lstm_step_vjp(
     dc = dc + dm * o * (1 - tc * tc)
     dz = gate_grads(a, dc, c_prev, dm * tc)
     return StepGrads(dz, dot(w_hh, dz, mm_dtype, acc_dtype), dc * f)
+
+
+def lstm_scan_core(params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bool, unroll: int = 1):
+    """The plain (autodiff) LSTM scan as an engine core:
+    ``core(xs [T, B, D], (carry0, reset_carry), steps) -> (ys [T, B, R], carry)``,
+    with feature- or batch-major steps inside."""
+    step = lstm_step(params, mm_dtype, acc_dtype, feature_major=feature_major)
+
+    def no_residuals(carry, x):
+        carry, y, _ = step(carry, x)
+        return carry, y, None
+
+    def core(xs, carries, steps):
+        carry, ys, _ = scan_masked(
+            no_residuals, carries[0], xs, steps, unroll=unroll, feature_major=feature_major, reset_to=carries[1]
+        )
+        return ys, carry
+
+    return feature_major_core(core) if feature_major else core

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, tuning
-from ._engine import accum_dtype, apply_sequence, batch_size, feature_major_core, matmul_dtype, scan_masked
+from ._engine import accum_dtype, apply_sequence, batch_size, matmul_dtype
 from ._fused import FusedConfig, fused_lstm
-from ._step import lstm_step
+from ._step import lstm_scan_core, lstm_step
 from .params import LSTMParams, LSTMState
 
 __all__ = ["lstm", "lstm_cell"]
@@ -179,20 +179,7 @@ def lstm(
         core = fused_core
 
     else:
-        feature = layout == "feature"
-        step = lstm_step(params, mm, acc, feature_major=feature)
-
-        def no_residuals(carry, x):
-            carry, y, _ = step(carry, x)
-            return carry, y, None
-
-        def autodiff_core(xs, carries, steps):
-            carry, ys, _ = scan_masked(
-                no_residuals, carries[0], xs, steps, unroll=unroll, feature_major=feature, reset_to=carries[1]
-            )
-            return ys, carry
-
-        core = feature_major_core(autodiff_core) if feature else autodiff_core
+        core = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll)
 
     ys, (h, c) = apply_sequence(
         core,

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CANDIDATES", "DEFAULT", "cache_file", "enabled", "forced", "forward_layout"]
+__all__ = ["CANDIDATES", "DEFAULT", "cache_file", "cpu_info", "enabled", "forced", "forward_layout"]
 
 CANDIDATES = ("feature", "batch")
 DEFAULT = "feature"
@@ -72,20 +72,27 @@ def forced(layout: str) -> Iterator[None]:
         _forced.pop()
 
 
+def cpu_info() -> dict:
+    """``model name``, ``cpu family``, ``model`` ... of the first CPU in ``/proc/cpuinfo``
+    (empty where there is none)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                fields[k.strip()] = v.strip()
+    except OSError:
+        pass
+    return fields
+
+
 def _machine() -> str:
     dev = jax.devices()[0]
     name = dev.device_kind
     if dev.platform == "cpu":
-        cpu = {}
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if not line.strip():
-                        break
-                    k, _, v = line.partition(":")
-                    cpu[k.strip()] = v.strip()
-        except OSError:
-            pass
+        cpu = cpu_info()
         name = f"{cpu.get('model name', platform.processor())} family {cpu.get('cpu family')} model {cpu.get('model')}"
         name += f" x{os.cpu_count()}"
     return f"{dev.platform}:{name}:jax {jax.__version__}"
@@ -93,26 +100,14 @@ def _machine() -> str:
 
 def _probe(layout: str, B: int, D: int, H: int, R: int, T: int, mm, acc, unroll: int):
     """A compiled forward scan of ``layout`` on random inputs, as a no-argument callable."""
-    from ._engine import feature_major_core, scan_masked
-    from ._step import lstm_step
+    from ._step import lstm_scan_core
     from .params import init_lstm
 
     params = init_lstm(jax.random.key(0), D, H, proj_size=None if R == H else R)
-    feature = layout == "feature"
-    step = lstm_step(params, mm, acc, feature_major=feature)
-
-    def no_residuals(carry, x):
-        carry, y, _ = step(carry, x)
-        return carry, y, None
-
-    def core(xs, carry, lengths):
-        carry, ys, _ = scan_masked(no_residuals, carry, xs, lengths, unroll=unroll, feature_major=feature)
-        return ys, carry
-
-    run = feature_major_core(core) if feature else core
+    run = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll)
     xs = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float32).astype(mm)
     carry = (jnp.zeros((B, R), acc), jnp.zeros((B, H), acc))
-    compiled = jax.jit(lambda x, c: run(x, c, None)).lower(xs, carry).compile()
+    compiled = jax.jit(lambda x, c: run(x, (c, c), None)).lower(xs, carry).compile()
     return lambda: jax.block_until_ready(compiled(xs, carry))
 
 
