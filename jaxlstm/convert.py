@@ -147,7 +147,7 @@ def to_torch(params, *, as_numpy: bool = False) -> dict[str, Any]:
     out = {k: np.ascontiguousarray(v) for k, v in out.items()}
     if as_numpy:
         return out
-    import torch
+    import torch  # pyright: ignore[reportMissingImports]  (the optional torch extra)
 
     def tensor(v):  # torch reads no numpy bfloat16: go through float32
         if v.dtype == jnp.bfloat16:
