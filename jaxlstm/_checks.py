@@ -239,3 +239,12 @@ def step_flags(name: str, flags, batch_shape: tuple, T: int, time_major: bool):
             f"{name} must have shape {expected} ({layout}, the batch shape and T of xs), got {_shape(flags)}"
         )
     return flags
+
+
+def rate(name: str, p) -> float:
+    """A dropout probability: a Python float in ``[0, 1)`` (it chooses the program)."""
+    if isinstance(p, Tracer) or isinstance(p, bool) or not isinstance(p, (int, float, np.floating)):
+        raise TypeError(f"{name} must be a Python float in [0, 1), got {p!r}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {p}")
+    return float(p)

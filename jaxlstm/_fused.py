@@ -59,6 +59,7 @@ class Segment(NamedTuple):
     init: tuple
     mask: jax.Array | None = None
     resets: jax.Array | None = None
+    h_mask: jax.Array | None = None  # recurrent dropout on h(t-1), [R, B]
 
 
 class Saved(NamedTuple):
@@ -86,11 +87,12 @@ class Checkpoints(NamedTuple):
     init: tuple
     mask_chunks: jax.Array | None
     resets_chunks: jax.Array | None
+    h_mask: jax.Array | None
 
 
 def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: bool = True):
     """``(carry, ys, residuals)``; residuals ``((acts, cs), carry_in or None)``."""
-    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True)
+    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True, h_mask=seg.h_mask)
 
     def without_residuals(carry, x):
         carry, y, _ = step(carry, x)
@@ -141,7 +143,7 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
         t, m, r, dy, a, c, cp = inp
         valid = valid_steps(t_offset + t, lengths, True, m)
         dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
-        g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_tot, dc, mm, acc)
+        g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_tot, dc, mm, acc, seg.h_mask)
         dz = where_valid(valid, g.dz, 0)
         # cotangent of the state entering step t; at a reset it belongs to the initial state
         dcarry = where_valid(valid, (g.dh_prev, g.dc_prev), (dh, dc))
@@ -177,7 +179,8 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
         m = split_gates(acts, GATE_AXIS_FM)[3] * jnp.tanh(cs)
         d_w_hr = gemm(cols(m), bufs[1].reshape((bufs[1].shape[0], -1)).astype(mm))
     d_b = None if params.b is None else bufs[0].sum(axis=(1, 2))
-    grads = LSTMParams(gemm(cols(seg.xs), dz2), gemm(cols(h_prev), dz2), d_b, d_w_hr)
+    h_in = h_prev if seg.h_mask is None else h_prev * seg.h_mask[None]  # what the recurrent dot read
+    grads = LSTMParams(gemm(cols(seg.xs), dz2), gemm(cols(h_in), dz2), d_b, d_w_hr)
     dxs = jnp.swapaxes(dot(params.w_ih, dz2, mm, acc).reshape((D, T, B)), 0, 1)
     return dcarry0, dinit, grads, dxs
 
@@ -187,10 +190,11 @@ def _flags(steps: Steps | None):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry):
+def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, h_mask=None):
     """Time-major core: ``xs [T, B, D]``, ``carry0 = (h [B, R], c [B, H])`` in the
     accumulation dtype, ``steps`` time-major (``mask``/``resets`` ``[T, B]``),
-    ``reset_carry`` (like ``carry0``) the state that ``steps.resets`` restore.
+    ``reset_carry`` (like ``carry0``) the state that ``steps.resets`` restore,
+    ``h_mask [B, R]`` (or ``None``) the recurrent dropout mask on ``h(t-1)``.
     Returns ``(ys [T, B, R], (h, c))``.
 
     The layout changes to feature-major happen inside, per chunk when
@@ -199,7 +203,7 @@ def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps: Steps | 
     batch-major steps instead."""
     lengths, mask, resets = _flags(steps)
     if cfg.forward_layout == "batch":
-        step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype)
+        step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask=h_mask)
 
         def without_residuals(carry, x):
             carry, y, _ = step(carry, x)
@@ -207,7 +211,7 @@ def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps: Steps | 
 
         carry, ys, _ = scan_masked(without_residuals, carry0, xs, steps, unroll=cfg.unroll, reset_to=reset_carry)
         return ys, carry
-    seg = Segment(_t(carry0), _t(xs), _t(reset_carry), mask, resets)
+    seg = Segment(_t(carry0), _t(xs), _t(reset_carry), mask, resets, _t(h_mask))
     carry, ys, _ = _forward(cfg, params, seg, lengths, save=False)
     return _t(ys), _t(carry)
 
@@ -223,13 +227,13 @@ def _pad_time(x, total) -> Any:
     return x if pad == 0 else jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
 
 
-def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry):
+def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry, h_mask=None):
     lengths, mask, resets = _flags(steps)
     k = cfg.checkpoint_every
     T, B = xs.shape[:2]
-    init = _t(reset_carry)
+    init, h_mask = _t(reset_carry), _t(h_mask)
     if k is None or k >= T:
-        seg = Segment(_t(carry0), _t(xs), init, mask, resets)
+        seg = Segment(_t(carry0), _t(xs), init, mask, resets, h_mask)
         carry, ys, ((acts, cs), carry_in) = _forward(cfg, params, seg, lengths)
         return (_t(ys), _t(carry)), Saved(params, seg, lengths, ys, acts, cs, carry_in)
 
@@ -240,14 +244,14 @@ def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry
 
     def chunk(carry, inp):
         j, x, m, r = inp
-        seg = Segment(carry, _t(x), init, m, r)
+        seg = Segment(carry, _t(x), init, m, r, h_mask)
         new, ys, _ = _forward(cfg, params, seg, lengths, t_offset=j * k, save=False)
         return new, (_t(ys), carry)
 
     ins = (jnp.arange(n, dtype=jnp.int32), xs_c, mask_c, resets_c)
     carry, (ys_c, starts) = jax.lax.scan(chunk, _t(carry0), ins)
     ys = ys_c.reshape((n * k,) + ys_c.shape[2:])[:T]
-    return (ys, _t(carry)), Checkpoints(params, starts, xs_c, lengths, init, mask_c, resets_c)
+    return (ys, _t(carry)), Checkpoints(params, starts, xs_c, lengths, init, mask_c, resets_c, h_mask)
 
 
 def _cast_like(tree, like):
@@ -266,7 +270,7 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
         saved = (res.ys, (res.acts, res.cs), res.carry_in)
         dcarry0, dinit, grads, dxs = _backward(cfg, params, res.segment, saved, _t(dys), dcarry, res.lengths)
         dxs = _t(dxs).astype(res.segment.xs.dtype)
-        return _cast_like(grads, params), _t(dcarry0), dxs, None, _t(dinit)
+        return _cast_like(grads, params), _t(dcarry0), dxs, None, _t(dinit), None
 
     n, k = res.xs_chunks.shape[:2]
     T = dys.shape[0]
@@ -276,7 +280,7 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
     def chunk(carry, inp):
         dcarry, dinit, grads = carry
         j, start, x, m, r, dy = inp
-        seg = Segment(start, _t(x), res.init, m, r)
+        seg = Segment(start, _t(x), res.init, m, r, res.h_mask)
         _, ys, saved = _forward(cfg, params, seg, res.lengths, t_offset=j * k)
         dstart, di, g, dx = _backward(cfg, params, seg, (ys, *saved), _t(dy), dcarry, res.lengths, t_offset=j * k)
         return (dstart, add(dinit, di), add(grads, g)), _t(dx)
@@ -285,7 +289,7 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
     zero_init = jax.tree_util.tree_map(jnp.zeros_like, dcarry)
     (dcarry0, dinit, grads), dxs_c = jax.lax.scan(chunk, (dcarry, zero_init, zero_grads), ins, reverse=True)
     dxs = dxs_c.reshape((n * k,) + dxs_c.shape[2:])[:T]
-    return _cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None, _t(dinit)
+    return _cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None, _t(dinit), None
 
 
 fused_lstm.defvjp(_fused_forward_pass, _fused_backward_pass)

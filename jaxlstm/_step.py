@@ -36,13 +36,14 @@ from .params import LSTMParams
 GATE_AXIS_FM = -2
 
 
-def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = False):
+def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = False, h_mask=None):
     """The step ``(carry, x) -> (carry, h, (a, c))`` used by every LSTM path.
 
     ``carry = (h, c)`` in ``acc_dtype``; the activated gates ``a`` ``[B, 4H]``
     and ``c`` are what the fused backward needs from each step. With
     ``feature_major`` every array is transposed: ``x [D, B]``, ``h [R, B]``,
-    ``c [H, B]``, ``a [4H, B]``.
+    ``c [H, B]``, ``a [4H, B]``. ``h_mask`` (like ``h``, or ``None``) multiplies
+    ``h(t-1)`` where it enters the recurrent dot: variational recurrent dropout.
     """
     if feature_major:
         # Transposed here, outside any scan body: a transpose inside it is folded
@@ -74,7 +75,7 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
 
     def step(carry, x):
         h, c = carry
-        m, c, a = lstm_pointwise(pre(x, h), c, axis)
+        m, c, a = lstm_pointwise(pre(x, h if h_mask is None else h * h_mask), c, axis)
         h = m if params.w_hr is None else proj(m)
         return (h, c), h, (a, c)
 
@@ -113,6 +114,7 @@ def lstm_step_vjp(
     dc: jax.Array,
     mm_dtype,
     acc_dtype,
+    h_mask: jax.Array | None = None,
 ) -> StepGrads:
     """Backward of one feature-major step.
 
@@ -122,6 +124,7 @@ def lstm_step_vjp(
         c_prev: ``c(t-1)`` ``[H, B]``.
       dh: cotangent of the step's output ``h`` ``[R, B]`` (from the loss and
         from step t+1); dc: cotangent of its new cell ``[H, B]``.
+      h_mask: the recurrent dropout mask the step applied to ``h(t-1)``, or ``None``.
 
     Returns:
       ``StepGrads(dz, dh_prev, dc_prev)``.
@@ -131,20 +134,22 @@ def lstm_step_vjp(
     tc = jnp.tanh(c)
     dc = dc + dm * o * (1 - tc * tc)
     dz = gate_grads(a, dc, c_prev, dm * tc)
-    return StepGrads(dz, dot(w_hh, dz, mm_dtype, acc_dtype), dc * f)
+    dh_prev = dot(w_hh, dz, mm_dtype, acc_dtype)
+    return StepGrads(dz, dh_prev if h_mask is None else dh_prev * h_mask, dc * f)
 
 
 def lstm_scan_core(params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bool, unroll: int = 1):
     """The plain (autodiff) LSTM scan as an engine core:
-    ``core(xs [T, B, D], (carry0, reset_carry), steps) -> (ys [T, B, R], carry)``,
-    with feature- or batch-major steps inside."""
-    step = lstm_step(params, mm_dtype, acc_dtype, feature_major=feature_major)
-
-    def no_residuals(carry, x):
-        carry, y, _ = step(carry, x)
-        return carry, y, None
+    ``core(xs [T, B, D], (carry0, reset_carry, h_mask), steps) -> (ys [T, B, R], carry)``,
+    with feature- or batch-major steps inside (``h_mask``: ``[B, R]`` or ``None``)."""
 
     def core(xs, carries, steps):
+        step = lstm_step(params, mm_dtype, acc_dtype, feature_major=feature_major, h_mask=carries[2])
+
+        def no_residuals(carry, x):
+            carry, y, _ = step(carry, x)
+            return carry, y, None
+
         carry, ys, _ = scan_masked(
             no_residuals, carries[0], xs, steps, unroll=unroll, feature_major=feature_major, reset_to=carries[1]
         )

@@ -139,9 +139,10 @@ class LSTM(nn.Module):
     mask=None, resets=None, reset_state=None)`` (as :func:`jaxlstm.lstm_stack`);
     returns ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
 
-    Dropout (between layers, ``dropout > 0``) follows ``flax.linen.Dropout``:
-    ``deterministic`` is an attribute or a call argument (the call wins), one of
-    them is required, and masks draw from the ``'dropout'`` RNG stream.
+    Dropout (between layers, ``dropout > 0``; variational dropout on ``h(t-1)``
+    inside each layer, ``recurrent_dropout > 0``) follows ``flax.linen.Dropout``:
+    ``deterministic`` is an attribute or a call argument (exactly one of them),
+    and masks draw from the ``'dropout'`` RNG stream.
 
     Attributes:
       features: hidden size H. num_layers, bidirectional, proj_size, dropout,
@@ -163,6 +164,7 @@ class LSTM(nn.Module):
     bidirectional: bool = False
     proj_size: int | None = None
     dropout: float = 0.0
+    recurrent_dropout: float = 0.0
     deterministic: bool | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -204,7 +206,7 @@ class LSTM(nn.Module):
             if d == 0
         )
         active = False
-        if self.dropout > 0.0:
+        if self.dropout > 0.0 or self.recurrent_dropout > 0.0:
             active = not nn.merge_param("deterministic", self.deterministic, deterministic)
         return lstm_stack(
             params,
@@ -215,6 +217,7 @@ class LSTM(nn.Module):
             resets=resets,
             reset_state=reset_state,
             dropout=self.dropout if active else 0.0,
+            recurrent_dropout=self.recurrent_dropout if active else 0.0,
             key=self.make_rng("dropout") if active else None,
             time_major=self.time_major,
             unroll=self.unroll,

@@ -10,9 +10,10 @@
   functional ``params[layer][direction]``.
 
 Sizes are ``in_features`` and ``hidden_features``, as in flax.nnx. Dropout
-between layers follows ``nnx.Dropout``: the ``deterministic`` attribute, which
-``model.train()`` / ``model.eval()`` switch, unless the call passes
-``deterministic``. Shapes and initialisers come from :mod:`jaxlstm.params`.
+between layers (``dropout``) and inside them (``recurrent_dropout``) follows
+``nnx.Dropout``: the ``deterministic`` attribute, which ``model.train()`` /
+``model.eval()`` switch, unless the call passes ``deterministic``. Shapes and
+initialisers come from :mod:`jaxlstm.params`.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class LSTM(nnx.Module):
         proj_size: int | None = None,
         dropout: float = 0.0,
         *,
+        recurrent_dropout: float = 0.0,
         deterministic: bool = False,
         kernel_init: Initializer = kernel_init,
         recurrent_kernel_init: Initializer = recurrent_init,
@@ -147,7 +149,7 @@ class LSTM(nnx.Module):
         self.hidden_features = _checks.positive_int("hidden_features", hidden_features)
         self.num_layers = _checks.positive_int("num_layers", num_layers)
         self.bidirectional, self.proj_size, self.dropout = bidirectional, proj_size, dropout
-        self.deterministic = deterministic
+        self.deterministic, self.recurrent_dropout = deterministic, recurrent_dropout
         self.dtype, self.param_dtype, self.unroll = dtype, param_dtype, unroll
         self.checkpoint_every, self.backward, self.time_major = checkpoint_every, backward, time_major
         inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
@@ -159,7 +161,7 @@ class LSTM(nnx.Module):
                 if l2 == l
             ]
             setattr(self, layer_key(l), _Layer(ws))
-        self.rngs = rngs["dropout"].fork() if dropout > 0 else nnx.data(None)
+        self.rngs = rngs["dropout"].fork() if dropout > 0 or recurrent_dropout > 0 else nnx.data(None)
 
     def __call__(
         self,
@@ -173,7 +175,7 @@ class LSTM(nnx.Module):
         reset_state: LSTMState | None = None,
     ):
         deterministic = self.deterministic if deterministic is None else deterministic
-        active = self.dropout > 0.0 and not deterministic and self.rngs is not None
+        active = (self.dropout > 0.0 or self.recurrent_dropout > 0.0) and not deterministic and self.rngs is not None
         if self.dtype is not None:
             xs = xs.astype(self.dtype)
         return lstm_stack(
@@ -185,6 +187,7 @@ class LSTM(nnx.Module):
             resets=resets,
             reset_state=reset_state,
             dropout=self.dropout if active else 0.0,
+            recurrent_dropout=self.recurrent_dropout if active else 0.0,
             key=self.rngs() if active and self.rngs is not None else None,
             time_major=self.time_major,
             unroll=self.unroll,

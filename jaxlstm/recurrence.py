@@ -73,6 +73,9 @@ def lstm(
     mask: Array | None = None,
     resets: Array | None = None,
     reset_state: LSTMState | None = None,
+    input_dropout: float = 0.0,
+    recurrent_dropout: float = 0.0,
+    key: Array | None = None,
     reverse: bool = False,
     time_major: bool = False,
     unroll: int = 1,
@@ -113,6 +116,16 @@ def lstm(
         zeros if ``None``. Not ``initial_state``, so that a rollout split into
         calls (``initial_state`` = the previous call's final state) still resets
         to the start of an episode, as haiku's ``ResetCore`` does.
+      input_dropout: drop probability on the inputs ``x(t)``, one mask per
+        sequence for all its steps (keras' ``dropout``).
+      recurrent_dropout: drop probability on ``h(t-1)`` where it enters the
+        recurrent dot, one mask per sequence for all its steps (variational
+        dropout, Gal & Ghahramani 2016; keras' ``recurrent_dropout``). Both are
+        inverted dropout (kept units scaled by ``1 / (1 - p)``), so evaluation is
+        the call with both at 0; with either > 0, ``key`` draws the masks:
+        ``k_in, k_rec = jax.random.split(key)``, ``bernoulli(k_in, 1 - p, [..., D])``
+        and ``bernoulli(k_rec, 1 - p, [..., R])``.
+      key: PRNG key, required when a dropout rate is > 0.
       reverse: read each sequence from its last valid step back to the first.
         Outputs stay aligned with input positions; padding never enters.
       time_major: ``xs`` is ``[T, ..., D]`` (and so are the outputs).
@@ -168,13 +181,14 @@ def lstm(
     if reset_state is not None:
         _checks.lstm_state("reset_state", reset_state, batch_shape, H, R)
         reset_carry = (reset_state.h.astype(acc), reset_state.c.astype(acc))
+    xs, h_mask = _dropout_masks(xs, batch_shape, R, acc, input_dropout, recurrent_dropout, key, time_major)
 
     layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
     if backward == "fused":
         cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout)
 
         def fused_core(xs_tm, carries, steps):
-            return fused_lstm(cfg, params, carries[0], xs_tm, steps, carries[1])
+            return fused_lstm(cfg, params, carries[0], xs_tm, steps, carries[1], carries[2])
 
         core = fused_core
 
@@ -184,7 +198,7 @@ def lstm(
     ys, (h, c) = apply_sequence(
         core,
         xs,
-        (carry0, reset_carry),
+        (carry0, reset_carry, h_mask),
         batch_shape,
         seq_lengths=seq_lengths,
         reverse=reverse,
@@ -194,3 +208,23 @@ def lstm(
         resets=resets,
     )
     return ys.astype(xs.dtype), LSTMState(h.astype(xs.dtype), c)
+
+
+def _dropout_masks(xs, batch_shape, R, acc, p_in, p_rec, key, time_major):
+    """Applies input dropout to ``xs``; returns ``(xs, h_mask [*batch_shape, R] or None)``."""
+    p_in = _checks.rate("input_dropout", p_in)
+    p_rec = _checks.rate("recurrent_dropout", p_rec)
+    if p_in == 0.0 and p_rec == 0.0:
+        return xs, None
+    if key is None:
+        raise ValueError("input_dropout / recurrent_dropout > 0 need a PRNG key: pass key=jax.random.key(...)")
+    k_in, k_rec = jax.random.split(key)
+    if p_in > 0.0:
+        keep = jax.random.bernoulli(k_in, 1.0 - p_in, batch_shape + (xs.shape[-1],))
+        m = jnp.where(keep, jnp.asarray(1.0 / (1.0 - p_in), xs.dtype), jnp.zeros((), xs.dtype))
+        xs = xs * (m[None] if time_major else m[..., None, :])
+    h_mask = None
+    if p_rec > 0.0:
+        keep = jax.random.bernoulli(k_rec, 1.0 - p_rec, batch_shape + (R,))
+        h_mask = jnp.where(keep, jnp.asarray(1.0 / (1.0 - p_rec), acc), jnp.zeros((), acc))
+    return xs, h_mask

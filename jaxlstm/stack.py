@@ -113,6 +113,7 @@ def lstm_stack(
     resets: jax.Array | None = None,
     reset_state: LSTMState | None = None,
     dropout: float = 0.0,
+    recurrent_dropout: float = 0.0,
     key: jax.Array | None = None,
     time_major: bool = False,
     unroll: int = 1,
@@ -134,14 +135,16 @@ def lstm_stack(
       reset_state: ``LSTMState`` shaped like ``initial_state``: what ``resets``
         restore in each layer-direction; zeros if ``None``.
       dropout: drop probability on the outputs of every layer but the last.
-      key: PRNG key, required when ``dropout > 0``.
+      recurrent_dropout: variational dropout on ``h(t-1)`` inside every
+        layer-direction (:func:`jaxlstm.lstm`), each with its own mask.
+      key: PRNG key, required when ``dropout`` or ``recurrent_dropout`` is > 0.
       time_major, unroll, checkpoint_every, compute_dtype, backward: passed to
         every layer's :func:`jaxlstm.lstm`.
       fuse_directions: run the two directions of a bidirectional layer as one
         scan, ``vmap`` ped over a direction axis (batched matmuls), instead of two
         calls. Same numbers; on by default, as it paid where it was measured
         (``python -m benchmarks.stack``; ``False`` runs two calls). With ``mask``
-        or ``resets`` the two directions run as two calls.
+        ``resets`` or ``recurrent_dropout`` the two directions run as two calls.
 
     Returns:
       ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
@@ -153,8 +156,13 @@ def lstm_stack(
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
     if isinstance(dropout, _checks.Tracer) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-    if dropout > 0.0 and key is None:
-        raise ValueError("dropout > 0 needs a PRNG key: pass key=jax.random.key(...)")
+    recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
+    if (dropout > 0.0 or recurrent_dropout > 0.0) and key is None:
+        raise ValueError("dropout / recurrent_dropout > 0 need a PRNG key: pass key=jax.random.key(...)")
+    # one key per layer-direction for the recurrent masks, one per layer for the outputs
+    rec_keys = None
+    if recurrent_dropout > 0.0 and key is not None:
+        rec_keys, key = jax.random.split(key, L * dirs), jax.random.fold_in(key, L * dirs)
     if initial_state is not None:
         _checks.lstm_state("initial_state", initial_state, (L * dirs,) + batch_shape, H, R)
     if reset_state is not None:
@@ -162,7 +170,7 @@ def lstm_stack(
     _checks.static_bool("fuse_directions", fuse_directions)
     mask = _checks.step_flags("mask", mask, batch_shape, T, time_major)
     resets = _checks.step_flags("resets", resets, batch_shape, T, time_major)
-    fuse_directions = fuse_directions and mask is None and resets is None
+    fuse_directions = fuse_directions and mask is None and resets is None and recurrent_dropout == 0.0
     layer_state = lambda s, i: None if s is None else LSTMState(s.h[i], s.c[i])
 
     def run(p, x, s0, reverse, i=None):
@@ -174,6 +182,8 @@ def lstm_stack(
             mask=mask,
             resets=resets,
             reset_state=None if i is None else layer_state(reset_state, i),
+            recurrent_dropout=recurrent_dropout,
+            key=None if rec_keys is None or i is None else rec_keys[i],
             reverse=reverse,
             time_major=time_major,
             unroll=unroll,

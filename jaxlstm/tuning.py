@@ -107,7 +107,7 @@ def _probe(layout: str, B: int, D: int, H: int, R: int, T: int, mm, acc, unroll:
     run = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll)
     xs = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float32).astype(mm)
     carry = (jnp.zeros((B, R), acc), jnp.zeros((B, H), acc))
-    compiled = jax.jit(lambda x, c: run(x, (c, c), None)).lower(xs, carry).compile()
+    compiled = jax.jit(lambda x, c: run(x, (c, c, None), None)).lower(xs, carry).compile()
     return lambda: jax.block_until_ready(compiled(xs, carry))
 
 

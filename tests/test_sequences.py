@@ -164,3 +164,96 @@ def test_stack_and_modules_pass_mask_and_resets():
     m = jn.LSTM(D, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
     jn.set_stack_params(m, params)
     np.testing.assert_allclose(m(xs, **kw)[0], ys, atol=1e-6)
+
+
+def _dropout_reference(xp, params, xs, h0, c0, m_x, m_h, lengths, reverse):
+    """The reference loop with x(t) * m_x and h(t-1) * m_h entering the gates."""
+    from reference import lstm_step_ref
+
+    ys, hs, cs = [], [], []
+    for b in range(xs.shape[0]):
+        L = xs.shape[1] if lengths is None else int(lengths[b])
+        h, c, out = h0[b], c0[b], {}
+        for t in range(L)[::-1] if reverse else range(L):
+            h, c = lstm_step_ref(xp, params, h * m_h[b], c, xs[b, t] * m_x[b])
+            out[t] = h
+        ys.append(xp.stack([out.get(t, 0 * h0[b]) for t in range(xs.shape[1])]))
+        hs.append(h)
+        cs.append(c)
+    return xp.stack(ys), xp.stack(hs), xp.stack(cs)
+
+
+@pytest.mark.parametrize("path", range(len(PATHS)))
+def test_input_and_recurrent_dropout_match_explicit_masks(path):
+    opts = dict(PATHS[path])
+    layout = opts.pop("layout", "feature")
+    params, xs, state, _ = lstm_inputs(14, (B,), 2, with_state=True, T=T)
+    key, p_in, p_rec = jax.random.key(9), 0.3, 0.4
+    k_in, k_rec = jax.random.split(key)  # the documented recipe
+    m_x = jax.random.bernoulli(k_in, 1 - p_in, (B, D)).astype(jnp.float32) / (1 - p_in)
+    m_h = jax.random.bernoulli(k_rec, 1 - p_rec, (B, 2)).astype(jnp.float32) / (1 - p_rec)
+    lengths = jnp.asarray(LENGTHS)
+    kw = dict(input_dropout=p_in, recurrent_dropout=p_rec, key=key, seq_lengths=lengths, reverse=True, **opts)
+
+    def loss(p, x, s):
+        with tuning.forced(layout):
+            ys, f = jaxlstm.lstm(p, x, s, **kw)
+        return (jnp.cos(ys) * ys).sum() + (f.c**2).sum(), ys
+
+    def loss_ref(p, x, s):
+        ys, h, c = _dropout_reference(jnp, p._asdict(), x, s.h, s.c, m_x, m_h, LENGTHS, True)
+        return (jnp.cos(ys) * ys).sum() + (c**2).sum(), ys
+
+    (v, ys), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, xs, state)
+    (v_ref, ys_ref), g_ref = jax.value_and_grad(loss_ref, argnums=(0, 1, 2), has_aux=True)(params, xs, state)
+    np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    assert_trees_close(g, g_ref, rtol=1e-4)
+
+
+def test_dropout_arguments():
+    params, xs, _, _ = lstm_inputs(15, (B,), T=T)
+    np.testing.assert_array_equal(
+        jaxlstm.lstm(params, xs, input_dropout=0.0, recurrent_dropout=0.0)[0], jaxlstm.lstm(params, xs)[0]
+    )
+    with pytest.raises(ValueError, match="need a PRNG key"):
+        jaxlstm.lstm(params, xs, recurrent_dropout=0.5)
+    with pytest.raises(ValueError, match=r"input_dropout must lie in \[0, 1\), got 1.0"):
+        jaxlstm.lstm(params, xs, input_dropout=1.0, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="recurrent_dropout must be a Python float"):
+        jax.jit(lambda p: jaxlstm.lstm(params, xs, recurrent_dropout=p, key=jax.random.key(0)))(0.5)
+
+
+def test_recurrent_dropout_in_stacks_and_modules():
+    from flax import nnx
+
+    import jaxlstm.linen as jl
+    import jaxlstm.nnx as jn
+
+    params = jaxlstm.init_lstm_stack(jax.random.key(0), D, H, 2, bidirectional=True)
+    xs = jax.random.normal(jax.random.key(1), (B, T, D))
+    key = jax.random.key(2)
+    ys, _ = jaxlstm.lstm_stack(params, xs, recurrent_dropout=0.5, key=key)
+    # layer by layer with the documented keys: one per layer-direction
+    keys = jax.random.split(key, 4)
+    x = xs
+    for l, layer in enumerate(params):
+        outs = [
+            jaxlstm.lstm(p, x, reverse=d == 1, recurrent_dropout=0.5, key=keys[2 * l + d])[0]
+            for d, p in enumerate(layer)
+        ]
+        x = jnp.concatenate(outs, axis=-1)
+    np.testing.assert_allclose(ys, x, atol=1e-6)
+    assert not np.allclose(ys, jaxlstm.lstm_stack(params, xs)[0])
+
+    model = jl.LSTM(H, num_layers=2, recurrent_dropout=0.5)
+    v = model.init(jax.random.key(0), xs, deterministic=True)
+    a = model.apply(v, xs, deterministic=False, rngs={"dropout": jax.random.key(3)})[0]
+    b = model.apply(v, xs, deterministic=False, rngs={"dropout": jax.random.key(4)})[0]
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model.apply(v, xs, deterministic=True)[0], jl.LSTM(H, num_layers=2).apply(v, xs)[0])
+    m = jn.LSTM(D, H, recurrent_dropout=0.5, rngs=nnx.Rngs(0))
+    m.train()
+    assert not np.allclose(m(xs)[0], m(xs)[0])
+    m.eval()
+    np.testing.assert_array_equal(m(xs)[0], m(xs)[0])
