@@ -300,7 +300,7 @@ def apply_sequence(
     ``time_major``), ``resets[t]`` marking the steps that start a new segment.
 
     With ``reverse`` each sequence's counted steps run from last to first, and
-    each segment is read backwards from the initial state: the same segments as
+    each segment is read backwards from the reset state: the same segments as
     forwards (the reset falls on each segment's last step).
 
     ``supports_jvp=False`` lets the reversal use a cheaper VJP that has no JVP;
