@@ -146,9 +146,10 @@ class LSTM(nn.Module):
 
     Attributes:
       features: hidden size H. num_layers, bidirectional, proj_size, dropout,
-        unroll, checkpoint_every, backward, time_major: as in
-        :func:`jaxlstm.lstm_stack`. dtype: computation dtype (also the matmul
-        ``compute_dtype``); param_dtype; initialisers as :class:`LSTMCell`.
+        recurrent_dropout, unroll, checkpoint_every, backward, time_major: as in
+        :func:`jaxlstm.lstm_stack`. deterministic: see above. dtype: computation
+        dtype (also the matmul ``compute_dtype``); param_dtype; initialisers and
+        ``use_bias`` as :class:`LSTMCell`.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxlstm.linen as jl
