@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from . import _checks
 from .params import LSTMParams, LSTMState, kernel_init, lstm_bias_init, lstm_param_shapes, recurrent_init, stack_layout
 from .recurrence import lstm_cell
-from .stack import DIRECTIONS, StackParams, layer_key, lstm_stack
+from .stack import DIRECTIONS, StackParams, layer_key, module_call
 
 __all__ = ["LSTM", "LSTMCell", "stack_params", "stack_variables"]
 
@@ -209,23 +209,8 @@ class LSTM(nn.Module):
         active = False
         if self.dropout > 0.0 or self.recurrent_dropout > 0.0:
             active = not nn.merge_param("deterministic", self.deterministic, deterministic)
-        return lstm_stack(
-            params,
-            _compute(self, xs),
-            initial_state,
-            seq_lengths=seq_lengths,
-            mask=mask,
-            resets=resets,
-            reset_state=reset_state,
-            dropout=self.dropout if active else 0.0,
-            recurrent_dropout=self.recurrent_dropout if active else 0.0,
-            key=self.make_rng("dropout") if active else None,
-            time_major=self.time_major,
-            unroll=self.unroll,
-            checkpoint_every=self.checkpoint_every,
-            compute_dtype=self.dtype,
-            backward=self.backward,
-        )
+        key = self.make_rng("dropout") if active else None
+        return module_call(self, params, xs, initial_state, seq_lengths, mask, resets, reset_state, key)
 
 
 def stack_params(variables: Mapping) -> StackParams:

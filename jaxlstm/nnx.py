@@ -28,7 +28,7 @@ from flax import nnx
 from . import _checks
 from .params import LSTMParams, LSTMState, kernel_init, lstm_bias_init, lstm_param_shapes, recurrent_init, stack_layout
 from .recurrence import lstm_cell
-from .stack import DIRECTIONS, StackParams, check_stack, layer_key, lstm_stack
+from .stack import DIRECTIONS, StackParams, check_stack, layer_key, module_call
 
 __all__ = ["LSTM", "LSTMCell", "set_stack_params", "stack_params"]
 
@@ -175,26 +175,9 @@ class LSTM(nnx.Module):
         reset_state: LSTMState | None = None,
     ):
         deterministic = self.deterministic if deterministic is None else deterministic
-        active = (self.dropout > 0.0 or self.recurrent_dropout > 0.0) and not deterministic and self.rngs is not None
-        if self.dtype is not None:
-            xs = xs.astype(self.dtype)
-        return lstm_stack(
-            stack_params(self),
-            xs,
-            initial_state,
-            seq_lengths=seq_lengths,
-            mask=mask,
-            resets=resets,
-            reset_state=reset_state,
-            dropout=self.dropout if active else 0.0,
-            recurrent_dropout=self.recurrent_dropout if active else 0.0,
-            key=self.rngs() if active and self.rngs is not None else None,
-            time_major=self.time_major,
-            unroll=self.unroll,
-            checkpoint_every=self.checkpoint_every,
-            compute_dtype=self.dtype,
-            backward=self.backward,
-        )
+        active = (self.dropout > 0.0 or self.recurrent_dropout > 0.0) and not deterministic
+        key = self.rngs() if active and self.rngs is not None else None
+        return module_call(self, stack_params(self), xs, initial_state, seq_lengths, mask, resets, reset_state, key)
 
 
 def _layers(module: LSTM):

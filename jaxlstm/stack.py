@@ -228,3 +228,28 @@ def _both_directions(run, layer, xs, s0, seq_lengths, time_major, supports_jvp):
     else:
         ys2, s = jax.vmap(lambda p, x, st: run(p, x, st, False))(p2, x2, s0)
     return [ys2[0], rev(ys2[1])], s
+
+
+def module_call(module, params: StackParams, xs, initial_state, seq_lengths, mask, resets, reset_state, key):
+    """The call the linen and nnx ``LSTM`` modules share: their attributes (``dtype``,
+    ``dropout``, ``recurrent_dropout``, ``time_major``, ``unroll``,
+    ``checkpoint_every``, ``backward``) to :func:`lstm_stack`. ``key=None`` means
+    deterministic (no dropout)."""
+    train = key is not None
+    return lstm_stack(
+        params,
+        xs if module.dtype is None else xs.astype(module.dtype),
+        initial_state,
+        seq_lengths=seq_lengths,
+        mask=mask,
+        resets=resets,
+        reset_state=reset_state,
+        dropout=module.dropout if train else 0.0,
+        recurrent_dropout=module.recurrent_dropout if train else 0.0,
+        key=key,
+        time_major=module.time_major,
+        unroll=module.unroll,
+        checkpoint_every=module.checkpoint_every,
+        compute_dtype=module.dtype,
+        backward=module.backward,
+    )
