@@ -325,3 +325,24 @@ def apply_sequence(
         ys_tm = reverse_time(ys_tm, lengths, supports_jvp=supports_jvp)
     carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)
     return from_time_major(ys_tm, batch_shape, time_major), carry
+
+
+def dropout_masks(xs, batch_shape, R, acc, p_in, p_rec, key, time_major):
+    """Inverted dropout masks, one per sequence for all its steps: applies the input
+    mask to ``xs`` (``[..., T, D]``, or ``[T, ..., D]`` if ``time_major``) and returns
+    ``(xs, h_mask [*batch_shape, R] or None)``, the mask a cell applies to ``h(t-1)``
+    where it enters the recurrent dot. ``k_in, k_rec = jax.random.split(key)``."""
+    if p_in == 0.0 and p_rec == 0.0:
+        return xs, None
+    if key is None:
+        raise ValueError("input_dropout / recurrent_dropout > 0 need a PRNG key: pass key=jax.random.key(...)")
+    k_in, k_rec = jax.random.split(key)
+    if p_in > 0.0:
+        keep = jax.random.bernoulli(k_in, 1.0 - p_in, batch_shape + (xs.shape[-1],))
+        m = jnp.where(keep, jnp.asarray(1.0 / (1.0 - p_in), xs.dtype), jnp.zeros((), xs.dtype))
+        xs = xs * (m[None] if time_major else m[..., None, :])
+    h_mask = None
+    if p_rec > 0.0:
+        keep = jax.random.bernoulli(k_rec, 1.0 - p_rec, batch_shape + (R,))
+        h_mask = jnp.where(keep, jnp.asarray(1.0 / (1.0 - p_rec), acc), jnp.zeros((), acc))
+    return xs, h_mask

@@ -31,12 +31,13 @@ from ._engine import Steps, add_bias, dot, resets_at, scan_masked, valid_steps, 
 from ._fused import FusedConfig, _cast_like, _shift
 
 
-def gru_step(params, mm_dtype, acc_dtype):
-    """The step ``(h, x) -> (h, h, (r, z, n, hn))``, batch-major."""
+def gru_step(params, mm_dtype, acc_dtype, h_mask=None):
+    """The step ``(h, x) -> (h, h, (r, z, n, hn))``, batch-major; ``h_mask`` (or
+    ``None``) multiplies ``h(t-1)`` where it enters ``h @ w_hh`` (recurrent dropout)."""
 
     def step(h, x):
         gx = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype), params.b)
-        gh = dot(h, params.w_hh, mm_dtype, acc_dtype)
+        gh = dot(h if h_mask is None else h * h_mask, params.w_hh, mm_dtype, acc_dtype)
         xr, xz, xn = jnp.split(gx, 3, axis=-1)
         hr, hz, hn = jnp.split(gh, 3, axis=-1)
         r = jax.nn.sigmoid(xr + hr)
@@ -54,14 +55,15 @@ class GRUStepGrads(NamedTuple):
     dh_prev: jax.Array  # [B, H]
 
 
-def gru_step_vjp(w_hh, r, z, n, hn, h_prev, dh, mm_dtype, acc_dtype) -> GRUStepGrads:
-    """Backward of one step, given its saved ``(r, z, n, hn)``, the state entering it
-    and the cotangent ``dh`` of its output."""
+def gru_step_vjp(w_hh, r, z, n, hn, h_prev, dh, mm_dtype, acc_dtype, h_mask=None) -> GRUStepGrads:
+    """Backward of one step, given its saved ``(r, z, n, hn)``, the state entering it,
+    the cotangent ``dh`` of its output and the recurrent dropout mask (or ``None``)."""
     dn = dh * (1 - z) * (1 - n * n)
     dr = dn * hn * r * (1 - r)
     dz = dh * (h_prev - n) * z * (1 - z)
     dgh = jnp.concatenate([dr, dz, dn * r], axis=-1)
-    dh_prev = dh * z + dot(dgh, w_hh.T, mm_dtype, acc_dtype)
+    dh_rec = dot(dgh, w_hh.T, mm_dtype, acc_dtype)
+    dh_prev = dh * z + (dh_rec if h_mask is None else dh_rec * h_mask)
     return GRUStepGrads(jnp.concatenate([dr, dz, dn], axis=-1), dh_prev)
 
 
@@ -73,25 +75,26 @@ class SavedGRU(NamedTuple):
     ys: jax.Array  # [T, B, H]
     gates: tuple  # (r, z, n, hn), each [T, B, H]
     h_in: jax.Array | None  # the state entering each step, with a mask or resets
+    h_mask: jax.Array | None  # recurrent dropout, [B, H]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_gru(cfg: FusedConfig, params, h0, xs, steps: Steps | None, h_reset):
+def fused_gru(cfg: FusedConfig, params, h0, xs, steps: Steps | None, h_reset, h_mask=None):
     """Time-major core: ``xs [T, B, D]``, ``h0 [B, H]`` in the accumulation dtype,
-    ``steps`` time-major, ``h_reset`` the state ``steps.resets`` restore. Returns
-    ``(ys [T, B, H], h)``."""
-    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype)
+    ``steps`` time-major, ``h_reset`` the state ``steps.resets`` restore, ``h_mask``
+    the recurrent dropout mask ``[B, H]`` or ``None``. Returns ``(ys [T, B, H], h)``."""
+    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask)
     without = lambda h, x: step(h, x)[:2] + (None,)
     h, ys, _ = scan_masked(without, h0, xs, steps, unroll=cfg.unroll, reset_to=h_reset)
     return ys, h
 
 
-def _forward_pass(cfg, params, h0, xs, steps, h_reset):
-    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype)
+def _forward_pass(cfg, params, h0, xs, steps, h_reset, h_mask=None):
+    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask)
     per_step = steps is not None and steps.per_step
     h, ys, aux = scan_masked(step, h0, xs, steps, unroll=cfg.unroll, save_carry_in=per_step, reset_to=h_reset)
     gates, h_in = aux if per_step else (aux, None)
-    return (ys, h), SavedGRU(params, h0, xs, steps, ys, gates, h_in)
+    return (ys, h), SavedGRU(params, h0, xs, steps, ys, gates, h_in, h_mask)
 
 
 def _backward_pass(cfg, res: SavedGRU, cotangents):
@@ -101,7 +104,7 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
     T, B, D = xs.shape
     if T == 0:  # no step: the state's cotangent passes straight through
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
-        return _cast_like(zeros, params), dh.astype(acc), jnp.zeros(xs.shape, xs.dtype), None, jnp.zeros_like(dh)
+        return _cast_like(zeros, params), dh.astype(acc), jnp.zeros(xs.shape, xs.dtype), None, jnp.zeros_like(dh), None
     h_prev = _shift(res.h0, res.ys.astype(acc)) if res.h_in is None else res.h_in
     steps = res.steps or Steps()
 
@@ -109,7 +112,8 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
         dh, dinit = carry
         t, m, rs, dy, r, z, n, hn, hp = inp
         valid = valid_steps(t, steps.lengths, mask_t=m)
-        g = gru_step_vjp(params.w_hh, r, z, n, hn, hp, where_valid(valid, dy.astype(acc), 0) + dh, mm, acc)
+        dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
+        g = gru_step_vjp(params.w_hh, r, z, n, hn, hp, dh_tot, mm, acc, res.h_mask)
         dh = where_valid(valid, g.dh_prev, dh)  # cotangent of the state entering step t
         reset = resets_at(valid, rs)
         if reset is not None:  # ... which at a reset belongs to the initial state
@@ -130,9 +134,10 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
     def gemm(a, b):
         return jnp.matmul(rows(a).T, rows(b), preferred_element_type=acc)
 
-    grads = type(params)(gemm(xs, dgx), gemm(h_prev, dgh), dgx.sum(axis=(0, 1)), dgh[..., 2 * H :].sum(axis=(0, 1)))
+    h_rec = h_prev if res.h_mask is None else h_prev * res.h_mask[None]  # what h @ w_hh read
+    grads = type(params)(gemm(xs, dgx), gemm(h_rec, dgh), dgx.sum(axis=(0, 1)), dgh[..., 2 * H :].sum(axis=(0, 1)))
     dxs = dot(rows(dgx), params.w_ih.T, mm, acc).reshape((T, B, D))
-    return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit
+    return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit, None
 
 
 fused_gru.defvjp(_forward_pass, _backward_pass)

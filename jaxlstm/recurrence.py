@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, tuning
-from ._engine import accum_dtype, apply_sequence, batch_size, matmul_dtype
+from ._engine import accum_dtype, apply_sequence, batch_size, dropout_masks, matmul_dtype
 from ._fused import FusedConfig, fused_lstm
 from ._step import lstm_scan_core, lstm_step
 from .params import LSTMParams, LSTMState
@@ -181,7 +181,9 @@ def lstm(
     if reset_state is not None:
         _checks.lstm_state("reset_state", reset_state, batch_shape, H, R)
         reset_carry = (reset_state.h.astype(acc), reset_state.c.astype(acc))
-    xs, h_mask = _dropout_masks(xs, batch_shape, R, acc, input_dropout, recurrent_dropout, key, time_major)
+    input_dropout = _checks.rate("input_dropout", input_dropout)
+    recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
+    xs, h_mask = dropout_masks(xs, batch_shape, R, acc, input_dropout, recurrent_dropout, key, time_major)
 
     layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
     if backward == "fused":
@@ -208,23 +210,3 @@ def lstm(
         resets=resets,
     )
     return ys.astype(xs.dtype), LSTMState(h.astype(xs.dtype), c)
-
-
-def _dropout_masks(xs, batch_shape, R, acc, p_in, p_rec, key, time_major):
-    """Applies input dropout to ``xs``; returns ``(xs, h_mask [*batch_shape, R] or None)``."""
-    p_in = _checks.rate("input_dropout", p_in)
-    p_rec = _checks.rate("recurrent_dropout", p_rec)
-    if p_in == 0.0 and p_rec == 0.0:
-        return xs, None
-    if key is None:
-        raise ValueError("input_dropout / recurrent_dropout > 0 need a PRNG key: pass key=jax.random.key(...)")
-    k_in, k_rec = jax.random.split(key)
-    if p_in > 0.0:
-        keep = jax.random.bernoulli(k_in, 1.0 - p_in, batch_shape + (xs.shape[-1],))
-        m = jnp.where(keep, jnp.asarray(1.0 / (1.0 - p_in), xs.dtype), jnp.zeros((), xs.dtype))
-        xs = xs * (m[None] if time_major else m[..., None, :])
-    h_mask = None
-    if p_rec > 0.0:
-        keep = jax.random.bernoulli(k_rec, 1.0 - p_rec, batch_shape + (R,))
-        h_mask = jnp.where(keep, jnp.asarray(1.0 / (1.0 - p_rec), acc), jnp.zeros((), acc))
-    return xs, h_mask

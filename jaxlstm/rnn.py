@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._engine import accum_dtype, add_bias, apply_sequence, dot, matmul_dtype, scan_masked
+from ._engine import accum_dtype, add_bias, apply_sequence, dot, dropout_masks, matmul_dtype, scan_masked
 from ._fused import FusedConfig
 from ._fused_gru import fused_gru, gru_step
 from .params import _check_size, kernel_init, recurrent_init
@@ -76,16 +76,17 @@ def init_gru(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> GR
     )
 
 
-def _rnn_step(params: RNNParams, mm, acc):
+def _rnn_step(params: RNNParams, mm, acc, h_mask=None):
     def step(h, x):
-        h = jnp.tanh(add_bias(dot(x, params.w_ih, mm, acc) + dot(h, params.w_hh, mm, acc), params.b))
+        h_in = h if h_mask is None else h * h_mask
+        h = jnp.tanh(add_bias(dot(x, params.w_ih, mm, acc) + dot(h_in, params.w_hh, mm, acc), params.b))
         return h, h, None
 
     return step
 
 
-def _gru_step(params: GRUParams, mm, acc):
-    step = gru_step(params, mm, acc)  # the fused backward pass's step, without its residuals
+def _gru_step(params: GRUParams, mm, acc, h_mask=None):
+    step = gru_step(params, mm, acc, h_mask)  # the fused backward pass's step, without its residuals
     return lambda h, x: step(h, x)[:2] + (None,)
 
 
@@ -130,6 +131,9 @@ def _sequence(
     mask,
     resets,
     reset_state,
+    input_dropout,
+    recurrent_dropout,
+    key,
     reverse,
     time_major,
     unroll,
@@ -154,18 +158,21 @@ def _sequence(
         _checks.state_array("reset_state", reset_state, batch_shape + (H,))
         h_reset = reset_state.astype(acc)
     _checks.one_of("backward", backward, ("fused", "autodiff"))
-    step = make_step(params, mm, acc)
+    p_in = _checks.rate("input_dropout", input_dropout)
+    p_rec = _checks.rate("recurrent_dropout", recurrent_dropout)
+    xs, h_mask = dropout_masks(xs, batch_shape, H, acc, p_in, p_rec, key, time_major)
 
     def core(xs_tm, hs, steps):
         if backward == "fused":
-            return fused_gru(FusedConfig(mm, acc, unroll), params, hs[0], xs_tm, steps, hs[1])
+            return fused_gru(FusedConfig(mm, acc, unroll), params, hs[0], xs_tm, steps, hs[1], hs[2])
+        step = make_step(params, mm, acc, hs[2])
         h, ys, _ = scan_masked(step, hs[0], xs_tm, steps, unroll=unroll, reset_to=hs[1])
         return ys, h
 
     ys, h = apply_sequence(
         core,
         xs,
-        (h0, h_reset),
+        (h0, h_reset, h_mask),
         batch_shape,
         seq_lengths=seq_lengths,
         reverse=reverse,
@@ -196,13 +203,16 @@ def rnn(
     mask=None,
     resets=None,
     reset_state=None,
+    input_dropout=0.0,
+    recurrent_dropout=0.0,
+    key=None,
     reverse=False,
     time_major=False,
     unroll=1,
     compute_dtype=None,
 ):
-    """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm` (``mask`` and
-    ``resets`` included), the state is ``h [..., H]``.
+    """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm` (``mask``,
+    ``resets``, ``reset_state`` and the dropouts included), the state is ``h [..., H]``.
     Its gradients are plain JAX autodiff.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
@@ -217,6 +227,9 @@ def rnn(
         mask=mask,
         resets=resets,
         reset_state=reset_state,
+        input_dropout=input_dropout,
+        recurrent_dropout=recurrent_dropout,
+        key=key,
         reverse=reverse,
         time_major=time_major,
         unroll=unroll,
@@ -234,14 +247,17 @@ def gru(
     mask=None,
     resets=None,
     reset_state=None,
+    input_dropout=0.0,
+    recurrent_dropout=0.0,
+    key=None,
     reverse=False,
     time_major=False,
     unroll=1,
     compute_dtype=None,
     backward: str = "fused",
 ):
-    """GRU over a sequence; arguments as :func:`jaxlstm.lstm` (``mask`` and ``resets``
-    included), the state is ``h [..., H]``.
+    """GRU over a sequence; arguments as :func:`jaxlstm.lstm` (``mask``, ``resets``,
+    ``reset_state`` and the dropouts included), the state is ``h [..., H]``.
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
     sequence (:mod:`jaxlstm._fused_gru`); ``"autodiff"``: plain JAX autodiff of the
@@ -259,6 +275,9 @@ def gru(
         mask=mask,
         resets=resets,
         reset_state=reset_state,
+        input_dropout=input_dropout,
+        recurrent_dropout=recurrent_dropout,
+        key=key,
         reverse=reverse,
         time_major=time_major,
         unroll=unroll,

@@ -257,3 +257,53 @@ def test_recurrent_dropout_in_stacks_and_modules():
     assert not np.allclose(m(xs)[0], m(xs)[0])
     m.eval()
     np.testing.assert_array_equal(m(xs)[0], m(xs)[0])
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
+def test_gru_and_rnn_dropout_match_explicit_masks(kind):
+    """The same recipe as the LSTM's: x(t) * m_x and h(t-1) * m_h entering the
+    recurrent dot (the GRU's z ∗ h(t-1) term reads the unmasked state)."""
+    init, run = {"gru": (jaxlstm.init_gru, jaxlstm.gru), "rnn": (jaxlstm.init_rnn, jaxlstm.rnn)}[kind]
+    params = init(jax.random.key(3), D, H)
+    params = params._replace(b=jax.random.normal(jax.random.key(4), params.b.shape))
+    xs = jax.random.normal(jax.random.key(5), (B, T, D))
+    h0 = jax.random.normal(jax.random.key(6), (B, H))
+    key, p_in, p_rec = jax.random.key(10), 0.25, 0.5
+    k_in, k_rec = jax.random.split(key)
+    m_x = jax.random.bernoulli(k_in, 1 - p_in, (B, D)).astype(jnp.float32) / (1 - p_in)
+    m_h = jax.random.bernoulli(k_rec, 1 - p_rec, (B, H)).astype(jnp.float32) / (1 - p_rec)
+    lengths = jnp.asarray(LENGTHS)
+
+    def ref(p, x, h):  # the cell's equations with the masks, one sequence at a time
+        def step(h, x):
+            hm = h * m_h
+            if kind == "rnn":
+                return jnp.tanh(x * m_x @ p.w_ih + hm @ p.w_hh + p.b)
+            gx, gh = (x * m_x) @ p.w_ih + p.b, hm @ p.w_hh
+            r = jax.nn.sigmoid(gx[:, :H] + gh[:, :H])
+            z = jax.nn.sigmoid(gx[:, H : 2 * H] + gh[:, H : 2 * H])
+            n = jnp.tanh(gx[:, 2 * H :] + r * (gh[:, 2 * H :] + p.b_hn))
+            return (1 - z) * n + z * h
+
+        ys = []
+        for t in range(T):
+            new = step(h, x[:, t])
+            valid = (t < lengths)[:, None]
+            h = jnp.where(valid, new, h)
+            ys.append(jnp.where(valid, new, 0.0))
+        return jnp.stack(ys, axis=1), h
+
+    def loss(p, x, h, **kw):
+        ys, hT = run(p, x, h, seq_lengths=lengths, input_dropout=p_in, recurrent_dropout=p_rec, key=key, **kw)
+        return (jnp.sin(ys)).sum() + (hT**2).sum(), ys
+
+    def loss_ref(p, x, h):
+        ys, hT = ref(p, x, h)
+        return (jnp.sin(ys)).sum() + (hT**2).sum(), ys
+
+    with jax.numpy_rank_promotion("allow"):  # the reference broadcasts biases as written
+        (_, ys_ref), want = jax.value_and_grad(loss_ref, argnums=(0, 1, 2), has_aux=True)(params, xs, h0)
+    for kw in [{}, {"backward": "autodiff"}] if kind == "gru" else [{}]:
+        (_, ys), got = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, xs, h0, **kw)
+        np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
+        assert_trees_close(got, want, rtol=1e-4)
