@@ -109,7 +109,7 @@ def lstm(
       resets: boolean ``[..., T]`` (``[T, ...]`` with ``time_major``): where true,
         step t starts a new segment (an episode boundary): the state entering it
         is ``reset_state``. Equals running each segment on its own from
-        ``reset_state`` (the first from ``initial_state``). With ``reverse`` each
+        ``reset_state`` (the first from ``initial_state``, unless a reset opens it). With ``reverse`` each
         segment is read backwards, from its last step. Resets of steps that do not
         count (masked or past the length) are ignored.
       reset_state: ``LSTMState`` like ``initial_state``: what ``resets`` restore;
