@@ -35,6 +35,11 @@ def throughput_table(tp) -> str:
                     f"{100 * r['fraction_of_peak']:.0f}%)"
                 )
             lines.append(f"| {impl} | " + " | ".join(cells) + " |")
+    if "torch" in impls:
+        lines.append(
+            "\n`torch` in this table ran in the same process as XLA, whose thread pools and PyTorch's steal each "
+            "other's cores: indicative only. The regime grid (`regimes.json`) times PyTorch in its own process."
+        )
     return "\n".join(lines)
 
 

@@ -175,6 +175,11 @@ def main(argv=None) -> dict:
     args = parse(argv)
     result = run(args)
     print(table(result))
+    if "torch" in args.impls:
+        print(
+            "(torch ran in this process, where its thread pool and XLA's contend: indicative only; "
+            "the default regime grid times it in its own process)"
+        )
     os.makedirs(args.out, exist_ok=True)
     C.write_json(os.path.join(args.out, "throughput.json"), result)
     plot(result, os.path.join(args.out, "throughput.png"))

@@ -117,6 +117,18 @@ def where_valid(valid: Array | None, new, old):
     return jax.tree_util.tree_map(lambda n, o: jnp.where(valid, n, o), new, old)
 
 
+def route_state_cotangent(valid, reset, d_step, d_through, d_reset):
+    """In a backward scan: the cotangent of the state entering a step. A step that
+    counts passes ``d_step`` (its VJP's), one that does not passes ``d_through``
+    on; at a reset that cotangent belongs to the reset state instead, so it is
+    added to ``d_reset`` and zeros go on. Returns ``(d_state, d_reset)``."""
+    d = where_valid(valid, d_step, d_through)
+    if reset is None:
+        return d, d_reset
+    d_reset = jax.tree_util.tree_map(lambda a, x: a + jnp.where(reset, x, 0), d_reset, d)
+    return jax.tree_util.tree_map(lambda x: jnp.where(reset, 0, x), d), d_reset
+
+
 def scan_masked(
     step: Callable,
     carry0,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._engine import Steps, dot, resets_at, scan_masked, valid_steps, where_valid
+from ._engine import Steps, dot, resets_at, route_state_cotangent, scan_masked, valid_steps, where_valid
 from ._engine import transpose_features as _t
 from ._step import GATE_AXIS_FM, lstm_step, lstm_step_vjp
 from .gates import split_gates
@@ -145,12 +145,8 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
         dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
         g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_tot, dc, mm, acc, seg.h_mask)
         dz = where_valid(valid, g.dz, 0)
-        # cotangent of the state entering step t; at a reset it belongs to the initial state
-        dcarry = where_valid(valid, (g.dh_prev, g.dc_prev), (dh, dc))
         reset = resets_at(valid, r, feature_major=True)
-        if reset is not None:
-            dinit = jax.tree_util.tree_map(lambda a, d: a + jnp.where(reset, d, 0), dinit, dcarry)
-            dcarry = jax.tree_util.tree_map(lambda d: jnp.where(reset, 0, d), dcarry)
+        dcarry, dinit = route_state_cotangent(valid, reset, (g.dh_prev, g.dc_prev), (dh, dc), dinit)
         # Written straight into [F, T, B] buffers, whose [F, T*B] views feed the
         # GEMMs below without a transpose of the whole stack.
         outs = (dz, where_valid(valid, dh_tot, 0)) if proj else (dz,)

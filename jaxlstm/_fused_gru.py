@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._engine import Steps, add_bias, dot, resets_at, scan_masked, valid_steps, where_valid
+from ._engine import Steps, add_bias, dot, resets_at, route_state_cotangent, scan_masked, valid_steps, where_valid
 from ._fused import FusedConfig, _cast_like, _shift
 
 
@@ -114,10 +114,7 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
         valid = valid_steps(t, steps.lengths, mask_t=m)
         dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
         g = gru_step_vjp(params.w_hh, r, z, n, hn, hp, dh_tot, mm, acc, res.h_mask)
-        dh = where_valid(valid, g.dh_prev, dh)  # cotangent of the state entering step t
-        reset = resets_at(valid, rs)
-        if reset is not None:  # ... which at a reset belongs to the initial state
-            dinit, dh = dinit + jnp.where(reset, dh, 0), jnp.where(reset, 0, dh)
+        dh, dinit = route_state_cotangent(valid, resets_at(valid, rs), g.dh_prev, dh, dinit)
         return (dh, dinit), where_valid(valid, g.dgx, 0)
 
     ts = jnp.arange(T, dtype=jnp.int32)

@@ -228,8 +228,9 @@ def from_cudnn(weights, input_size: int, hidden_size: int, num_layers: int = 1, 
         )
     w_ih, w_hh, b_ih, b_hh = jrnn.unpack_lstm_weights(weights, input_size, hidden_size, num_layers, bidirectional)
     dirs = 2 if bidirectional else 1
-    # jnp throughout, so that it runs under jit and grad.
-    flat = [LSTMParams(w_ih[i].T, w_hh[i].T, b_ih[i] + b_hh[i]) for i in range(num_layers * dirs)]
+    # The same per-layer mapping as from_torch (it is PyTorch's layout), on jnp arrays: jit- and grad-friendly.
+    sd = lambda i: {"weight_ih": w_ih[i], "weight_hh": w_hh[i], "bias_ih": b_ih[i], "bias_hh": b_hh[i]}
+    flat = [_layer_params("lstm", sd(i), "", False, weights.dtype) for i in range(num_layers * dirs)]
     return tuple(tuple(flat[l * dirs : (l + 1) * dirs]) for l in range(num_layers))
 
 

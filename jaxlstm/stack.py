@@ -154,8 +154,7 @@ def lstm_stack(
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
     # Checked here too: the fused-directions path reverses by seq_lengths before any lstm call.
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
-    if isinstance(dropout, _checks.Tracer) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    dropout = _checks.rate("dropout", dropout)
     recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
     if (dropout > 0.0 or recurrent_dropout > 0.0) and key is None:
         raise ValueError("dropout / recurrent_dropout > 0 need a PRNG key: pass key=jax.random.key(...)")

@@ -25,6 +25,7 @@ compute the same LSTM and are tested against the reference.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -88,6 +89,7 @@ def cpu_info() -> dict:
     return fields
 
 
+@functools.cache
 def _machine() -> str:
     dev = jax.devices()[0]
     name = dev.device_kind
