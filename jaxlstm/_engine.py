@@ -305,6 +305,7 @@ def apply_sequence(
     supports_jvp: bool = True,
     mask: Array | None = None,
     resets: Array | None = None,
+    per_step=None,
 ):
     """Runs ``core(xs_tm [T, B, D], carry [B, ...], steps: Steps | None) -> (ys_tm, carry)``
     on ``xs`` of any layout; ``carry0`` leaves are ``[*batch_shape, F]``; ``mask``
@@ -317,6 +318,10 @@ def apply_sequence(
 
     ``supports_jvp=False`` lets the reversal use a cheaper VJP that has no JVP;
     pass it only when ``core`` is itself reverse-mode only.
+
+    ``per_step`` (a tuple of time-major ``[T, B, ...]`` arrays or ``None`` s, aligned
+    with the input positions): more per-step inputs, reversed with ``xs``; the
+    core then gets ``(xs_tm, *per_step)`` as its first argument.
 
     Returns ``(ys, final_carry)`` in the layout of ``xs`` and ``carry0``.
     """
@@ -331,8 +336,10 @@ def apply_sequence(
     if reverse:
         xs_tm = reverse_time(xs_tm, lengths, supports_jvp=supports_jvp)
         mask_tm, resets_tm = (None if f is None else reverse_time(f, lengths) for f in (mask_tm, resets_tm))
+        if per_step is not None:
+            per_step = tuple(None if f is None else reverse_time(f, lengths) for f in per_step)
     steps = None if lengths is None and mask_tm is None and resets_tm is None else Steps(lengths, mask_tm, resets_tm)
-    ys_tm, carry = core(xs_tm, carry, steps)
+    ys_tm, carry = core(xs_tm if per_step is None else (xs_tm, *per_step), carry, steps)
     if reverse:
         ys_tm = reverse_time(ys_tm, lengths, supports_jvp=supports_jvp)
     carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)
@@ -347,7 +354,10 @@ def dropout_masks(xs, batch_shape, R, acc, p_in, p_rec, key, time_major):
     if p_in == 0.0 and p_rec == 0.0:
         return xs, None
     if key is None:
-        raise ValueError("input_dropout / recurrent_dropout > 0 need a PRNG key: pass key=jax.random.key(...)")
+        raise ValueError(
+            "input_dropout / recurrent_dropout > 0 need a PRNG key in training: pass key=jax.random.key(...), "
+            "or deterministic=True for evaluation"
+        )
     k_in, k_rec = jax.random.split(key)
     if p_in > 0.0:
         keep = jax.random.bernoulli(k_in, 1.0 - p_in, batch_shape + (xs.shape[-1],))
@@ -358,3 +368,22 @@ def dropout_masks(xs, batch_shape, R, acc, p_in, p_rec, key, time_major):
         keep = jax.random.bernoulli(k_rec, 1.0 - p_rec, batch_shape + (R,))
         h_mask = jnp.where(keep, jnp.asarray(1.0 / (1.0 - p_rec), acc), jnp.zeros((), acc))
     return xs, h_mask
+
+
+def zoneout_masks(T: int, batch_shape: tuple, H: int, R: int, rates, key):
+    """Zoneout keep masks of training, one per step and unit: ``(zc [T, B, H], zh
+    [T, B, R])`` booleans (time-major, batch flattened, aligned with the input
+    positions; ``None`` for a rate of 0), true where the unit keeps its previous
+    value. ``k_c, k_h = jax.random.split(jax.random.fold_in(key, 1))``, then
+    ``bernoulli(k_c, rate_c, (T, *batch_shape, H))`` and so for ``h``."""
+    if key is None:
+        raise ValueError(
+            "zoneout_c / zoneout_h > 0 need a PRNG key in training: pass key=jax.random.key(...), "
+            "or deterministic=True for evaluation"
+        )
+    k_c, k_h = jax.random.split(jax.random.fold_in(key, 1))
+    B = batch_size(batch_shape)
+    draw = lambda k, p, F: (
+        None if p == 0.0 else jax.random.bernoulli(k, p, (T,) + batch_shape + (F,)).reshape((T, B, F))
+    )
+    return draw(k_c, rates[0], H), draw(k_h, rates[1], R)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ._engine import Steps, dot, resets_at, route_state_cotangent, scan_masked, valid_steps, where_valid
 from ._engine import transpose_features as _t
-from ._step import GATE_AXIS_FM, lstm_step, lstm_step_vjp
+from ._step import GATE_AXIS_FM, Zoneout, keep_weight, lstm_step, lstm_step_vjp
 from .gates import split_gates
 from .params import LSTMParams
 
@@ -47,6 +47,9 @@ class FusedConfig(NamedTuple):
     # The primal (no gradient) scan's step layout, "feature" or "batch" (jaxlstm.tuning);
     # the training forward pass is always feature-major, as the backward pass is.
     forward_layout: str = "feature"
+    # Zoneout rates: with per-step masks (training) the masks decide, without them
+    # (evaluation) each step mixes by the rates.
+    zoneout: Zoneout | None = None
 
 
 class Segment(NamedTuple):
@@ -60,6 +63,8 @@ class Segment(NamedTuple):
     mask: jax.Array | None = None
     resets: jax.Array | None = None
     h_mask: jax.Array | None = None  # recurrent dropout on h(t-1), [R, B]
+    zc: jax.Array | None = None  # zoneout keep masks of c [T, H, B] and h [T, R, B]
+    zh: jax.Array | None = None
 
 
 class Saved(NamedTuple):
@@ -88,29 +93,33 @@ class Checkpoints(NamedTuple):
     mask_chunks: jax.Array | None
     resets_chunks: jax.Array | None
     h_mask: jax.Array | None
+    zc_chunks: jax.Array | None
+    zh_chunks: jax.Array | None
 
 
 def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: bool = True):
     """``(carry, ys, residuals)``; residuals ``((acts, cs), carry_in or None)``."""
-    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True, h_mask=seg.h_mask)
+    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True, h_mask=seg.h_mask, zoneout=cfg.zoneout)
 
     def without_residuals(carry, x):
         carry, y, _ = step(carry, x)
         return carry, y, None
 
     steps = Steps(lengths, seg.mask, seg.resets)
+    # With zoneout the state entering a step is no shift of the outputs either.
+    carry_in = steps.per_step or cfg.zoneout is not None
     carry, ys, aux = scan_masked(
         step if save else without_residuals,
         seg.carry0,
-        seg.xs,
+        seg.xs if cfg.zoneout is None else (seg.xs, seg.zc, seg.zh),  # what the step reads
         steps,
         unroll=cfg.unroll,
         t_offset=t_offset,
         feature_major=True,
         reset_to=seg.init,
-        save_carry_in=save and steps.per_step,
+        save_carry_in=save and carry_in,
     )
-    if save and not steps.per_step:
+    if save and not carry_in:
         aux = (aux, None)
     return carry, ys, aux
 
@@ -138,18 +147,29 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     else:
         h_prev, c_prev = carry_in[0].astype(acc), carry_in[1]
 
+    zo = cfg.zoneout or Zoneout()
+
     def body(carry, inp):
         (dh, dc), dinit, bufs = carry
-        t, m, r, dy, a, c, cp = inp
+        t, m, r, zc, zh, dy, a, c, cp = inp
         valid = valid_steps(t_offset + t, lengths, True, m)
         dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
-        g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_tot, dc, mm, acc, seg.h_mask)
+        # Zoneout: h = k_h h(t-1) + (1 - k_h) h̃ (and so c); the step's own VJP
+        # sees the candidates' share, the rest goes straight to the previous state.
+        kh, kc = keep_weight(zh, zo.h, acc), keep_weight(zc, zo.c, acc)
+        dh_new = dh_tot if kh is None else dh_tot * (1 - kh)
+        dc_new = dc if kc is None else dc * (1 - kc)
+        g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_new, dc_new, mm, acc, seg.h_mask)
+        d_prev = (
+            g.dh_prev if kh is None else g.dh_prev + kh * dh_tot,
+            g.dc_prev if kc is None else g.dc_prev + kc * dc,
+        )
         dz = where_valid(valid, g.dz, 0)
         reset = resets_at(valid, r, feature_major=True)
-        dcarry, dinit = route_state_cotangent(valid, reset, (g.dh_prev, g.dc_prev), (dh, dc), dinit)
+        dcarry, dinit = route_state_cotangent(valid, reset, d_prev, (dh, dc), dinit)
         # Written straight into [F, T, B] buffers, whose [F, T*B] views feed the
         # GEMMs below without a transpose of the whole stack.
-        outs = (dz, where_valid(valid, dh_tot, 0)) if proj else (dz,)
+        outs = (dz, where_valid(valid, dh_new, 0)) if proj else (dz,)
         bufs = tuple(
             jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), t, axis=1)
             for b, v in zip(bufs, outs, strict=True)
@@ -159,7 +179,7 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     ts = jnp.arange(T, dtype=jnp.int32)  # the buffers need the step index even without lengths
     widths = [params.w_hh.shape[1]] + ([params.w_hr.shape[1]] if params.w_hr is not None else [])
     bufs = tuple(jnp.zeros((n, T, B), acc) for n in widths)
-    ins = (ts, seg.mask, seg.resets, dys, acts, cs, c_prev)
+    ins = (ts, seg.mask, seg.resets, seg.zc, seg.zh, dys, acts, cs, c_prev)
     (dcarry0, dinit, bufs), _ = jax.lax.scan(body, (dcarry, dinit, bufs), ins, reverse=True, unroll=cfg.backward_unroll)
 
     # The weight gradients: one GEMM each over all T*B columns, on [F, T*B] views.
@@ -186,11 +206,15 @@ def _flags(steps: Steps | None):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, h_mask=None):
+def fused_lstm(
+    cfg: FusedConfig, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, h_mask=None, zs=None
+):
     """Time-major core: ``xs [T, B, D]``, ``carry0 = (h [B, R], c [B, H])`` in the
     accumulation dtype, ``steps`` time-major (``mask``/``resets`` ``[T, B]``),
     ``reset_carry`` (like ``carry0``) the state that ``steps.resets`` restore,
-    ``h_mask [B, R]`` (or ``None``) the recurrent dropout mask on ``h(t-1)``.
+    ``h_mask [B, R]`` (or ``None``) the recurrent dropout mask on ``h(t-1)``,
+    ``zs = (zc [T, B, H], zh [T, B, R])`` (boolean, either may be ``None``) the
+    zoneout keep masks of training, or ``None`` (then ``cfg.zoneout``'s rates mix).
     Returns ``(ys [T, B, R], (h, c))``.
 
     The layout changes to feature-major happen inside, per chunk when
@@ -198,16 +222,18 @@ def fused_lstm(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps: Steps | 
     Outside differentiation (this primal) ``cfg.forward_layout`` may pick
     batch-major steps instead."""
     lengths, mask, resets = _flags(steps)
+    zc, zh = zs or (None, None)
     if cfg.forward_layout == "batch":
-        step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask=h_mask)
+        step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask=h_mask, zoneout=cfg.zoneout)
 
         def without_residuals(carry, x):
             carry, y, _ = step(carry, x)
             return carry, y, None
 
-        carry, ys, _ = scan_masked(without_residuals, carry0, xs, steps, unroll=cfg.unroll, reset_to=reset_carry)
+        inputs = xs if cfg.zoneout is None else (xs, zc, zh)
+        carry, ys, _ = scan_masked(without_residuals, carry0, inputs, steps, unroll=cfg.unroll, reset_to=reset_carry)
         return ys, carry
-    seg = Segment(_t(carry0), _t(xs), _t(reset_carry), mask, resets, _t(h_mask))
+    seg = Segment(_t(carry0), _t(xs), _t(reset_carry), mask, resets, _t(h_mask), _t(zc), _t(zh))
     carry, ys, _ = _forward(cfg, params, seg, lengths, save=False)
     return _t(ys), _t(carry)
 
@@ -223,31 +249,33 @@ def _pad_time(x, total) -> Any:
     return x if pad == 0 else jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
 
 
-def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry, h_mask=None):
+def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry, h_mask=None, zs=None):
     lengths, mask, resets = _flags(steps)
+    zc, zh = zs or (None, None)
     k = cfg.checkpoint_every
     T, B = xs.shape[:2]
     init, h_mask = _t(reset_carry), _t(h_mask)
     if k is None or k >= T:
-        seg = Segment(_t(carry0), _t(xs), init, mask, resets, h_mask)
+        seg = Segment(_t(carry0), _t(xs), init, mask, resets, h_mask, _t(zc), _t(zh))
         carry, ys, ((acts, cs), carry_in) = _forward(cfg, params, seg, lengths)
         return (_t(ys), _t(carry)), Saved(params, seg, lengths, ys, acts, cs, carry_in)
 
     n = -(-T // k)
     if lengths is None and n * k != T:
         lengths = jnp.full((B,), T, jnp.int32)  # mask the padding steps
-    xs_c, mask_c, resets_c = (_chunked(_pad_time(a, n * k), n, k) for a in (xs, mask, resets))
+    xs_c, mask_c, resets_c, zc_c, zh_c = (_chunked(_pad_time(a, n * k), n, k) for a in (xs, mask, resets, zc, zh))
 
     def chunk(carry, inp):
-        j, x, m, r = inp
-        seg = Segment(carry, _t(x), init, m, r, h_mask)
+        j, x, m, r, zc, zh = inp
+        seg = Segment(carry, _t(x), init, m, r, h_mask, _t(zc), _t(zh))
         new, ys, _ = _forward(cfg, params, seg, lengths, t_offset=j * k, save=False)
         return new, (_t(ys), carry)
 
-    ins = (jnp.arange(n, dtype=jnp.int32), xs_c, mask_c, resets_c)
+    ins = (jnp.arange(n, dtype=jnp.int32), xs_c, mask_c, resets_c, zc_c, zh_c)
     carry, (ys_c, starts) = jax.lax.scan(chunk, _t(carry0), ins)
     ys = ys_c.reshape((n * k,) + ys_c.shape[2:])[:T]
-    return (ys, _t(carry)), Checkpoints(params, starts, xs_c, lengths, init, mask_c, resets_c, h_mask)
+    checkpoints = Checkpoints(params, starts, xs_c, lengths, init, mask_c, resets_c, h_mask, zc_c, zh_c)
+    return (ys, _t(carry)), checkpoints
 
 
 def _cast_like(tree, like):
@@ -266,7 +294,7 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
         saved = (res.ys, (res.acts, res.cs), res.carry_in)
         dcarry0, dinit, grads, dxs = _backward(cfg, params, res.segment, saved, _t(dys), dcarry, res.lengths)
         dxs = _t(dxs).astype(res.segment.xs.dtype)
-        return _cast_like(grads, params), _t(dcarry0), dxs, None, _t(dinit), None
+        return _cast_like(grads, params), _t(dcarry0), dxs, None, _t(dinit), None, None
 
     n, k = res.xs_chunks.shape[:2]
     T = dys.shape[0]
@@ -275,17 +303,26 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
 
     def chunk(carry, inp):
         dcarry, dinit, grads = carry
-        j, start, x, m, r, dy = inp
-        seg = Segment(start, _t(x), res.init, m, r, res.h_mask)
+        j, start, x, m, r, zc, zh, dy = inp
+        seg = Segment(start, _t(x), res.init, m, r, res.h_mask, _t(zc), _t(zh))
         _, ys, saved = _forward(cfg, params, seg, res.lengths, t_offset=j * k)
         dstart, di, g, dx = _backward(cfg, params, seg, (ys, *saved), _t(dy), dcarry, res.lengths, t_offset=j * k)
         return (dstart, add(dinit, di), add(grads, g)), _t(dx)
 
-    ins = (jnp.arange(n, dtype=jnp.int32), res.starts, res.xs_chunks, res.mask_chunks, res.resets_chunks, dys_c)
+    ins = (
+        jnp.arange(n, dtype=jnp.int32),
+        res.starts,
+        res.xs_chunks,
+        res.mask_chunks,
+        res.resets_chunks,
+        res.zc_chunks,
+        res.zh_chunks,
+        dys_c,
+    )
     zero_init = jax.tree_util.tree_map(jnp.zeros_like, dcarry)
     (dcarry0, dinit, grads), dxs_c = jax.lax.scan(chunk, (dcarry, zero_init, zero_grads), ins, reverse=True)
     dxs = dxs_c.reshape((n * k,) + dxs_c.shape[2:])[:T]
-    return _cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None, _t(dinit), None
+    return _cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None, _t(dinit), None, None
 
 
 fused_lstm.defvjp(_fused_forward_pass, _fused_backward_pass)

@@ -36,7 +36,7 @@ from .params import LSTMParams
 GATE_AXIS_FM = -2
 
 
-def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = False, h_mask=None):
+def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = False, h_mask=None, zoneout=None):
     """The step ``(carry, x) -> (carry, h, (a, c))`` used by every LSTM path.
 
     ``carry = (h, c)`` in ``acc_dtype``; the activated gates ``a`` ``[B, 4H]``
@@ -44,6 +44,12 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
     ``feature_major`` every array is transposed: ``x [D, B]``, ``h [R, B]``,
     ``c [H, B]``, ``a [4H, B]``. ``h_mask`` (like ``h``, or ``None``) multiplies
     ``h(t-1)`` where it enters the recurrent dot: variational recurrent dropout.
+
+    ``zoneout`` (a :class:`Zoneout`, or ``None``): the step's input is then
+    ``(x, zc, zh)``, the per-step keep masks (or ``None``), and the new state is
+    ``c = k_c ∗ c(t-1) + (1 - k_c) ∗ c̃`` (and so ``h``) with ``k`` the mask, or
+    the static rate where no mask is given (evaluation: the expectation). The
+    residual ``c`` is then the candidate ``c̃``, which ``tanh`` reads.
     """
     if feature_major:
         # Transposed here, outside any scan body: a transpose inside it is folded
@@ -75,11 +81,39 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
 
     def step(carry, x):
         h, c = carry
-        m, c, a = lstm_pointwise(pre(x, h if h_mask is None else h * h_mask), c, axis)
-        h = m if params.w_hr is None else proj(m)
-        return (h, c), h, (a, c)
+        if zoneout is not None:
+            x, zc, zh = x
+        m, c_new, a = lstm_pointwise(pre(x, h if h_mask is None else h * h_mask), c, axis)
+        h_new = m if params.w_hr is None else proj(m)
+        if zoneout is not None:
+            h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
+            c, c_new = zoneout_mix(keep_weight(zc, zoneout.c, acc_dtype), c, c_new), c_new
+        else:
+            c = c_new
+        return (h_new, c), h_new, (a, c_new)
 
     return step
+
+
+class Zoneout(NamedTuple):
+    """Zoneout rates of ``c`` and ``h`` (Krueger et al. 2017): the probability that
+    a unit keeps its previous value at a step. Static (hashable)."""
+
+    c: float = 0.0
+    h: float = 0.0
+
+
+def keep_weight(mask_t, rate: float, dtype):
+    """The weight of the previous value in a zoneout step: the step's keep mask
+    (training), else the rate (evaluation: the expectation), else ``None`` (no zoneout)."""
+    if mask_t is not None:
+        return mask_t.astype(dtype)
+    return rate if rate > 0.0 else None
+
+
+def zoneout_mix(k, prev, new):
+    """``k ∗ prev + (1 - k) ∗ new`` (``new`` where ``k`` is ``None``)."""
+    return new if k is None else new + k * (prev - new)
 
 
 class StepGrads(NamedTuple):
@@ -138,13 +172,14 @@ def lstm_step_vjp(
     return StepGrads(dz, dh_prev if h_mask is None else dh_prev * h_mask, dc * f)
 
 
-def lstm_scan_core(params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bool, unroll: int = 1):
+def lstm_scan_core(params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bool, unroll: int = 1, zoneout=None):
     """The plain (autodiff) LSTM scan as an engine core:
     ``core(xs [T, B, D], (carry0, reset_carry, h_mask), steps) -> (ys [T, B, R], carry)``,
-    with feature- or batch-major steps inside (``h_mask``: ``[B, R]`` or ``None``)."""
+    with feature- or batch-major steps inside (``h_mask``: ``[B, R]`` or ``None``).
+    With ``zoneout`` (:class:`Zoneout`), ``xs`` is ``(xs, zc, zh)`` as the step reads it."""
 
     def core(xs, carries, steps):
-        step = lstm_step(params, mm_dtype, acc_dtype, feature_major=feature_major, h_mask=carries[2])
+        step = lstm_step(params, mm_dtype, acc_dtype, feature_major=feature_major, h_mask=carries[2], zoneout=zoneout)
 
         def no_residuals(carry, x):
             carry, y, _ = step(carry, x)

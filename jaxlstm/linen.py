@@ -140,13 +140,15 @@ class LSTM(nn.Module):
     returns ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
 
     Dropout (between layers, ``dropout > 0``; variational dropout on ``h(t-1)``
-    inside each layer, ``recurrent_dropout > 0``) follows ``flax.linen.Dropout``:
+    inside each layer, ``recurrent_dropout > 0``) and zoneout (``zoneout_c``,
+    ``zoneout_h``: in evaluation by its expectation) follow ``flax.linen.Dropout``:
     ``deterministic`` is an attribute or a call argument (exactly one of them),
     and masks draw from the ``'dropout'`` RNG stream.
 
     Attributes:
       features: hidden size H. num_layers, bidirectional, proj_size, dropout,
-        recurrent_dropout, unroll, checkpoint_every, backward, time_major: as in
+        recurrent_dropout, zoneout_c, zoneout_h, unroll, checkpoint_every,
+        backward, time_major: as in
         :func:`jaxlstm.lstm_stack`. deterministic: see above. dtype: computation
         dtype (also the matmul ``compute_dtype``); param_dtype; initialisers and
         ``use_bias`` as :class:`LSTMCell`.
@@ -166,6 +168,8 @@ class LSTM(nn.Module):
     proj_size: int | None = None
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
+    zoneout_c: float = 0.0
+    zoneout_h: float = 0.0
     deterministic: bool | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -207,7 +211,7 @@ class LSTM(nn.Module):
             if d == 0
         )
         active = False
-        if self.dropout > 0.0 or self.recurrent_dropout > 0.0:
+        if max(self.dropout, self.recurrent_dropout, self.zoneout_c, self.zoneout_h) > 0.0:
             active = not nn.merge_param("deterministic", self.deterministic, deterministic)
         key = self.make_rng("dropout") if active else None
         return module_call(self, params, xs, initial_state, seq_lengths, mask, resets, reset_state, key)

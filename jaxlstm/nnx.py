@@ -10,7 +10,7 @@
   functional ``params[layer][direction]``.
 
 Sizes are ``in_features`` and ``hidden_features``, as in flax.nnx. Dropout
-between layers (``dropout``) and inside them (``recurrent_dropout``) follows
+between layers (``dropout``), inside them (``recurrent_dropout``) and zoneout follow
 ``nnx.Dropout``: the ``deterministic`` attribute, which ``model.train()`` /
 ``model.eval()`` switch, unless the call passes ``deterministic``. Shapes and
 initialisers come from :mod:`jaxlstm.params`.
@@ -131,6 +131,8 @@ class LSTM(nnx.Module):
         dropout: float = 0.0,
         *,
         recurrent_dropout: float = 0.0,
+        zoneout_c: float = 0.0,
+        zoneout_h: float = 0.0,
         deterministic: bool = False,
         kernel_init: Initializer = kernel_init,
         recurrent_kernel_init: Initializer = recurrent_init,
@@ -150,6 +152,7 @@ class LSTM(nnx.Module):
         self.num_layers = _checks.positive_int("num_layers", num_layers)
         self.bidirectional, self.proj_size, self.dropout = bidirectional, proj_size, dropout
         self.deterministic, self.recurrent_dropout = deterministic, recurrent_dropout
+        self.zoneout_c, self.zoneout_h = zoneout_c, zoneout_h
         self.dtype, self.param_dtype, self.unroll = dtype, param_dtype, unroll
         self.checkpoint_every, self.backward, self.time_major = checkpoint_every, backward, time_major
         inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
@@ -161,7 +164,11 @@ class LSTM(nnx.Module):
                 if l2 == l
             ]
             setattr(self, layer_key(l), _Layer(ws))
-        self.rngs = rngs["dropout"].fork() if dropout > 0 or recurrent_dropout > 0 else nnx.data(None)
+        self.rngs = rngs["dropout"].fork() if self._random() else nnx.data(None)
+
+    def _random(self) -> bool:
+        """Whether training draws masks (a dropout or zoneout rate is > 0)."""
+        return max(self.dropout, self.recurrent_dropout, self.zoneout_c, self.zoneout_h) > 0
 
     def __call__(
         self,
@@ -175,7 +182,7 @@ class LSTM(nnx.Module):
         reset_state: LSTMState | None = None,
     ):
         deterministic = self.deterministic if deterministic is None else deterministic
-        active = (self.dropout > 0.0 or self.recurrent_dropout > 0.0) and not deterministic
+        active = self._random() and not deterministic
         key = self.rngs() if active and self.rngs is not None else None
         return module_call(self, stack_params(self), xs, initial_state, seq_lengths, mask, resets, reset_state, key)
 

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, tuning
-from ._engine import accum_dtype, apply_sequence, batch_size, dropout_masks, matmul_dtype
+from ._engine import accum_dtype, apply_sequence, batch_size, dropout_masks, matmul_dtype, zoneout_masks
 from ._fused import FusedConfig, fused_lstm
-from ._step import lstm_scan_core, lstm_step
+from ._step import Zoneout, lstm_scan_core, lstm_step
 from .params import LSTMParams, LSTMState
 
 __all__ = ["lstm", "lstm_cell"]
@@ -75,7 +75,10 @@ def lstm(
     reset_state: LSTMState | None = None,
     input_dropout: float = 0.0,
     recurrent_dropout: float = 0.0,
+    zoneout_c: float = 0.0,
+    zoneout_h: float = 0.0,
     key: Array | None = None,
+    deterministic: bool = False,
     reverse: bool = False,
     time_major: bool = False,
     unroll: int = 1,
@@ -125,7 +128,20 @@ def lstm(
         the call with both at 0; with either > 0, ``key`` draws the masks:
         ``k_in, k_rec = jax.random.split(key)``, ``bernoulli(k_in, 1 - p, [..., D])``
         and ``bernoulli(k_rec, 1 - p, [..., R])``.
-      key: PRNG key, required when a dropout rate is > 0.
+      zoneout_c, zoneout_h: zoneout rates of the cell state and of ``h``
+        (Krueger et al. 2017): in training each unit keeps its previous value
+        at each step with this probability, ``c(t) = k ∗ c(t-1) + (1 - k) ∗ c̃(t)``
+        with ``k ~ bernoulli(zoneout_c)`` per step and unit (and so ``h``, whose
+        zoned value is also the output); in evaluation ``k`` is the rate itself
+        (the expectation). The masks: ``k_c, k_h =
+        jax.random.split(jax.random.fold_in(key, 1))``, ``bernoulli(k_c,
+        zoneout_c, (T, *batch, H))`` time-major and aligned with the input
+        positions (with ``reverse`` too), and ``bernoulli(k_h, zoneout_h, (T,
+        *batch, R))``.
+      key: PRNG key, required in training when a dropout or zoneout rate is > 0.
+      deterministic: evaluation: no dropout, zoneout by its expectation, no key
+        needed (``flax.linen.Dropout``'s flag; the modules set it from
+        ``deterministic`` / ``.eval()``).
       reverse: read each sequence from its last valid step back to the first.
         Outputs stay aligned with input positions; padding never enters.
       time_major: ``xs`` is ``[T, ..., D]`` (and so are the outputs).
@@ -183,19 +199,28 @@ def lstm(
         reset_carry = (reset_state.h.astype(acc), reset_state.c.astype(acc))
     input_dropout = _checks.rate("input_dropout", input_dropout)
     recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
+    zo = Zoneout(_checks.rate("zoneout_c", zoneout_c), _checks.rate("zoneout_h", zoneout_h))
+    zoneout = None if zo == Zoneout() else zo
+    if _checks.static_bool("deterministic", deterministic):
+        input_dropout = recurrent_dropout = 0.0
     xs, h_mask = dropout_masks(xs, batch_shape, R, acc, input_dropout, recurrent_dropout, key, time_major)
+    # The step reads (x, zc, zh) with zoneout: masks in training, none (the rates mix) in evaluation.
+    per_step = None
+    if zoneout is not None:
+        per_step = (None, None) if deterministic else zoneout_masks(T, batch_shape, H, R, zoneout, key)
 
     layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
     if backward == "fused":
-        cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout)
+        cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout, zoneout=zoneout)
 
-        def fused_core(xs_tm, carries, steps):
-            return fused_lstm(cfg, params, carries[0], xs_tm, steps, carries[1], carries[2])
+        def fused_core(inputs, carries, steps):
+            xs_tm, zs = (inputs, None) if per_step is None else (inputs[0], inputs[1:])
+            return fused_lstm(cfg, params, carries[0], xs_tm, steps, carries[1], carries[2], zs)
 
         core = fused_core
 
     else:
-        core = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll)
+        core = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll, zoneout=zoneout)
 
     ys, (h, c) = apply_sequence(
         core,
@@ -208,5 +233,6 @@ def lstm(
         supports_jvp=backward == "autodiff",
         mask=mask,
         resets=resets,
+        per_step=per_step,
     )
     return ys.astype(xs.dtype), LSTMState(h.astype(xs.dtype), c)

@@ -114,7 +114,10 @@ def lstm_stack(
     reset_state: LSTMState | None = None,
     dropout: float = 0.0,
     recurrent_dropout: float = 0.0,
+    zoneout_c: float = 0.0,
+    zoneout_h: float = 0.0,
     key: jax.Array | None = None,
+    deterministic: bool = False,
     time_major: bool = False,
     unroll: int = 1,
     checkpoint_every: int | None = None,
@@ -137,14 +140,22 @@ def lstm_stack(
       dropout: drop probability on the outputs of every layer but the last.
       recurrent_dropout: variational dropout on ``h(t-1)`` inside every
         layer-direction (:func:`jaxlstm.lstm`), each with its own mask.
-      key: PRNG key, required when ``dropout`` or ``recurrent_dropout`` is > 0.
+      zoneout_c, zoneout_h: zoneout of ``c`` and ``h`` inside every
+        layer-direction (:func:`jaxlstm.lstm`), each with its own masks.
+      key: PRNG key, required in training when a dropout or zoneout rate is > 0.
+        With ``recurrent_dropout`` or zoneout, layer-direction ``i`` (``layer *
+        dirs + direction``) draws its masks from ``jax.random.split(key, L *
+        dirs)[i]`` and the between-layer dropout from ``jax.random.fold_in(key,
+        L * dirs)``.
+      deterministic: evaluation: no dropout, zoneout by its expectation, no key needed.
       time_major, unroll, checkpoint_every, compute_dtype, backward: passed to
         every layer's :func:`jaxlstm.lstm`.
       fuse_directions: run the two directions of a bidirectional layer as one
         scan, ``vmap`` ped over a direction axis (batched matmuls), instead of two
         calls. Same numbers; on by default, as it paid where it was measured
         (``python -m benchmarks.stack``; ``False`` runs two calls). With ``mask``
-        ``resets`` or ``recurrent_dropout`` the two directions run as two calls.
+        ``resets``, ``recurrent_dropout`` or zoneout masks the two directions
+        run as two calls.
 
     Returns:
       ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
@@ -156,11 +167,19 @@ def lstm_stack(
     seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
     dropout = _checks.rate("dropout", dropout)
     recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
-    if (dropout > 0.0 or recurrent_dropout > 0.0) and key is None:
-        raise ValueError("dropout / recurrent_dropout > 0 need a PRNG key: pass key=jax.random.key(...)")
+    zoneout = (_checks.rate("zoneout_c", zoneout_c), _checks.rate("zoneout_h", zoneout_h))
+    if _checks.static_bool("deterministic", deterministic):
+        dropout = recurrent_dropout = 0.0
+    # masks drawn inside each layer-direction (training only)
+    inner_masks = not deterministic and (recurrent_dropout > 0.0 or zoneout != (0.0, 0.0))
+    if (dropout > 0.0 or inner_masks) and key is None:
+        raise ValueError(
+            "dropout / recurrent_dropout / zoneout > 0 need a PRNG key in training: pass key=jax.random.key(...), "
+            "or deterministic=True for evaluation"
+        )
     # one key per layer-direction for the recurrent masks, one per layer for the outputs
     rec_keys = None
-    if recurrent_dropout > 0.0 and key is not None:
+    if inner_masks and key is not None:
         rec_keys, key = jax.random.split(key, L * dirs), jax.random.fold_in(key, L * dirs)
     if initial_state is not None:
         _checks.lstm_state("initial_state", initial_state, (L * dirs,) + batch_shape, H, R)
@@ -169,7 +188,7 @@ def lstm_stack(
     _checks.static_bool("fuse_directions", fuse_directions)
     mask = _checks.step_flags("mask", mask, batch_shape, T, time_major)
     resets = _checks.step_flags("resets", resets, batch_shape, T, time_major)
-    fuse_directions = fuse_directions and mask is None and resets is None and recurrent_dropout == 0.0
+    fuse_directions = fuse_directions and mask is None and resets is None and not inner_masks
     layer_state = lambda s, i: None if s is None else LSTMState(s.h[i], s.c[i])
 
     def run(p, x, s0, reverse, i=None):
@@ -182,7 +201,10 @@ def lstm_stack(
             resets=resets,
             reset_state=None if i is None else layer_state(reset_state, i),
             recurrent_dropout=recurrent_dropout,
+            zoneout_c=zoneout[0],
+            zoneout_h=zoneout[1],
             key=None if rec_keys is None or i is None else rec_keys[i],
+            deterministic=deterministic,
             reverse=reverse,
             time_major=time_major,
             unroll=unroll,
@@ -231,10 +253,9 @@ def _both_directions(run, layer, xs, s0, seq_lengths, time_major, supports_jvp):
 
 def module_call(module, params: StackParams, xs, initial_state, seq_lengths, mask, resets, reset_state, key):
     """The call the linen and nnx ``LSTM`` modules share: their attributes (``dtype``,
-    ``dropout``, ``recurrent_dropout``, ``time_major``, ``unroll``,
-    ``checkpoint_every``, ``backward``) to :func:`lstm_stack`. ``key=None`` means
-    deterministic (no dropout)."""
-    train = key is not None
+    ``dropout``, ``recurrent_dropout``, ``zoneout_c``, ``zoneout_h``, ``time_major``,
+    ``unroll``, ``checkpoint_every``, ``backward``) to :func:`lstm_stack`.
+    ``key=None`` means deterministic (evaluation)."""
     return lstm_stack(
         params,
         xs if module.dtype is None else xs.astype(module.dtype),
@@ -243,9 +264,12 @@ def module_call(module, params: StackParams, xs, initial_state, seq_lengths, mas
         mask=mask,
         resets=resets,
         reset_state=reset_state,
-        dropout=module.dropout if train else 0.0,
-        recurrent_dropout=module.recurrent_dropout if train else 0.0,
+        dropout=module.dropout,
+        recurrent_dropout=module.recurrent_dropout,
+        zoneout_c=module.zoneout_c,
+        zoneout_h=module.zoneout_h,
         key=key,
+        deterministic=key is None,
         time_major=module.time_major,
         unroll=module.unroll,
         checkpoint_every=module.checkpoint_every,

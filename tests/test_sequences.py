@@ -307,3 +307,134 @@ def test_gru_and_rnn_dropout_match_explicit_masks(kind):
         (_, ys), got = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, xs, h0, **kw)
         np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
         assert_trees_close(got, want, rtol=1e-4)
+
+
+def _zoneout_reference(xp, params, xs, h0, c0, kc, kh, lengths, reverse):
+    """The reference loop where each step keeps ``kc [T, B, H]`` of ``c(t-1)`` and
+    ``kh [T, B, R]`` of ``h(t-1)`` (0/1 masks in training, the rates in evaluation),
+    indexed by input position."""
+    from reference import lstm_step_ref
+
+    ys, hs, cs = [], [], []
+    for b in range(xs.shape[0]):
+        L = xs.shape[1] if lengths is None else int(lengths[b])
+        h, c, out = h0[b], c0[b], {}
+        for t in range(L)[::-1] if reverse else range(L):
+            h_new, c_new = lstm_step_ref(xp, params, h, c, xs[b, t])
+            h = kh[t, b] * h + (1 - kh[t, b]) * h_new
+            c = kc[t, b] * c + (1 - kc[t, b]) * c_new
+            out[t] = h
+        ys.append(xp.stack([out.get(t, 0 * h0[b]) for t in range(xs.shape[1])]))
+        hs.append(h)
+        cs.append(c)
+    return xp.stack(ys), xp.stack(hs), xp.stack(cs)
+
+
+ZONEOUT_PATHS = PATHS + [
+    dict(checkpoint_every=3, layout="batch"),
+    dict(proj=True),
+    dict(proj=True, backward="autodiff"),
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("path", range(len(ZONEOUT_PATHS)))
+def test_zoneout_matches_explicit_masks(path, deterministic):
+    opts = dict(ZONEOUT_PATHS[path])
+    layout = opts.pop("layout", "feature")
+    proj = 2 if opts.pop("proj", False) else None
+    params, xs, state, _ = lstm_inputs(16, (B,), proj, with_state=True, T=T)
+    R = proj or H
+    key, p_c, p_h = jax.random.key(5), 0.3, 0.6
+    if deterministic:
+        kc, kh = jnp.full((T, B, H), p_c), jnp.full((T, B, R), p_h)
+    else:
+        k_c, k_h = jax.random.split(jax.random.fold_in(key, 1))  # the documented recipe
+        kc = jax.random.bernoulli(k_c, p_c, (T, B, H)).astype(jnp.float32)
+        kh = jax.random.bernoulli(k_h, p_h, (T, B, R)).astype(jnp.float32)
+    lengths = jnp.asarray(LENGTHS)
+    kw = dict(zoneout_c=p_c, zoneout_h=p_h, key=None if deterministic else key, deterministic=deterministic)
+    kw.update(seq_lengths=lengths, reverse=path % 2 == 1, **opts)
+
+    def loss(p, x, s):
+        with tuning.forced(layout):
+            ys, f = jaxlstm.lstm(p, x, s, **kw)
+        return (jnp.cos(ys) * ys).sum() + (f.c**2).sum() + (f.h**3).sum(), ys
+
+    def loss_ref(p, x, s):
+        ys, h, c = _zoneout_reference(jnp, p._asdict(), x, s.h, s.c, kc, kh, LENGTHS, kw["reverse"])
+        return (jnp.cos(ys) * ys).sum() + (c**2).sum() + (h**3).sum(), ys
+
+    (v, ys), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, xs, state)
+    (v_ref, ys_ref), g_ref = jax.value_and_grad(loss_ref, argnums=(0, 1, 2), has_aux=True)(params, xs, state)
+    np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    assert_trees_close(g, g_ref, rtol=1e-4)
+
+
+def test_zoneout_in_stacks_and_modules_eager_and_jit():
+    from flax import nnx
+
+    import jaxlstm.linen as jl
+    import jaxlstm.nnx as jn
+
+    params = jaxlstm.init_lstm_stack(jax.random.key(0), D, H, 2, bidirectional=True)
+    xs = jax.random.normal(jax.random.key(1), (B, T, D))
+    key, zo = jax.random.key(2), dict(zoneout_c=0.2, zoneout_h=0.4)
+    lengths = jnp.asarray(LENGTHS)
+
+    def layer_by_layer(deterministic):
+        keys = jax.random.split(key, 4)  # the documented keys: one per layer-direction
+        x = xs
+        for l, layer in enumerate(params):
+            outs = [
+                jaxlstm.lstm(
+                    p,
+                    x,
+                    reverse=d == 1,
+                    seq_lengths=lengths,
+                    key=None if deterministic else keys[2 * l + d],
+                    deterministic=deterministic,
+                    **zo,
+                )[0]
+                for d, p in enumerate(layer)
+            ]
+            x = jnp.concatenate(outs, axis=-1)
+        return x
+
+    train = jaxlstm.lstm_stack(params, xs, seq_lengths=lengths, key=key, **zo)[0]
+    np.testing.assert_allclose(train, layer_by_layer(False), atol=1e-6)
+    jitted = jax.jit(lambda p, x, k: jaxlstm.lstm_stack(p, x, seq_lengths=lengths, key=k, **zo)[0])
+    np.testing.assert_allclose(jitted(params, xs, key), train, atol=1e-6)
+    for fuse in (True, False):  # evaluation: the directions may run as one vmapped scan
+        ev = jaxlstm.lstm_stack(params, xs, seq_lengths=lengths, deterministic=True, fuse_directions=fuse, **zo)[0]
+        np.testing.assert_allclose(ev, layer_by_layer(True), atol=1e-6)
+    assert not np.allclose(ev, jaxlstm.lstm_stack(params, xs, seq_lengths=lengths)[0])
+
+    model = jl.LSTM(H, num_layers=2, bidirectional=True, **zo)
+    v = jl.stack_variables(params)
+    a = model.apply(v, xs, seq_lengths=lengths, deterministic=False, rngs={"dropout": jax.random.key(3)})[0]
+    b = model.apply(v, xs, seq_lengths=lengths, deterministic=False, rngs={"dropout": jax.random.key(4)})[0]
+    assert not np.allclose(a, b)
+    np.testing.assert_allclose(model.apply(v, xs, seq_lengths=lengths, deterministic=True)[0], ev, atol=1e-6)
+    m = jn.LSTM(D, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0), **zo)
+    jn.set_stack_params(m, params)
+    m.train()
+    assert not np.allclose(m(xs, seq_lengths=lengths)[0], m(xs, seq_lengths=lengths)[0])
+    m.eval()
+    np.testing.assert_allclose(m(xs, seq_lengths=lengths)[0], ev, atol=1e-6)
+
+
+def test_zoneout_arguments():
+    params, xs, _, _ = lstm_inputs(15, (B,), T=T)
+    with pytest.raises(ValueError, match="zoneout_c / zoneout_h > 0 need a PRNG key in training"):
+        jaxlstm.lstm(params, xs, zoneout_h=0.1)
+    with pytest.raises(ValueError, match=r"zoneout_c must lie in \[0, 1\), got 1.5"):
+        jaxlstm.lstm(params, xs, zoneout_c=1.5, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        jaxlstm.lstm(params, xs, zoneout_c=0.1, deterministic=1)
+    # evaluation needs no key, and dropout is off in it
+    np.testing.assert_array_equal(
+        jaxlstm.lstm(params, xs, input_dropout=0.5, recurrent_dropout=0.5, deterministic=True)[0],
+        jaxlstm.lstm(params, xs)[0],
+    )

@@ -72,7 +72,7 @@ def test_dropout_between_layers_only():
     np.testing.assert_array_equal(
         jaxlstm.lstm_stack(one, xs)[0], jaxlstm.lstm_stack(one, xs, dropout=0.5, key=jax.random.key(1))[0]
     )
-    with pytest.raises(ValueError, match="recurrent_dropout > 0 need a PRNG key"):
+    with pytest.raises(ValueError, match="recurrent_dropout / zoneout > 0 need a PRNG key"):
         jaxlstm.lstm_stack(params, xs, dropout=0.1)
 
 
