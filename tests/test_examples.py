@@ -59,3 +59,49 @@ def test_flax_classifier_runs_saves_and_restores(tmp_path, api):
     assert abs(right - round(right)) < 1e-6 and result["n_test"] == 359
     assert result["restored_predictions_identical"] is True
     assert (tmp_path / f"digits_{api}.msgpack").exists()
+
+
+def test_ppo_agent_step_by_step_equals_one_sequence_call():
+    """The rollout carries the state one step at a time with resets; the update
+    re-runs the stored sequence in one call from the rollout's initial state: the
+    two must agree, or PPO's ratios are off from the first epoch."""
+    from examples import recurrent_ppo as ppo
+
+    cfg = ppo.Config(hidden=8)
+    N, T = 3, 9
+    net = ppo.ActorCritic(2, cfg.hidden, recurrent=True)
+    obs = jax.random.normal(jax.random.key(0), (N, T, 2))
+    resets = jax.random.bernoulli(jax.random.key(1), 0.3, (N, T)).at[:, 0].set(True)
+    s0 = ppo.initial_state(cfg, N)
+    params = net.init(jax.random.key(2), obs[:, :1], s0, resets[:, :1])
+    _, logits, values = net.apply(params, obs, s0, resets)
+    s, step_logits, step_values = s0, [], []
+    for t in range(T):
+        s, lg, v = net.apply(params, obs[:, t : t + 1], s, resets[:, t : t + 1])
+        step_logits.append(lg[:, 0])
+        step_values.append(v[:, 0])
+    np.testing.assert_allclose(jnp.stack(step_logits, 1), logits, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(step_values, 1), values, atol=1e-5)
+    # a reset makes the step independent of what came before it
+    later = jnp.argmax(resets[0, 1:]) + 1
+    if resets[0, 1:].any():
+        _, lg2, _ = net.apply(params, obs.at[0, :later].set(5.0), s0, resets)
+        np.testing.assert_allclose(lg2[0, later:], logits[0, later:], atol=1e-5)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_recurrent_ppo_quick_runs_and_writes(tmp_path):
+    pytest.importorskip("gymnax")
+    from examples import recurrent_ppo as ppo
+
+    result = ppo.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "recurrent_ppo.json").read_text())
+    assert [a["agent"] for a in data["agents"]] == ["lstm", "ff"]
+    for a in data["agents"]:
+        assert (
+            len(a["returns"][0])
+            == len(a["env_steps"])
+            == ppo.Config(num_envs=4, num_steps=8, total_steps=96).num_updates
+        )
+        assert a["env_steps_per_s"] > 0
+    assert (tmp_path / "recurrent_ppo.png").exists() and result["config"]["seeds"] == 1
