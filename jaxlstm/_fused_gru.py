@@ -29,13 +29,18 @@ import jax.numpy as jnp
 
 from ._engine import Steps, add_bias, dot, resets_at, route_state_cotangent, scan_masked, valid_steps, where_valid
 from ._fused import FusedConfig, _cast_like, _shift
+from ._step import keep_weight, zoneout_mix
 
 
-def gru_step(params, mm_dtype, acc_dtype, h_mask=None):
+def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None):
     """The step ``(h, x) -> (h, h, (r, z, n, hn))``, batch-major; ``h_mask`` (or
-    ``None``) multiplies ``h(t-1)`` where it enters ``h @ w_hh`` (recurrent dropout)."""
+    ``None``) multiplies ``h(t-1)`` where it enters ``h @ w_hh`` (recurrent dropout).
+    With ``zoneout`` (a ``Zoneout``; its ``h`` rate) the step reads ``(x, zh)`` and
+    keeps ``h(t-1)`` where the mask ``zh`` is true (by the rate without a mask)."""
 
     def step(h, x):
+        if zoneout is not None:
+            x, zh = x
         gx = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype), params.b)
         gh = dot(h if h_mask is None else h * h_mask, params.w_hh, mm_dtype, acc_dtype)
         xr, xz, xn = jnp.split(gx, 3, axis=-1)
@@ -44,8 +49,10 @@ def gru_step(params, mm_dtype, acc_dtype, h_mask=None):
         z = jax.nn.sigmoid(xz + hz)
         hn = add_bias(hn, params.b_hn)
         n = jnp.tanh(xn + r * hn)
-        h = (1 - z) * n + z * h
-        return h, h, (r, z, n, hn)
+        h_new = (1 - z) * n + z * h
+        if zoneout is not None:
+            h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
+        return h_new, h_new, (r, z, n, hn)
 
     return step
 
@@ -76,25 +83,30 @@ class SavedGRU(NamedTuple):
     gates: tuple  # (r, z, n, hn), each [T, B, H]
     h_in: jax.Array | None  # the state entering each step, with a mask or resets
     h_mask: jax.Array | None  # recurrent dropout, [B, H]
+    zh: jax.Array | None  # zoneout keep masks, [T, B, H]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_gru(cfg: FusedConfig, params, h0, xs, steps: Steps | None, h_reset, h_mask=None):
+def fused_gru(cfg: FusedConfig, params, h0, xs, steps: Steps | None, h_reset, h_mask=None, zh=None):
     """Time-major core: ``xs [T, B, D]``, ``h0 [B, H]`` in the accumulation dtype,
     ``steps`` time-major, ``h_reset`` the state ``steps.resets`` restore, ``h_mask``
-    the recurrent dropout mask ``[B, H]`` or ``None``. Returns ``(ys [T, B, H], h)``."""
-    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask)
+    the recurrent dropout mask ``[B, H]`` or ``None``, ``zh [T, B, H]`` the zoneout
+    keep masks of training or ``None`` (then ``cfg.zoneout.h`` mixes). Returns
+    ``(ys [T, B, H], h)``."""
+    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
     without = lambda h, x: step(h, x)[:2] + (None,)
-    h, ys, _ = scan_masked(without, h0, xs, steps, unroll=cfg.unroll, reset_to=h_reset)
+    inputs = xs if cfg.zoneout is None else (xs, zh)
+    h, ys, _ = scan_masked(without, h0, inputs, steps, unroll=cfg.unroll, reset_to=h_reset)
     return ys, h
 
 
-def _forward_pass(cfg, params, h0, xs, steps, h_reset, h_mask=None):
-    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask)
+def _forward_pass(cfg, params, h0, xs, steps, h_reset, h_mask=None, zh=None):
+    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
     per_step = steps is not None and steps.per_step
-    h, ys, aux = scan_masked(step, h0, xs, steps, unroll=cfg.unroll, save_carry_in=per_step, reset_to=h_reset)
+    inputs = xs if cfg.zoneout is None else (xs, zh)
+    h, ys, aux = scan_masked(step, h0, inputs, steps, unroll=cfg.unroll, save_carry_in=per_step, reset_to=h_reset)
     gates, h_in = aux if per_step else (aux, None)
-    return (ys, h), SavedGRU(params, h0, xs, steps, ys, gates, h_in, h_mask)
+    return (ys, h), SavedGRU(params, h0, xs, steps, ys, gates, h_in, h_mask, zh)
 
 
 def _backward_pass(cfg, res: SavedGRU, cotangents):
@@ -104,22 +116,27 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
     T, B, D = xs.shape
     if T == 0:  # no step: the state's cotangent passes straight through
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
-        return _cast_like(zeros, params), dh.astype(acc), jnp.zeros(xs.shape, xs.dtype), None, jnp.zeros_like(dh), None
+        dxs = jnp.zeros(xs.shape, xs.dtype)
+        return _cast_like(zeros, params), dh.astype(acc), dxs, None, jnp.zeros_like(dh), None, None
     h_prev = _shift(res.h0, res.ys.astype(acc)) if res.h_in is None else res.h_in
     steps = res.steps or Steps()
+    rate = 0.0 if cfg.zoneout is None else cfg.zoneout.h
 
     def body(carry, inp):
         dh, dinit = carry
-        t, m, rs, dy, r, z, n, hn, hp = inp
+        t, m, rs, zh, dy, r, z, n, hn, hp = inp
         valid = valid_steps(t, steps.lengths, mask_t=m)
         dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
-        g = gru_step_vjp(params.w_hh, r, z, n, hn, hp, dh_tot, mm, acc, res.h_mask)
-        dh, dinit = route_state_cotangent(valid, resets_at(valid, rs), g.dh_prev, dh, dinit)
+        # Zoneout: h = k h(t-1) + (1 - k) h̃; the step's VJP sees h̃'s share.
+        k = keep_weight(zh, rate, acc)
+        g = gru_step_vjp(params.w_hh, r, z, n, hn, hp, dh_tot if k is None else dh_tot * (1 - k), mm, acc, res.h_mask)
+        dh_prev = g.dh_prev if k is None else g.dh_prev + k * dh_tot
+        dh, dinit = route_state_cotangent(valid, resets_at(valid, rs), dh_prev, dh, dinit)
         return (dh, dinit), where_valid(valid, g.dgx, 0)
 
     ts = jnp.arange(T, dtype=jnp.int32)
     dh = dh.astype(acc)
-    ins = (ts, steps.mask, steps.resets, dys, *res.gates, h_prev)
+    ins = (ts, steps.mask, steps.resets, res.zh, dys, *res.gates, h_prev)
     (dh0, dinit), dgx = jax.lax.scan(body, (dh, jnp.zeros_like(dh)), ins, reverse=True)
     r = res.gates[0]
     H = r.shape[-1]
@@ -134,7 +151,7 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
     h_rec = h_prev if res.h_mask is None else h_prev * res.h_mask[None]  # what h @ w_hh read
     grads = type(params)(gemm(xs, dgx), gemm(h_rec, dgh), dgx.sum(axis=(0, 1)), dgh[..., 2 * H :].sum(axis=(0, 1)))
     dxs = dot(rows(dgx), params.w_ih.T, mm, acc).reshape((T, B, D))
-    return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit, None
+    return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit, None, None
 
 
 fused_gru.defvjp(_forward_pass, _backward_pass)

@@ -30,9 +30,19 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from ._engine import accum_dtype, add_bias, apply_sequence, dot, dropout_masks, matmul_dtype, scan_masked
+from ._engine import (
+    accum_dtype,
+    add_bias,
+    apply_sequence,
+    dot,
+    dropout_masks,
+    matmul_dtype,
+    scan_masked,
+    zoneout_masks,
+)
 from ._fused import FusedConfig
 from ._fused_gru import fused_gru, gru_step
+from ._step import Zoneout, keep_weight, zoneout_mix
 from .params import _check_size, kernel_init, recurrent_init
 
 __all__ = ["GRUParams", "RNNParams", "gru", "gru_cell", "init_gru", "init_rnn", "rnn", "rnn_cell"]
@@ -76,17 +86,21 @@ def init_gru(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> GR
     )
 
 
-def _rnn_step(params: RNNParams, mm, acc, h_mask=None):
+def _rnn_step(params: RNNParams, mm, acc, h_mask=None, zoneout=None):
     def step(h, x):
+        if zoneout is not None:
+            x, zh = x
         h_in = h if h_mask is None else h * h_mask
-        h = jnp.tanh(add_bias(dot(x, params.w_ih, mm, acc) + dot(h_in, params.w_hh, mm, acc), params.b))
-        return h, h, None
+        h_new = jnp.tanh(add_bias(dot(x, params.w_ih, mm, acc) + dot(h_in, params.w_hh, mm, acc), params.b))
+        if zoneout is not None:
+            h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc), h, h_new)
+        return h_new, h_new, None
 
     return step
 
 
-def _gru_step(params: GRUParams, mm, acc, h_mask=None):
-    step = gru_step(params, mm, acc, h_mask)  # the fused backward pass's step, without its residuals
+def _gru_step(params: GRUParams, mm, acc, h_mask=None, zoneout=None):
+    step = gru_step(params, mm, acc, h_mask, zoneout)  # the fused backward pass's step, without its residuals
     return lambda h, x: step(h, x)[:2] + (None,)
 
 
@@ -133,7 +147,9 @@ def _sequence(
     reset_state,
     input_dropout,
     recurrent_dropout,
+    zoneout_h,
     key,
+    deterministic,
     reverse,
     time_major,
     unroll,
@@ -160,13 +176,22 @@ def _sequence(
     _checks.one_of("backward", backward, ("fused", "autodiff"))
     p_in = _checks.rate("input_dropout", input_dropout)
     p_rec = _checks.rate("recurrent_dropout", recurrent_dropout)
+    zo = Zoneout(h=_checks.rate("zoneout_h", zoneout_h))
+    zoneout = None if zo == Zoneout() else zo
+    if _checks.static_bool("deterministic", deterministic):
+        p_in = p_rec = 0.0
     xs, h_mask = dropout_masks(xs, batch_shape, H, acc, p_in, p_rec, key, time_major)
+    per_step = None  # with zoneout the step reads (x, zh): masks in training, the rate in evaluation
+    if zoneout is not None:
+        per_step = (None,) if deterministic else zoneout_masks(T, batch_shape, H, H, zoneout, key)[1:]
 
-    def core(xs_tm, hs, steps):
+    def core(inputs, hs, steps):
         if backward == "fused":
-            return fused_gru(FusedConfig(mm, acc, unroll), params, hs[0], xs_tm, steps, hs[1], hs[2])
-        step = make_step(params, mm, acc, hs[2])
-        h, ys, _ = scan_masked(step, hs[0], xs_tm, steps, unroll=unroll, reset_to=hs[1])
+            xs_tm, zh = (inputs, None) if per_step is None else inputs
+            cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout)
+            return fused_gru(cfg, params, hs[0], xs_tm, steps, hs[1], hs[2], zh)
+        step = make_step(params, mm, acc, hs[2], zoneout)
+        h, ys, _ = scan_masked(step, hs[0], inputs, steps, unroll=unroll, reset_to=hs[1])
         return ys, h
 
     ys, h = apply_sequence(
@@ -180,6 +205,7 @@ def _sequence(
         supports_jvp=backward == "autodiff",
         mask=mask,
         resets=resets,
+        per_step=per_step,
     )
     return ys.astype(xs.dtype), h.astype(xs.dtype)
 
@@ -205,14 +231,17 @@ def rnn(
     reset_state=None,
     input_dropout=0.0,
     recurrent_dropout=0.0,
+    zoneout_h=0.0,
     key=None,
+    deterministic=False,
     reverse=False,
     time_major=False,
     unroll=1,
     compute_dtype=None,
 ):
     """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm` (``mask``,
-    ``resets``, ``reset_state`` and the dropouts included), the state is ``h [..., H]``.
+    ``resets``, ``reset_state``, the dropouts, ``zoneout_h`` and ``deterministic``
+    included), the state is ``h [..., H]``.
     Its gradients are plain JAX autodiff.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
@@ -229,7 +258,9 @@ def rnn(
         reset_state=reset_state,
         input_dropout=input_dropout,
         recurrent_dropout=recurrent_dropout,
+        zoneout_h=zoneout_h,
         key=key,
+        deterministic=deterministic,
         reverse=reverse,
         time_major=time_major,
         unroll=unroll,
@@ -249,7 +280,9 @@ def gru(
     reset_state=None,
     input_dropout=0.0,
     recurrent_dropout=0.0,
+    zoneout_h=0.0,
     key=None,
+    deterministic=False,
     reverse=False,
     time_major=False,
     unroll=1,
@@ -257,7 +290,8 @@ def gru(
     backward: str = "fused",
 ):
     """GRU over a sequence; arguments as :func:`jaxlstm.lstm` (``mask``, ``resets``,
-    ``reset_state`` and the dropouts included), the state is ``h [..., H]``.
+    ``reset_state``, the dropouts, ``zoneout_h`` and ``deterministic`` included), the
+    state is ``h [..., H]``.
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
     sequence (:mod:`jaxlstm._fused_gru`); ``"autodiff"``: plain JAX autodiff of the
@@ -277,7 +311,9 @@ def gru(
         reset_state=reset_state,
         input_dropout=input_dropout,
         recurrent_dropout=recurrent_dropout,
+        zoneout_h=zoneout_h,
         key=key,
+        deterministic=deterministic,
         reverse=reverse,
         time_major=time_major,
         unroll=unroll,

@@ -2,6 +2,8 @@
 against the reference loop (segments run on their own, masked steps removed),
 values and gradients, on every path (fused, checkpointed, autodiff; both layouts)."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -438,3 +440,54 @@ def test_zoneout_arguments():
         jaxlstm.lstm(params, xs, input_dropout=0.5, recurrent_dropout=0.5, deterministic=True)[0],
         jaxlstm.lstm(params, xs)[0],
     )
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
+def test_gru_and_rnn_zoneout_match_explicit_masks(kind, deterministic):
+    """h(t) = k h(t-1) + (1 - k) h̃(t) per step and unit, k from the documented recipe
+    (training) or the rate (evaluation); lengths and reverse on, fused and autodiff."""
+    init, run = {"gru": (jaxlstm.init_gru, jaxlstm.gru), "rnn": (jaxlstm.init_rnn, jaxlstm.rnn)}[kind]
+    params = init(jax.random.key(3), D, H)
+    params = params._replace(b=jax.random.normal(jax.random.key(4), params.b.shape))
+    xs = jax.random.normal(jax.random.key(5), (B, T, D))
+    h0 = jax.random.normal(jax.random.key(6), (B, H))
+    key, rate = jax.random.key(11), 0.4
+    if deterministic:
+        kh = jnp.full((T, B, H), rate)
+    else:
+        kh = jax.random.bernoulli(jax.random.split(jax.random.fold_in(key, 1))[1], rate, (T, B, H)).astype(jnp.float32)
+
+    def cell(p, h, x):
+        if kind == "rnn":
+            return jnp.tanh(x @ p.w_ih + h @ p.w_hh + p.b)
+        gx, gh = x @ p.w_ih + p.b, h @ p.w_hh
+        r = jax.nn.sigmoid(gx[:H] + gh[:H])
+        z = jax.nn.sigmoid(gx[H : 2 * H] + gh[H : 2 * H])
+        n = jnp.tanh(gx[2 * H :] + r * (gh[2 * H :] + p.b_hn))
+        return (1 - z) * n + z * h
+
+    def ref(p, x, h0):
+        ys, hs = [], []
+        for b in range(B):
+            h, out = h0[b], {}
+            for t in range(int(LENGTHS[b]))[::-1]:
+                h = kh[t, b] * h + (1 - kh[t, b]) * cell(p, h, x[b, t])
+                out[t] = h
+            ys.append(jnp.stack([out.get(t, 0 * h0[b]) for t in range(T)]))
+            hs.append(h)
+        return jnp.stack(ys), jnp.stack(hs)
+
+    kw = dict(seq_lengths=jnp.asarray(LENGTHS), reverse=True, zoneout_h=rate, deterministic=deterministic)
+    kw["key"] = None if deterministic else key
+
+    def loss(f, p, x, h):
+        ys, hT = f(p, x, h)
+        return jnp.sin(ys).sum() + (hT**2).sum(), ys
+
+    (_, ys_ref), want = jax.value_and_grad(partial(loss, ref), argnums=(0, 1, 2), has_aux=True)(params, xs, h0)
+    for opts in [{}, {"backward": "autodiff"}] if kind == "gru" else [{}]:
+        f = partial(run, **kw, **opts)
+        (_, ys), got = jax.value_and_grad(partial(loss, f), argnums=(0, 1, 2), has_aux=True)(params, xs, h0)
+        np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
+        assert_trees_close(got, want, rtol=1e-4)
