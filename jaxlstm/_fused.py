@@ -28,7 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._engine import Steps, dot, resets_at, route_state_cotangent, scan_masked, valid_steps, where_valid
+from ._engine import (
+    Steps,
+    mesh_active,
+    resets_at,
+    route_state_cotangent,
+    scan_masked,
+    valid_steps,
+    where_valid,
+)
 from ._engine import transpose_features as _t
 from ._step import GATE_AXIS_FM, Zoneout, keep_weight, lstm_step, lstm_step_vjp
 from .gates import split_gates
@@ -182,22 +190,26 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     ins = (ts, seg.mask, seg.resets, seg.zc, seg.zh, dys, acts, cs, c_prev)
     (dcarry0, dinit, bufs), _ = jax.lax.scan(body, (dcarry, dinit, bufs), ins, reverse=True, unroll=cfg.backward_unroll)
 
-    # The weight gradients: one GEMM each over all T*B columns, on [F, T*B] views.
-    def cols(a):
-        return jnp.swapaxes(a, 0, 1).reshape((a.shape[1], -1)).astype(mm)
+    # The weight gradients: one GEMM each, contracting all T*B columns at once
+    # (on [F, T*B] views, or as einsums under a device mesh: engine.mesh_active).
+    sharded = mesh_active()
 
-    def gemm(a, b):
-        return jnp.matmul(a, b.T, preferred_element_type=acc)
+    def contract(a, buf):  # a [T, F1, B], buf [F2, T, B] -> [F1, F2]
+        a, buf = a.astype(mm), buf.astype(mm)
+        if sharded:
+            return jnp.einsum("tfb,gtb->fg", a, buf, preferred_element_type=acc)
+        cols = jnp.swapaxes(a, 0, 1).reshape((a.shape[1], -1))
+        return jnp.matmul(cols, buf.reshape((buf.shape[0], -1)).T, preferred_element_type=acc)
 
-    dz2 = bufs[0].reshape((bufs[0].shape[0], -1)).astype(mm)
     d_w_hr = None
     if proj:
         m = split_gates(acts, GATE_AXIS_FM)[3] * jnp.tanh(cs)
-        d_w_hr = gemm(cols(m), bufs[1].reshape((bufs[1].shape[0], -1)).astype(mm))
+        d_w_hr = contract(m, bufs[1])
     d_b = None if params.b is None else bufs[0].sum(axis=(1, 2))
     h_in = h_prev if seg.h_mask is None else h_prev * seg.h_mask[None]  # what the recurrent dot read
-    grads = LSTMParams(gemm(cols(seg.xs), dz2), gemm(cols(h_in), dz2), d_b, d_w_hr)
-    dxs = jnp.swapaxes(dot(params.w_ih, dz2, mm, acc).reshape((D, T, B)), 0, 1)
+    grads = LSTMParams(contract(seg.xs, bufs[0]), contract(h_in, bufs[0]), d_b, d_w_hr)
+    dxs = jnp.einsum("dg,gtb->dtb", params.w_ih.astype(mm), bufs[0].astype(mm), preferred_element_type=acc)
+    dxs = jnp.swapaxes(dxs, 0, 1)
     return dcarry0, dinit, grads, dxs
 
 

@@ -27,7 +27,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._engine import Steps, add_bias, dot, resets_at, route_state_cotangent, scan_masked, valid_steps, where_valid
+from ._engine import (
+    Steps,
+    add_bias,
+    dot,
+    mesh_active,
+    resets_at,
+    route_state_cotangent,
+    scan_masked,
+    valid_steps,
+    where_valid,
+)
 from ._fused import FusedConfig, _cast_like, _shift
 from ._step import keep_weight, zoneout_mix
 
@@ -142,15 +152,23 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
     H = r.shape[-1]
     dgh = jnp.concatenate([dgx[..., : 2 * H], dgx[..., 2 * H :] * r], axis=-1)
 
-    def rows(a):
-        return a.reshape((T * B, a.shape[-1])).astype(mm)
+    # One GEMM each over all T*B rows (on [T*B, F] views, or as einsums under a
+    # device mesh, which keep a sharded batch axis sharded: engine.mesh_active).
+    sharded = mesh_active()
 
-    def gemm(a, b):
-        return jnp.matmul(rows(a).T, rows(b), preferred_element_type=acc)
+    def contract(a, b):  # [T, B, F1], [T, B, F2] -> [F1, F2]
+        a, b = a.astype(mm), b.astype(mm)
+        if sharded:
+            return jnp.einsum("tbi,tbj->ij", a, b, preferred_element_type=acc)
+        return jnp.matmul(a.reshape((T * B, -1)).T, b.reshape((T * B, -1)), preferred_element_type=acc)
 
     h_rec = h_prev if res.h_mask is None else h_prev * res.h_mask[None]  # what h @ w_hh read
-    grads = type(params)(gemm(xs, dgx), gemm(h_rec, dgh), dgx.sum(axis=(0, 1)), dgh[..., 2 * H :].sum(axis=(0, 1)))
-    dxs = dot(rows(dgx), params.w_ih.T, mm, acc).reshape((T, B, D))
+    d_b, d_b_hn = dgx.sum(axis=(0, 1)), dgh[..., 2 * H :].sum(axis=(0, 1))
+    grads = type(params)(contract(xs, dgx), contract(h_rec, dgh), d_b, d_b_hn)
+    if sharded:
+        dxs = jnp.einsum("tbg,dg->tbd", dgx.astype(mm), params.w_ih.astype(mm), preferred_element_type=acc)
+    else:
+        dxs = dot(dgx.reshape((T * B, -1)), params.w_ih.T, mm, acc).reshape((T, B, D))
     return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit, None, None
 
 

@@ -3,6 +3,10 @@ import os
 import jax
 import pytest
 
+# Four simulated CPU devices, for tests/test_sharding.py (before any backend starts;
+# everything else runs on the first one, as it would on one device).
+jax.config.update("jax_num_cpu_devices", 4)
+
 # Strict JAX, as equinox does: no implicit dtype or rank promotion slips through.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
