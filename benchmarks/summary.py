@@ -141,6 +141,19 @@ def main(argv=None):
                 for r in d["records"]
             )
             parts.append("")
+    sh = _load(folder, "sharding.json")
+    if sh:
+        parts.append(
+            f"## Sharding on {sh['devices']} simulated host devices (`benchmarks.sharding`)\n\n"
+            f"Machine: {sh['machine']['cpu']}, {sh['machine']['cores']} cores, shared by every simulated device.\n"
+        )
+        parts.append("| kind | mode | (B, D, H, T) | case | median | speed vs 1 device |\n|---|---|---|---|---|---|")
+        parts.extend(
+            f"| {r['kind']} | {r['mode']} | {tuple(r['shape'])} | {r['case']} | {r['median_s'] * 1e3:.1f} ms | "
+            f"{r['vs_1']:.2f}x |"
+            for r in sh["rows"]
+        )
+        parts.append("")
     text = "\n".join(parts)
     with open(os.path.join(folder, "SUMMARY.md"), "w") as f:
         f.write(text)

@@ -117,3 +117,16 @@ def test_allocator_mode_picks_the_results_folder(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0:" + C.THP_TUNABLE)
     assert C.allocator() == "thp" and C.results_dir().endswith(C.device_name() + "-thp")
     assert C.machine_info()["malloc_env"]["GLIBC_TUNABLES"].endswith(C.THP_TUNABLE)
+
+
+def test_sharding_quick(tmp_path):
+    from benchmarks import sharding
+
+    rows = sharding.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "sharding.json").read_text())
+    cases = {(r["kind"], r["mode"], r["case"]) for r in data["rows"]}
+    n = [k for k in (2, 4, 8) if k <= len(jax.devices())]
+    assert cases == {("data", "train", c) for c in ["1 device"] + [f"data x{k}" for k in n]} | {
+        ("model", m, c) for m in ("forward", "train") for c in ["1 device"] + [f"model x{k}" for k in n]
+    }
+    assert all(r["median_s"] > 0 for r in rows) and all(r["vs_1"] == 1.0 for r in rows if r["case"] == "1 device")

@@ -105,3 +105,36 @@ def test_recurrent_ppo_quick_runs_and_writes(tmp_path):
         )
         assert a["env_steps_per_s"] > 0
     assert (tmp_path / "recurrent_ppo.png").exists() and result["config"]["seeds"] == 1
+
+
+def test_uea_loader_pads_with_lengths_and_standardises():
+    pytest.importorskip("aeon")
+    from examples import uea
+
+    d = uea.load("JapaneseVowels")
+    assert d.train.xs.shape == (270, 29, 12) and d.test.xs.shape == (370, 29, 12) and len(d.classes) == 9
+    for split in (d.train, d.test):
+        assert split.lengths.min() >= 7 and split.lengths.max() <= 29
+        steps = np.arange(split.xs.shape[1])[None, :] < split.lengths[:, None]
+        assert not split.xs[~steps].any(), "padding must stay zero"
+        assert set(np.unique(split.labels)) == set(range(9))
+    valid = d.train.xs[np.arange(29)[None, :] < d.train.lengths[:, None]]  # [steps, 12]
+    np.testing.assert_allclose(valid.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(valid.std(0), 1.0, atol=1e-4)
+    with pytest.raises(ValueError, match="name must be one of"):
+        uea.load("NotASet")
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_train_sharded_quick_runs_over_all_devices_and_restores(tmp_path):
+    pytest.importorskip("aeon")
+    pytest.importorskip("orbax.checkpoint")
+    from examples import train_sharded
+
+    result = train_sharded.main(["--quick", "--out", str(tmp_path)])
+    assert result["devices"] == len(jax.devices()) and result["global_batch"] % result["devices"] == 0
+    right = result["test_accuracy"] * result["n_test"]
+    assert abs(right - round(right)) < 1e-6 and result["n_test"] == 370
+    assert result["restored_predictions_identical"] is True
+    assert result["restored_test_accuracy"] == result["test_accuracy"]
+    assert (tmp_path / "train_sharded_JapaneseVowels.json").exists()
