@@ -114,9 +114,12 @@ def gated_params(name: str, params, n_gates: int) -> tuple[int, int]:
 
 
 def lstm_params(params, name: str = "params") -> tuple[int, int, int]:
-    """Validates ``LSTMParams``; returns ``(D, H, R)``."""
+    """Validates ``LSTMParams`` (variants included); returns ``(D, H, R)``."""
     params_type(name, params, LSTMParams, "jaxlstm.init_lstm")
+    if hasattr(params.w_hh, "ndim") and params.w_hh.ndim == 3:
+        return _multi_head_params(params, name)
     D, H = gated_params(name, params, 4)
+    _variant_fields(params, name, H)
     R = params.w_hh.shape[0]
     if params.w_hr is None:
         if R != H:
@@ -248,3 +251,38 @@ def rate(name: str, p) -> float:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name} must lie in [0, 1), got {p}")
     return float(p)
+
+
+def _variant_fields(params, name: str, H: int) -> None:
+    for field, shape in (("peephole", (3, H)), ("ln_gates", (4, 4 * H)), ("ln_cell", (2, H))):
+        v = getattr(params, field)
+        if v is not None:
+            float_array(f"{name}.{field}", v)
+            if _shape(v) != shape:
+                raise ValueError(f"{name}.{field} must have shape {shape}, got {_shape(v)}")
+
+
+def _multi_head_params(params, name: str) -> tuple[int, int, int]:
+    """``w_hh [k, R/k, 4H/k]``: the blocks of a multi-head recurrent kernel."""
+    matrix(f"{name}.w_ih", params.w_ih)
+    D, GH = params.w_ih.shape
+    if GH == 0 or GH % 4:
+        raise ValueError(f"{name}.w_ih must have a multiple of 4 columns (4 gates), got shape {_shape(params.w_ih)}")
+    H = GH // 4
+    float_array(f"{name}.w_hh", params.w_hh)
+    k, rk, gk = params.w_hh.shape
+    if k == 0 or H % k or gk * k != GH:
+        raise ValueError(
+            f"{name}.w_hh of a multi-head LSTM must have shape [k, R/k, {GH}/k] with k dividing H={H}, "
+            f"got {_shape(params.w_hh)}"
+        )
+    R = k * rk
+    if params.b is not None:
+        vector(f"{name}.b", params.b, GH)
+    _variant_fields(params, name, H)
+    if params.w_hr is None:
+        if R != H:
+            raise ValueError(f"{name}.w_hh must have {H} rows over its heads (k * R/k = H), got {_shape(params.w_hh)}")
+    else:
+        matrix(f"{name}.w_hr", params.w_hr, rows=H, cols=R)
+    return D, H, R

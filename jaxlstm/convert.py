@@ -132,6 +132,8 @@ def to_torch(params, *, as_numpy: bool = False) -> dict[str, Any]:
     out = {}
     for l, layer in enumerate(params):
         for d, p in enumerate(layer):
+            if isinstance(p, LSTMParams):
+                _plain(p, f"params[{l}][{d}]", "torch.nn.LSTM")
             sfx = f"_l{l}" + ("_reverse" if d else "")
             out["weight_ih" + sfx] = np.asarray(p.w_ih).T
             out["weight_hh" + sfx] = np.asarray(p.w_hh).T
@@ -163,6 +165,15 @@ def to_torch(params, *, as_numpy: bool = False) -> dict[str, Any]:
 #   ii, if, ig, io: {"kernel": [D, H]}              (input side, no bias)
 #   hi, hf, hg, ho: {"kernel": [H, H], "bias": [H]} (hidden side, with bias)
 #   ->  w_ih = [ii | if | ig | io],  w_hh = [hi | hf | hg | ho],  b = [bi | bf | bg | bo]
+
+
+def _plain(p: LSTMParams, name: str, target: str) -> None:
+    """Only a plain LSTM has a counterpart in the other libraries."""
+    if p.is_variant:
+        raise ValueError(
+            f"{name} is an LSTM variant (peepholes, layer norm or heads), which {target} does not have; "
+            "only plain LSTMs convert"
+        )
 
 
 def _unwrap(params):
@@ -200,6 +211,7 @@ def from_flax(params, *, as_variables: bool = False):
 def to_flax(params: LSTMParams) -> dict:
     """``LSTMParams`` (no projection) -> the param dict of ``flax.linen.LSTMCell`` /
     ``OptimizedLSTMCell`` (without the ``{"params": ...}`` wrapper)."""
+    _plain(params, "params", "flax's LSTM cells")
     if params.w_hr is not None:
         raise ValueError("flax's LSTM cells have no projection: params.w_hr must be None")
     bias = jnp.zeros(params.w_ih.shape[-1:], params.w_ih.dtype) if params.b is None else params.b
@@ -238,6 +250,8 @@ def to_cudnn(params) -> jax.Array:
     """``params[layer][direction]`` (no projection) -> the flat cuDNN weight vector of
     ``jax.experimental.rnn.lstm`` (bias whole in ``b_ih``, zeros in ``b_hh``)."""
     flat = [p for layer in params for p in layer]
+    for p in flat:
+        _plain(p, "params", "cuDNN's LSTM")
     if any(p.w_hr is not None for p in flat):
         raise ValueError("cuDNN LSTM weights have no projection: every w_hr must be None")
     ws = [jnp.ravel(w.T) for p in flat for w in (p.w_ih, p.w_hh)]

@@ -31,7 +31,16 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks
-from .params import LSTMParams, LSTMState, kernel_init, lstm_bias_init, lstm_param_shapes, recurrent_init, stack_layout
+from .params import (
+    VARIANT_INITS,
+    LSTMParams,
+    LSTMState,
+    kernel_init,
+    lstm_bias_init,
+    lstm_param_shapes,
+    recurrent_init,
+    stack_layout,
+)
 from .recurrence import lstm_cell
 from .stack import DIRECTIONS, StackParams, layer_key, module_call
 
@@ -45,15 +54,28 @@ def _inits(module) -> dict:
         "kernel": module.kernel_init,
         "recurrent": module.recurrent_kernel_init,
         "bias": module.bias_init or lstm_bias_init(module.forget_bias),
+        **VARIANT_INITS,
     }
 
 
-def _layer_params(module: nn.Module, inits: dict, d_in: int, H: int, proj_size: int | None, bias: bool) -> LSTMParams:
+def _layer_params(
+    module: nn.Module, inits: dict, d_in: int, H: int, proj_size: int | None, bias: bool, variants=()
+) -> LSTMParams:
+    """One layer-direction's params; ``variants``: ``(("peephole", True), ...)`` for
+    :func:`jaxlstm.params.lstm_param_shapes`."""
     arrays = {
         name: module.param(name, inits[role], shape, module.param_dtype)
-        for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size, bias).items()
+        for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size, bias, **dict(variants)).items()
     }
-    return LSTMParams(arrays["w_ih"], arrays["w_hh"], arrays.get("b"), arrays.get("w_hr"))
+    return _from_arrays(arrays)
+
+
+def _from_arrays(arrays: Mapping) -> LSTMParams:
+    return LSTMParams(arrays["w_ih"], arrays["w_hh"], *(arrays.get(f) for f in LSTMParams._fields[2:]))
+
+
+def _variants(module) -> tuple:
+    return (("peephole", module.peephole), ("layer_norm", module.layer_norm), ("num_heads", module.num_heads))
 
 
 def _compute(module, xs):
@@ -107,7 +129,7 @@ class LSTMCell(nn.RNNCellBase):
 class _Direction(nn.Module):
     """The params of one layer-direction: a scope in the tree, no maths."""
 
-    shape: tuple  # (d_in, features, proj_size, use_bias)
+    shape: tuple  # (d_in, features, proj_size, use_bias, variants)
     inits: Any
     param_dtype: Any
 
@@ -148,8 +170,10 @@ class LSTM(nn.Module):
     Attributes:
       features: hidden size H. num_layers, bidirectional, proj_size, dropout,
         recurrent_dropout, zoneout_c, zoneout_h, unroll, checkpoint_every,
-        backward, time_major: as in
-        :func:`jaxlstm.lstm_stack`. deterministic: see above. dtype: computation
+        backward, time_major: as in :func:`jaxlstm.lstm_stack`. peephole,
+        layer_norm, num_heads: the variants, as in :func:`jaxlstm.init_lstm`
+        (the params gain ``peephole``, ``ln_gates``, ``ln_cell``; with heads
+        ``w_hh`` is ``[k, R/k, 4H/k]``). deterministic: see above. dtype: computation
         dtype (also the matmul ``compute_dtype``); param_dtype; initialisers and
         ``use_bias`` as :class:`LSTMCell`.
 
@@ -168,6 +192,9 @@ class LSTM(nn.Module):
     proj_size: int | None = None
     dropout: float = 0.0
     recurrent_dropout: float = 0.0
+    peephole: bool = False
+    layer_norm: bool = False
+    num_heads: int = 1
     zoneout_c: float = 0.0
     zoneout_h: float = 0.0
     deterministic: bool | None = None
@@ -201,7 +228,7 @@ class LSTM(nn.Module):
         dirs = 2 if self.bidirectional else 1
         params = tuple(
             _Layer(
-                (d_in, self.features, self.proj_size, self.use_bias),
+                (d_in, self.features, self.proj_size, self.use_bias, _variants(self)),
                 dirs,
                 _inits(self),
                 self.param_dtype,
@@ -229,13 +256,7 @@ def stack_params(variables: Mapping) -> StackParams:
     layers = []
     for l in range(len(p)):
         layer = p[layer_key(l)]
-        layers.append(
-            tuple(
-                LSTMParams(layer[d]["w_ih"], layer[d]["w_hh"], layer[d].get("b"), layer[d].get("w_hr"))
-                for d in DIRECTIONS
-                if d in layer
-            )
-        )
+        layers.append(tuple(_from_arrays(layer[d]) for d in DIRECTIONS if d in layer))
     return tuple(layers)
 
 

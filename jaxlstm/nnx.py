@@ -26,7 +26,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import _checks
-from .params import LSTMParams, LSTMState, kernel_init, lstm_bias_init, lstm_param_shapes, recurrent_init, stack_layout
+from .params import (
+    VARIANT_INITS,
+    LSTMParams,
+    LSTMState,
+    kernel_init,
+    lstm_bias_init,
+    lstm_param_shapes,
+    recurrent_init,
+    stack_layout,
+)
 from .recurrence import lstm_cell
 from .stack import DIRECTIONS, StackParams, check_stack, layer_key, module_call
 
@@ -38,21 +47,21 @@ Initializer = Callable[..., jax.Array]
 class _Weights(nnx.Module):
     """The params of one layer-direction (or of a cell)."""
 
-    def __init__(self, d_in, H, proj_size, bias, inits, param_dtype, rngs: nnx.Rngs):
-        shapes = lstm_param_shapes(d_in, H, proj_size, bias)
+    def __init__(self, d_in, H, proj_size, bias, inits, param_dtype, rngs: nnx.Rngs, variants=None):
+        shapes = lstm_param_shapes(d_in, H, proj_size, bias, **(variants or {}))
 
         def make(name):
             shape, role = shapes[name]
             return nnx.Param(inits[role](rngs.params(), shape, param_dtype))
 
         self.w_ih, self.w_hh = make("w_ih"), make("w_hh")
-        self.b = make("b") if "b" in shapes else nnx.data(None)
-        self.w_hr = make("w_hr") if "w_hr" in shapes else nnx.data(None)
+        for name in LSTMParams._fields[2:]:  # absent fields (no bias, no projection, ...) are None
+            setattr(self, name, make(name) if name in shapes else nnx.data(None))
 
     def lstm_params(self) -> LSTMParams:
         """The weights as ``LSTMParams`` for the functional API."""
         opt = lambda v: None if v is None else v[...]
-        return LSTMParams(self.w_ih[...], self.w_hh[...], opt(self.b), opt(self.w_hr))
+        return LSTMParams(self.w_ih[...], self.w_hh[...], *(opt(getattr(self, f)) for f in LSTMParams._fields[2:]))
 
 
 class _Layer(nnx.Module):
@@ -62,7 +71,7 @@ class _Layer(nnx.Module):
 
 
 def _inits(kernel, recurrent, bias, forget_bias):
-    return {"kernel": kernel, "recurrent": recurrent, "bias": bias or lstm_bias_init(forget_bias)}
+    return {"kernel": kernel, "recurrent": recurrent, "bias": bias or lstm_bias_init(forget_bias), **VARIANT_INITS}
 
 
 class LSTMCell(_Weights):
@@ -131,6 +140,9 @@ class LSTM(nnx.Module):
         dropout: float = 0.0,
         *,
         recurrent_dropout: float = 0.0,
+        peephole: bool = False,
+        layer_norm: bool = False,
+        num_heads: int = 1,
         zoneout_c: float = 0.0,
         zoneout_h: float = 0.0,
         deterministic: bool = False,
@@ -157,9 +169,10 @@ class LSTM(nnx.Module):
         self.checkpoint_every, self.backward, self.time_major = checkpoint_every, backward, time_major
         inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
         layout = stack_layout(in_features, hidden_features, num_layers, bidirectional, proj_size)
+        variants = {"peephole": peephole, "layer_norm": layer_norm, "num_heads": num_heads}
         for l in range(num_layers):
             ws = [
-                _Weights(d_in, hidden_features, proj_size, use_bias, inits, param_dtype, rngs)
+                _Weights(d_in, hidden_features, proj_size, use_bias, inits, param_dtype, rngs, variants)
                 for l2, _, d_in in layout
                 if l2 == l
             ]

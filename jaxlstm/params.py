@@ -23,6 +23,7 @@ import jax.numpy as jnp
 __all__ = [
     "GATE_ORDER",
     "LSTMParams",
+    "block_diagonal",
     "LSTMState",
     "init_lstm",
     "zero_state",
@@ -40,16 +41,40 @@ class LSTMParams(NamedTuple):
 
     Attributes:
       w_ih: input kernel ``[D, 4H]``.
-      w_hh: recurrent kernel ``[R, 4H]`` (``R = P`` if projected, else ``H``).
+      w_hh: recurrent kernel ``[R, 4H]`` (``R = P`` if projected, else ``H``); with
+        ``k`` heads (multi-head recurrence) the block-diagonal kernel's blocks
+        ``[k, R/k, 4H/k]``: ``w_hh[j]`` maps head j's ``R/k`` units of ``h`` to head
+        j's gate columns, in the order ``i, f, g, o`` of its ``H/k`` units each
+        (:func:`block_diagonal` gives the dense ``[R, 4H]`` matrix).
       b: bias ``[4H]``, or ``None`` for a layer without bias (PyTorch's
         ``bias=False``).
       w_hr: projection kernel ``[H, P]``, or ``None`` without projection.
+      peephole: peephole weights ``[3, H]`` (rows ``p_i, p_f, p_o``), or ``None``.
+      ln_gates: layer-norm gains and biases of the two projections ``[4, 4H]``
+        (rows ``γ_x, β_x, γ_h, β_h``), or ``None``.
+      ln_cell: layer-norm gain and bias of the cell state ``[2, H]``, or ``None``.
+
+    The last three (and multi-head ``w_hh``) are the variants of
+    :mod:`jaxlstm._variant`; a plain LSTM has them ``None``.
     """
 
     w_ih: jax.Array
     w_hh: jax.Array
     b: jax.Array | None
     w_hr: jax.Array | None = None
+    peephole: jax.Array | None = None
+    ln_gates: jax.Array | None = None
+    ln_cell: jax.Array | None = None
+
+    @property
+    def num_heads(self) -> int:
+        """``k`` of a multi-head (block-diagonal) recurrent kernel; 1 for a dense one."""
+        return 1 if self.w_hh.ndim == 2 else self.w_hh.shape[0]
+
+    @property
+    def is_variant(self) -> bool:
+        """Peepholes, layer norm or several heads: runs on :mod:`jaxlstm._variant`."""
+        return self.num_heads > 1 or any(v is not None for v in (self.peephole, self.ln_gates, self.ln_cell))
 
 
 class LSTMState(NamedTuple):
@@ -65,20 +90,64 @@ def _check_size(name: str, value) -> int:
     return value
 
 
-def lstm_param_shapes(input_size: int, hidden_size: int, proj_size: int | None = None, bias: bool = True) -> dict:
+def lstm_param_shapes(
+    input_size: int,
+    hidden_size: int,
+    proj_size: int | None = None,
+    bias: bool = True,
+    *,
+    peephole: bool = False,
+    layer_norm: bool = False,
+    num_heads: int = 1,
+) -> dict:
     """``{field: (shape, role)}`` of one layer's ``LSTMParams`` (fields that are
-    ``None`` left out); role is one of ``"kernel"``, ``"recurrent"``, ``"bias"``
-    (which initialiser a module uses)."""
+    ``None`` left out); role is one of ``"kernel"``, ``"recurrent"``, ``"bias"``,
+    ``"peephole"``, ``"ln_gates"``, ``"ln_cell"`` (which initialiser a module uses)."""
     H, R = hidden_size, hidden_size if proj_size is None else proj_size
+    k = _check_size("num_heads", num_heads)
+    if H % k or R % k:
+        raise ValueError(f"num_heads must divide hidden_size={H} (and proj_size), got {k}")
     shapes: dict[str, tuple[tuple[int, ...], str]] = {
         "w_ih": ((input_size, 4 * H), "kernel"),
-        "w_hh": ((R, 4 * H), "recurrent"),
+        "w_hh": ((R, 4 * H) if k == 1 else (k, R // k, 4 * H // k), "recurrent"),
     }
     if bias:
         shapes["b"] = ((4 * H,), "bias")
     if proj_size is not None:
         shapes["w_hr"] = ((H, R), "kernel")
+    if peephole:
+        shapes["peephole"] = ((3, H), "peephole")
+    if layer_norm:
+        shapes["ln_gates"] = ((4, 4 * H), "ln_gates")
+        shapes["ln_cell"] = ((2, H), "ln_cell")
     return shapes
+
+
+def layer_norm_init(key, shape, dtype=jnp.float32):
+    """Gains 1 and biases 0 of ``[2m, F]`` rows ``(γ, β, γ, β, ...)``."""
+    return jnp.tile(jnp.array([1.0, 0.0], dtype)[:, None], (shape[0] // 2, shape[1]))
+
+
+def peephole_init(key, shape, dtype=jnp.float32):
+    """Zeros: a peephole LSTM starts as the plain one."""
+    return jnp.zeros(shape, dtype)
+
+
+# The initialisers of the variant fields, by role (lstm_param_shapes), for the modules.
+VARIANT_INITS = {"peephole": peephole_init, "ln_gates": layer_norm_init, "ln_cell": layer_norm_init}
+
+
+def block_diagonal(w_hh: jax.Array) -> jax.Array:
+    """The dense ``[R, 4H]`` recurrent kernel of a multi-head ``[k, R/k, 4H/k]`` one
+    (zeros off the blocks); a dense kernel is returned as it is."""
+    if w_hh.ndim == 2:
+        return w_hh
+    k, rk, gk = w_hh.shape
+    hk = gk // 4
+    dense = jnp.zeros((k, rk, 4, k, hk), w_hh.dtype)  # [head of h, unit, gate, head of gate, unit]
+    blocks = w_hh.reshape(k, rk, 4, hk)
+    dense = dense.at[jnp.arange(k), :, :, jnp.arange(k), :].set(blocks)
+    return dense.reshape(k * rk, 4 * k * hk)
 
 
 def stack_layout(input_size: int, hidden_size: int, num_layers: int, bidirectional: bool, proj_size: int | None):
@@ -95,7 +164,10 @@ def kernel_init(key, shape, dtype=jnp.float32):
 
 def recurrent_init(key, shape, dtype=jnp.float32, *, n_gates: int = 4):
     """Orthogonal per gate block of a ``[R, G*H]`` recurrent kernel (float32, then cast;
-    QR has no bfloat16 kernel)."""
+    QR has no bfloat16 kernel); of each head's block for a multi-head ``[k, R/k, G*H/k]`` one."""
+    if len(shape) == 3:
+        keys = jax.random.split(key, shape[0])
+        return jnp.stack([recurrent_init(k, shape[1:], dtype, n_gates=n_gates) for k in keys])
     R, GH = shape
     orth = jax.nn.initializers.orthogonal()
     blocks = [orth(k, (R, GH // n_gates), jnp.float32) for k in jax.random.split(key, n_gates)]
@@ -121,12 +193,16 @@ def init_lstm(
     proj_size: int | None = None,
     forget_bias: float = 1.0,
     bias: bool = True,
+    peephole: bool = False,
+    layer_norm: bool = False,
+    num_heads: int = 1,
     dtype=jnp.float32,
 ) -> LSTMParams:
     """Initialise one LSTM layer.
 
     Glorot-uniform input kernel, orthogonal recurrent kernel (per gate block),
-    zero bias except ``forget_bias`` on the f slice, Glorot-uniform projection.
+    zero bias except ``forget_bias`` on the f slice, Glorot-uniform projection;
+    peepholes zero, layer-norm gains 1 and biases 0.
 
     Args:
       key: a PRNG key.
@@ -135,6 +211,10 @@ def init_lstm(
       proj_size: P for an LSTMP layer, or ``None``.
       forget_bias: added to the forget-gate bias (1.0 is the usual choice).
       bias: ``False`` for a layer without bias (``b=None``).
+      peephole: peephole connections (Gers & Schmidhuber 2000).
+      layer_norm: layer-normalised LSTM (Ba et al. 2016): the two projections
+        and the cell state before its ``tanh``.
+      num_heads: ``k > 1``: a block-diagonal recurrent kernel of ``k`` heads.
       dtype: parameter dtype.
 
     Returns:
@@ -152,13 +232,19 @@ def init_lstm(
         P = _check_size("proj_size", proj_size)
         if P >= H:
             raise ValueError(f"proj_size must be smaller than hidden_size={H}, got {P}")
-    R = H if proj_size is None else proj_size
+    shapes = lstm_param_shapes(
+        D, H, proj_size, bias, peephole=bool(peephole), layer_norm=bool(layer_norm), num_heads=num_heads
+    )
     k_ih, k_hh, k_hr = jax.random.split(key, 3)
+    opt = lambda name, make: make(shapes[name][0]) if name in shapes else None
     return LSTMParams(
-        kernel_init(k_ih, (D, 4 * H), dtype),
-        recurrent_init(k_hh, (R, 4 * H), dtype),
-        lstm_bias_init(forget_bias)(None, (4 * H,), dtype) if bias else None,
-        None if proj_size is None else kernel_init(k_hr, (H, R), dtype),
+        kernel_init(k_ih, shapes["w_ih"][0], dtype),
+        recurrent_init(k_hh, shapes["w_hh"][0], dtype),
+        opt("b", lambda s: lstm_bias_init(forget_bias)(None, s, dtype)),
+        opt("w_hr", lambda s: kernel_init(k_hr, s, dtype)),
+        opt("peephole", lambda s: peephole_init(None, s, dtype)),
+        opt("ln_gates", lambda s: layer_norm_init(None, s, dtype)),
+        opt("ln_cell", lambda s: layer_norm_init(None, s, dtype)),
     )
 
 

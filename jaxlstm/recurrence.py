@@ -9,6 +9,8 @@ inputs and outputs keep the caller's layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from . import _checks, tuning
 from ._engine import accum_dtype, apply_sequence, batch_size, dropout_masks, matmul_dtype, zoneout_masks
 from ._fused import FusedConfig, fused_lstm
 from ._step import Zoneout, lstm_scan_core, lstm_step
+from ._variant import fused_variant, variant_scan_core, variant_step
 from .params import LSTMParams, LSTMState
 
 __all__ = ["lstm", "lstm_cell"]
@@ -52,8 +55,11 @@ def lstm_cell(params: LSTMParams, state: LSTMState, x: Array, *, compute_dtype=N
     _checks.step_input("x", x, D, batch_shape=np.shape(state.h)[:-1])
     _checks.lstm_state("state", state, x.shape[:-1], H, R)
     mm, acc = _dtypes(params, x.dtype, compute_dtype)
-    step = lstm_step(params, mm, acc)
-    (h, c), y, _ = step((state.h.astype(acc), state.c.astype(acc)), x)
+    step = variant_step(params, mm, acc) if params.is_variant else lstm_step(params, mm, acc)
+    lead = x.shape[:-1]
+    flat = lambda a: a.reshape((-1, a.shape[-1]))  # the variant step is [B, F]
+    (h, c), y, _ = step((flat(state.h.astype(acc)), flat(state.c.astype(acc))), flat(x))
+    c, y = c.reshape(lead + c.shape[-1:]), y.reshape(lead + y.shape[-1:])
     y = y.astype(x.dtype)
     return LSTMState(y, c), y
 
@@ -209,17 +215,24 @@ def lstm(
     if zoneout is not None:
         per_step = (None, None) if deterministic else zoneout_masks(T, batch_shape, H, R, zoneout, key)
 
-    layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
+    # Peepholes, layer norm and heads run on jaxlstm._variant (batch-major steps).
     if backward == "fused":
-        cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout, zoneout=zoneout)
+        if params.is_variant:
+            fused, cfg = fused_variant, FusedConfig(mm, acc, unroll, checkpoint_every, zoneout=zoneout)
+        else:
+            layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
+            fused = fused_lstm
+            cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout, zoneout=zoneout)
 
         def fused_core(inputs, carries, steps):
             xs_tm, zs = (inputs, None) if per_step is None else (inputs[0], inputs[1:])
-            return fused_lstm(cfg, params, carries[0], xs_tm, steps, carries[1], carries[2], zs)
+            return fused(cfg, params, carries[0], xs_tm, steps, carries[1], carries[2], zs)
 
-        core = fused_core
-
+        core: Callable = fused_core
+    elif params.is_variant:
+        core = variant_scan_core(params, mm, acc, unroll=unroll, zoneout=zoneout)
     else:
+        layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
         core = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll, zoneout=zoneout)
 
     ys, (h, c) = apply_sequence(

@@ -35,9 +35,13 @@ def init_lstm_stack(
     proj_size: int | None = None,
     forget_bias: float = 1.0,
     bias: bool = True,
+    peephole: bool = False,
+    layer_norm: bool = False,
+    num_heads: int = 1,
     dtype=jnp.float32,
 ) -> StackParams:
     """Initialise a stack; layer ``l > 0`` has input size ``num_directions * R``.
+    ``peephole``, ``layer_norm`` and ``num_heads`` as in :func:`jaxlstm.init_lstm`, in every layer.
 
     Example:
       >>> import jax, jaxlstm
@@ -51,7 +55,18 @@ def init_lstm_stack(
     layout = stack_layout(input_size, hidden_size, num_layers, bidirectional, proj_size)
     keys = jax.random.split(key, len(layout))
     flat = [
-        init_lstm(k, d_in, hidden_size, proj_size=proj_size, forget_bias=forget_bias, bias=bias, dtype=dtype)
+        init_lstm(
+            k,
+            d_in,
+            hidden_size,
+            proj_size=proj_size,
+            forget_bias=forget_bias,
+            bias=bias,
+            peephole=peephole,
+            layer_norm=layer_norm,
+            num_heads=num_heads,
+            dtype=dtype,
+        )
         for k, (_, _, d_in) in zip(keys, layout, strict=True)
     ]
     return group_layers(flat, 2 if bidirectional else 1)
