@@ -50,12 +50,17 @@ from .params import LSTMParams
 LN_EPS = 1e-5
 
 
+def _row(w, like):
+    """A ``[F]`` vector shaped to multiply ``like [..., F]`` (strict rank promotion)."""
+    return w.astype(like.dtype).reshape((1,) * (like.ndim - 1) + w.shape)
+
+
 def layer_norm(v, gain, bias):
     """Layer normalisation over the last axis (Ba et al. 2016), ``ε = 1e-5``."""
     mean = v.mean(-1, keepdims=True)
     d = v - mean
     var = (d * d).mean(-1, keepdims=True)
-    return add_bias(d * jax.lax.rsqrt(var + LN_EPS) * gain.astype(v.dtype), bias)
+    return add_bias(d * jax.lax.rsqrt(var + LN_EPS) * _row(gain, v), bias)
 
 
 def heads_of(w_hh) -> int:
@@ -125,10 +130,10 @@ def pointwise(a, r, h_prev, c_prev, th: Theta, kc, kh, mm, acc):
     zi, zf, zg, zo = split_gates(z)
     p = None if th.peephole is None else th.peephole.astype(acc)
     if p is not None:
-        zi, zf = zi + p[0] * c_prev, zf + p[1] * c_prev
+        zi, zf = zi + _row(p[0], c_prev) * c_prev, zf + _row(p[1], c_prev) * c_prev
     i, f, g = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg)
     c = f * c_prev + i * g
-    o = jax.nn.sigmoid(zo if p is None else zo + p[2] * c)
+    o = jax.nn.sigmoid(zo if p is None else zo + _row(p[2], c) * c)
     c_out = c if th.ln_cell is None else layer_norm(c, th.ln_cell[0].astype(acc), th.ln_cell[1])
     h = o * jnp.tanh(c_out)
     if th.w_hr is not None:

@@ -104,3 +104,57 @@ def gru_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=N
 
     ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse, mask, resets)
     return ys, h
+
+
+def _layer_norm(xp, v, gain, bias, eps=1e-5):
+    mean = v.mean(-1, keepdims=True)
+    var = ((v - mean) ** 2).mean(-1, keepdims=True)
+    return (v - mean) / xp.sqrt(var + eps) * gain + bias
+
+
+def lstm_variant_step_ref(xp, params, h, c, x):
+    """The published equations, gate by gate, with a dense recurrent kernel
+    ``params["w_hh_dense"]`` (a multi-head kernel's block-diagonal expansion).
+
+    Peepholes (Gers & Schmidhuber 2000): ``c(t-1)`` into i and f, ``c(t)`` into o.
+    Layer norm (Ba et al. 2016, §3.1): ``LN(x·W_x) + LN(h·W_h) + b`` and
+    ``h = o ∗ tanh(LN(c(t)))``."""
+    H = params["w_ih"].shape[1] // 4
+    a, r = x @ params["w_ih"], h @ params["w_hh_dense"]
+    ln = params.get("ln_gates")
+    z = (_layer_norm(xp, a, ln[0], ln[1]) + _layer_norm(xp, r, ln[2], ln[3])) if ln is not None else a + r
+    if params.get("b") is not None:
+        z = z + params["b"]
+    p = params.get("peephole")
+    zi, zf, zg, zo = (z[..., k * H : (k + 1) * H] for k in range(4))
+    i = _sigmoid(xp, zi + (0 if p is None else p[0] * c))
+    f = _sigmoid(xp, zf + (0 if p is None else p[1] * c))
+    c = f * c + i * xp.tanh(zg)
+    o = _sigmoid(xp, zo + (0 if p is None else p[2] * c))
+    lc = params.get("ln_cell")
+    h = o * xp.tanh(c if lc is None else _layer_norm(xp, c, lc[0], lc[1]))
+    if params.get("w_hr") is not None:
+        h = h @ params["w_hr"]
+    return h, c
+
+
+def block_diagonal_ref(w_hh):
+    """``[k, R/k, 4H/k]`` blocks -> the dense ``[R, 4H]`` kernel, by loops: head j's
+    rows feed gate column ``g * H + j * H/k + u`` from its block's column ``g * H/k + u``."""
+    w = np.asarray(w_hh, np.float64)
+    k, rk, gk = w.shape
+    hk = gk // 4
+    dense = np.zeros((k * rk, 4 * k * hk))
+    for j in range(k):
+        for g in range(4):
+            dense[j * rk : (j + 1) * rk, g * k * hk + j * hk : g * k * hk + (j + 1) * hk] = w[j][
+                :, g * hk : (g + 1) * hk
+            ]
+    return dense
+
+
+def lstm_variant_ref(xp, params, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None):
+    def step(h, c, x):
+        return lstm_variant_step_ref(xp, params, h, c, x)
+
+    return run_ref(xp, step, xs, h0, c0, lengths, reverse, mask, resets)
