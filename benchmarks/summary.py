@@ -141,6 +141,19 @@ def main(argv=None):
                 for r in d["records"]
             )
             parts.append("")
+    va = _load(folder, "variants.json")
+    if va:
+        parts.append(
+            "## LSTM variants against the plain LSTM (`benchmarks.variants`)\n\n"
+            f"Machine: {va['machine']['cpu']}, {va['machine']['cores']} cores; fused backward pass for all.\n"
+        )
+        parts.append("| (B, D, H, T) | variant | mode | median | speed vs plain |\n|---|---|---|---|---|")
+        parts.extend(
+            f"| {tuple(r['shape'])} | {r['variant']} | {r['mode']} | {r['median_s'] * 1e3:.1f} ms | "
+            f"{r['vs_plain']:.2f}x |"
+            for r in va["rows"]
+        )
+        parts.append("")
     sh = _load(folder, "sharding.json")
     if sh:
         parts.append(

@@ -130,3 +130,14 @@ def test_sharding_quick(tmp_path):
         ("model", m, c) for m in ("forward", "train") for c in ["1 device"] + [f"model x{k}" for k in n]
     }
     assert all(r["median_s"] > 0 for r in rows) and all(r["vs_1"] == 1.0 for r in rows if r["case"] == "1 device")
+
+
+def test_variants_quick(tmp_path):
+    from benchmarks import variants
+
+    rows = variants.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "variants.json").read_text())
+    assert {(r["variant"], r["mode"]) for r in data["rows"]} == {
+        (v, m) for v in variants.VARIANTS for m in ("forward", "train")
+    }
+    assert all(r["vs_plain"] == 1.0 for r in rows if r["variant"] == "plain")
