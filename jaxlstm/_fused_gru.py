@@ -1,5 +1,7 @@
-"""The GRU's training fast path: a ``custom_vjp`` over a whole sequence, as
-:mod:`jaxlstm._fused` is for the LSTM (batch-major ``[B, F]`` steps).
+"""The training fast path of the single-state cells, the GRU and the Elman RNN: a
+``custom_vjp`` over a whole sequence, as :mod:`jaxlstm._fused` is for the LSTM
+(batch-major ``[B, F]`` steps). A :class:`Cell` gives the step, its per-step VJP
+and what its recurrent-kernel gradient reads; :func:`fused_cell` is the rest.
 
 With ``gx = x @ w_ih + b``, ``gh = h @ w_hh`` (gate order r, z, n) the step is::
 
@@ -17,10 +19,14 @@ per step, in a reverse ``lax.scan`` carrying ``dh``)::
 and after the loop ``dW_ih = Xᵀ·dGX``, ``db = ΣdGX``, ``dX = dGX·W_ihᵀ``,
 ``dW_hh = H_prevᵀ·dGH``, ``db_hn = ΣdGH_n`` are each one GEMM (or sum) over all T·B
 rows. Steps past a sequence's length pass ``dh`` through and contribute nothing.
+
+The Elman step ``h(t) = tanh(x·W_ih + b + h(t-1)·W_hh)`` saves ``h(t)`` (before
+zoneout); its VJP is ``dpre = dh ∗ (1 - h²)``, ``dh(t-1) = dpre·W_hhᵀ``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -84,42 +90,97 @@ def gru_step_vjp(w_hh, r, z, n, hn, h_prev, dh, mm_dtype, acc_dtype, h_mask=None
     return GRUStepGrads(jnp.concatenate([dr, dz, dn], axis=-1), dh_prev)
 
 
-class SavedGRU(NamedTuple):
-    params: Any  # GRUParams
+def _gru_vjp(params, res, h_prev, dh, mm, acc, h_mask):
+    r, z, n, hn = res
+    g = gru_step_vjp(params.w_hh, r, z, n, hn, h_prev, dh, mm, acc, h_mask)
+    return g.dgx, g.dh_prev
+
+
+def _gru_finish(params, dgx, res):
+    """``dgh`` (the cotangent of ``h·W_hh``: the n block scaled by r) and ``db_hn``."""
+    r = res[0]
+    H = r.shape[-1]
+    dgh = jnp.concatenate([dgx[..., : 2 * H], dgx[..., 2 * H :] * r], axis=-1)
+    return dgh, (dgh[..., 2 * H :].sum(axis=(0, 1)),)
+
+
+def elman_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None):
+    """The Elman step ``(h, x) -> (h, h, (h̃,))``, batch-major, with recurrent dropout
+    and zoneout as :func:`gru_step`."""
+
+    def step(h, x):
+        if zoneout is not None:
+            x, zh = x
+        h_in = h if h_mask is None else h * h_mask
+        pre = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h_in, params.w_hh, mm_dtype, acc_dtype), params.b)
+        h_new = jnp.tanh(pre)
+        h_out = h_new if zoneout is None else zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
+        return h_out, h_out, (h_new,)
+
+    return step
+
+
+def _elman_vjp(params, res, h_prev, dh, mm, acc, h_mask):
+    (h_new,) = res
+    dpre = dh * (1 - h_new * h_new)
+    dh_rec = dot(dpre, params.w_hh.T, mm, acc)
+    return dpre, dh_rec if h_mask is None else dh_rec * h_mask
+
+
+class Cell(NamedTuple):
+    """A single-state cell for :func:`fused_cell` (hashable: a static argument).
+
+    * ``step(params, mm, acc, h_mask, zoneout)`` -> ``(h, x) -> (h, h, residuals)``;
+    * ``vjp(params, residuals, h_prev, dh, mm, acc, h_mask)`` -> ``(dgx, dh_prev)``:
+      ``dgx`` the cotangent of the input projection ``x·W_ih + b`` ``[B, G*H]``;
+    * ``finish(params, dgx, residuals)`` -> ``(dgh, extra)`` over all steps:
+      the cotangent of ``h·W_hh`` and the gradients of the params after ``b``."""
+
+    step: Callable
+    vjp: Callable
+    finish: Callable
+
+
+GRU = Cell(gru_step, _gru_vjp, _gru_finish)
+ELMAN = Cell(elman_step, _elman_vjp, lambda params, dgx, res: (dgx, ()))
+
+
+class SavedCell(NamedTuple):
+    params: Any  # GRUParams / RNNParams
     h0: jax.Array
     xs: jax.Array  # [T, B, D]
     steps: Steps | None
     ys: jax.Array  # [T, B, H]
-    gates: tuple  # (r, z, n, hn), each [T, B, H]
+    residuals: tuple  # the step's, each [T, B, ...]
     h_in: jax.Array | None  # the state entering each step, with a mask or resets
     h_mask: jax.Array | None  # recurrent dropout, [B, H]
     zh: jax.Array | None  # zoneout keep masks, [T, B, H]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def fused_gru(cfg: FusedConfig, params, h0, xs, steps: Steps | None, h_reset, h_mask=None, zh=None):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def fused_cell(cfg: FusedConfig, cell: Cell, params, h0, xs, steps: Steps | None, h_reset, h_mask=None, zh=None):
     """Time-major core: ``xs [T, B, D]``, ``h0 [B, H]`` in the accumulation dtype,
     ``steps`` time-major, ``h_reset`` the state ``steps.resets`` restore, ``h_mask``
     the recurrent dropout mask ``[B, H]`` or ``None``, ``zh [T, B, H]`` the zoneout
     keep masks of training or ``None`` (then ``cfg.zoneout.h`` mixes). Returns
     ``(ys [T, B, H], h)``."""
-    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
+    step = cell.step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
     without = lambda h, x: step(h, x)[:2] + (None,)
     inputs = xs if cfg.zoneout is None else (xs, zh)
     h, ys, _ = scan_masked(without, h0, inputs, steps, unroll=cfg.unroll, reset_to=h_reset)
     return ys, h
 
 
-def _forward_pass(cfg, params, h0, xs, steps, h_reset, h_mask=None, zh=None):
-    step = gru_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
+def _forward_pass(cfg, cell, params, h0, xs, steps, h_reset, h_mask=None, zh=None):
+    step = cell.step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
     per_step = steps is not None and steps.per_step
     inputs = xs if cfg.zoneout is None else (xs, zh)
     h, ys, aux = scan_masked(step, h0, inputs, steps, unroll=cfg.unroll, save_carry_in=per_step, reset_to=h_reset)
-    gates, h_in = aux if per_step else (aux, None)
-    return (ys, h), SavedGRU(params, h0, xs, steps, ys, gates, h_in, h_mask, zh)
+    residuals, h_in = aux if per_step else (aux, None)
+    return (ys, h), SavedCell(params, h0, xs, steps, ys, residuals, h_in, h_mask, zh)
 
 
-def _backward_pass(cfg, res: SavedGRU, cotangents):
+def _backward_pass(cfg, cell: Cell, res: SavedCell, cotangents):
     dys, dh = cotangents
     mm, acc = cfg.mm_dtype, cfg.acc_dtype
     params, xs = res.params, res.xs
@@ -134,23 +195,21 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
 
     def body(carry, inp):
         dh, dinit = carry
-        t, m, rs, zh, dy, r, z, n, hn, hp = inp
+        t, m, rs, zh, dy, step_res, hp = inp
         valid = valid_steps(t, steps.lengths, mask_t=m)
         dh_tot = where_valid(valid, dy.astype(acc), 0) + dh
         # Zoneout: h = k h(t-1) + (1 - k) h̃; the step's VJP sees h̃'s share.
         k = keep_weight(zh, rate, acc)
-        g = gru_step_vjp(params.w_hh, r, z, n, hn, hp, dh_tot if k is None else dh_tot * (1 - k), mm, acc, res.h_mask)
-        dh_prev = g.dh_prev if k is None else g.dh_prev + k * dh_tot
+        dgx, dh_prev = cell.vjp(params, step_res, hp, dh_tot if k is None else dh_tot * (1 - k), mm, acc, res.h_mask)
+        dh_prev = dh_prev if k is None else dh_prev + k * dh_tot
         dh, dinit = route_state_cotangent(valid, resets_at(valid, rs), dh_prev, dh, dinit)
-        return (dh, dinit), where_valid(valid, g.dgx, 0)
+        return (dh, dinit), where_valid(valid, dgx, 0)
 
     ts = jnp.arange(T, dtype=jnp.int32)
     dh = dh.astype(acc)
-    ins = (ts, steps.mask, steps.resets, res.zh, dys, *res.gates, h_prev)
+    ins = (ts, steps.mask, steps.resets, res.zh, dys, res.residuals, h_prev)
     (dh0, dinit), dgx = jax.lax.scan(body, (dh, jnp.zeros_like(dh)), ins, reverse=True)
-    r = res.gates[0]
-    H = r.shape[-1]
-    dgh = jnp.concatenate([dgx[..., : 2 * H], dgx[..., 2 * H :] * r], axis=-1)
+    dgh, extra = cell.finish(params, dgx, res.residuals)
 
     # One GEMM each over all T*B rows (on [T*B, F] views, or as einsums under a
     # device mesh, which keep a sharded batch axis sharded: engine.mesh_active).
@@ -163,8 +222,7 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
         return jnp.matmul(a.reshape((T * B, -1)).T, b.reshape((T * B, -1)), preferred_element_type=acc)
 
     h_rec = h_prev if res.h_mask is None else h_prev * res.h_mask[None]  # what h @ w_hh read
-    d_b, d_b_hn = dgx.sum(axis=(0, 1)), dgh[..., 2 * H :].sum(axis=(0, 1))
-    grads = type(params)(contract(xs, dgx), contract(h_rec, dgh), d_b, d_b_hn)
+    grads = type(params)(contract(xs, dgx), contract(h_rec, dgh), dgx.sum(axis=(0, 1)), *extra)
     if sharded:
         dxs = jnp.einsum("tbg,dg->tbd", dgx.astype(mm), params.w_ih.astype(mm), preferred_element_type=acc)
     else:
@@ -172,4 +230,4 @@ def _backward_pass(cfg, res: SavedGRU, cotangents):
     return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit, None, None
 
 
-fused_gru.defvjp(_forward_pass, _backward_pass)
+fused_cell.defvjp(_forward_pass, _backward_pass)

@@ -3,8 +3,8 @@
 Both go through the engine's ``apply_sequence`` and ``scan_masked``
 (:mod:`jaxlstm._engine`), so ``seq_lengths``, ``reverse``,
 ``time_major``, leading batch dims and the argument checks behave exactly as in
-:func:`jaxlstm.lstm`. The GRU has a fused backward pass (:mod:`jaxlstm._fused_gru`); the
-Elman RNN's gradients are plain JAX autodiff.
+:func:`jaxlstm.lstm`. Both have a fused backward pass (:mod:`jaxlstm._fused_gru`), and
+``backward="autodiff"`` is plain JAX autodiff of the scan.
 
 Elman RNN (``RNNParams``: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``)::
 
@@ -32,17 +32,15 @@ import jax.numpy as jnp
 from . import _checks
 from ._engine import (
     accum_dtype,
-    add_bias,
     apply_sequence,
-    dot,
     dropout_masks,
     matmul_dtype,
     scan_masked,
     zoneout_masks,
 )
 from ._fused import FusedConfig
-from ._fused_gru import fused_gru, gru_step
-from ._step import Zoneout, keep_weight, zoneout_mix
+from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
+from ._step import Zoneout
 from .params import _check_size, kernel_init, recurrent_init
 
 __all__ = ["GRUParams", "RNNParams", "gru", "gru_cell", "init_gru", "init_rnn", "rnn", "rnn_cell"]
@@ -86,22 +84,18 @@ def init_gru(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> GR
     )
 
 
-def _rnn_step(params: RNNParams, mm, acc, h_mask=None, zoneout=None):
-    def step(h, x):
-        if zoneout is not None:
-            x, zh = x
-        h_in = h if h_mask is None else h * h_mask
-        h_new = jnp.tanh(add_bias(dot(x, params.w_ih, mm, acc) + dot(h_in, params.w_hh, mm, acc), params.b))
-        if zoneout is not None:
-            h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc), h, h_new)
-        return h_new, h_new, None
+def _without_residuals(make_step):
+    """The fused backward pass's step, for the autodiff scan and the cells."""
 
-    return step
+    def make(params, mm, acc, h_mask=None, zoneout=None):
+        step = make_step(params, mm, acc, h_mask, zoneout)
+        return lambda h, x: step(h, x)[:2] + (None,)
+
+    return make
 
 
-def _gru_step(params: GRUParams, mm, acc, h_mask=None, zoneout=None):
-    step = gru_step(params, mm, acc, h_mask, zoneout)  # the fused backward pass's step, without its residuals
-    return lambda h, x: step(h, x)[:2] + (None,)
+_rnn_step = _without_residuals(elman_step)
+_gru_step = _without_residuals(gru_step)
 
 
 def _check(params, kind: str):
@@ -189,7 +183,7 @@ def _sequence(
         if backward == "fused":
             xs_tm, zh = (inputs, None) if per_step is None else inputs
             cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout)
-            return fused_gru(cfg, params, hs[0], xs_tm, steps, hs[1], hs[2], zh)
+            return fused_cell(cfg, GRU if kind == "gru" else ELMAN, params, hs[0], xs_tm, steps, hs[1], hs[2], zh)
         step = make_step(params, mm, acc, hs[2], zoneout)
         h, ys, _ = scan_masked(step, hs[0], inputs, steps, unroll=unroll, reset_to=hs[1])
         return ys, h
@@ -238,11 +232,15 @@ def rnn(
     time_major=False,
     unroll=1,
     compute_dtype=None,
+    backward: str = "fused",
 ):
     """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm` (``mask``,
     ``resets``, ``reset_state``, the dropouts, ``zoneout_h`` and ``deterministic``
     included), the state is ``h [..., H]``.
-    Its gradients are plain JAX autodiff.
+
+    ``backward="fused"`` (default): a hand-written backward pass for the whole
+    sequence (:mod:`jaxlstm._fused_gru`, the GRU's engine); ``"autodiff"``: plain
+    JAX autodiff of the scan, for forward-mode AD.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
     """
@@ -265,7 +263,7 @@ def rnn(
         time_major=time_major,
         unroll=unroll,
         compute_dtype=compute_dtype,
-        backward="autodiff",
+        backward=backward,
     )
 
 

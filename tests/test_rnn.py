@@ -126,18 +126,38 @@ def test_gru_step_vjp_matches_jax_vjp():
         chex.assert_trees_all_close((grads, g.dh_prev, g.dgx @ params.w_ih.T), want, rtol=1e-12, atol=1e-12)
 
 
+def test_elman_step_vjp_matches_jax_vjp():
+    """The fused Elman backward pass's per-step VJP (through its Cell) against jax.vjp (x64)."""
+    from jaxlstm._fused_gru import ELMAN
+
+    with jax.enable_x64(True):
+        params, xs, h0, _ = _inputs("rnn", seed=3)
+        params, x, h0 = jax.tree.map(lambda a: a.astype(jnp.float64), (params, xs[:, 0], h0))
+        f64 = jnp.float64
+        dh = jnp.cos(jnp.arange(B * H, dtype=f64)).reshape(B, H)
+        want = jax.vjp(lambda p, h, x: ELMAN.step(p, f64, f64)(h, x)[0], params, h0, x)[1](dh)
+        _, _, res = ELMAN.step(params, f64, f64)(h0, x)
+        dpre, dh_prev = ELMAN.vjp(params, res, h0, dh, f64, f64, None)
+        grads = jaxlstm.RNNParams(x.T @ dpre, h0.T @ dpre, dpre.sum(0))
+        chex.assert_trees_all_close((grads, dh_prev, dpre @ params.w_ih.T), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn"])
 @pytest.mark.parametrize(
     "batch_shape,time_major,T_", [((2, 2), False, 5), ((3,), True, 4), ((), False, 6), ((2,), False, 0)]
 )
-def test_gru_fused_equals_autodiff(batch_shape, time_major, T_):
+def test_fused_equals_autodiff(kind, batch_shape, time_major, T_):
     k = jax.random.split(jax.random.key(5), 3)
-    params = jaxlstm.init_gru(k[0], D, H)._replace(b_hn=jnp.linspace(-1.0, 1.0, H))
+    if kind == "gru":
+        params, run = jaxlstm.init_gru(k[0], D, H)._replace(b_hn=jnp.linspace(-1.0, 1.0, H)), jaxlstm.gru
+    else:
+        params, run = jaxlstm.init_rnn(k[0], D, H)._replace(b=jnp.linspace(-1.0, 1.0, H)), jaxlstm.rnn
     xs = jax.random.normal(k[1], (T_,) + batch_shape + (D,) if time_major else batch_shape + (T_, D))
     h0 = jax.random.normal(k[2], batch_shape + (H,))
     lengths = None if not batch_shape else jnp.arange(int(np.prod(batch_shape))).reshape(batch_shape) % (T_ + 1)
 
     def loss(p, x, h, backward):
-        ys, hT = jaxlstm.gru(p, x, h, seq_lengths=lengths, reverse=True, time_major=time_major, backward=backward)
+        ys, hT = run(p, x, h, seq_lengths=lengths, reverse=True, time_major=time_major, backward=backward)
         return (jnp.sin(ys)).sum() + (hT**2).sum()
 
     got = jax.grad(loss, argnums=(0, 1, 2))(params, xs, h0, "fused")
@@ -149,10 +169,11 @@ def test_gru_check_grads_x64_and_bfloat16():
     from jax.test_util import check_grads
 
     with jax.enable_x64(True):
-        params, xs, h0, L = _inputs("gru", seed=4)
-        params, xs, h0 = jax.tree.map(lambda a: a.astype(jnp.float64), (params, xs, h0))
-        f = lambda p, x, h: (jaxlstm.gru(p, x, h, seq_lengths=L)[0] ** 2).sum()
-        check_grads(f, (params, xs, h0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
+        for kind, run in (("gru", jaxlstm.gru), ("rnn", jaxlstm.rnn)):
+            params, xs, h0, L = _inputs(kind, seed=4)
+            params, xs, h0 = jax.tree.map(lambda a: a.astype(jnp.float64), (params, xs, h0))
+            f = lambda p, x, h, run=run, L=L: (run(p, x, h, seq_lengths=L)[0] ** 2).sum()
+            check_grads(f, (params, xs, h0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
     params, xs, h0, _ = _inputs("gru", seed=4)
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     g = jax.grad(lambda p: jaxlstm.gru(p, xs.astype(jnp.bfloat16))[0].astype(jnp.float32).sum())(p16)

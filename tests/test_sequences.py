@@ -124,7 +124,7 @@ def test_gru_and_rnn_mask_and_resets(kind, reverse):
         return (jnp.sin(ys)).sum() + (hT**2).sum()
 
     want = jax.grad(loss_ref, argnums=(0, 1, 2))(params, xs, h0)
-    for run_kw in [{}, {"backward": "autodiff"}] if kind == "gru" else [{}]:
+    for run_kw in [{}, {"backward": "autodiff"}]:
         assert_trees_close(jax.grad(loss, argnums=(0, 1, 2))(params, xs, h0, run_kw), want, rtol=1e-4)
 
 
@@ -305,7 +305,7 @@ def test_gru_and_rnn_dropout_match_explicit_masks(kind):
 
     with jax.numpy_rank_promotion("allow"):  # the reference broadcasts biases as written
         (_, ys_ref), want = jax.value_and_grad(loss_ref, argnums=(0, 1, 2), has_aux=True)(params, xs, h0)
-    for kw in [{}, {"backward": "autodiff"}] if kind == "gru" else [{}]:
+    for kw in [{}, {"backward": "autodiff"}]:
         (_, ys), got = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, xs, h0, **kw)
         np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
         assert_trees_close(got, want, rtol=1e-4)
@@ -486,7 +486,7 @@ def test_gru_and_rnn_zoneout_match_explicit_masks(kind, deterministic):
         return jnp.sin(ys).sum() + (hT**2).sum(), ys
 
     (_, ys_ref), want = jax.value_and_grad(partial(loss, ref), argnums=(0, 1, 2), has_aux=True)(params, xs, h0)
-    for opts in [{}, {"backward": "autodiff"}] if kind == "gru" else [{}]:
+    for opts in [{}, {"backward": "autodiff"}]:
         f = partial(run, **kw, **opts)
         (_, ys), got = jax.value_and_grad(partial(loss, f), argnums=(0, 1, 2), has_aux=True)(params, xs, h0)
         np.testing.assert_allclose(ys, ys_ref, atol=2e-5)

@@ -100,9 +100,9 @@ def test_data_parallel_forward_and_gradients_equal_one_device(mesh, name):
     bodies = _loop_bodies(train)
     assert bodies, "no while loop found in the compiled HLO"
     in_loops = {c for text in bodies.values() for c in re.findall("|".join(COLLECTIVES), text)}
-    # The fused backward passes contract the weight gradients once, after the loop; the
-    # Elman RNN's plain autodiff sums them step by step, so each step all-reduces its share.
-    assert in_loops == ({"all-reduce"} if name == "rnn" else set()), in_loops
+    # The fused backward passes contract the weight gradients once, after the loop
+    # (plain autodiff would sum them step by step and all-reduce each step's share).
+    assert not in_loops, in_loops
     # the only communication: all-reduces of the weight gradients (and the loss) after the loops
     assert set(re.findall("|".join(COLLECTIVES), train)) == {"all-reduce"}
 
