@@ -141,32 +141,24 @@ def main(argv=None):
                 for r in d["records"]
             )
             parts.append("")
-    va = _load(folder, "variants.json")
-    if va:
-        parts.append(
-            "## LSTM variants against the plain LSTM (`benchmarks.variants`)\n\n"
-            f"Machine: {va['machine']['cpu']}, {va['machine']['cores']} cores; fused backward pass for all.\n"
-        )
-        parts.append("| (B, D, H, T) | variant | mode | median | speed vs plain |\n|---|---|---|---|---|")
-        parts.extend(
-            f"| {tuple(r['shape'])} | {r['variant']} | {r['mode']} | {r['median_s'] * 1e3:.1f} ms | "
-            f"{r['vs_plain']:.2f}x |"
-            for r in va["rows"]
-        )
-        parts.append("")
-    sh = _load(folder, "sharding.json")
-    if sh:
-        parts.append(
-            f"## Sharding on {sh['devices']} simulated host devices (`benchmarks.sharding`)\n\n"
-            f"Machine: {sh['machine']['cpu']}, {sh['machine']['cores']} cores, shared by every simulated device.\n"
-        )
-        parts.append("| kind | mode | (B, D, H, T) | case | median | speed vs 1 device |\n|---|---|---|---|---|---|")
-        parts.extend(
-            f"| {r['kind']} | {r['mode']} | {tuple(r['shape'])} | {r['case']} | {r['median_s'] * 1e3:.1f} ms | "
-            f"{r['vs_1']:.2f}x |"
-            for r in sh["rows"]
-        )
-        parts.append("")
+    for name, title, note, columns, ratio in (
+        ("variants.json", "LSTM variants against the plain LSTM (`benchmarks.variants`)",
+         "fused backward pass for all", ("variant", "mode"), ("vs_plain", "speed vs plain")),
+        ("sharding.json", "Sharding on simulated host devices (`benchmarks.sharding`)",
+         "shared by every simulated device", ("kind", "mode", "case"), ("vs_1", "speed vs 1 device")),
+    ):  # fmt: skip
+        d = _load(folder, name)
+        if d:
+            parts.append(f"## {title}\n\nMachine: {d['machine']['cpu']}, {d['machine']['cores']} cores; {note}.\n")
+            head = ["(B, D, H, T)", *columns, "median", ratio[1]]
+            parts.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+            parts.extend(
+                f"| {tuple(r['shape'])} | "
+                + " | ".join(str(r[c]) for c in columns)
+                + f" | {r['median_s'] * 1e3:.1f} ms | {r[ratio[0]]:.2f}x |"
+                for r in d["rows"]
+            )
+            parts.append("")
     text = "\n".join(parts)
     with open(os.path.join(folder, "SUMMARY.md"), "w") as f:
         f.write(text)

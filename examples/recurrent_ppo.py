@@ -42,6 +42,7 @@ import optax
 
 import jaxlstm
 import jaxlstm.linen as jl
+from examples import cpu_record
 
 VISIBLE = jnp.array([0, 2])  # CartPole's (x, x_dot, theta, theta_dot): keep x and theta
 
@@ -283,19 +284,12 @@ def main(argv=None) -> dict[str, Any]:
             f"{agent:4s} final return {r['final_return']} (per seed {r['final_return_per_seed']}), "
             f"{r['wall_s']:.0f} s, {r['env_steps_per_s']:.0f} env steps/s (compile {r['compile_s']:.0f} s)"
         )
-    result = {"agents": agents, "config": {**cfg._asdict(), "seeds": args.seeds}, "cpu": _cpu()}
+    result = {"agents": agents, "config": {**cfg._asdict(), "seeds": args.seeds}, "cpu": cpu_record()}
     with open(os.path.join(args.out, "recurrent_ppo.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, args.out)
     print(f"wrote {args.out}/recurrent_ppo.json and recurrent_ppo.png")
     return result
-
-
-def _cpu() -> dict:
-    from jaxlstm import tuning
-
-    info = tuning.cpu_info()
-    return {k: info[k] for k in ("model name", "cpu family", "model") if k in info} | {"cores": os.cpu_count()}
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlstm.linen as jl
-from examples import uea
+from examples import cpu_record, uea
 
 
 class Classifier(nn.Module):
@@ -199,7 +199,7 @@ def main(argv=None) -> dict[str, Any]:
     data = uea.load(args.dataset)
     result = train(args, data, mesh)
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "checkpoint_dir")}
-    result["cpu"] = _cpu()
+    result["cpu"] = cpu_record()
     print(
         f"{result['dataset']}: test accuracy {result['test_accuracy']:.4f} on {result['n_test']} series, "
         f"{result['devices']} devices, {result['train_wall_s']:.1f} s ({result['steps_per_s']:.1f} steps/s), "
@@ -209,13 +209,6 @@ def main(argv=None) -> dict[str, Any]:
         with open(os.path.join(args.out, f"train_sharded_{args.dataset}.json"), "w") as f:
             json.dump(result, f, indent=1)
     return result
-
-
-def _cpu() -> dict:
-    from jaxlstm import tuning
-
-    info = tuning.cpu_info()
-    return {k: info[k] for k in ("model name", "cpu family", "model") if k in info} | {"cores": os.cpu_count()}
 
 
 if __name__ == "__main__":
