@@ -68,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="default benchmarks/runs/<device>")
     args = ap.parse_args(argv)
     devices = jax.devices()
-    sizes = [n for n in (2, 4, 8) if n <= len(devices)]
+    sizes = [n for n in ((2,) if args.quick else (2, 4, 8)) if n <= len(devices)]
     rows = []
 
     # data parallel

@@ -27,7 +27,15 @@ __all__ = ["lstm", "lstm_cell"]
 Array = jax.Array
 
 
-def lstm_cell(params: LSTMParams, state: LSTMState, x: Array, *, compute_dtype=None) -> tuple[LSTMState, Array]:
+def lstm_cell(
+    params: LSTMParams,
+    state: LSTMState,
+    x: Array,
+    *,
+    compute_dtype=None,
+    zoneout_c: float = 0.0,
+    zoneout_h: float = 0.0,
+) -> tuple[LSTMState, Array]:
     """One LSTM step, for streaming and autoregressive generation.
 
     Args:
@@ -35,6 +43,9 @@ def lstm_cell(params: LSTMParams, state: LSTMState, x: Array, *, compute_dtype=N
       state: ``LSTMState(h [..., R], c [..., H])``.
       x: input ``[..., D]`` with the same leading dims as the state.
       compute_dtype: optional matmul dtype (e.g. ``jnp.bfloat16``).
+      zoneout_c, zoneout_h: the zoneout rates a model was trained with: the step
+        mixes by them as :func:`lstm` does with ``deterministic=True`` (evaluation),
+        so stepping a sequence gives its outputs.
 
     Returns:
       ``(new_state, h)``: ``h`` in the dtype of ``x``; the new state's ``h`` too,
@@ -55,10 +66,14 @@ def lstm_cell(params: LSTMParams, state: LSTMState, x: Array, *, compute_dtype=N
     _checks.step_input("x", x, D, batch_shape=np.shape(state.h)[:-1])
     _checks.lstm_state("state", state, x.shape[:-1], H, R)
     mm, acc = _dtypes(params, x.dtype, compute_dtype)
-    step = variant_step(params, mm, acc) if params.is_variant else lstm_step(params, mm, acc)
+    zo = Zoneout(_checks.rate("zoneout_c", zoneout_c), _checks.rate("zoneout_h", zoneout_h))
+    zoneout = None if zo == Zoneout() else zo
+    make_step = variant_step if params.is_variant else lstm_step
+    step = make_step(params, mm, acc, h_mask=None, zoneout=zoneout)
     lead = x.shape[:-1]
     flat = lambda a: a.reshape((-1, a.shape[-1]))  # the variant step is [B, F]
-    (h, c), y, _ = step((flat(state.h.astype(acc)), flat(state.c.astype(acc))), flat(x))
+    inputs = flat(x) if zoneout is None else (flat(x), None, None)  # no masks: the rates mix
+    (h, c), y, _ = step((flat(state.h.astype(acc)), flat(state.c.astype(acc))), inputs)
     c, y = c.reshape(lead + c.shape[-1:]), y.reshape(lead + y.shape[-1:])
     y = y.astype(x.dtype)
     return LSTMState(y, c), y

@@ -116,14 +116,16 @@ def _dtypes(params, x_dtype, compute_dtype):
     return mm, acc
 
 
-def _cell(kind, make_step, params, h, x, compute_dtype):
+def _cell(kind, make_step, params, h, x, compute_dtype, zoneout_h):
     D, H = _check(params, kind)
     _checks.float_array("h", h)
     x = _checks.as_float_array("x", x)
     _checks.step_input("x", x, D, batch_shape=h.shape[:-1])
     _checks.state_array("h", h, tuple(x.shape[:-1]) + (H,))
     mm, acc = _dtypes(params, x.dtype, compute_dtype)
-    h, _, _ = make_step(params, mm, acc)(h.astype(acc), x)
+    zo = Zoneout(h=_checks.rate("zoneout_h", zoneout_h))
+    zoneout = None if zo == Zoneout() else zo  # evaluation: the rate mixes
+    h, _, _ = make_step(params, mm, acc, None, zoneout)(h.astype(acc), x if zoneout is None else (x, None))
     h = h.astype(x.dtype)
     return h, h
 
@@ -204,14 +206,16 @@ def _sequence(
     return ys.astype(xs.dtype), h.astype(xs.dtype)
 
 
-def rnn_cell(params: RNNParams, h: jax.Array, x: jax.Array, *, compute_dtype=None):
-    """One Elman step. Returns ``(h, h)`` (new state and output)."""
-    return _cell("rnn", _rnn_step, params, h, x, compute_dtype)
+def rnn_cell(params: RNNParams, h: jax.Array, x: jax.Array, *, compute_dtype=None, zoneout_h: float = 0.0):
+    """One Elman step. Returns ``(h, h)`` (new state and output). ``zoneout_h``: the
+    training rate, mixed in as :func:`rnn` does with ``deterministic=True``."""
+    return _cell("rnn", _rnn_step, params, h, x, compute_dtype, zoneout_h)
 
 
-def gru_cell(params: GRUParams, h: jax.Array, x: jax.Array, *, compute_dtype=None):
-    """One GRU step. Returns ``(h, h)`` (new state and output)."""
-    return _cell("gru", _gru_step, params, h, x, compute_dtype)
+def gru_cell(params: GRUParams, h: jax.Array, x: jax.Array, *, compute_dtype=None, zoneout_h: float = 0.0):
+    """One GRU step. Returns ``(h, h)`` (new state and output). ``zoneout_h``: the
+    training rate, mixed in as :func:`gru` does with ``deterministic=True``."""
+    return _cell("gru", _gru_step, params, h, x, compute_dtype, zoneout_h)
 
 
 def rnn(

@@ -125,7 +125,7 @@ def test_sharding_quick(tmp_path):
     rows = sharding.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "sharding.json").read_text())
     cases = {(r["kind"], r["mode"], r["case"]) for r in data["rows"]}
-    n = [k for k in (2, 4, 8) if k <= len(jax.devices())]
+    n = [k for k in (2,) if k <= len(jax.devices())]  # --quick: one mesh size
     assert cases == {("data", "train", c) for c in ["1 device"] + [f"data x{k}" for k in n]} | {
         ("model", m, c) for m in ("forward", "train") for c in ["1 device"] + [f"model x{k}" for k in n]
     }

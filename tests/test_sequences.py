@@ -411,9 +411,9 @@ def test_zoneout_in_stacks_and_modules_eager_and_jit():
     np.testing.assert_allclose(train, layer_by_layer(False), atol=1e-6)
     jitted = jax.jit(lambda p, x, k: jaxlstm.lstm_stack(p, x, seq_lengths=lengths, key=k, **zo)[0])
     np.testing.assert_allclose(jitted(params, xs, key), train, atol=1e-6)
-    for fuse in (True, False):  # evaluation: the directions may run as one vmapped scan
-        ev = jaxlstm.lstm_stack(params, xs, seq_lengths=lengths, deterministic=True, fuse_directions=fuse, **zo)[0]
-        np.testing.assert_allclose(ev, layer_by_layer(True), atol=1e-6)
+    # evaluation: the directions run as one vmapped scan (fuse_directions, the default)
+    ev = jaxlstm.lstm_stack(params, xs, seq_lengths=lengths, deterministic=True, **zo)[0]
+    np.testing.assert_allclose(ev, layer_by_layer(True), atol=1e-6)
     assert not np.allclose(ev, jaxlstm.lstm_stack(params, xs, seq_lengths=lengths)[0])
 
     model = jl.LSTM(H, num_layers=2, bidirectional=True, **zo)
@@ -494,3 +494,31 @@ def test_gru_and_rnn_zoneout_match_explicit_masks(kind, deterministic):
         (_, ys), got = jax.value_and_grad(partial(loss, f), argnums=(0, 1, 2), has_aux=True)(params, xs, h0)
         np.testing.assert_allclose(ys, ys_ref, atol=2e-5)
         assert_trees_close(got, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm_variant", "gru", "rnn"])
+def test_cells_step_zoneout_models_as_evaluation_does(kind):
+    """Streaming a zoneout-trained model with the cell gives the sequence call's
+    evaluation outputs (deterministic=True: the rates mix)."""
+    xs = jax.random.normal(jax.random.key(1), (B, T, D))
+    if kind.startswith("lstm"):
+        params = jaxlstm.init_lstm(jax.random.key(0), D, H, peephole=kind == "lstm_variant")
+        zo = dict(zoneout_c=0.3, zoneout_h=0.2)
+        want, _ = jaxlstm.lstm(params, xs, deterministic=True, **zo)
+        state, ys = jaxlstm.zero_state(B, H), []
+        for t in range(T):
+            state, y = jaxlstm.lstm_cell(params, state, xs[:, t], **zo)
+            ys.append(y)
+    else:
+        init, run, cell = {
+            "gru": (jaxlstm.init_gru, jaxlstm.gru, jaxlstm.gru_cell),
+            "rnn": (jaxlstm.init_rnn, jaxlstm.rnn, jaxlstm.rnn_cell),
+        }[kind]
+        params = init(jax.random.key(0), D, H)
+        want, _ = run(params, xs, deterministic=True, zoneout_h=0.3)
+        h, ys = jnp.zeros((B, H)), []
+        for t in range(T):
+            h, y = cell(params, h, xs[:, t], zoneout_h=0.3)
+            ys.append(y)
+    np.testing.assert_allclose(jnp.stack(ys, 1), want, atol=2e-6)
+    assert not np.allclose(want, (jaxlstm.lstm if kind.startswith("lstm") else run)(params, xs)[0], atol=1e-3)
