@@ -63,10 +63,6 @@ def layer_norm(v, gain, bias):
     return add_bias(d * jax.lax.rsqrt(var + LN_EPS) * _row(gain, v), bias)
 
 
-def heads_of(w_hh) -> int:
-    return 1 if w_hh.ndim == 2 else w_hh.shape[0]
-
-
 def recurrent_dot(h, w_hh, mm, acc):
     """``h [B, R] -> [B, 4H]`` through a dense ``[R, 4H]`` or a block-diagonal
     ``[k, R/k, 4H/k]`` kernel (head j's columns are its units' i, f, g, o blocks)."""
