@@ -68,6 +68,26 @@ def mesh_active() -> bool:
     return not mesh.empty and mesh.size > 1
 
 
+def contract_rows(a: Array, b: Array, mm_dtype, acc_dtype) -> Array:
+    """``a [T, B, F1]``, ``b [T, B, F2]`` -> ``[F1, F2]``, summed over all T·B rows:
+    a weight gradient as one GEMM (on ``[T*B, F]`` views, or as an einsum under a
+    device mesh, see :func:`mesh_active`)."""
+    a, b = a.astype(mm_dtype), b.astype(mm_dtype)
+    if mesh_active():
+        return jnp.einsum("tbi,tbj->ij", a, b, preferred_element_type=acc_dtype)
+    T, B = a.shape[:2]
+    return jnp.matmul(a.reshape((T * B, -1)).T, b.reshape((T * B, -1)), preferred_element_type=acc_dtype)
+
+
+def rows_dot_t(g: Array, w: Array, mm_dtype, acc_dtype) -> Array:
+    """``g [T, B, G] · wᵀ`` with ``w [D, G]`` -> ``[T, B, D]``: an input gradient as one
+    GEMM (on a ``[T*B, G]`` view, or as an einsum under a device mesh)."""
+    if mesh_active():
+        return jnp.einsum("tbg,dg->tbd", g.astype(mm_dtype), w.astype(mm_dtype), preferred_element_type=acc_dtype)
+    T, B = g.shape[:2]
+    return dot(g.reshape((T * B, -1)), w.T, mm_dtype, acc_dtype).reshape((T, B, w.shape[0]))
+
+
 def transpose_features(tree):
     """Batch-major <-> feature-major on the last two axes: ``[..., B, F] <-> [..., F, B]``."""
     return jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, -1, -2), tree)

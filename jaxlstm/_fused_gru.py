@@ -36,10 +36,11 @@ import jax.numpy as jnp
 from ._engine import (
     Steps,
     add_bias,
+    contract_rows,
     dot,
-    mesh_active,
     resets_at,
     route_state_cotangent,
+    rows_dot_t,
     scan_masked,
     valid_steps,
     where_valid,
@@ -211,22 +212,12 @@ def _backward_pass(cfg, cell: Cell, res: SavedCell, cotangents):
     (dh0, dinit), dgx = jax.lax.scan(body, (dh, jnp.zeros_like(dh)), ins, reverse=True)
     dgh, extra = cell.finish(params, dgx, res.residuals)
 
-    # One GEMM each over all T*B rows (on [T*B, F] views, or as einsums under a
-    # device mesh, which keep a sharded batch axis sharded: engine.mesh_active).
-    sharded = mesh_active()
-
-    def contract(a, b):  # [T, B, F1], [T, B, F2] -> [F1, F2]
-        a, b = a.astype(mm), b.astype(mm)
-        if sharded:
-            return jnp.einsum("tbi,tbj->ij", a, b, preferred_element_type=acc)
-        return jnp.matmul(a.reshape((T * B, -1)).T, b.reshape((T * B, -1)), preferred_element_type=acc)
-
+    # One GEMM each over all T*B rows (engine.contract_rows / rows_dot_t).
     h_rec = h_prev if res.h_mask is None else h_prev * res.h_mask[None]  # what h @ w_hh read
-    grads = type(params)(contract(xs, dgx), contract(h_rec, dgh), dgx.sum(axis=(0, 1)), *extra)
-    if sharded:
-        dxs = jnp.einsum("tbg,dg->tbd", dgx.astype(mm), params.w_ih.astype(mm), preferred_element_type=acc)
-    else:
-        dxs = dot(dgx.reshape((T * B, -1)), params.w_ih.T, mm, acc).reshape((T, B, D))
+    grads = type(params)(
+        contract_rows(xs, dgx, mm, acc), contract_rows(h_rec, dgh, mm, acc), dgx.sum(axis=(0, 1)), *extra
+    )
+    dxs = rows_dot_t(dgx, params.w_ih, mm, acc)
     return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit, None, None
 
 

@@ -28,7 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ._engine import add_bias, dot, feature_major_core, scan_masked
+from . import _checks
+from ._engine import add_bias, dot, dropout_masks, feature_major_core, scan_masked, zoneout_masks
 from .gates import lstm_pointwise, split_gates
 from .params import LSTMParams
 
@@ -101,6 +102,31 @@ class Zoneout(NamedTuple):
 
     c: float = 0.0
     h: float = 0.0
+
+
+def zoneout_rates(zoneout_c: float = 0.0, zoneout_h: float = 0.0) -> Zoneout | None:
+    """Validated rates as a :class:`Zoneout`, or ``None`` when both are 0."""
+    zo = Zoneout(_checks.rate("zoneout_c", zoneout_c), _checks.rate("zoneout_h", zoneout_h))
+    return None if zo == Zoneout() else zo
+
+
+def regularisation(
+    xs, batch_shape, T, H, R, acc, time_major, *, input_dropout, recurrent_dropout, zoneout, key, deterministic
+):
+    """The regularisers of a sequence call, checked and drawn: ``(xs, h_mask,
+    per_step)`` with the input dropout applied to ``xs``, ``h_mask`` the recurrent
+    dropout mask (or ``None``) and ``per_step`` the zoneout keep masks ``(zc, zh)``
+    for :func:`jaxlstm._engine.apply_sequence` (``(None, None)`` in evaluation,
+    where the rates mix; ``None`` without zoneout). ``deterministic`` turns dropout off."""
+    p_in = _checks.rate("input_dropout", input_dropout)
+    p_rec = _checks.rate("recurrent_dropout", recurrent_dropout)
+    if _checks.static_bool("deterministic", deterministic):
+        p_in = p_rec = 0.0
+    xs, h_mask = dropout_masks(xs, batch_shape, R, acc, p_in, p_rec, key, time_major)
+    per_step = None
+    if zoneout is not None:
+        per_step = (None, None) if deterministic else zoneout_masks(T, batch_shape, H, R, zoneout, key)
+    return xs, h_mask, per_step
 
 
 def keep_weight(mask_t, rate: float, dtype):

@@ -34,17 +34,19 @@ import jax.numpy as jnp
 from ._engine import (
     Steps,
     add_bias,
+    contract_rows,
     dot,
     mesh_active,
     resets_at,
     route_state_cotangent,
+    rows_dot_t,
     scan_masked,
     valid_steps,
     where_valid,
 )
-from ._fused import FusedConfig, _cast_like, _chunked, _pad_time
+from ._fused import FusedConfig, _cast_like, _chunked, _flags, _pad_time
 from ._step import keep_weight, zoneout_mix
-from .gates import split_gates
+from .gates import cell_update, hidden_output, split_gates
 from .params import LSTMParams
 
 LN_EPS = 1e-5
@@ -84,15 +86,13 @@ def recurrent_dot_t(dr, w_hh, mm, acc):
     return jnp.einsum("bkg,krg->bkr", d.astype(mm), w_hh.astype(mm), preferred_element_type=acc).reshape(B, k * rk)
 
 
-def recurrent_kernel_grad(h, dr, w_hh, mm, acc, sharded: bool):
+def recurrent_kernel_grad(h, dr, w_hh, mm, acc):
     """``dW_hh`` from ``h [T, B, R]`` and ``dr [T, B, 4H]``, summed over T and B, in
     the layout of ``w_hh``."""
+    if w_hh.ndim == 2:
+        return contract_rows(h, dr, mm, acc)
     T, B = h.shape[:2]
     h, dr = h.astype(mm), dr.astype(mm)
-    if w_hh.ndim == 2:
-        if sharded:
-            return jnp.einsum("tbi,tbj->ij", h, dr, preferred_element_type=acc)
-        return jnp.matmul(h.reshape(T * B, -1).T, dr.reshape(T * B, -1), preferred_element_type=acc)
     k, rk, gk = w_hh.shape
     hk = h.reshape(T, B, k, rk)
     dk = jnp.swapaxes(dr.reshape(T, B, 4, k, gk // 4), 2, 3).reshape(T, B, k, gk)
@@ -127,11 +127,9 @@ def pointwise(a, r, h_prev, c_prev, th: Theta, kc, kh, mm, acc):
     p = None if th.peephole is None else th.peephole.astype(acc)
     if p is not None:
         zi, zf = zi + _row(p[0], c_prev) * c_prev, zf + _row(p[1], c_prev) * c_prev
-    i, f, g = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg)
-    c = f * c_prev + i * g
+    c = cell_update(jax.nn.sigmoid(zf), c_prev, jax.nn.sigmoid(zi), jnp.tanh(zg))
     o = jax.nn.sigmoid(zo if p is None else zo + _row(p[2], c) * c)
-    c_out = c if th.ln_cell is None else layer_norm(c, th.ln_cell[0].astype(acc), th.ln_cell[1])
-    h = o * jnp.tanh(c_out)
+    h = hidden_output(o, c if th.ln_cell is None else layer_norm(c, th.ln_cell[0].astype(acc), th.ln_cell[1]))
     if th.w_hr is not None:
         h = dot(h, th.w_hr, mm, acc)
     return zoneout_mix(kh, h_prev, h), zoneout_mix(kc, c_prev, c)
@@ -240,15 +238,9 @@ def _backward(cfg, params, seg: _Segment, saved, dys, dcarry, lengths, h_mask, t
     if sharded:
         dth = Theta(*(g if g is None or f == "w_hr" else g.sum(0) for g, f in zip(dth, Theta._fields, strict=True)))
 
-    xs = seg.xs.astype(mm)
-    if sharded:
-        d_w_ih = jnp.einsum("tbi,tbj->ij", xs, da.astype(mm), preferred_element_type=acc)
-        dxs = jnp.einsum("tbg,dg->tbd", da.astype(mm), params.w_ih.astype(mm), preferred_element_type=acc)
-    else:
-        d_w_ih = jnp.matmul(xs.reshape(T * B, D).T, da.reshape(T * B, -1).astype(mm), preferred_element_type=acc)
-        dxs = dot(da.reshape(T * B, -1), params.w_ih.T, mm, acc).reshape(T, B, D)
+    d_w_ih, dxs = contract_rows(seg.xs, da, mm, acc), rows_dot_t(da, params.w_ih, mm, acc)
     h_rec = h_in if h_mask is None else h_in * h_mask[None]  # what the recurrent dot read
-    d_w_hh = recurrent_kernel_grad(h_rec, dr, params.w_hh, mm, acc, sharded)
+    d_w_hh = recurrent_kernel_grad(h_rec, dr, params.w_hh, mm, acc)
     grads = LSTMParams(d_w_ih, d_w_hh, dth.b, dth.w_hr, dth.peephole, dth.ln_gates, dth.ln_cell)
     return dcarry0, dinit, grads, dxs
 
@@ -269,10 +261,6 @@ class _Checkpoints(NamedTuple):
     lengths: Any
     init: tuple
     h_mask: Any
-
-
-def _flags(steps):
-    return (None, None, None) if steps is None else tuple(steps)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))

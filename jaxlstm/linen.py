@@ -42,7 +42,7 @@ from .params import (
     stack_layout,
 )
 from .recurrence import lstm_cell
-from .stack import DIRECTIONS, StackParams, layer_key, module_call
+from .stack import DIRECTIONS, StackParams, draws_masks, layer_key, module_call
 
 __all__ = ["LSTM", "LSTMCell", "stack_params", "stack_variables"]
 
@@ -238,7 +238,7 @@ class LSTM(nn.Module):
             if d == 0
         )
         active = False
-        if max(self.dropout, self.recurrent_dropout, self.zoneout_c, self.zoneout_h) > 0.0:
+        if draws_masks(self):
             active = not nn.merge_param("deterministic", self.deterministic, deterministic)
         key = self.make_rng("dropout") if active else None
         return module_call(self, params, xs, initial_state, seq_lengths, mask, resets, reset_state, key)

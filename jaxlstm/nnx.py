@@ -37,7 +37,7 @@ from .params import (
     stack_layout,
 )
 from .recurrence import lstm_cell
-from .stack import DIRECTIONS, StackParams, check_stack, layer_key, module_call
+from .stack import DIRECTIONS, StackParams, check_stack, draws_masks, layer_key, module_call
 
 __all__ = ["LSTM", "LSTMCell", "set_stack_params", "stack_params"]
 
@@ -177,11 +177,7 @@ class LSTM(nnx.Module):
                 if l2 == l
             ]
             setattr(self, layer_key(l), _Layer(ws))
-        self.rngs = rngs["dropout"].fork() if self._random() else nnx.data(None)
-
-    def _random(self) -> bool:
-        """Whether training draws masks (a dropout or zoneout rate is > 0)."""
-        return max(self.dropout, self.recurrent_dropout, self.zoneout_c, self.zoneout_h) > 0
+        self.rngs = rngs["dropout"].fork() if draws_masks(self) else nnx.data(None)
 
     def __call__(
         self,
@@ -195,7 +191,7 @@ class LSTM(nnx.Module):
         reset_state: LSTMState | None = None,
     ):
         deterministic = self.deterministic if deterministic is None else deterministic
-        active = self._random() and not deterministic
+        active = draws_masks(self) and not deterministic
         key = self.rngs() if active and self.rngs is not None else None
         return module_call(self, stack_params(self), xs, initial_state, seq_lengths, mask, resets, reset_state, key)
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "GATE_ORDER",
@@ -90,6 +91,12 @@ def _check_size(name: str, value) -> int:
     return value
 
 
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
 def lstm_param_shapes(
     input_size: int,
     hidden_size: int,
@@ -115,9 +122,9 @@ def lstm_param_shapes(
         shapes["b"] = ((4 * H,), "bias")
     if proj_size is not None:
         shapes["w_hr"] = ((H, R), "kernel")
-    if peephole:
+    if _check_flag("peephole", peephole):
         shapes["peephole"] = ((3, H), "peephole")
-    if layer_norm:
+    if _check_flag("layer_norm", layer_norm):
         shapes["ln_gates"] = ((4, 4 * H), "ln_gates")
         shapes["ln_cell"] = ((2, H), "ln_cell")
     return shapes
@@ -233,7 +240,13 @@ def init_lstm(
         if P >= H:
             raise ValueError(f"proj_size must be smaller than hidden_size={H}, got {P}")
     shapes = lstm_param_shapes(
-        D, H, proj_size, bias, peephole=bool(peephole), layer_norm=bool(layer_norm), num_heads=num_heads
+        D,
+        H,
+        proj_size,
+        bias,
+        peephole=peephole,
+        layer_norm=layer_norm,
+        num_heads=num_heads,
     )
     k_ih, k_hh, k_hr = jax.random.split(key, 3)
     opt = lambda name, make: make(shapes[name][0]) if name in shapes else None

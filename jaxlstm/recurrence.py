@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, tuning
-from ._engine import accum_dtype, apply_sequence, batch_size, dropout_masks, matmul_dtype, zoneout_masks
+from ._engine import accum_dtype, apply_sequence, batch_size, matmul_dtype
 from ._fused import FusedConfig, fused_lstm
-from ._step import Zoneout, lstm_scan_core, lstm_step
+from ._step import lstm_scan_core, lstm_step, regularisation, zoneout_rates
 from ._variant import fused_variant, variant_scan_core, variant_step
 from .params import LSTMParams, LSTMState
 
@@ -66,8 +66,7 @@ def lstm_cell(
     _checks.step_input("x", x, D, batch_shape=np.shape(state.h)[:-1])
     _checks.lstm_state("state", state, x.shape[:-1], H, R)
     mm, acc = _dtypes(params, x.dtype, compute_dtype)
-    zo = Zoneout(_checks.rate("zoneout_c", zoneout_c), _checks.rate("zoneout_h", zoneout_h))
-    zoneout = None if zo == Zoneout() else zo
+    zoneout = zoneout_rates(zoneout_c, zoneout_h)
     make_step = variant_step if params.is_variant else lstm_step
     step = make_step(params, mm, acc, h_mask=None, zoneout=zoneout)
     lead = x.shape[:-1]
@@ -218,17 +217,22 @@ def lstm(
     if reset_state is not None:
         _checks.lstm_state("reset_state", reset_state, batch_shape, H, R)
         reset_carry = (reset_state.h.astype(acc), reset_state.c.astype(acc))
-    input_dropout = _checks.rate("input_dropout", input_dropout)
-    recurrent_dropout = _checks.rate("recurrent_dropout", recurrent_dropout)
-    zo = Zoneout(_checks.rate("zoneout_c", zoneout_c), _checks.rate("zoneout_h", zoneout_h))
-    zoneout = None if zo == Zoneout() else zo
-    if _checks.static_bool("deterministic", deterministic):
-        input_dropout = recurrent_dropout = 0.0
-    xs, h_mask = dropout_masks(xs, batch_shape, R, acc, input_dropout, recurrent_dropout, key, time_major)
+    zoneout = zoneout_rates(zoneout_c, zoneout_h)
     # The step reads (x, zc, zh) with zoneout: masks in training, none (the rates mix) in evaluation.
-    per_step = None
-    if zoneout is not None:
-        per_step = (None, None) if deterministic else zoneout_masks(T, batch_shape, H, R, zoneout, key)
+    xs, h_mask, per_step = regularisation(
+        xs,
+        batch_shape,
+        T,
+        H,
+        R,
+        acc,
+        time_major,
+        input_dropout=input_dropout,
+        recurrent_dropout=recurrent_dropout,
+        zoneout=zoneout,
+        key=key,
+        deterministic=deterministic,
+    )
 
     # Peepholes, layer norm and heads run on jaxlstm._variant (batch-major steps).
     if backward == "fused":

@@ -33,14 +33,12 @@ from . import _checks
 from ._engine import (
     accum_dtype,
     apply_sequence,
-    dropout_masks,
     matmul_dtype,
     scan_masked,
-    zoneout_masks,
 )
 from ._fused import FusedConfig
 from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
-from ._step import Zoneout
+from ._step import regularisation, zoneout_rates
 from .params import _check_size, kernel_init, recurrent_init
 
 __all__ = ["GRUParams", "RNNParams", "gru", "gru_cell", "init_gru", "init_rnn", "rnn", "rnn_cell"]
@@ -123,8 +121,7 @@ def _cell(kind, make_step, params, h, x, compute_dtype, zoneout_h):
     _checks.step_input("x", x, D, batch_shape=h.shape[:-1])
     _checks.state_array("h", h, tuple(x.shape[:-1]) + (H,))
     mm, acc = _dtypes(params, x.dtype, compute_dtype)
-    zo = Zoneout(h=_checks.rate("zoneout_h", zoneout_h))
-    zoneout = None if zo == Zoneout() else zo  # evaluation: the rate mixes
+    zoneout = zoneout_rates(zoneout_h=zoneout_h)  # evaluation: the rate mixes
     h, _, _ = make_step(params, mm, acc, None, zoneout)(h.astype(acc), x if zoneout is None else (x, None))
     h = h.astype(x.dtype)
     return h, h
@@ -170,16 +167,22 @@ def _sequence(
         _checks.state_array("reset_state", reset_state, batch_shape + (H,))
         h_reset = reset_state.astype(acc)
     _checks.one_of("backward", backward, ("fused", "autodiff"))
-    p_in = _checks.rate("input_dropout", input_dropout)
-    p_rec = _checks.rate("recurrent_dropout", recurrent_dropout)
-    zo = Zoneout(h=_checks.rate("zoneout_h", zoneout_h))
-    zoneout = None if zo == Zoneout() else zo
-    if _checks.static_bool("deterministic", deterministic):
-        p_in = p_rec = 0.0
-    xs, h_mask = dropout_masks(xs, batch_shape, H, acc, p_in, p_rec, key, time_major)
-    per_step = None  # with zoneout the step reads (x, zh): masks in training, the rate in evaluation
-    if zoneout is not None:
-        per_step = (None,) if deterministic else zoneout_masks(T, batch_shape, H, H, zoneout, key)[1:]
+    zoneout = zoneout_rates(zoneout_h=zoneout_h)
+    xs, h_mask, per_step = regularisation(
+        xs,
+        batch_shape,
+        T,
+        H,
+        H,
+        acc,
+        time_major,
+        input_dropout=input_dropout,
+        recurrent_dropout=recurrent_dropout,
+        zoneout=zoneout,
+        key=key,
+        deterministic=deterministic,
+    )
+    per_step = None if per_step is None else per_step[1:]  # the step reads (x, zh): no cell state
 
     def core(inputs, hs, steps):
         if backward == "fused":

@@ -266,6 +266,12 @@ def _both_directions(run, layer, xs, s0, seq_lengths, time_major, supports_jvp):
     return [ys2[0], rev(ys2[1])], s
 
 
+def draws_masks(module) -> bool:
+    """Whether a linen/nnx ``LSTM`` draws random masks in training (a dropout or
+    zoneout rate is > 0), so needs its ``'dropout'`` RNG stream and a train/eval flag."""
+    return max(module.dropout, module.recurrent_dropout, module.zoneout_c, module.zoneout_h) > 0.0
+
+
 def module_call(module, params: StackParams, xs, initial_state, seq_lengths, mask, resets, reset_state, key):
     """The call the linen and nnx ``LSTM`` modules share: their attributes (``dtype``,
     ``dropout``, ``recurrent_dropout``, ``zoneout_c``, ``zoneout_h``, ``time_major``,

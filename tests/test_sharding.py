@@ -56,7 +56,7 @@ def _loop_bodies(hlo: str) -> dict[str, str]:
 
 
 def _entry_points():
-    params = jaxlstm.init_lstm(jax.random.key(1), D, H)
+    params = jaxlstm.init_lstm(jax.random.key(1), D, H, proj_size=8)  # w_hr's gradient too (stacks: plain)
     stack = jaxlstm.init_lstm_stack(jax.random.key(2), D, H, 2, bidirectional=True)
     gru = jaxlstm.init_gru(jax.random.key(3), D, H)
     rnn = jaxlstm.init_rnn(jax.random.key(4), D, H)

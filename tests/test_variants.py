@@ -203,6 +203,8 @@ def test_variant_params_are_checked():
         jaxlstm.lstm(p._replace(peephole=p.peephole[:2]), xs)
     with pytest.raises(ValueError, match="multi-head LSTM must have shape"):
         jaxlstm.lstm(p._replace(w_hh=jnp.zeros((3, 3, 10))), xs)
+    with pytest.raises(TypeError, match="layer_norm must be a bool, got 'yes'"):
+        jaxlstm.init_lstm(jax.random.key(0), D, H, layer_norm="yes")
     with pytest.raises(ValueError, match="num_heads must divide hidden_size=8"):
         jaxlstm.init_lstm(jax.random.key(0), D, H, num_heads=3)
     from jaxlstm import convert
