@@ -2,9 +2,10 @@
 
 Both are thin: arguments are validated (:mod:`jaxlstm._checks`), the step comes
 from :mod:`jaxlstm._step`, the scan, layouts, masking and reversal from
-:mod:`jaxlstm._engine`, and the default training path is the fused custom VJP
-of :mod:`jaxlstm._fused`. The scans run feature-major (``[F, B]`` per step);
-inputs and outputs keep the caller's layout.
+:mod:`jaxlstm._engine`, and the default path is the fused custom VJP: on CPU the
+compiled kernel of :mod:`jaxlstm._kernel` where it applies, else the pure-XLA one
+of :mod:`jaxlstm._fused` (chosen per machine and shape by :mod:`jaxlstm.tuning`).
+Inputs and outputs keep the caller's layout.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, tuning
+from . import _checks, _kernel, tuning
 from ._engine import accum_dtype, apply_sequence, batch_size, matmul_dtype
 from ._fused import FusedConfig, fused_lstm
+from ._kernel import kernel_lstm
 from ._step import lstm_scan_core, lstm_step, regularisation, zoneout_rates
 from ._variant import fused_variant, variant_scan_core, variant_step
 from .params import LSTMParams, LSTMState
@@ -76,6 +78,13 @@ def lstm_cell(
     c, y = c.reshape(lead + c.shape[-1:]), y.reshape(lead + y.shape[-1:])
     y = y.astype(x.dtype)
     return LSTMState(y, c), y
+
+
+def _kernel_core(cfg, params, carry0, xs, steps, reset_carry, h_mask, zs):
+    """:func:`jaxlstm._kernel.kernel_lstm` with :func:`fused_lstm`'s signature (the
+    kernel runs only without recurrent dropout or zoneout: ``h_mask`` and ``zs`` are ``None``)."""
+    del cfg, h_mask, zs
+    return kernel_lstm(params, carry0, xs, steps, reset_carry)
 
 
 def _dtypes(params: LSTMParams, x_dtype, compute_dtype):
@@ -238,6 +247,17 @@ def lstm(
     if backward == "fused":
         if params.is_variant:
             fused, cfg = fused_variant, FusedConfig(mm, acc, unroll, checkpoint_every, zoneout=zoneout)
+        elif _kernel.applies(
+            params,
+            mm,
+            acc,
+            batch=batch_size(batch_shape),
+            steps=T,
+            h_mask=h_mask,
+            zoneout=zoneout,
+            checkpoint_every=checkpoint_every,
+        ) and tuning.kernel_path(batch_size(batch_shape), D, H, T):
+            fused, cfg = _kernel_core, None
         else:
             layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
             fused = fused_lstm

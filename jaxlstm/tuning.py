@@ -1,25 +1,30 @@
-"""The forward step's formulation, chosen by measurement on the machine in use.
+"""Formulations chosen by measurement on the machine in use.
 
 The same step layout won on one CPU and lost on the next (``benchmarks/results/``:
 feature-major ``[4H, B]`` steps were faster on a Zen 4 at every T, batch-major
-``[B, 4H]`` steps faster on a Zen 5 from T=256 on). So the forward scan that
-:func:`jaxlstm.lstm` runs outside training (the primal of the fused path, and the
-whole ``backward="autodiff"`` path) has two candidates:
+``[B, 4H]`` steps faster on a Zen 5 from T=256 on). Two choices are made per
+machine and shape:
 
-* ``"feature"``: feature-major steps, one dot ``[w_ih; w_hh]ᵀ·[x; h]`` (the default);
-* ``"batch"``: batch-major steps, ``x @ w_ih + h @ w_hh``.
+* :func:`kernel_path`: whether a float32 LSTM on CPU runs on the compiled kernel
+  (:mod:`jaxlstm._kernel`) or on the pure-XLA fused path (timed on training steps);
+  the kernel is the default.
+* :func:`forward_layout`: on the pure-XLA path, the forward scan that
+  :func:`jaxlstm.lstm` runs outside training (the primal of the fused path, and the
+  whole ``backward="autodiff"`` path): ``"feature"``, feature-major steps, one dot
+  ``[w_ih; w_hh]ᵀ·[x; h]`` (the default), or ``"batch"``, batch-major steps,
+  ``x @ w_ih + h @ w_hh``. The XLA fused backward pass is feature-major, so its
+  training runs feature-major steps.
 
-The first time a (machine, shape, dtype) is seen, :func:`forward_layout` compiles
-both on a probe of at most 128 steps of that shape, times them interleaved
-(medians of 9 rounds after a warm-up; the other candidate must be 5 % faster than
-the default to be chosen) and caches the choice in memory and on disk
-(``$JAXLSTM_CACHE_DIR/tuning.json``, default ``~/.cache/jaxlstm``); from then on it
-costs a dictionary look-up at trace time. The fused backward pass is
-feature-major, so training always runs feature-major steps.
+The first time a (machine, shape, dtype) is seen, the candidates are compiled on a
+probe of at most 128 steps of that shape and timed interleaved (medians of 9 rounds
+after a warm-up; the other candidate must be 5 % faster than the default to be
+chosen); the choice is cached in memory and on disk (``$JAXLSTM_CACHE_DIR/tuning.json``,
+default ``~/.cache/jaxlstm``); from then on it costs a dictionary look-up at trace time.
 
-Turn it off with ``JAXLSTM_AUTOTUNE=0`` (then the default is used, deterministically);
-force a layout with ``with jaxlstm.tuning.forced("batch"): ...``. Both candidates
-compute the same LSTM and are tested against the reference.
+Turn it off with ``JAXLSTM_AUTOTUNE=0`` (then the defaults are used, deterministically);
+force a path with ``with jaxlstm.tuning.forced("batch"): ...`` (``"kernel"``,
+``"feature"`` or ``"batch"``; the last two mean pure XLA). All candidates compute
+the same LSTM and are tested against the reference.
 """
 
 from __future__ import annotations
@@ -32,16 +37,27 @@ import platform
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CANDIDATES", "DEFAULT", "cache_file", "cpu_info", "enabled", "forced", "forward_layout"]
+__all__ = [
+    "CANDIDATES",
+    "DEFAULT",
+    "KERNEL",
+    "cache_file",
+    "cpu_info",
+    "enabled",
+    "forced",
+    "forward_layout",
+    "kernel_path",
+]
 
 CANDIDATES = ("feature", "batch")
 DEFAULT = "feature"
+KERNEL = "kernel"
 PROBE_STEPS = 128
 ROUNDS = 9
 MARGIN = 0.05
@@ -63,9 +79,11 @@ def cache_file() -> str:
 
 @contextlib.contextmanager
 def forced(layout: str) -> Iterator[None]:
-    """Within the block, every trace of :func:`jaxlstm.lstm` uses ``layout``."""
-    if layout not in CANDIDATES:
-        raise ValueError(f"layout must be one of {CANDIDATES}, got {layout!r}")
+    """Within the block, every trace of :func:`jaxlstm.lstm` uses ``layout``: ``"kernel"``
+    (the compiled kernel where it applies, else the default layout), or the pure-XLA
+    path with ``"feature"`` or ``"batch"`` forward steps."""
+    if layout not in CANDIDATES + (KERNEL,):
+        raise ValueError(f"layout must be one of {CANDIDATES + (KERNEL,)}, got {layout!r}")
     _forced.append(layout)
     try:
         yield
@@ -113,26 +131,48 @@ def _probe(layout: str, B: int, D: int, H: int, R: int, T: int, mm, acc, unroll:
     return lambda: jax.block_until_ready(compiled(xs, carry))
 
 
+def _train_probe(path: str, B: int, D: int, H: int, T: int):
+    """A compiled training step (value and gradient of a mean square over all outputs,
+    w.r.t. the params and the inputs) of the fused LSTM on ``path``, ``"kernel"`` or ``"xla"``."""
+    from ._fused import FusedConfig, fused_lstm
+    from ._kernel import kernel_lstm
+    from .params import init_lstm
+
+    f32 = jnp.dtype(jnp.float32)
+    params = init_lstm(jax.random.key(0), D, H)
+    xs = jax.random.normal(jax.random.key(1), (T, B, D), f32)
+    carry = (jnp.zeros((B, H), f32), jnp.zeros((B, H), f32))
+    if path == KERNEL:
+        run = lambda p, x: kernel_lstm(p, carry, x, None, carry)[0]
+    else:
+        run = lambda p, x: fused_lstm(FusedConfig(f32, f32), p, carry, x, None, carry)[0]  # pyright: ignore[reportIndexIssue]
+    step = jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(run(p, x))), argnums=(0, 1))
+    compiled = jax.jit(step).lower(params, xs).compile()
+    return lambda: jax.block_until_ready(compiled(params, xs))
+
+
 def _measure(B, D, H, R, T, mm, acc, unroll) -> str:
     # Usually called while jax.jit traces the user's function: the probes run eagerly.
     with jax.ensure_compile_time_eval():
-        return _time_probes(B, D, H, R, T, mm, acc, unroll)
+        probes = {name: _probe(name, B, D, H, R, min(T, PROBE_STEPS), mm, acc, unroll) for name in CANDIDATES}
+        return _pick(probes, DEFAULT)
 
 
-def _time_probes(B, D, H, R, T, mm, acc, unroll) -> str:
-    probes = {name: _probe(name, B, D, H, R, min(T, PROBE_STEPS), mm, acc, unroll) for name in CANDIDATES}
-    times = {name: [] for name in probes}
+def _pick(probes: dict[str, Callable[[], object]], default: str) -> str:
+    """Times the probes interleaved (medians of ``ROUNDS`` after a warm-up); the other
+    candidate must beat ``default`` by ``MARGIN``: the two are often within the machine's noise."""
+    names = list(probes)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for f in probes.values():
         f()
     for r in range(ROUNDS):
-        for name in CANDIDATES[r % 2 :] + CANDIDATES[: r % 2]:
+        for name in names[r % 2 :] + names[: r % 2]:
             t0 = time.perf_counter()
             probes[name]()
             times[name].append(time.perf_counter() - t0)
     median = {n: statistics.median(ts) for n, ts in times.items()}
-    # Leave the default only for a clear win: the two are often within the machine's noise.
-    other = next(n for n in CANDIDATES if n != DEFAULT)
-    return other if median[other] < (1 - MARGIN) * median[DEFAULT] else DEFAULT
+    other = next(n for n in names if n != default)
+    return other if median[other] < (1 - MARGIN) * median[default] else default
 
 
 def _read_disk() -> dict:
@@ -158,24 +198,54 @@ def _write_disk(key: str, value: str) -> None:
         pass  # a read-only home: the choice still holds for this process
 
 
-def forward_layout(B: int, D: int, H: int, R: int, T: int, mm_dtype, acc_dtype, unroll: int = 1) -> str:
-    """The forward step layout for this shape on this machine (see the module docstring)."""
-    if _forced:
-        return _forced[-1]
-    if not enabled() or B * T == 0:
-        return DEFAULT
-    T_bucket = 1 << max(0, int(np.ceil(np.log2(max(T, 1)))))
-    mm, acc = jnp.dtype(mm_dtype).name, jnp.dtype(acc_dtype).name
-    key = f"{_machine()}|lstm-forward|B={B} D={D} H={H} R={R} T<={T_bucket} unroll={unroll}|{mm}/{acc}"
+def _cached(key: str, candidates: tuple, measure: Callable[[], str], default: str) -> str:
     with _lock:
         if key in _memory:
             return _memory[key]
         choice = _read_disk().get(key)
-        if choice not in CANDIDATES:
+        if not isinstance(choice, str) or choice not in candidates:
             try:
-                choice = _measure(B, D, H, R, T, mm_dtype, acc_dtype, unroll)
+                choice = measure()
                 _write_disk(key, choice)
             except Exception:  # timing impossible here (out of memory, say): the default, not cached on disk
-                choice = DEFAULT
+                choice = default
         _memory[key] = choice
         return choice
+
+
+def _bucket(T: int) -> int:
+    return 1 << max(0, int(np.ceil(np.log2(max(T, 1)))))
+
+
+def forward_layout(B: int, D: int, H: int, R: int, T: int, mm_dtype, acc_dtype, unroll: int = 1) -> str:
+    """The pure-XLA forward step layout for this shape on this machine (see the module docstring)."""
+    if _forced and _forced[-1] in CANDIDATES:
+        return _forced[-1]
+    if not enabled() or B * T == 0:
+        return DEFAULT
+    mm, acc = jnp.dtype(mm_dtype).name, jnp.dtype(acc_dtype).name
+    key = f"{_machine()}|lstm-forward|B={B} D={D} H={H} R={R} T<={_bucket(T)} unroll={unroll}|{mm}/{acc}"
+    return _cached(key, CANDIDATES, lambda: _measure(B, D, H, R, T, mm_dtype, acc_dtype, unroll), DEFAULT)
+
+
+def kernel_path(B: int, D: int, H: int, T: int) -> bool:
+    """Whether a float32 LSTM of this shape, which the compiled kernel can run
+    (:func:`jaxlstm._kernel.applies`), runs on it rather than on the pure-XLA fused path.
+
+    The default (autotuning off) is the kernel. With autotuning, the first time a shape is
+    seen both training steps are timed on a probe of at most ``PROBE_STEPS`` steps, and XLA
+    is chosen only when it is ``MARGIN`` faster (it was at B=64, D=512, H=1024 on a Zen 5,
+    where both are bound by the arithmetic). A forced ``"feature"`` / ``"batch"`` layout
+    means the pure-XLA path."""
+    if _forced:
+        return _forced[-1] == KERNEL
+    if not enabled():
+        return True
+    key = f"{_machine()}|lstm-kernel|B={B} D={D} H={H} T<={_bucket(T)}|float32"
+
+    def measure() -> str:
+        with jax.ensure_compile_time_eval():
+            probes = {name: _train_probe(name, B, D, H, min(T, PROBE_STEPS)) for name in (KERNEL, "xla")}
+            return _pick(probes, KERNEL)
+
+    return _cached(key, (KERNEL, "xla"), measure, KERNEL) == KERNEL

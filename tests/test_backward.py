@@ -1,5 +1,6 @@
 """The fused custom VJP against autodiff of the plain-jnp reference loop, and check_grads."""
 
+import contextlib
 import itertools
 
 import chex
@@ -12,6 +13,7 @@ from jax.test_util import check_grads
 import jaxlstm
 from helpers import T, assert_trees_close
 from helpers import lstm_inputs as _inputs
+from jaxlstm import tuning
 from reference import lstm_ref
 
 
@@ -46,12 +48,16 @@ def _assert_grads_close(g, g_ref, rtol=1e-5):
 
 
 GRID = list(itertools.product([None, 2], [False, True], [False, True]))
+# Without a projection jaxlstm.lstm runs the compiled CPU kernel where it is built
+# (tests/test_kernel.py): "xla" forces the pure-XLA fused path.
+PATHS = [(*case, "default") for case in GRID] + [(None, lengths, reverse, "xla") for _, lengths, reverse in GRID[:4]]
 
 
-@pytest.mark.parametrize("proj,lengths,reverse", GRID)
-def test_fused_vjp_matches_reference_autodiff(proj, lengths, reverse):
+@pytest.mark.parametrize("proj,lengths,reverse,path", PATHS)
+def test_fused_vjp_matches_reference_autodiff(proj, lengths, reverse, path):
     params, xs, state, seq_lengths = _inputs(20, (4,), proj, with_state=True, lengths=lengths)
-    g = jax.grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse)
+    with tuning.forced("feature") if path == "xla" else contextlib.nullcontext():
+        g = jax.grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse)
     g_ref = jax.grad(_ref_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse)
     _assert_grads_close(g, g_ref)
 
@@ -89,7 +95,8 @@ def test_checkpointed_equals_plain(k, proj, lengths, reverse, time_major):
     (v, g) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(
         params, xs, state, seq_lengths, reverse, time_major, checkpoint_every=k
     )
-    (v0, g0) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse, time_major)
+    with tuning.forced("feature"):  # the same (pure-XLA) path without checkpointing, not the CPU kernel
+        (v0, g0) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse, time_major)
     np.testing.assert_allclose(v, v0, rtol=1e-6)
     _assert_grads_close(g, g0, rtol=1e-6)
 

@@ -129,7 +129,10 @@ def test_nnx_module_under_data_parallel_jit(mesh):
     def forward(state, x, n):
         return nnx.merge(graphdef, state)(x, seq_lengths=n)[0]
 
-    got = forward(state, *_put((xs, lengths), mesh, P("data")))
+    args = (state, *_put((xs, lengths), mesh, P("data")))
+    np.testing.assert_allclose(forward(*args), want, atol=1e-5)  # without a mesh: the CPU kernel runs replicated
+    with jax.set_mesh(mesh):  # with one: the XLA path, which XLA partitions
+        got = forward(*args)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), got.ndim)
 

@@ -1,0 +1,152 @@
+"""The compiled CPU kernel: the LSTM recurrence as XLA FFI custom calls.
+
+``jaxlstm/csrc/lstm_cpu.cc`` is built by the package's own build (``pip install``
+compiles it with the machine's C++ compiler against the XLA FFI headers that jaxlib
+ships; where that fails the package installs without it). It holds the two loops
+over time, forward and backward, with the hidden units split over the machine's
+cores: each core keeps its slice of ``W_hh`` in its cache and computes its units'
+gates with a register-blocked GEMM, and one spin barrier per step publishes ``h``.
+The input projection runs inside the forward loop and the weight and input
+gradients inside the backward loop (GEMMs over chunks of ~256 rows): on this
+project's machines a ``[T, B, 4H]`` buffer between the loop and XLA cost more to
+first touch (fresh pages on every call) than its GEMM took.
+
+:func:`jaxlstm.lstm` runs :func:`kernel_lstm` in place of :func:`jaxlstm._fused.fused_lstm`
+where :func:`applies` (float32 on CPU, no projection or variant, no recurrent
+dropout or zoneout, no checkpointing, no device mesh): lengths, masks, resets and
+``reverse`` are supported. ``JAXLSTM_KERNEL=0`` turns it off (the XLA path, which
+is the reference it is tested against); ``JAXLSTM_KERNEL_THREADS`` caps its threads
+(default: the CPUs this process may run on).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+
+from ._engine import Steps, mesh_active
+from .params import LSTMParams
+
+__all__ = ["applies", "available", "enabled", "kernel_lstm", "load_error"]
+
+_FORWARD, _BACKWARD = "jaxlstm_lstm_forward", "jaxlstm_lstm_backward"
+_F32 = jnp.dtype(jnp.float32)
+
+
+@functools.cache
+def _load() -> str | None:
+    """Loads and registers the kernel; ``None`` on success, else why not."""
+    spec = importlib.util.find_spec("jaxlstm._lstm_cpu")
+    if spec is None or spec.origin is None:
+        return "the compiled kernel jaxlstm/_lstm_cpu*.so is not built (reinstall with a C++ compiler)"
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.JaxlstmLstmForward), platform="cpu")
+        jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.JaxlstmLstmBackward), platform="cpu")
+    except (OSError, AttributeError) as e:
+        return f"the compiled kernel {spec.origin} did not load: {e}"
+    return None
+
+
+def load_error() -> str | None:
+    """Why the kernel is unavailable, or ``None`` when it is built and loaded."""
+    return _load()
+
+
+def available() -> bool:
+    """The kernel is built and registered with XLA."""
+    return _load() is None
+
+
+def enabled() -> bool:
+    """Available and not turned off with ``JAXLSTM_KERNEL=0``."""
+    return os.environ.get("JAXLSTM_KERNEL", "1") != "0" and available()
+
+
+def applies(
+    params: LSTMParams, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zoneout, checkpoint_every
+) -> bool:
+    """Whether the kernel can run this :func:`jaxlstm.lstm` call (its fused path);
+    :func:`jaxlstm.tuning.kernel_path` then says whether it should."""
+    return (
+        enabled()
+        and jax.default_backend() == "cpu"
+        and jnp.dtype(mm_dtype) == _F32
+        and jnp.dtype(acc_dtype) == _F32
+        and all(w is None or w.dtype == _F32 for w in params)
+        and not params.is_variant
+        and params.w_hr is None
+        and h_mask is None
+        and zoneout is None
+        and checkpoint_every is None
+        and batch * steps > 0
+        and not mesh_active()
+    )
+
+
+def _flags(steps: Steps | None, T: int, B: int):
+    """``valid`` and ``reset`` ``[T, B]`` as bytes: the step counts; it starts from the reset state."""
+    lengths, mask, resets = (None, None, None) if steps is None else steps
+    valid = jnp.ones((T, B), bool)
+    if lengths is not None:
+        valid = valid & (jnp.arange(T, dtype=jnp.int32)[:, None] < lengths[None, :])
+    if mask is not None:
+        valid = valid & mask
+    reset = jnp.zeros((T, B), bool) if resets is None else resets & valid
+    return valid.astype(jnp.uint8), reset.astype(jnp.uint8)
+
+
+def _require() -> None:
+    error = _load()
+    if error is not None:
+        raise RuntimeError(error)
+
+
+def _forward(params: LSTMParams, carry0, xs, steps, reset_carry, save: bool):
+    _require()
+    T, B = xs.shape[:2]
+    H = params.w_hh.shape[0]
+    b = jnp.zeros((4 * H,), _F32) if params.b is None else params.b
+    valid, reset = _flags(steps, T, B)
+    out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
+    saved = (out(T, B, 4 * H), out(T, B, H), out(T, B, H)) if save else (out(0), out(0), out(0))
+    call = jax.ffi.ffi_call(_FORWARD, (out(T, B, H), out(B, H), out(B, H), *saved), vmap_method="sequential")
+    ys, h, c, acts, cs, h_in = call(xs, params.w_ih, b, params.w_hh, *carry0, *reset_carry, valid, reset)
+    return ys, (h, c), (acts, cs, h_in, valid, reset)
+
+
+@jax.custom_vjp
+def kernel_lstm(params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry):
+    """:func:`jaxlstm._fused.fused_lstm`'s contract on the kernel: ``xs [T, B, D]``,
+    ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``, ``steps`` time-major.
+    Returns ``(ys [T, B, H], (h, c))``."""
+    ys, carry, _ = _forward(params, carry0, xs, steps, reset_carry, save=False)
+    return ys, carry
+
+
+def _kernel_fwd(params, carry0, xs, steps, reset_carry):
+    ys, carry, saved = _forward(params, carry0, xs, steps, reset_carry, save=True)
+    return (ys, carry), (params, carry0[1], reset_carry[1], xs, saved)
+
+
+def _kernel_bwd(res, cotangents):
+    params, c0, c_reset, xs, (acts, cs, h_in, valid, reset) = res
+    dys, (dh, dc) = cotangents
+    T, B, D = xs.shape
+    H = cs.shape[-1]
+    out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
+    shapes = (out(T, B, D), out(D, 4 * H), out(H, 4 * H), out(4 * H), *(out(B, H) for _ in range(4)))
+    call = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")
+    dxs, dw_ih, dw_hh, db, dh0, dc0, dh_reset, dc_reset = call(
+        xs, params.w_ih, params.w_hh, acts, cs, h_in, c0, c_reset, valid, reset, dys, dh, dc
+    )
+    grads = LSTMParams(dw_ih, dw_hh, None if params.b is None else db, None)
+    return grads, (dh0, dc0), dxs, None, (dh_reset, dc_reset)
+
+
+kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)

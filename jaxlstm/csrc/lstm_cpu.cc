@@ -1,0 +1,766 @@
+// jaxlstm's CPU kernel: the LSTM recurrence as two XLA FFI custom calls.
+//
+// jaxlstm.lstm runs these on CPU where they apply (see jaxlstm/_kernel.py); the
+// pure-XLA path (jaxlstm/_fused.py) stays the portable default and the reference
+// they are tested against.
+//
+// Forward (LstmForward), time-major, float32, gate order i, f, g, o:
+//   z(t) = x(t) · W_ih + h_in(t) · W_hh + b
+//   c(t) = σ(z_f) ∗ c_in(t) + σ(z_i) ∗ tanh(z_g),   h(t) = σ(z_o) ∗ tanh(c(t))
+// The input projection is computed per step inside the loop, on panels that stay in
+// cache: a [T, B, 4H] projection computed before the loop is a buffer of fresh memory,
+// whose first touch cost more than the projection's GEMM (measured: 21 ms for
+// [8192, 128] · [128, 1024] at B=32, T=256, against 5 ms of arithmetic).
+// Backward (LstmBackward): the reverse recurrence of the cotangents (dh, dc) and all
+// the gradients: dx, dW_ih, dW_hh, b and the initial and reset states' cotangents.
+// The gate cotangents dz never leave the kernel (a [T, B, 4H] buffer would cost its
+// first touch again); the weight gradients are GEMMs over chunks of ~256 rows.
+//
+// Per-step flags: valid [T, B] (the step counts: inside the length and the mask) and
+// reset [T, B] (a counted step starts from the reset state). A step that does not
+// count leaves the state unchanged and outputs zeros, as in jaxlstm._engine.
+//
+// Parallelism: the hidden units are split into one contiguous range per thread; each
+// thread owns the 4 gate columns of its units (packed once per call into a panel that
+// stays in its core's cache), computes their gates with a register-blocked GEMM, and
+// applies the pointwise update to its own units. One spin barrier per step publishes
+// the new h to all threads. The backward pass splits the same way: each thread forms
+// dz for its units, a barrier, then dh(t-1) for its units from all of dz.
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <sched.h>
+#include <sys/mman.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;  // floats per vector
+constexpr int MR = 12;  // rows per register tile (MR x 2 accumulators of 32 registers)
+#elif defined(__AVX__)
+constexpr int VW = 8;
+constexpr int MR = 6;
+#else
+constexpr int VW = 4;
+constexpr int MR = 4;
+#endif
+constexpr int NV = 2;         // vectors per column tile
+constexpr int NC = NV * VW;   // columns per tile
+constexpr int ALIGN = 64;
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+// The first n (<= VW) lanes; the others zero.
+inline vf load_n(const float* p, int n) {
+  if (n == VW) return load(p);
+  alignas(ALIGN) float tmp[VW] = {};
+  std::memcpy(tmp, p, sizeof(float) * n);
+  return *reinterpret_cast<const vf*>(tmp);
+}
+
+inline void store_n(float* p, vf v, int n) {
+  if (n == VW) return store(p, v);
+  alignas(ALIGN) float tmp[VW];
+  *reinterpret_cast<vf*>(tmp) = v;
+  std::memcpy(p, tmp, sizeof(float) * n);
+}
+
+inline vf splat(float x) { return vf{} + x; }
+
+// exp with Cephes' polynomial on [-ln2/2, ln2/2]: relative error ~2e-7 on [-87, 88].
+inline vf vexp(vf x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = x * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  const vi ni = (vi)t - (vi)magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return (vf)((vi)p + (ni << 23));
+}
+
+inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+inline vf vtanh(vf x) { return 2.0f / (1.0f + vexp(x * -2.0f)) - 1.0f; }
+
+// C[r, 0:NC] (+)= Σ_k A[r, k] · P[k, 0:NC] for r < M; A[r, k] = A[r * rs + k * ks];
+// P is a packed [K, NC] panel.
+template <int M>
+void tile(const float* A, long rs, long ks, const float* P, long K, float* C, long ldc, bool accumulate) {
+  vf acc[M][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load(C + r * ldc + j * VW) : vf{};
+  for (long k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = *reinterpret_cast<const vf*>(P + k * NC + j * VW);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const float a = A[r * rs + k * ks];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[r][j] += b[j] * a;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) store(C + r * ldc + j * VW, acc[r][j]);
+}
+
+using TileFn = void (*)(const float*, long, long, const float*, long, float*, long, bool);
+
+template <int... Ms>
+constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
+  return std::array<TileFn, sizeof...(Ms)>{&tile<Ms + 1>...};
+}
+const auto kTiles = make_tiles(std::make_integer_sequence<int, MR>{});
+
+// C [M, N] (+)= A [M, K] · panels, N a multiple of NC; A[r, k] = A[r * rs + k * ks]
+// (rs = row stride, ks = 1 for a row-major A; rs = 1 for a transposed one); panel j
+// holds columns j*NC ... as [K, NC].
+void gemm(const float* A, long rs, long ks, long M, const float* panels, long K, long N, float* C, long ldc,
+          bool accumulate) {
+  for (long j = 0; j < N / NC; ++j) {
+    const float* P = panels + j * K * NC;
+    for (long r = 0; r < M; r += MR) {
+      const long m = std::min<long>(MR, M - r);
+      kTiles[m - 1](A + r * rs, rs, ks, P, K, C + r * ldc + j * NC, ldc, accumulate);
+    }
+  }
+}
+
+// Large output buffers are fresh memory that XLA's allocator maps on each call: in
+// 4 KiB pages, first touching them costs more than the recurrence itself (measured:
+// 17 of 29 ms of a saving forward pass at B=32, H=256, T=256). Where transparent
+// huge pages are enabled on request ("madvise"), asking for them costs one call.
+void prefer_huge_pages(void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
+// dst [cols, rows] = src [rows, cols]ᵀ, in blocks that stay in cache.
+void transpose(const float* src, long rows, long cols, float* dst) {
+  constexpr long kBlock = 32;
+  for (long r0 = 0; r0 < rows; r0 += kBlock)
+    for (long c0 = 0; c0 < cols; c0 += kBlock)
+      for (long r = r0; r < std::min(rows, r0 + kBlock); ++r)
+        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
+float* aligned_floats(std::vector<float>& v, size_t n) {
+  v.assign(n + ALIGN / sizeof(float), 0.0f);
+  auto p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<float*>((p + ALIGN - 1) / ALIGN * ALIGN);
+}
+
+// ---------------------------------------------------------------------------
+// Threads: a pool of workers that sleep between calls and meet at a spin barrier
+// within one.
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Spins until done(); after a while yields the core, so that a waiting thread does not
+// hold up the one it waits for when the machine has more runnable threads than cores.
+template <typename F>
+void spin_until(F&& done) {
+  for (int i = 0; !done(); ++i) {
+    if (i < 2000) {
+      cpu_relax();
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+  void wait() {
+    if (n_ == 1) return;
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+    } else {
+      spin_until([&] { return gen_.load(std::memory_order_acquire) != gen; });
+    }
+  }
+
+ private:
+  const int n_;
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<int> gen_{0};
+};
+
+// JAXLSTM_KERNEL_THREADS, or 0 where it is unset.
+int requested_threads() {
+  const char* env = std::getenv("JAXLSTM_KERNEL_THREADS");
+  return env ? std::max(0, std::atoi(env)) : 0;
+}
+
+int cpu_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+class Pool {
+ public:
+  static Pool& get() {
+    // Never destroyed: its workers outlive static teardown.
+    static Pool* pool = new Pool(std::max(cpu_count(), requested_threads()));
+    return *pool;
+  }
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // Runs f(0), ..., f(n-1) on n threads (the caller is thread 0). A second call
+  // while one runs (XLA may run two custom calls at once) gets the caller alone.
+  int run(int n, const std::function<void(int, int)>& f) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || n <= 1) {
+      f(0, 1);
+      return 1;
+    }
+    n = std::min(n, size());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &f;
+      active_ = n;
+      pending_.store(n - 1, std::memory_order_relaxed);
+      ++generation_;
+    }
+    cv_.notify_all();
+    f(0, n);
+    spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
+    return n;
+  }
+
+ private:
+  explicit Pool(int n) {
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
+    for (auto& w : workers_) w.detach();
+  }
+
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int, int)>* job;
+      int n;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        job = job_;
+        n = active_;
+      }
+      if (id < n) {
+        (*job)(id, n);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex busy_, mu_;
+  std::condition_variable cv_;
+  uint64_t generation_ = 0;
+  const std::function<void(int, int)>* job_ = nullptr;
+  int active_ = 0;
+  std::atomic<int> pending_{0};
+};
+
+// The units [lo, hi) of thread p of n: contiguous ranges, multiples of VW where H allows.
+struct Split {
+  long lo, hi;
+  long n() const { return hi - lo; }
+  long padded() const { return (n() + NC - 1) / NC * NC; }  // columns per gate in the panel
+};
+
+Split split_units(long H, int p, int n) {
+  const long per = ((H + n - 1) / n + VW - 1) / VW * VW;
+  const long lo = std::min(H, p * per);
+  return {lo, std::min(H, lo + per)};
+}
+
+// Threads worth using: at least VW units each, and per step at least kMinWork
+// multiply-adds each. A smaller step (B=1, H=64: 25k) is over before a second thread
+// has crossed its barrier, and on this project's 2-core machines a second thread made
+// such steps 2x slower in some processes and 30x in others (measured).
+// JAXLSTM_KERNEL_THREADS=n asks for n threads whatever the work (the tests use it).
+constexpr long kMinWork = 128 * 1024;
+
+int thread_count(long units, long work_per_step) {
+  const long by_units = std::max<long>(1, units / VW);
+  const int asked = requested_threads();
+  const long by_work = asked > 0 ? asked : std::max<long>(1, work_per_step / kMinWork);
+  return static_cast<int>(std::min<long>(Pool::get().size(), std::min(by_units, by_work)));
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+
+struct ForwardArgs {
+  long T, B, H;
+  long D;
+  const float *xs, *w_ih, *bias, *w_hh, *h0, *c0, *hr, *cr;
+  const uint8_t *valid, *reset;
+  float *ys, *hT, *cT;
+  float *acts, *cs, *hin;  // saved for the backward pass, or nullptr
+};
+
+void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, float* h_state, float* c_state,
+                    float* hbuf) {
+  const long T = a.T, B = a.B, H = a.H, G4 = 4 * H;
+  const Split s = split_units(H, p, n);
+  const long nu = s.n(), np = s.padded(), cols = 4 * np;
+  // Panels of W_ih's and W_hh's columns for this thread's units, gate-blocked: column
+  // g*np + u is gate g of unit lo + u (zero for the padding units).
+  std::vector<float> wx_store, wh_store, z_store, bias_store;
+  float* wx = aligned_floats(wx_store, static_cast<size_t>(a.D) * cols);
+  float* wh = aligned_floats(wh_store, static_cast<size_t>(H) * cols);
+  float* z = aligned_floats(z_store, static_cast<size_t>(B) * cols);
+  float* bias = aligned_floats(bias_store, cols);
+  auto pack = [&](float* panel, const float* w, long K) {
+    for (long c = 0; c < cols; ++c) {
+      const long g = c / np, u = c % np;
+      if (u >= nu) continue;
+      float* dst = panel + (c / NC) * K * NC + (c % NC);
+      for (long k = 0; k < K; ++k) dst[k * NC] = w[k * G4 + g * H + s.lo + u];
+    }
+  };
+  pack(wx, a.w_ih, a.D);
+  pack(wh, a.w_hh, H);
+  for (long g = 0; g < 4; ++g) std::memcpy(bias + g * np, a.bias + g * H + s.lo, 4 * nu);
+  auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * B * H : hbuf + (t & 1) * B * H; };
+  // The state entering step t for this thread's units (a reset replaces it).
+  auto enter = [&](long t) {
+    float* hin = h_in_at(t);
+    for (long b = 0; b < B; ++b) {
+      const bool r = a.reset[t * B + b] != 0;
+      for (long u = s.lo; u < s.hi; ++u) {
+        const long i = b * H + u;
+        if (r) {
+          h_state[i] = a.hr[i];
+          c_state[i] = a.cr[i];
+        }
+        hin[i] = h_state[i];
+      }
+    }
+  };
+  if (nu > 0) {
+    for (long b = 0; b < B; ++b)
+      for (long u = s.lo; u < s.hi; ++u) {
+        h_state[b * H + u] = a.h0[b * H + u];
+        c_state[b * H + u] = a.c0[b * H + u];
+      }
+    if (T > 0) enter(0);
+  }
+  barrier.wait();
+  for (long t = 0; t < T; ++t) {
+    if (nu > 0) {
+      for (long b = 0; b < B; ++b) std::memcpy(z + b * cols, bias, 4 * cols);
+      gemm(a.xs + t * B * a.D, a.D, 1, B, wx, a.D, cols, z, cols, true);
+      gemm(h_in_at(t), H, 1, B, wh, H, cols, z, cols, true);
+      for (long b = 0; b < B; ++b) {
+        const bool valid = a.valid[t * B + b] != 0;
+        const float* zb = z + b * cols;
+        float* y = a.ys + (t * B + b) * H + s.lo;
+        float* hs = h_state + b * H + s.lo;
+        float* cst = c_state + b * H + s.lo;
+        float* act = a.acts ? a.acts + (t * B + b) * G4 + s.lo : nullptr;
+        for (long u = 0; u < nu; u += VW) {
+          const int m = static_cast<int>(std::min<long>(VW, nu - u));
+          if (!valid) {
+            store_n(y + u, vf{}, m);
+            if (act)
+              for (int g = 0; g < 4; ++g) store_n(act + g * H + u, vf{}, m);
+            continue;
+          }
+          const vf i = sigmoid(load(zb + u)), f = sigmoid(load(zb + np + u));
+          const vf gg = vtanh(load(zb + 2 * np + u)), o = sigmoid(load(zb + 3 * np + u));
+          const vf c = f * load_n(cst + u, m) + i * gg;
+          const vf h = o * vtanh(c);
+          store_n(cst + u, c, m);
+          store_n(hs + u, h, m);
+          store_n(y + u, h, m);
+          if (act) {
+            store_n(act + u, i, m);
+            store_n(act + H + u, f, m);
+            store_n(act + 2 * H + u, gg, m);
+            store_n(act + 3 * H + u, o, m);
+          }
+        }
+        if (a.cs) std::memcpy(a.cs + (t * B + b) * H + s.lo, cst, 4 * nu);
+      }
+      if (t + 1 < T) enter(t + 1);
+    }
+    barrier.wait();
+  }
+  if (nu > 0)
+    for (long b = 0; b < B; ++b) {
+      std::memcpy(a.hT + b * H + s.lo, h_state + b * H + s.lo, 4 * nu);
+      std::memcpy(a.cT + b * H + s.lo, c_state + b * H + s.lo, 4 * nu);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+
+struct BackwardArgs {
+  long T, B, D, H;
+  const float *xs, *w_ih, *w_hh, *acts, *cs, *h_in, *c0, *cr;
+  const uint8_t *valid, *reset;
+  const float *dys, *dhT, *dcT;
+  float *dxs, *dw_ih, *dw_hh, *db, *dh0, *dc0, *dhr, *dcr;
+};
+
+// Each thread owns the units [lo, hi) (their 4 gate columns of dz and of the weight
+// gradients) and the input features [dlo, dhi) (their columns of dx). Per step: dz(t)
+// for its units into a shared ring (a barrier), then dh(t-1) for its units from all
+// of dz(t). Every TC steps (a chunk, TC·B rows), the weight gradients of its columns
+// take one GEMM over the chunk's rows, and dx of its features one GEMM from the chunk's
+// dz; the ring holds two chunks, so a chunk is read while the next is written.
+void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, float* dh, float* dc, float* ring,
+                     long TC) {
+  const long T = a.T, B = a.B, D = a.D, H = a.H, G4 = 4 * H;
+  const Split s = split_units(H, p, n), sd = split_units(D, p, n);
+  const long nu = s.n(), np = s.padded(), cols = 4 * np, nd = sd.n(), ndp = sd.padded();
+  std::vector<float> st[8];
+  // W_hhᵀ's columns for this thread's units, [4H, np]; W_ihᵀ's for its features, [4H, ndp].
+  float* whT = aligned_floats(st[0], static_cast<size_t>(G4) * np);
+  float* wiT = aligned_floats(st[1], static_cast<size_t>(G4) * ndp);
+  for (long u = 0; u < nu; ++u)
+    for (long k = 0; k < G4; ++k) whT[(u / NC) * G4 * NC + k * NC + u % NC] = a.w_hh[(s.lo + u) * G4 + k];
+  for (long d = 0; d < nd; ++d)
+    for (long k = 0; k < G4; ++k) wiT[(d / NC) * G4 * NC + k * NC + d % NC] = a.w_ih[(sd.lo + d) * G4 + k];
+  float* rec = aligned_floats(st[2], static_cast<size_t>(B) * np);              // dh(t-1) of its units
+  float* dzp = aligned_floats(st[3], static_cast<size_t>(TC) * B * cols);       // its dz columns, as panels
+  float* gwh = aligned_floats(st[4], static_cast<size_t>(H) * cols);            // dW_hh of its columns
+  float* gwi = aligned_floats(st[5], static_cast<size_t>(D) * cols);            // dW_ih of its columns
+  float* gb = aligned_floats(st[6], cols);                                      // db of its columns
+  float* dxc = aligned_floats(st[7], static_cast<size_t>(TC) * B * ndp);        // dx of its features, a chunk
+  std::vector<float> hT_store, xT_store;
+  float* hT = aligned_floats(hT_store, static_cast<size_t>(TC) * B * H);  // a chunk of h_in, transposed
+  float* xT = aligned_floats(xT_store, static_cast<size_t>(TC) * B * D);  // and of x
+  for (long b = 0; b < B; ++b)
+    for (long u = s.lo; u < s.hi; ++u) {
+      const long i = b * H + u;
+      dh[i] = a.dhT[i];
+      dc[i] = a.dcT[i];
+      a.dhr[i] = 0.0f;
+      a.dcr[i] = 0.0f;
+    }
+  // The chunk of t: steps [t0, t0 + TC); its rows k = (t - t0) * B + b.
+  for (long t = T - 1; t >= 0; --t) {
+    const long t0 = t / TC * TC, rows = std::min(TC, T - t0) * B;
+    float* dz_chunk = ring + ((t / TC) & 1) * TC * B * G4;
+    float* dzt = dz_chunk + (t - t0) * B * G4;
+    for (long b = 0; b < B && nu > 0; ++b) {
+      const long row = t * B + b, k = (t - t0) * B + b;
+      float* dzb = dzt + b * G4 + s.lo;
+      float* dzk = dzp + k * NC;  // row k of the panels
+      auto put = [&](long g, long u, vf v, int m) {  // dz of gate g, units u...u+m
+        store_n(dzb + g * H + u, v, m);
+        const long c = g * np + u;  // VW divides NC: a vector never straddles two panels
+        store_n(dzk + (c / NC) * TC * B * NC + c % NC, v, m);
+        store_n(gb + c, load_n(gb + c, m) + v, m);
+      };
+      if (!a.valid[row]) {
+        for (long g = 0; g < 4; ++g)
+          for (long u = 0; u < nu; u += VW) put(g, u, vf{}, static_cast<int>(std::min<long>(VW, nu - u)));
+        continue;
+      }
+      const bool reset = a.reset[row] != 0;
+      const float* act = a.acts + row * G4 + s.lo;
+      const float* c = a.cs + row * H + s.lo;
+      const float* c_in = reset ? a.cr + b * H + s.lo : (t > 0 ? a.cs + (row - B) * H : a.c0 + b * H) + s.lo;
+      const float* dy = a.dys + row * H + s.lo;
+      float* dhb = dh + b * H + s.lo;
+      float* dcb = dc + b * H + s.lo;
+      for (long u = 0; u < nu; u += VW) {
+        const int m = static_cast<int>(std::min<long>(VW, nu - u));
+        const vf i = load_n(act + u, m), f = load_n(act + H + u, m);
+        const vf g = load_n(act + 2 * H + u, m), o = load_n(act + 3 * H + u, m);
+        const vf dh_tot = load_n(dy + u, m) + load_n(dhb + u, m);
+        const vf tc = vtanh(load_n(c + u, m));
+        const vf dc_tot = load_n(dcb + u, m) + dh_tot * o * (1.0f - tc * tc);
+        put(0, u, dc_tot * g * i * (1.0f - i), m);
+        put(1, u, dc_tot * load_n(c_in + u, m) * f * (1.0f - f), m);
+        put(2, u, dc_tot * i * (1.0f - g * g), m);
+        put(3, u, dh_tot * tc * o * (1.0f - o), m);
+        store_n(dcb + u, dc_tot * f, m);  // routed below, with dh
+      }
+    }
+    barrier.wait();  // all of dz(t) is written
+    if (nu > 0) {
+      gemm(dzt, G4, 1, B, whT, G4, np, rec, np, false);
+      for (long b = 0; b < B; ++b) {
+        const long row = t * B + b;
+        if (!a.valid[row]) continue;  // the state's cotangent passes through
+        float* dhb = dh + b * H + s.lo;
+        float* dcb = dc + b * H + s.lo;
+        if (a.reset[row]) {  // the step started from the reset state
+          for (long u = 0; u < nu; ++u) {
+            a.dhr[b * H + s.lo + u] += rec[b * np + u];
+            a.dcr[b * H + s.lo + u] += dcb[u];
+            dhb[u] = 0.0f;
+            dcb[u] = 0.0f;
+          }
+        } else {
+          std::memcpy(dhb, rec + b * np, 4 * nu);
+        }
+      }
+    }
+    if (t != t0) continue;
+    // The chunk is complete (it ran from its last step down to t0).
+    if (nu > 0) {
+      // dW_hh += h_inᵀ · dz and dW_ih += xᵀ · dz over the chunk's rows. A = h_inᵀ, xᵀ,
+      // transposed into row-major copies first: read in place, each step of the GEMM's
+      // k loop would jump a row of h_in (a page at H=1024).
+      transpose(a.h_in + t0 * B * H, rows, H, hT);
+      transpose(a.xs + t0 * B * D, rows, D, xT);
+      for (long j = 0; j < cols / NC; ++j) {
+        const float* P = dzp + j * TC * B * NC;  // panel j (TC * B rows of stride, rows used)
+        gemm(hT, rows, 1, H, P, rows, NC, gwh + j * NC, cols, true);
+        gemm(xT, rows, 1, D, P, rows, NC, gwi + j * NC, cols, true);
+      }
+    }
+    if (nd > 0) {
+      gemm(dz_chunk, G4, 1, rows, wiT, G4, ndp, dxc, ndp, false);
+      for (long k = 0; k < rows; ++k) std::memcpy(a.dxs + (t0 * B + k) * D + sd.lo, dxc + k * ndp, 4 * nd);
+    }
+  }
+  for (long b = 0; b < B; ++b) {
+    std::memcpy(a.dh0 + b * H + s.lo, dh + b * H + s.lo, 4 * nu);
+    std::memcpy(a.dc0 + b * H + s.lo, dc + b * H + s.lo, 4 * nu);
+  }
+  for (long c = 0; c < cols; ++c) {
+    const long g = c / np, u = c % np;
+    if (u >= nu) continue;
+    const long col = g * H + s.lo + u;
+    for (long k = 0; k < H; ++k) a.dw_hh[k * G4 + col] = gwh[k * cols + c];
+    for (long k = 0; k < D; ++k) a.dw_ih[k * G4 + col] = gwi[k * cols + c];
+    a.db[col] = gb[c];
+  }
+}
+
+template <typename F>
+void run_split(int want, F&& body) {
+  std::vector<std::unique_ptr<SpinBarrier>> barriers;
+  // The barrier must know how many threads actually run (the pool may be busy).
+  std::mutex mu;
+  SpinBarrier* barrier = nullptr;
+  std::function<void(int, int)> job = [&](int p, int n) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (barrier == nullptr) {
+        barriers.emplace_back(new SpinBarrier(n));
+        barrier = barriers.back().get();
+      }
+    }
+    body(p, n, *barrier);
+  };
+  Pool::get().run(want, job);
+}
+
+ffi::Error check(bool ok, const char* what) {
+  return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(std::string("jaxlstm kernel: ") + what);
+}
+
+ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+                           ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                           ffi::Buffer<ffi::F32> hr, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
+                           ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
+                           ffi::ResultBuffer<ffi::F32> cT, ffi::ResultBuffer<ffi::F32> acts,
+                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hin) {
+  auto d = xs.dimensions();
+  auto dw = w_hh.dimensions();
+  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be [T, B, D], w_hh [H, 4H]");
+  ForwardArgs a{};
+  a.T = d[0];
+  a.B = d[1];
+  a.D = d[2];
+  a.H = dw[0];
+  if (w_ih.element_count() != static_cast<size_t>(a.D * 4 * a.H) || bias.element_count() != static_cast<size_t>(4 * a.H))
+    return check(false, "w_ih must be [D, 4H], b [4H]");
+  const size_t bh = static_cast<size_t>(a.B * a.H);
+  if (h0.element_count() != bh || c0.element_count() != bh || hr.element_count() != bh || cr.element_count() != bh)
+    return check(false, "states must be [B, H]");
+  if (valid.element_count() != static_cast<size_t>(a.T * a.B) || reset.element_count() != valid.element_count())
+    return check(false, "flags must be [T, B]");
+  const bool save = acts->element_count() != 0;
+  a.xs = xs.typed_data();
+  a.w_ih = w_ih.typed_data();
+  a.bias = bias.typed_data();
+  a.w_hh = w_hh.typed_data();
+  a.h0 = h0.typed_data();
+  a.c0 = c0.typed_data();
+  a.hr = hr.typed_data();
+  a.cr = cr.typed_data();
+  a.valid = valid.typed_data();
+  a.reset = reset.typed_data();
+  a.ys = ys->typed_data();
+  a.hT = hT->typed_data();
+  a.cT = cT->typed_data();
+  a.acts = save ? acts->typed_data() : nullptr;
+  a.cs = save ? cs->typed_data() : nullptr;
+  a.hin = save ? hin->typed_data() : nullptr;
+  prefer_huge_pages(a.ys, ys->size_bytes());
+  if (save) {
+    prefer_huge_pages(a.acts, acts->size_bytes());
+    prefer_huge_pages(a.cs, cs->size_bytes());
+    prefer_huge_pages(a.hin, hin->size_bytes());
+  }
+  std::vector<float> h_state(bh), c_state(bh), hbuf(save ? 0 : 2 * bh);
+  run_split(thread_count(a.H, a.B * 4 * a.H * (a.D + a.H)), [&](int p, int n, SpinBarrier& barrier) {
+    forward_thread(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh,
+                            ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> h_in,
+                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
+                            ffi::Buffer<ffi::U8> reset, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
+                            ffi::Buffer<ffi::F32> dcT, ffi::ResultBuffer<ffi::F32> dxs,
+                            ffi::ResultBuffer<ffi::F32> dw_ih, ffi::ResultBuffer<ffi::F32> dw_hh,
+                            ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dh0,
+                            ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dhr,
+                            ffi::ResultBuffer<ffi::F32> dcr) {
+  auto d = xs.dimensions();
+  auto dw = w_hh.dimensions();
+  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be [T, B, D], w_hh [H, 4H]");
+  BackwardArgs a{};
+  a.T = d[0];
+  a.B = d[1];
+  a.D = d[2];
+  a.H = dw[0];
+  const size_t bh = static_cast<size_t>(a.B * a.H), tbh = static_cast<size_t>(a.T) * bh;
+  if (w_ih.element_count() != static_cast<size_t>(a.D * 4 * a.H)) return check(false, "w_ih must be [D, 4H]");
+  if (acts.element_count() != 4 * tbh || cs.element_count() != tbh || h_in.element_count() != tbh ||
+      dys.element_count() != tbh)
+    return check(false, "acts must be [T, B, 4H], cs, h_in, dys [T, B, H]");
+  if (c0.element_count() != bh || cr.element_count() != bh || dhT.element_count() != bh ||
+      dcT.element_count() != bh)
+    return check(false, "states must be [B, H]");
+  if (valid.element_count() != static_cast<size_t>(a.T * a.B) || reset.element_count() != valid.element_count())
+    return check(false, "flags must be [T, B]");
+  a.xs = xs.typed_data();
+  a.w_ih = w_ih.typed_data();
+  a.w_hh = w_hh.typed_data();
+  a.acts = acts.typed_data();
+  a.cs = cs.typed_data();
+  a.h_in = h_in.typed_data();
+  a.c0 = c0.typed_data();
+  a.cr = cr.typed_data();
+  a.valid = valid.typed_data();
+  a.reset = reset.typed_data();
+  a.dys = dys.typed_data();
+  a.dhT = dhT.typed_data();
+  a.dcT = dcT.typed_data();
+  a.dxs = dxs->typed_data();
+  a.dw_ih = dw_ih->typed_data();
+  a.dw_hh = dw_hh->typed_data();
+  a.db = db->typed_data();
+  a.dh0 = dh0->typed_data();
+  a.dc0 = dc0->typed_data();
+  a.dhr = dhr->typed_data();
+  a.dcr = dcr->typed_data();
+  prefer_huge_pages(a.dxs, dxs->size_bytes());
+  // About 256 rows per chunk: the weight-gradient GEMMs run with K = 256.
+  const long TC = std::max<long>(1, std::min<long>(a.T, 256 / std::max<long>(1, a.B)));
+  std::vector<float> dh(bh), dc(bh), ring_store;
+  float* ring = aligned_floats(ring_store, static_cast<size_t>(2 * TC) * a.B * 4 * a.H);
+  run_split(thread_count(std::max(a.H, a.D), a.B * 8 * a.H * (a.D + a.H)), [&](int p, int n, SpinBarrier& barrier) {
+    backward_thread(a, p, n, barrier, dh.data(), dc.data(), ring, TC);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The two handlers are the library's only exported symbols.
+#pragma GCC visibility push(default)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmForward, LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih [D, 4H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b [4H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh [H, 4H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0 [B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // reset h
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // reset c
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid [T, B]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // reset [T, B]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys [T, B, H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h(T)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c(T)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // acts [T, B, 4H] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // cs [T, B, H] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_in [T, B, H] or [0]
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmBackward, LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih [D, 4H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh [H, 4H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // acts [T, B, 4H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cs [T, B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h_in [T, B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0 [B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // reset c
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid [T, B]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // reset [T, B]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys [T, B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh(T)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dc(T)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs [T, B, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_ih [D, 4H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_hh [H, 4H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db [4H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dc0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d reset h
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d reset c
+);
+
+#pragma GCC visibility pop

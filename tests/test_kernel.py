@@ -1,0 +1,207 @@
+"""The compiled CPU kernel (jaxlstm/_kernel.py, jaxlstm/csrc/lstm_cpu.cc) against the
+NumPy reference loop and the pure-XLA path: values, gradients, masks, resets, reversal,
+layouts, vmap, and the threads' split of the hidden units."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxlstm
+from helpers import assert_trees_close
+from jaxlstm import _kernel, tuning
+from jaxlstm._engine import Steps
+from reference import lstm_ref
+
+pytestmark = pytest.mark.skipif(not _kernel.available(), reason=str(_kernel.load_error()))
+
+
+def test_built_where_ci_runs():
+    """CI builds the package with a C++ compiler: the kernel must be there, not silently skipped."""
+    if os.environ.get("CI") != "true":
+        pytest.skip("only asserted in CI")
+    assert _kernel.available(), _kernel.load_error()
+
+
+def _case(seed, B, D, H, T, flags=False):
+    k = jax.random.split(jax.random.key(seed), 6)
+    params = jaxlstm.init_lstm(k[0], D, H)
+    params = params._replace(b=jax.random.normal(k[1], (4 * H,)) * 0.5)
+    xs = jax.random.normal(k[2], (B, T, D))
+    state = jaxlstm.LSTMState(jax.random.normal(k[3], (B, H)) * 0.5, jax.random.normal(k[4], (B, H)) * 0.5)
+    kw = {}
+    if flags:
+        rng = np.random.RandomState(seed)
+        kw = dict(
+            seq_lengths=jnp.asarray(rng.randint(0, T + 1, B), jnp.int32),
+            mask=jnp.asarray(rng.rand(B, T) > 0.25),
+            resets=jnp.asarray(rng.rand(B, T) > 0.7),
+        )
+    return params, xs, state, kw
+
+
+def _uses_kernel(f, *args) -> bool:
+    return "jaxlstm_lstm_forward" in str(jax.make_jaxpr(f)(*args))
+
+
+def _loss(p, xs, s, r=None, **kw):
+    ys, final = jaxlstm.lstm(p, xs, s, reset_state=r, **kw)
+    w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)  # uneven weights: nothing cancels
+    return (w * ys).sum() + (final.h**2).sum() + jnp.sin(final.c).sum()
+
+
+# Shapes around the kernel's tiles: B past a 12-row tile, H not a multiple of the vector
+# width (the last thread's units are padded), T=1.
+SHAPES = [(3, 5, 7, 6), (13, 6, 33, 4), (2, 4, 40, 1), (17, 9, 24, 5)]
+
+
+@pytest.mark.parametrize("B,D,H,T", SHAPES)
+@pytest.mark.parametrize("flags,reverse", [(False, False), (True, False), (True, True)])
+def test_values_match_the_numpy_loop(B, D, H, T, flags, reverse):
+    params, xs, state, kw = _case(B * 7 + T, B, D, H, T, flags)
+    assert _uses_kernel(lambda x: jaxlstm.lstm(params, x, state, reverse=reverse, **kw), xs)
+    ys, final = jaxlstm.lstm(params, xs, state, reverse=reverse, **kw)
+    p = {k: None if v is None else np.asarray(v, np.float64) for k, v in params._asdict().items()}
+    np_kw = {k: np.asarray(v) for k, v in kw.items()}
+    np_kw = dict(lengths=np_kw.get("seq_lengths"), mask=np_kw.get("mask"), resets=np_kw.get("resets"))
+    h0, c0 = np.asarray(state.h, np.float64), np.asarray(state.c, np.float64)
+    ys_ref, h_ref, c_ref = lstm_ref(np, p, np.asarray(xs, np.float64), h0, c0, reverse=reverse, **np_kw)
+    np.testing.assert_allclose(ys, ys_ref, atol=2e-6)
+    np.testing.assert_allclose(final.h, h_ref, atol=2e-6)
+    np.testing.assert_allclose(final.c, c_ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("B,D,H,T", SHAPES[:2])
+@pytest.mark.parametrize("flags,reverse", [(False, False), (True, True)])
+def test_gradients_match_the_xla_path_and_autodiff(B, D, H, T, flags, reverse):
+    """Every input's gradient (params, inputs, initial and reset state) against autodiff of
+    the pure-XLA scan; with resets a non-zero reset state, so its cotangent is exercised."""
+    params, xs, state, kw = _case(B + 3 * T, B, D, H, T, flags)
+    r = jaxlstm.LSTMState(jnp.full((B, H), 0.3), jnp.linspace(-0.5, 0.5, B * H).reshape(B, H))
+    args = (params, xs, state, r)
+    assert _uses_kernel(lambda *a: _loss(*a, reverse=reverse, **kw), *args)
+    v, g = jax.value_and_grad(_loss, argnums=(0, 1, 2, 3))(*args, reverse=reverse, **kw)
+    with tuning.forced("feature"):
+        v_ad, g_ad = jax.value_and_grad(_loss, argnums=(0, 1, 2, 3))(*args, reverse=reverse, backward="autodiff", **kw)
+    np.testing.assert_allclose(v, v_ad, rtol=1e-5)
+    assert_trees_close(g, g_ad, rtol=1e-4)
+
+
+def test_check_grads():
+    params, xs, state, kw = _case(5, 3, 4, 20, 5, flags=True)
+    f = lambda p, x, s: _loss(p, x, s, **kw)
+    check_grads(f, (params, xs, state), order=1, modes=["rev"], atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+@pytest.mark.parametrize("case", ["batch (2, 3)", "time-major", "unbatched"])
+def test_layouts_batch_shapes_and_jit(case):
+    """time_major, several and no leading batch dims, no bias, under jit: the XLA path's numbers."""
+    params, xs, state, _ = _case(9, 6, 5, 20, 7)
+    params = params._replace(b=None)
+    x, s, tm = {
+        "batch (2, 3)": (xs.reshape(2, 3, 7, 5), jax.tree.map(lambda a: a.reshape(2, 3, 20), state), False),
+        "time-major": (jnp.swapaxes(xs, 0, 1), state, True),
+        "unbatched": (xs[0], jax.tree.map(lambda a: a[0], state), False),
+    }[case]
+    run = jax.jit(lambda p, x, s: jaxlstm.lstm(p, x, s, time_major=tm))
+    assert _uses_kernel(run, params, x, s)
+    got, g = run(params, x, s), jax.grad(lambda p: run(p, x, s)[0].sum())(params)
+    with tuning.forced("feature"):
+        want = jaxlstm.lstm(params, x, s, time_major=tm)
+        g_want = jax.grad(lambda p: jaxlstm.lstm(p, x, s, time_major=tm)[0].sum())(params)
+    assert_trees_close(got, want, rtol=1e-5)
+    assert_trees_close(g, g_want, rtol=1e-4)
+    assert g.b is None
+
+
+def test_vmap_and_stacks():
+    """vmap of the custom call runs it per element; a bidirectional stack (whose directions
+    run under vmap) and the linen module take the kernel too."""
+    params, xs, state, _ = _case(4, 4, 6, 16, 5)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), params)
+    f = lambda p, x: jaxlstm.lstm(p, x)[0]
+    got = jax.vmap(f, in_axes=(0, None))(stacked, xs)
+    np.testing.assert_allclose(got[0], f(params, xs), atol=1e-6)
+    np.testing.assert_allclose(got[1], f(jax.tree.map(lambda a: 0.5 * a, params), xs), atol=1e-6)
+    sp = jaxlstm.init_lstm_stack(jax.random.key(1), 6, 16, num_layers=2, bidirectional=True)
+    assert _uses_kernel(lambda x: jaxlstm.lstm_stack(sp, x)[0], xs)
+    ys = jaxlstm.lstm_stack(sp, xs)[0]
+    with tuning.forced("feature"):
+        np.testing.assert_allclose(ys, jaxlstm.lstm_stack(sp, xs)[0], atol=1e-5)
+
+
+def test_where_the_kernel_does_not_apply_the_xla_path_runs():
+    params, xs, state, _ = _case(2, 2, 3, 16, 4)
+    assert _uses_kernel(lambda x: jaxlstm.lstm(params, x), xs)
+    proj = jaxlstm.init_lstm(jax.random.key(0), 3, 16, proj_size=8)
+    key = jax.random.key(1)
+    others = [
+        lambda x: jaxlstm.lstm(proj, x),  # projection
+        lambda x: jaxlstm.lstm(params, x, recurrent_dropout=0.2, key=key),
+        lambda x: jaxlstm.lstm(params, x, zoneout_c=0.1, deterministic=True),
+        lambda x: jaxlstm.lstm(params, x, checkpoint_every=2),
+        lambda x: jaxlstm.lstm(params, x, compute_dtype=jnp.bfloat16),
+        lambda x: jaxlstm.lstm(params, x, backward="autodiff"),
+        lambda x: jaxlstm.lstm(params, x[:, :0]),  # no step
+    ]
+    for f in others:
+        assert not _uses_kernel(f, xs)
+    with tuning.forced("batch"):
+        assert not _uses_kernel(lambda x: jaxlstm.lstm(params, x), xs)
+    os.environ["JAXLSTM_KERNEL"] = "0"
+    try:
+        assert not _uses_kernel(lambda x: jaxlstm.lstm(params, x), xs)
+    finally:
+        del os.environ["JAXLSTM_KERNEL"]
+
+
+def test_kernel_core_direct_with_flags():
+    """kernel_lstm's own contract (time-major, Steps) against the XLA fused core."""
+    from jaxlstm._fused import FusedConfig, fused_lstm
+
+    T, B, D, H = 6, 5, 3, 17
+    k = jax.random.split(jax.random.key(3), 4)
+    params = jaxlstm.init_lstm(k[0], D, H)
+    xs = jax.random.normal(k[1], (T, B, D))
+    carry = (jax.random.normal(k[2], (B, H)), jax.random.normal(k[3], (B, H)))
+    rng = np.random.RandomState(0)
+    steps = Steps(
+        jnp.asarray([6, 0, 3, 5, 6], jnp.int32), jnp.asarray(rng.rand(T, B) > 0.3), jnp.asarray(rng.rand(T, B) > 0.6)
+    )
+    reset = (jnp.full((B, H), 0.1), jnp.full((B, H), -0.3))
+    cfg = FusedConfig(jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
+    got = _kernel.kernel_lstm(params, carry, xs, steps, reset)
+    want = fused_lstm(cfg, params, carry, xs, steps, reset)
+    assert_trees_close(got, want, rtol=1e-5)
+
+
+def test_threads_split_the_units():
+    """Forced to 3 threads (uneven splits of H over threads, more threads than this
+    machine's cores), in a fresh process: the one-thread numbers."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np, jaxlstm
+        from jaxlstm import tuning
+        for B, D, H, T in [(5, 3, 40, 6), (13, 4, 72, 3), (2, 3, 100, 4)]:
+            p = jaxlstm.init_lstm(jax.random.key(H), D, H)
+            xs = jax.random.normal(jax.random.key(1), (B, T, D))
+            lengths = jnp.arange(B, dtype=jnp.int32) % (T + 1)
+            f = lambda p, x: jaxlstm.lstm(p, x, seq_lengths=lengths)
+            loss = lambda p, x: (jnp.sin(f(p, x)[0])).sum() + f(p, x)[1].c.sum()
+            got, g = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
+            with tuning.forced("feature"):
+                want, g_want = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
+            for a, b in zip(jax.tree.leaves((got, g)), jax.tree.leaves((want, g_want))):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, JAXLSTM_KERNEL_THREADS="3", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
