@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -116,6 +117,7 @@ def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: 
         return lambda key: model.init(key, jnp.zeros((B, 1, D), jdtype)), model.apply
     if impl.startswith("jaxlstm"):
         kw = {"unroll": unroll}
+        path = None
         for opt in impl.split("-")[1:]:
             if opt == "tm":
                 kw["time_major"] = True
@@ -127,13 +129,19 @@ def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: 
                 kw["compute_dtype"] = jnp.bfloat16
             elif opt == "autodiff":
                 kw["backward"] = "autodiff"
+            elif opt == "xla":  # the pure-XLA path, not the compiled CPU kernel
+                path = "xla"
             else:
                 raise ValueError(f"unknown jaxlstm option {opt!r} in {impl!r}")
 
         def init(key):
             return jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_lstm(key, D, H))
 
-        return init, lambda p, x: jaxlstm.lstm(p, x, **kw)[0]
+        def apply(p, x):
+            with jaxlstm.tuning.forced(path) if path else contextlib.nullcontext():
+                return jaxlstm.lstm(p, x, **kw)[0]
+
+        return init, apply
     if impl in ("flax-optimized", "flax-lstmcell"):
         import flax.linen as nn
 
@@ -204,6 +212,7 @@ def _torch_pair(B, D, H, dtype, xs):
 
 ALL_IMPLS = [
     "jaxlstm",
+    "jaxlstm-xla",
     "jaxlstm-unroll8",
     "jaxlstm-ckpt64",
     "jaxlstm-bf16",

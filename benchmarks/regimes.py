@@ -14,8 +14,11 @@ loss over all outputs w.r.t. params and inputs):
 * ``torch.nn.LSTM`` / ``nn.GRU`` (when installed) are timed in a separate process,
   before any JAX work starts here: XLA's and PyTorch's thread pools both spin after
   work and steal each other's cores when they share a process;
-* jaxlstm's forward step layout is the one :mod:`jaxlstm.tuning` chose on this
-  machine (recorded under ``tuning``; ``JAXLSTM_AUTOTUNE=0`` for the default);
+* ``jaxlstm`` is what ``jaxlstm.lstm`` runs by default: on CPU the compiled kernel
+  (:mod:`jaxlstm._kernel`) where it is built and :mod:`jaxlstm.tuning` chose it on
+  this machine; ``jaxlstm-xla`` is the pure-XLA path beside it, with the forward
+  layout the tuner chose (choices recorded under ``tuning``; ``JAXLSTM_AUTOTUNE=0``
+  for the defaults; the record says whether the kernel was built);
 * the *bare recurrent dot* of the shape, ``h @ w_hh`` (``[B, H]·[H, G·H]``, every
   output used) in a ``lax.scan`` of T steps, is timed with the JAX ones: the floor
   of a step. ``step/dot`` is jaxlstm's forward time per step over it.
@@ -47,7 +50,8 @@ REGIMES = {
 }
 QUICK = {"tiny": (2, 4, 8, 16), "tiny-long": (1, 3, 4, 64)}
 GATES = {"lstm": 4, "gru": 3}
-IMPLS = {"lstm": ("jaxlstm", "flax-optimized"), "gru": ("jaxlstm-gru", "flax-gru")}
+# jaxlstm's default, the peer, and (LSTM) jaxlstm's pure-XLA path beside its compiled CPU kernel.
+IMPLS = {"lstm": ("jaxlstm", "flax-optimized", "jaxlstm-xla"), "gru": ("jaxlstm-gru", "flax-gru")}
 
 
 def flops(cell: str, mode: str, B: int, T: int, D: int, H: int) -> float:
@@ -152,14 +156,15 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
 
 
 def _tuning_choices() -> dict:
-    """The forward layouts jaxlstm.tuning chose on this machine (its disk cache)."""
-    from jaxlstm import tuning
+    """What jaxlstm.tuning chose on this machine (its disk cache), and whether the kernel is built."""
+    from jaxlstm import _kernel, tuning
 
+    rec = {"enabled": tuning.enabled(), "kernel": _kernel.available(), "kernel_error": _kernel.load_error()}
     try:
         with open(tuning.cache_file()) as f:
-            return {"enabled": tuning.enabled(), "choices": json.load(f)}
+            return {**rec, "choices": json.load(f)}
     except (OSError, ValueError):
-        return {"enabled": tuning.enabled(), "choices": {}}
+        return {**rec, "choices": {}}
 
 
 def rows(result: dict) -> list:
@@ -171,9 +176,10 @@ def rows(result: dict) -> list:
     out = []
     for reg in result["regimes"]:
         for cell in GATES:
-            ours_name, flax_name = IMPLS[cell]
+            ours_name, flax_name = IMPLS[cell][:2]
             for mode in ("forward", "train"):
                 ours, flax = get(reg, cell, mode, ours_name), get(reg, cell, mode, flax_name)
+                xla = get(reg, cell, mode, "jaxlstm-xla") if cell == "lstm" else None
                 torch, dot = get(reg, cell, mode, "torch"), get(reg, cell, "forward", "bare-dot")
                 if ours is None or flax is None:
                     continue
@@ -184,6 +190,7 @@ def rows(result: dict) -> list:
                     mode=mode,
                     jaxlstm_tokens_per_s=ours["tokens_per_s"],
                     vs_flax=flax["median_s"] / ours["median_s"],
+                    vs_xla_path=None if xla is None else xla["median_s"] / ours["median_s"],
                     vs_torch=None if torch is None else torch["median_s"] / ours["median_s"],
                     fraction_of_peak=ours["fraction_of_peak"],
                     step_us=1e6 * ours["median_s"] / T,
@@ -197,9 +204,9 @@ def rows(result: dict) -> list:
 def table(result: dict) -> str:
     fmt = lambda v, f: "" if v is None else format(v, f)
     lines = [
-        "| regime (B, D, H, T) | cell | mode | jaxlstm tok/s | vs flax | vs torch | % of peak | step µs | "
-        "dot µs | step/dot |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| regime (B, D, H, T) | cell | mode | jaxlstm tok/s | vs flax | vs torch | vs XLA path | % of peak | "
+        "step µs | dot µs | step/dot |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(result):
         shape = ", ".join(map(str, result["regimes"][r["regime"]]))
@@ -207,6 +214,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| {r['regime']} ({shape}) | {r['cell']} | {r['mode']} | {r['jaxlstm_tokens_per_s']:.0f} | "
             f"{r['vs_flax']:.2f}x | {fmt(r['vs_torch'], '.2f')}{'x' if r['vs_torch'] else ''} | "
+            f"{fmt(r['vs_xla_path'], '.2f')}{'x' if r['vs_xla_path'] else ''} | "
             f"{100 * r['fraction_of_peak']:.0f}% | {r['step_us']:.1f} | {fmt(r['dot_us'], '.1f')} | {step_dot} |"
         )
     return "\n".join(lines)

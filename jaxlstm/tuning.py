@@ -22,8 +22,8 @@ chosen); the choice is cached in memory and on disk (``$JAXLSTM_CACHE_DIR/tuning
 default ``~/.cache/jaxlstm``); from then on it costs a dictionary look-up at trace time.
 
 Turn it off with ``JAXLSTM_AUTOTUNE=0`` (then the defaults are used, deterministically);
-force a path with ``with jaxlstm.tuning.forced("batch"): ...`` (``"kernel"``,
-``"feature"`` or ``"batch"``; the last two mean pure XLA). All candidates compute
+force a path with ``with jaxlstm.tuning.forced("batch"): ...`` (``"kernel"``;
+``"xla"``, ``"feature"`` or ``"batch"`` mean pure XLA). All candidates compute
 the same LSTM and are tested against the reference.
 """
 
@@ -58,6 +58,7 @@ __all__ = [
 CANDIDATES = ("feature", "batch")
 DEFAULT = "feature"
 KERNEL = "kernel"
+FORCEABLE = CANDIDATES + (KERNEL, "xla")
 PROBE_STEPS = 128
 ROUNDS = 9
 MARGIN = 0.05
@@ -80,10 +81,11 @@ def cache_file() -> str:
 @contextlib.contextmanager
 def forced(layout: str) -> Iterator[None]:
     """Within the block, every trace of :func:`jaxlstm.lstm` uses ``layout``: ``"kernel"``
-    (the compiled kernel where it applies, else the default layout), or the pure-XLA
-    path with ``"feature"`` or ``"batch"`` forward steps."""
-    if layout not in CANDIDATES + (KERNEL,):
-        raise ValueError(f"layout must be one of {CANDIDATES + (KERNEL,)}, got {layout!r}")
+    (the compiled kernel where it applies, else the default layout), ``"xla"`` (the
+    pure-XLA path, its forward layout tuned as usual), or the pure-XLA path with
+    ``"feature"`` or ``"batch"`` forward steps."""
+    if layout not in FORCEABLE:
+        raise ValueError(f"layout must be one of {FORCEABLE}, got {layout!r}")
     _forced.append(layout)
     try:
         yield
