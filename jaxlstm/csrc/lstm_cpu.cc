@@ -20,7 +20,8 @@
 // reset [T, B] (a counted step starts from the reset state). A step that does not
 // count leaves the state unchanged and outputs zeros, as in jaxlstm._engine.
 //
-// Parallelism: the hidden units are split into one contiguous range per thread; each
+// Parallelism (threads from XLA's own intra-op pool, see run_team): the hidden units
+// are split into one contiguous range per thread; each
 // thread owns the 4 gate columns of its units (packed once per call into a panel that
 // stays in its core's cache), computes their gates with a register-blocked GEMM, and
 // applies the pointwise update to its own units. One spin barrier per step publishes
@@ -30,18 +31,18 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <condition_variable>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <sched.h>
 #include <thread>
 #include <utility>
 #include <vector>
 
-#include <sched.h>
 #include <sys/mman.h>
 
 #include "xla/ffi/api/ffi.h"
@@ -234,77 +235,6 @@ int requested_threads() {
   return env ? std::max(0, std::atoi(env)) : 0;
 }
 
-int cpu_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-class Pool {
- public:
-  static Pool& get() {
-    // Never destroyed: its workers outlive static teardown.
-    static Pool* pool = new Pool(std::max(cpu_count(), requested_threads()));
-    return *pool;
-  }
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
-
-  // Runs f(0), ..., f(n-1) on n threads (the caller is thread 0). A second call
-  // while one runs (XLA may run two custom calls at once) gets the caller alone.
-  int run(int n, const std::function<void(int, int)>& f) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || n <= 1) {
-      f(0, 1);
-      return 1;
-    }
-    n = std::min(n, size());
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      job_ = &f;
-      active_ = n;
-      pending_.store(n - 1, std::memory_order_relaxed);
-      ++generation_;
-    }
-    cv_.notify_all();
-    f(0, n);
-    spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
-    return n;
-  }
-
- private:
-  explicit Pool(int n) {
-    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
-    for (auto& w : workers_) w.detach();
-  }
-
-  void loop(int id) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int, int)>* job;
-      int n;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        job = job_;
-        n = active_;
-      }
-      if (id < n) {
-        (*job)(id, n);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
-    }
-  }
-
-  std::vector<std::thread> workers_;
-  std::mutex busy_, mu_;
-  std::condition_variable cv_;
-  uint64_t generation_ = 0;
-  const std::function<void(int, int)>* job_ = nullptr;
-  int active_ = 0;
-  std::atomic<int> pending_{0};
-};
-
 // The units [lo, hi) of thread p of n: contiguous ranges, multiples of VW where H allows.
 struct Split {
   long lo, hi;
@@ -318,7 +248,16 @@ Split split_units(long H, int p, int n) {
   return {lo, std::min(H, lo + per)};
 }
 
-// Threads worth using: at least VW units each, and per step at least kMinWork
+// The CPUs this process may run on.
+int cpu_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Threads worth using: one per CPU at most (the calling thread is one more than XLA's
+// pool holds: a third thread on 2 cores made a 1.3 ms call take 14 ms, measured), at
+// least VW units each, and per step at least kMinWork
 // multiply-adds each. A smaller step (B=1, H=64: 25k) is over before a second thread
 // has crossed its barrier, and on this project's 2-core machines a second thread made
 // such steps 2x slower in some processes and 30x in others (measured).
@@ -328,8 +267,9 @@ constexpr long kMinWork = 128 * 1024;
 int thread_count(long units, long work_per_step) {
   const long by_units = std::max<long>(1, units / VW);
   const int asked = requested_threads();
-  const long by_work = asked > 0 ? asked : std::max<long>(1, work_per_step / kMinWork);
-  return static_cast<int>(std::min<long>(Pool::get().size(), std::min(by_units, by_work)));
+  if (asked > 0) return static_cast<int>(std::min<long>(asked, by_units));
+  const long by_work = std::max<long>(1, work_per_step / kMinWork);
+  return static_cast<int>(std::min<long>(cpu_count(), std::min(by_units, by_work)));
 }
 
 // ---------------------------------------------------------------------------
@@ -580,30 +520,75 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   }
 }
 
-template <typename F>
-void run_split(int want, F&& body) {
-  std::vector<std::unique_ptr<SpinBarrier>> barriers;
-  // The barrier must know how many threads actually run (the pool may be busy).
+// A team for one call: the calling thread and up to want-1 helpers from XLA's own
+// intra-op thread pool. XLA promises nothing about when (or whether) a scheduled task
+// runs, so helpers are recruited, not assumed: each task joins only while the caller is
+// still recruiting, the caller waits a short while for them and then closes the team
+// with whoever came; a task that comes late, or that XLA runs inline on the calling
+// thread, returns at once. (Threads of the kernel's own would compete for the cores with
+// XLA's pool threads, which spin after their work: on 2 cores that made steps up to
+// 5x slower, measured.)
+struct Team {
   std::mutex mu;
-  SpinBarrier* barrier = nullptr;
-  std::function<void(int, int)> job = [&](int p, int n) {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      if (barrier == nullptr) {
-        barriers.emplace_back(new SpinBarrier(n));
-        barrier = barriers.back().get();
+  bool open = true;
+  int joined = 0;                  // helpers admitted (ids 1 ... joined)
+  std::atomic<int> arrived{0};     // the same count, for the caller's spin
+  std::atomic<int> size{0};        // the closed team's size; 0 while recruiting
+  std::atomic<int> finished{0};    // helpers done
+  std::thread::id caller;
+  std::function<void(int, int)> job;
+};
+
+constexpr auto kRecruitTimeout = std::chrono::microseconds(200);
+
+template <typename F>
+void run_team(ffi::ThreadPool& pool, int want, F&& body) {
+  const int helpers = static_cast<int>(std::min<int64_t>(want - 1, std::max<int64_t>(0, pool.num_threads())));
+  if (helpers <= 0) {
+    SpinBarrier barrier(1);
+    body(0, 1, barrier);
+    return;
+  }
+  auto team = std::make_shared<Team>();
+  team->caller = std::this_thread::get_id();
+  std::unique_ptr<SpinBarrier> barrier;
+  team->job = [&](int p, int n) { body(p, n, *barrier); };
+  for (int i = 0; i < helpers; ++i) {
+    pool.Schedule([team, helpers] {
+      if (std::this_thread::get_id() == team->caller) return;  // run inline: not a second thread
+      int id;
+      {
+        std::lock_guard<std::mutex> lock(team->mu);
+        if (!team->open || team->joined >= helpers) return;
+        id = ++team->joined;
+        team->arrived.store(team->joined, std::memory_order_release);
       }
-    }
-    body(p, n, *barrier);
-  };
-  Pool::get().run(want, job);
+      int n;
+      spin_until([&] { return (n = team->size.load(std::memory_order_acquire)) != 0; });
+      if (id < n) team->job(id, n);
+      team->finished.fetch_add(1, std::memory_order_acq_rel);
+    });
+  }
+  const auto deadline = std::chrono::steady_clock::now() + kRecruitTimeout;
+  while (team->arrived.load(std::memory_order_acquire) < helpers && std::chrono::steady_clock::now() < deadline)
+    cpu_relax();
+  int n;
+  {
+    std::lock_guard<std::mutex> lock(team->mu);
+    team->open = false;
+    n = 1 + team->joined;
+  }
+  barrier = std::make_unique<SpinBarrier>(n);
+  team->size.store(n, std::memory_order_release);
+  team->job(0, n);
+  spin_until([&] { return team->finished.load(std::memory_order_acquire) == n - 1; });
 }
 
 ffi::Error check(bool ok, const char* what) {
   return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(std::string("jaxlstm kernel: ") + what);
 }
 
-ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
+ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
                            ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
                            ffi::Buffer<ffi::F32> hr, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
                            ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
@@ -648,13 +633,13 @@ ffi::Error LstmForwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih,
     prefer_huge_pages(a.hin, hin->size_bytes());
   }
   std::vector<float> h_state(bh), c_state(bh), hbuf(save ? 0 : 2 * bh);
-  run_split(thread_count(a.H, a.B * 4 * a.H * (a.D + a.H)), [&](int p, int n, SpinBarrier& barrier) {
+  run_team(pool, thread_count(a.H, a.B * 4 * a.H * (a.D + a.H)), [&](int p, int n, SpinBarrier& barrier) {
     forward_thread(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data());
   });
   return ffi::Error::Success();
 }
 
-ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh,
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh,
                             ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> h_in,
                             ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
                             ffi::Buffer<ffi::U8> reset, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
@@ -707,7 +692,8 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih
   const long TC = std::max<long>(1, std::min<long>(a.T, 256 / std::max<long>(1, a.B)));
   std::vector<float> dh(bh), dc(bh), ring_store;
   float* ring = aligned_floats(ring_store, static_cast<size_t>(2 * TC) * a.B * 4 * a.H);
-  run_split(thread_count(std::max(a.H, a.D), a.B * 8 * a.H * (a.D + a.H)), [&](int p, int n, SpinBarrier& barrier) {
+  run_team(pool, thread_count(std::max(a.H, a.D), a.B * 8 * a.H * (a.D + a.H)),
+           [&](int p, int n, SpinBarrier& barrier) {
     backward_thread(a, p, n, barrier, dh.data(), dc.data(), ring, TC);
   });
   return ffi::Error::Success();
@@ -720,6 +706,7 @@ ffi::Error LstmBackwardImpl(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()        // XLA's intra-op threads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_ih [D, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b [4H]
@@ -740,6 +727,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmForward, LstmForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()        // XLA's intra-op threads
                                   .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_ih [D, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_hh [H, 4H]
