@@ -339,6 +339,7 @@ def apply_sequence(
     mask: Array | None = None,
     resets: Array | None = None,
     per_step=None,
+    batch_major_core: bool = False,
 ):
     """Runs ``core(xs_tm [T, B, D], carry [B, ...], steps: Steps | None) -> (ys_tm, carry)``
     on ``xs`` of any layout; ``carry0`` leaves are ``[*batch_shape, F]``; ``mask``
@@ -356,10 +357,16 @@ def apply_sequence(
     with the input positions): more per-step inputs, reversed with ``xs``; the
     core then gets ``(xs_tm, *per_step)`` as its first argument.
 
+    ``batch_major_core``: the core also takes batch-major ``xs [B, T, D]`` (and then
+    returns ``ys [B, T, R]``) as ``core(xs, carry, steps, batch_major=True)``; it gets them
+    when ``xs`` is batch-major and nothing is reversed, which saves two transposes
+    (the flags in ``steps`` stay time-major).
+
     Returns ``(ys, final_carry)`` in the layout of ``xs`` and ``carry0``.
     """
-    xs_tm = to_time_major(xs, batch_shape, time_major)
-    T, B = xs_tm.shape[:2]
+    batch_major = batch_major_core and not time_major and not reverse and per_step is None
+    B, T = batch_size(batch_shape), xs.shape[0 if time_major else -2]
+    xs_tm = xs.reshape((B, T, xs.shape[-1])) if batch_major else to_time_major(xs, batch_shape, time_major)
     carry = jax.tree_util.tree_map(lambda a: a.reshape((B,) + a.shape[len(batch_shape) :]), carry0)
     lengths = flat_lengths(seq_lengths, batch_shape, T)
     flags = lambda f: None if f is None else to_time_major(f[..., None], batch_shape, time_major)[..., 0]
@@ -372,6 +379,10 @@ def apply_sequence(
         if per_step is not None:
             per_step = tuple(None if f is None else reverse_time(f, lengths) for f in per_step)
     steps = None if lengths is None and mask_tm is None and resets_tm is None else Steps(lengths, mask_tm, resets_tm)
+    if batch_major:
+        ys, carry = core(xs_tm, carry, steps, batch_major=True)
+        carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)
+        return ys.reshape(tuple(batch_shape) + ys.shape[1:]), carry
     ys_tm, carry = core(xs_tm if per_step is None else (xs_tm, *per_step), carry, steps)
     if reverse:
         ys_tm = reverse_time(ys_tm, lengths, supports_jvp=supports_jvp)

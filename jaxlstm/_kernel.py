@@ -25,9 +25,11 @@ import ctypes
 import functools
 import importlib.util
 import os
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._engine import Steps, mesh_active
 from .params import LSTMParams
@@ -107,43 +109,60 @@ def _require() -> None:
         raise RuntimeError(error)
 
 
-def _forward(params: LSTMParams, carry0, xs, steps, reset_carry, save: bool):
+def _forward(batch_major: bool, params: LSTMParams, carry0, xs, steps, reset_carry, save: bool):
     _require()
-    T, B = xs.shape[:2]
+    B, T = xs.shape[:2] if batch_major else xs.shape[1::-1]
     H = params.w_hh.shape[0]
     b = jnp.zeros((4 * H,), _F32) if params.b is None else params.b
     valid, reset = _flags(steps, T, B)
     out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
     saved = (out(T, B, 4 * H), out(T, B, H), out(T, B, H)) if save else (out(0), out(0), out(0))
-    call = jax.ffi.ffi_call(_FORWARD, (out(T, B, H), out(B, H), out(B, H), *saved), vmap_method="sequential")
-    ys, h, c, acts, cs, h_in = call(xs, params.w_ih, b, params.w_hh, *carry0, *reset_carry, valid, reset)
+    ys = out(B, T, H) if batch_major else out(T, B, H)
+    call = jax.ffi.ffi_call(_FORWARD, (ys, out(B, H), out(B, H), *saved), vmap_method="sequential")
+    ys, h, c, acts, cs, h_in = call(
+        xs, params.w_ih, b, params.w_hh, *carry0, *reset_carry, valid, reset, batch_major=np.int32(batch_major)
+    )
     return ys, (h, c), (acts, cs, h_in, valid, reset)
 
 
-@jax.custom_vjp
-def kernel_lstm(params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry):
-    """:func:`jaxlstm._fused.fused_lstm`'s contract on the kernel: ``xs [T, B, D]``,
-    ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``, ``steps`` time-major.
-    Returns ``(ys [T, B, H], (h, c))``."""
-    ys, carry, _ = _forward(params, carry0, xs, steps, reset_carry, save=False)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def kernel_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry):
+    """:func:`jaxlstm._fused.fused_lstm`'s contract on the kernel: ``xs [T, B, D]``
+    (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
+    ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
+    (``[B, T, H]``)."""
+    ys, carry, _ = _forward(batch_major, params, carry0, xs, steps, reset_carry, save=False)
     return ys, carry
 
 
-def _kernel_fwd(params, carry0, xs, steps, reset_carry):
-    ys, carry, saved = _forward(params, carry0, xs, steps, reset_carry, save=True)
+def _kernel_fwd(batch_major, params, carry0, xs, steps, reset_carry):
+    ys, carry, saved = _forward(batch_major, params, carry0, xs, steps, reset_carry, save=True)
     return (ys, carry), (params, carry0[1], reset_carry[1], xs, saved)
 
 
-def _kernel_bwd(res, cotangents):
+def _kernel_bwd(batch_major, res, cotangents):
     params, c0, c_reset, xs, (acts, cs, h_in, valid, reset) = res
     dys, (dh, dc) = cotangents
-    T, B, D = xs.shape
-    H = cs.shape[-1]
+    D, H = xs.shape[-1], cs.shape[-1]
+    B = c0.shape[0]
     out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
-    shapes = (out(T, B, D), out(D, 4 * H), out(H, 4 * H), out(4 * H), *(out(B, H) for _ in range(4)))
+    shapes = (out(*xs.shape), out(D, 4 * H), out(H, 4 * H), out(4 * H), *(out(B, H) for _ in range(4)))
     call = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")
     dxs, dw_ih, dw_hh, db, dh0, dc0, dh_reset, dc_reset = call(
-        xs, params.w_ih, params.w_hh, acts, cs, h_in, c0, c_reset, valid, reset, dys, dh, dc
+        xs,
+        params.w_ih,
+        params.w_hh,
+        acts,
+        cs,
+        h_in,
+        c0,
+        c_reset,
+        valid,
+        reset,
+        dys,
+        dh,
+        dc,
+        batch_major=np.int32(batch_major),
     )
     grads = LSTMParams(dw_ih, dw_hh, None if params.b is None else db, None)
     return grads, (dh0, dc0), dxs, None, (dh_reset, dc_reset)

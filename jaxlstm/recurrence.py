@@ -80,13 +80,6 @@ def lstm_cell(
     return LSTMState(y, c), y
 
 
-def _kernel_core(cfg, params, carry0, xs, steps, reset_carry, h_mask, zs):
-    """:func:`jaxlstm._kernel.kernel_lstm` with :func:`fused_lstm`'s signature (the
-    kernel runs only without recurrent dropout or zoneout: ``h_mask`` and ``zs`` are ``None``)."""
-    del cfg, h_mask, zs
-    return kernel_lstm(params, carry0, xs, steps, reset_carry)
-
-
 def _dtypes(params: LSTMParams, x_dtype, compute_dtype):
     compute_dtype = _checks.compute_dtype(compute_dtype)
     weights = [w.dtype for w in params if w is not None]
@@ -243,23 +236,30 @@ def lstm(
         deterministic=deterministic,
     )
 
-    # Peepholes, layer norm and heads run on jaxlstm._variant (batch-major steps).
-    if backward == "fused":
+    B = batch_size(batch_shape)
+    # On CPU the compiled kernel (jaxlstm._kernel) runs the plain float32 LSTM where it can
+    # (no recurrent dropout or zoneout then, so no per-step extras) and tuning chose it.
+    kernel = (
+        backward == "fused"
+        and not params.is_variant
+        and _kernel.applies(
+            params, mm, acc, batch=B, steps=T, h_mask=h_mask, zoneout=zoneout, checkpoint_every=checkpoint_every
+        )
+        and tuning.kernel_path(B, D, H, T)
+    )
+    core: Callable
+    if kernel:
+
+        def kernel_core(inputs, carries, steps, batch_major=False):
+            return kernel_lstm(batch_major, params, carries[0], inputs, steps, carries[1])
+
+        core = kernel_core
+    elif backward == "fused":
+        # Peepholes, layer norm and heads run on jaxlstm._variant (batch-major steps).
         if params.is_variant:
             fused, cfg = fused_variant, FusedConfig(mm, acc, unroll, checkpoint_every, zoneout=zoneout)
-        elif _kernel.applies(
-            params,
-            mm,
-            acc,
-            batch=batch_size(batch_shape),
-            steps=T,
-            h_mask=h_mask,
-            zoneout=zoneout,
-            checkpoint_every=checkpoint_every,
-        ) and tuning.kernel_path(batch_size(batch_shape), D, H, T):
-            fused, cfg = _kernel_core, None
         else:
-            layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
+            layout = tuning.forward_layout(B, D, H, R, T, mm, acc, unroll)
             fused = fused_lstm
             cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout, zoneout=zoneout)
 
@@ -267,11 +267,11 @@ def lstm(
             xs_tm, zs = (inputs, None) if per_step is None else (inputs[0], inputs[1:])
             return fused(cfg, params, carries[0], xs_tm, steps, carries[1], carries[2], zs)
 
-        core: Callable = fused_core
+        core = fused_core
     elif params.is_variant:
         core = variant_scan_core(params, mm, acc, unroll=unroll, zoneout=zoneout)
     else:
-        layout = tuning.forward_layout(batch_size(batch_shape), D, H, R, T, mm, acc, unroll)
+        layout = tuning.forward_layout(B, D, H, R, T, mm, acc, unroll)
         core = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll, zoneout=zoneout)
 
     ys, (h, c) = apply_sequence(
@@ -286,5 +286,6 @@ def lstm(
         mask=mask,
         resets=resets,
         per_step=per_step,
+        batch_major_core=kernel,
     )
     return ys.astype(xs.dtype), LSTMState(h.astype(xs.dtype), c)

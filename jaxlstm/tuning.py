@@ -144,8 +144,9 @@ def _train_probe(path: str, B: int, D: int, H: int, T: int):
     params = init_lstm(jax.random.key(0), D, H)
     xs = jax.random.normal(jax.random.key(1), (T, B, D), f32)
     carry = (jnp.zeros((B, H), f32), jnp.zeros((B, H), f32))
+    # (custom_vjp functions return an untyped object to pyright: hence the ignores)
     if path == KERNEL:
-        run = lambda p, x: kernel_lstm(p, carry, x, None, carry)[0]
+        run = lambda p, x: kernel_lstm(False, p, carry, x, None, carry)[0]  # pyright: ignore[reportIndexIssue]
     else:
         run = lambda p, x: fused_lstm(FusedConfig(f32, f32), p, carry, x, None, carry)[0]  # pyright: ignore[reportIndexIssue]
     step = jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(run(p, x))), argnums=(0, 1))

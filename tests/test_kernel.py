@@ -176,7 +176,7 @@ def test_kernel_core_direct_with_flags():
     )
     reset = (jnp.full((B, H), 0.1), jnp.full((B, H), -0.3))
     cfg = FusedConfig(jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
-    got = _kernel.kernel_lstm(params, carry, xs, steps, reset)
+    got = _kernel.kernel_lstm(False, params, carry, xs, steps, reset)
     want = fused_lstm(cfg, params, carry, xs, steps, reset)
     assert_trees_close(got, want, rtol=1e-5)
 

@@ -4,7 +4,8 @@
 // pure-XLA path (jaxlstm/_fused.py) stays the portable default and the reference
 // they are tested against.
 //
-// Forward (LstmForward), time-major, float32, gate order i, f, g, o:
+// Forward (LstmForward), float32, gate order i, f, g, o, inputs and outputs time-major
+// [T, B, .] or batch-major [B, T, .] (the saved activations are time-major):
 //   z(t) = x(t) · W_ih + h_in(t) · W_hh + b
 //   c(t) = σ(z_f) ∗ c_in(t) + σ(z_i) ∗ tanh(z_g),   h(t) = σ(z_o) ∗ tanh(c(t))
 // The input projection is computed per step inside the loop, on panels that stay in
@@ -171,14 +172,26 @@ void prefer_huge_pages(void* data, size_t bytes) {
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 }
 
-// dst [cols, rows] = src [rows, cols]ᵀ, in blocks that stay in cache.
-void transpose(const float* src, long rows, long cols, float* dst) {
+// dst [cols, rows] = the rows row(0), ..., row(rows - 1) of cols floats, transposed,
+// in blocks that stay in cache.
+template <typename Row>
+void transpose(Row&& row, long rows, long cols, float* dst) {
   constexpr long kBlock = 32;
   for (long r0 = 0; r0 < rows; r0 += kBlock)
     for (long c0 = 0; c0 < cols; c0 += kBlock)
-      for (long r = r0; r < std::min(rows, r0 + kBlock); ++r)
-        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * rows + r] = src[r * cols + c];
+      for (long r = r0; r < std::min(rows, r0 + kBlock); ++r) {
+        const float* src = row(r);
+        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * rows + r] = src[c];
+      }
 }
+
+// Where step t of sequence b lies in a [T, B, F] (time-major) or [B, T, F] array, in rows.
+struct Layout {
+  long T, B;
+  bool batch_major;
+  long row(long t, long b) const { return batch_major ? b * T + t : t * B + b; }
+  long batch_stride() const { return batch_major ? T : 1; }  // rows from (t, b) to (t, b + 1)
+};
 
 float* aligned_floats(std::vector<float>& v, size_t n) {
   v.assign(n + ALIGN / sizeof(float), 0.0f);
@@ -277,6 +290,7 @@ int thread_count(long units, long work_per_step) {
 
 struct ForwardArgs {
   long T, B, H;
+  Layout io;  // of xs and ys
   long D;
   const float *xs, *w_ih, *bias, *w_hh, *h0, *c0, *hr, *cr;
   const uint8_t *valid, *reset;
@@ -335,12 +349,12 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   for (long t = 0; t < T; ++t) {
     if (nu > 0) {
       for (long b = 0; b < B; ++b) std::memcpy(z + b * cols, bias, 4 * cols);
-      gemm(a.xs + t * B * a.D, a.D, 1, B, wx, a.D, cols, z, cols, true);
+      gemm(a.xs + a.io.row(t, 0) * a.D, a.io.batch_stride() * a.D, 1, B, wx, a.D, cols, z, cols, true);
       gemm(h_in_at(t), H, 1, B, wh, H, cols, z, cols, true);
       for (long b = 0; b < B; ++b) {
         const bool valid = a.valid[t * B + b] != 0;
         const float* zb = z + b * cols;
-        float* y = a.ys + (t * B + b) * H + s.lo;
+        float* y = a.ys + a.io.row(t, b) * H + s.lo;
         float* hs = h_state + b * H + s.lo;
         float* cst = c_state + b * H + s.lo;
         float* act = a.acts ? a.acts + (t * B + b) * G4 + s.lo : nullptr;
@@ -384,6 +398,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
 
 struct BackwardArgs {
   long T, B, D, H;
+  Layout io;  // of xs, dys and dxs
   const float *xs, *w_ih, *w_hh, *acts, *cs, *h_in, *c0, *cr;
   const uint8_t *valid, *reset;
   const float *dys, *dhT, *dcT;
@@ -450,7 +465,7 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
       const float* act = a.acts + row * G4 + s.lo;
       const float* c = a.cs + row * H + s.lo;
       const float* c_in = reset ? a.cr + b * H + s.lo : (t > 0 ? a.cs + (row - B) * H : a.c0 + b * H) + s.lo;
-      const float* dy = a.dys + row * H + s.lo;
+      const float* dy = a.dys + a.io.row(t, b) * H + s.lo;
       float* dhb = dh + b * H + s.lo;
       float* dcb = dc + b * H + s.lo;
       for (long u = 0; u < nu; u += VW) {
@@ -493,8 +508,8 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
       // dW_hh += h_inᵀ · dz and dW_ih += xᵀ · dz over the chunk's rows. A = h_inᵀ, xᵀ,
       // transposed into row-major copies first: read in place, each step of the GEMM's
       // k loop would jump a row of h_in (a page at H=1024).
-      transpose(a.h_in + t0 * B * H, rows, H, hT);
-      transpose(a.xs + t0 * B * D, rows, D, xT);
+      transpose([&](long k) { return a.h_in + (t0 * B + k) * H; }, rows, H, hT);
+      transpose([&](long k) { return a.xs + a.io.row(t0 + k / B, k % B) * D; }, rows, D, xT);
       for (long j = 0; j < cols / NC; ++j) {
         const float* P = dzp + j * TC * B * NC;  // panel j (TC * B rows of stride, rows used)
         gemm(hT, rows, 1, H, P, rows, NC, gwh + j * NC, cols, true);
@@ -503,7 +518,8 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
     }
     if (nd > 0) {
       gemm(dz_chunk, G4, 1, rows, wiT, G4, ndp, dxc, ndp, false);
-      for (long k = 0; k < rows; ++k) std::memcpy(a.dxs + (t0 * B + k) * D + sd.lo, dxc + k * ndp, 4 * nd);
+      for (long k = 0; k < rows; ++k)
+        std::memcpy(a.dxs + a.io.row(t0 + k / B, k % B) * D + sd.lo, dxc + k * ndp, 4 * nd);
     }
   }
   for (long b = 0; b < B; ++b) {
@@ -593,13 +609,15 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::
                            ffi::Buffer<ffi::F32> hr, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
                            ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
                            ffi::ResultBuffer<ffi::F32> cT, ffi::ResultBuffer<ffi::F32> acts,
-                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hin) {
+                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hin,
+                           int32_t batch_major) {
   auto d = xs.dimensions();
   auto dw = w_hh.dimensions();
-  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be [T, B, D], w_hh [H, 4H]");
+  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be 3-D, w_hh [H, 4H]");
   ForwardArgs a{};
-  a.T = d[0];
-  a.B = d[1];
+  a.T = d[batch_major ? 1 : 0];
+  a.B = d[batch_major ? 0 : 1];
+  a.io = {a.T, a.B, batch_major != 0};
   a.D = d[2];
   a.H = dw[0];
   if (w_ih.element_count() != static_cast<size_t>(a.D * 4 * a.H) || bias.element_count() != static_cast<size_t>(4 * a.H))
@@ -647,20 +665,21 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi:
                             ffi::ResultBuffer<ffi::F32> dw_ih, ffi::ResultBuffer<ffi::F32> dw_hh,
                             ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dh0,
                             ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dhr,
-                            ffi::ResultBuffer<ffi::F32> dcr) {
+                            ffi::ResultBuffer<ffi::F32> dcr, int32_t batch_major) {
   auto d = xs.dimensions();
   auto dw = w_hh.dimensions();
-  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be [T, B, D], w_hh [H, 4H]");
+  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be 3-D, w_hh [H, 4H]");
   BackwardArgs a{};
-  a.T = d[0];
-  a.B = d[1];
+  a.T = d[batch_major ? 1 : 0];
+  a.B = d[batch_major ? 0 : 1];
+  a.io = {a.T, a.B, batch_major != 0};
   a.D = d[2];
   a.H = dw[0];
   const size_t bh = static_cast<size_t>(a.B * a.H), tbh = static_cast<size_t>(a.T) * bh;
   if (w_ih.element_count() != static_cast<size_t>(a.D * 4 * a.H)) return check(false, "w_ih must be [D, 4H]");
   if (acts.element_count() != 4 * tbh || cs.element_count() != tbh || h_in.element_count() != tbh ||
       dys.element_count() != tbh)
-    return check(false, "acts must be [T, B, 4H], cs, h_in, dys [T, B, H]");
+    return check(false, "acts must be [T, B, 4H], cs, h_in [T, B, H], dys like the outputs");
   if (c0.element_count() != bh || cr.element_count() != bh || dhT.element_count() != bh ||
       dcT.element_count() != bh)
     return check(false, "states must be [B, H]");
@@ -707,7 +726,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmForward, LstmForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()        // XLA's intra-op threads
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D] or [B, T, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_ih [D, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b [4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_hh [H, 4H]
@@ -717,18 +736,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // reset c
                                   .Arg<ffi::Buffer<ffi::U8>>()   // valid [T, B]
                                   .Arg<ffi::Buffer<ffi::U8>>()   // reset [T, B]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys [T, B, H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys, in the layout of xs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h(T)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c(T)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // acts [T, B, 4H] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // cs [T, B, H] or [0]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h_in [T, B, H] or [0]
+                                  .Attr<int32_t>("batch_major")  // xs, ys [B, T, .] rather than [T, B, .]
 );
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()        // XLA's intra-op threads
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D] or [B, T, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_ih [D, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_hh [H, 4H]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // acts [T, B, 4H]
@@ -738,10 +758,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmBackward, LstmBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // reset c
                                   .Arg<ffi::Buffer<ffi::U8>>()   // valid [T, B]
                                   .Arg<ffi::Buffer<ffi::U8>>()   // reset [T, B]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys [T, B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys, in the layout of xs
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dh(T)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dc(T)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs [T, B, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs, in the layout of xs
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dW_ih [D, 4H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dW_hh [H, 4H]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // db [4H]
@@ -749,6 +769,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dc0
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d reset h
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d reset c
+                                  .Attr<int32_t>("batch_major")  // xs, dys, dxs [B, T, .]
 );
 
 #pragma GCC visibility pop
