@@ -108,14 +108,17 @@ def main(argv=None):
         from . import regimes
 
         m = rg["machine"]
-        layouts = sorted(set(rg.get("tuning", {}).get("choices", {}).values()))
+        tuning = rg.get("tuning", {})
+        layouts = sorted(set(tuning.get("choices", {}).values()))
+        kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(tuning.get("kernel"), "not recorded (a run before it)")
         parts.append(
             "## Regimes (`benchmarks.throughput`, the main job)\n\n"
             f"Machine: {m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores, jax {m['jax']}, "
             f"flax {m['flax']}, torch {m.get('torch')}; peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s. "
             "Ratios are speed-ups of jaxlstm (>1: jaxlstm faster); torch timed in its own process; "
-            "step/dot: jaxlstm's forward step over the bare recurrent dot of the shape. "
-            f"Forward layouts chosen by jaxlstm.tuning: {layouts}.\n\n" + regimes.table(rg) + "\n"
+            "step/dot: jaxlstm's forward step over the bare recurrent dot of the shape; vs XLA path: jaxlstm's "
+            "default (the compiled CPU kernel where it runs) over its pure-XLA path. "
+            f"Compiled kernel: {kernel}. Choices of jaxlstm.tuning: {layouts}.\n\n" + regimes.table(rg) + "\n"
         )
     mem = _load(folder, "memory.json")
     if mem:
