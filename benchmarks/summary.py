@@ -110,7 +110,9 @@ def main(argv=None):
         m = rg["machine"]
         tuning = rg.get("tuning", {})
         layouts = sorted(set(tuning.get("choices", {}).values()))
-        kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(tuning.get("kernel"), "not recorded (a run before it)")
+        kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(
+            tuning.get("kernel"), "not recorded (a run before it)"
+        )
         parts.append(
             "## Regimes (`benchmarks.throughput`, the main job)\n\n"
             f"Machine: {m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores, jax {m['jax']}, "

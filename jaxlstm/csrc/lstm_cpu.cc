@@ -33,6 +33,7 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -541,7 +542,7 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
 }
 
 // A team for one call: the calling thread and up to want-1 helpers from XLA's own
-// intra-op thread pool. XLA promises nothing about when (or whether) a scheduled task
+// intra-op thread pool (or, where none comes in time, from the kernel's own Pool). XLA promises nothing about when (or whether) a scheduled task
 // runs, so helpers are recruited, not assumed: each task joins only while the caller is
 // still recruiting, the caller waits a short while for them and then closes the team
 // with whoever came; a task that comes late, or that XLA runs inline on the calling
@@ -557,6 +558,74 @@ struct Team {
   std::atomic<int> finished{0};    // helpers done
   std::thread::id caller;
   std::function<void(int, int)> job;
+};
+
+// The fallback when XLA's pool sends no helper in time (measured: at B=64, H=1024, in
+// some processes XLA ran no scheduled task for the whole call, so the forward pass ran
+// at one thread's speed): threads of the kernel's own, which sleep between calls.
+class Pool {
+ public:
+  static Pool& get() {
+    // Never destroyed: its workers outlive static teardown.
+    static Pool* pool = new Pool(std::max(cpu_count(), requested_threads()));
+    return *pool;
+  }
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // Runs f(0), ..., f(n-1) on n threads (the caller is thread 0). A second call
+  // while one runs (XLA may run two custom calls at once) gets the caller alone.
+  int run(int n, const std::function<void(int, int)>& f) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || n <= 1) {
+      f(0, 1);
+      return 1;
+    }
+    n = std::min(n, size());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = &f;
+      active_ = n;
+      pending_.store(n - 1, std::memory_order_relaxed);
+      ++generation_;
+    }
+    cv_.notify_all();
+    f(0, n);
+    spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
+    return n;
+  }
+
+ private:
+  explicit Pool(int n) {
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
+    for (auto& w : workers_) w.detach();
+  }
+
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int, int)>* job;
+      int n;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        job = job_;
+        n = active_;
+      }
+      if (id < n) {
+        (*job)(id, n);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex busy_, mu_;
+  std::condition_variable cv_;
+  uint64_t generation_ = 0;
+  const std::function<void(int, int)>* job_ = nullptr;
+  int active_ = 0;
+  std::atomic<int> pending_{0};
 };
 
 // How long the caller waits for helpers: a parked pool thread took 5-40 µs to start a
@@ -603,6 +672,20 @@ void run_team(ffi::ThreadPool& pool, int want, double work, F&& body) {
     team->open = false;
     admitted = team->joined;
     n = 1 + admitted;
+  }
+  if (n == 1) {  // none came: the kernel's own threads
+    team->size.store(1, std::memory_order_release);
+    std::mutex mu;
+    std::unique_ptr<SpinBarrier> own_barrier;
+    std::function<void(int, int)> job = [&](int p, int m) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!own_barrier) own_barrier = std::make_unique<SpinBarrier>(m);
+      }
+      body(p, m, *own_barrier);
+    };
+    Pool::get().run(want, job);
+    return;
   }
   barrier = std::make_unique<SpinBarrier>(n);
   team->size.store(n, std::memory_order_release);
