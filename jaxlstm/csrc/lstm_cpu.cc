@@ -293,10 +293,13 @@ int thread_count(long units, long work_per_step) {
 // ---------------------------------------------------------------------------
 // Forward
 
-struct ForwardArgs {
-  long T, B, H;
-  Layout io;  // of xs and ys
-  long D;
+// The sizes of a call, and the layout of its sequences (xs, ys, dys, dxs).
+struct Dims {
+  long T, B, D, H;
+  Layout io;
+};
+
+struct ForwardArgs : Dims {
   const float *xs, *w_ih, *bias, *w_hh, *h0, *c0, *hr, *cr;
   const uint8_t *valid, *reset;
   float *ys, *hT, *cT;
@@ -401,9 +404,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
 // ---------------------------------------------------------------------------
 // Backward
 
-struct BackwardArgs {
-  long T, B, D, H;
-  Layout io;  // of xs, dys and dxs
+struct BackwardArgs : Dims {
   const float *xs, *w_ih, *w_hh, *acts, *cs, *h_in, *c0, *cr;
   const uint8_t *valid, *reset;
   const float *dys, *dhT, *dcT;
@@ -542,13 +543,13 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
 }
 
 // A team for one call: the calling thread and up to want-1 helpers from XLA's own
-// intra-op thread pool (or, where none comes in time, from the kernel's own Pool). XLA promises nothing about when (or whether) a scheduled task
+// intra-op thread pool. XLA promises nothing about when (or whether) a scheduled task
 // runs, so helpers are recruited, not assumed: each task joins only while the caller is
 // still recruiting, the caller waits a short while for them and then closes the team
 // with whoever came; a task that comes late, or that XLA runs inline on the calling
-// thread, returns at once. (Threads of the kernel's own would compete for the cores with
-// XLA's pool threads, which spin after their work: on 2 cores that made steps up to
-// 5x slower, measured.)
+// thread, returns at once. Where none came, the kernel's own Pool serves. (XLA's pool
+// comes first: threads of the kernel's own compete for the cores with XLA's pool
+// threads, which spin after their work; on 2 cores that made steps up to 5x slower.)
 struct Team {
   std::mutex mu;
   bool open = true;
@@ -697,23 +698,31 @@ ffi::Error check(bool ok, const char* what) {
   return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(std::string("jaxlstm kernel: ") + what);
 }
 
-ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> bias,
-                           ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+// Sizes from xs ([T, B, D], or [B, T, D] when batch-major) and w_hh [H, 4H].
+ffi::Error decode(const ffi::Buffer<ffi::F32>& xs, const ffi::Buffer<ffi::F32>& w_hh, int32_t batch_major, Dims& a) {
+  auto d = xs.dimensions();
+  auto dw = w_hh.dimensions();
+  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be 3-D, w_hh [H, 4H]");
+  a.T = d[batch_major ? 1 : 0];
+  a.B = d[batch_major ? 0 : 1];
+  a.D = d[2];
+  a.H = dw[0];
+  a.io = {a.T, a.B, batch_major != 0};
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> c0,
                            ffi::Buffer<ffi::F32> hr, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
                            ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
                            ffi::ResultBuffer<ffi::F32> cT, ffi::ResultBuffer<ffi::F32> acts,
                            ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hin,
                            int32_t batch_major) {
-  auto d = xs.dimensions();
-  auto dw = w_hh.dimensions();
-  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be 3-D, w_hh [H, 4H]");
   ForwardArgs a{};
-  a.T = d[batch_major ? 1 : 0];
-  a.B = d[batch_major ? 0 : 1];
-  a.io = {a.T, a.B, batch_major != 0};
-  a.D = d[2];
-  a.H = dw[0];
-  if (w_ih.element_count() != static_cast<size_t>(a.D * 4 * a.H) || bias.element_count() != static_cast<size_t>(4 * a.H))
+  if (auto e = decode(xs, w_hh, batch_major, a); e.failure()) return e;
+  const size_t g4 = static_cast<size_t>(4 * a.H);
+  if (w_ih.element_count() != static_cast<size_t>(a.D) * g4 || bias.element_count() != g4)
     return check(false, "w_ih must be [D, 4H], b [4H]");
   const size_t bh = static_cast<size_t>(a.B * a.H);
   if (h0.element_count() != bh || c0.element_count() != bh || hr.element_count() != bh || cr.element_count() != bh)
@@ -751,7 +760,8 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::
   return ffi::Error::Success();
 }
 
-ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih, ffi::Buffer<ffi::F32> w_hh,
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih,
+                            ffi::Buffer<ffi::F32> w_hh,
                             ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> h_in,
                             ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
                             ffi::Buffer<ffi::U8> reset, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
@@ -760,15 +770,8 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi:
                             ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dh0,
                             ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dhr,
                             ffi::ResultBuffer<ffi::F32> dcr, int32_t batch_major) {
-  auto d = xs.dimensions();
-  auto dw = w_hh.dimensions();
-  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be 3-D, w_hh [H, 4H]");
   BackwardArgs a{};
-  a.T = d[batch_major ? 1 : 0];
-  a.B = d[batch_major ? 0 : 1];
-  a.io = {a.T, a.B, batch_major != 0};
-  a.D = d[2];
-  a.H = dw[0];
+  if (auto e = decode(xs, w_hh, batch_major, a); e.failure()) return e;
   const size_t bh = static_cast<size_t>(a.B * a.H), tbh = static_cast<size_t>(a.T) * bh;
   if (w_ih.element_count() != static_cast<size_t>(a.D * 4 * a.H)) return check(false, "w_ih must be [D, 4H]");
   if (acts.element_count() != 4 * tbh || cs.element_count() != tbh || h_in.element_count() != tbh ||
