@@ -1,8 +1,8 @@
 // jaxlstm's CPU kernel: the LSTM recurrence as two XLA FFI custom calls.
 //
 // jaxlstm.lstm runs these on CPU where they apply (see jaxlstm/_kernel.py); the
-// pure-XLA path (jaxlstm/_fused.py) stays the portable default and the reference
-// they are tested against.
+// pure-XLA path (jaxlstm/_fused.py) stays the portable path everywhere else and the
+// reference they are tested against.
 //
 // Forward (LstmForward), float32, gate order i, f, g, o, inputs and outputs time-major
 // [T, B, .] or batch-major [B, T, .] (the saved activations are time-major):
@@ -13,7 +13,7 @@
 // whose first touch cost more than the projection's GEMM (measured: 21 ms for
 // [8192, 128] · [128, 1024] at B=32, T=256, against 5 ms of arithmetic).
 // Backward (LstmBackward): the reverse recurrence of the cotangents (dh, dc) and all
-// the gradients: dx, dW_ih, dW_hh, b and the initial and reset states' cotangents.
+// the gradients: dx, dW_ih, dW_hh, db and the initial and reset states' cotangents.
 // The gate cotangents dz never leave the kernel (a [T, B, 4H] buffer would cost its
 // first touch again); the weight gradients are GEMMs over chunks of ~256 rows.
 //
@@ -21,11 +21,10 @@
 // reset [T, B] (a counted step starts from the reset state). A step that does not
 // count leaves the state unchanged and outputs zeros, as in jaxlstm._engine.
 //
-// Parallelism (threads from XLA's own intra-op pool, see run_team): the hidden units
-// are split into one contiguous range per thread; each
-// thread owns the 4 gate columns of its units (packed once per call into a panel that
-// stays in its core's cache), computes their gates with a register-blocked GEMM, and
-// applies the pointwise update to its own units. One spin barrier per step publishes
+// Parallelism (a team of threads per call, see run_team): the hidden units are split
+// into one contiguous range per thread; each thread owns the 4 gate columns of its units
+// (packed once per call into panels that stay in its core's cache), computes their gates
+// with a register-blocked GEMM, and applies the pointwise update to its own units. One spin barrier per step publishes
 // the new h to all threads. The backward pass splits the same way: each thread forms
 // dz for its units, a barrier, then dh(t-1) for its units from all of dz.
 
