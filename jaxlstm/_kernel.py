@@ -13,10 +13,11 @@ first touch (fresh pages on every call) than its GEMM took.
 
 :func:`jaxlstm.lstm` runs :func:`kernel_lstm` in place of :func:`jaxlstm._fused.fused_lstm`
 where :func:`applies` (float32 on CPU, no projection or variant, no recurrent
-dropout or zoneout, no checkpointing, no device mesh): lengths, masks, resets and
-``reverse`` are supported. ``JAXLSTM_KERNEL=0`` turns it off (the XLA path, which
-is the reference it is tested against); ``JAXLSTM_KERNEL_THREADS`` caps its threads
-(default: the CPUs this process may run on).
+dropout or zoneout, no checkpointing, no device mesh) and :func:`jaxlstm.tuning.kernel_path`
+chose it: lengths, masks, resets and ``reverse`` are supported. ``JAXLSTM_KERNEL=0``
+turns it off (the XLA path, which is the reference it is tested against);
+``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step,
+at most one per CPU this process may run on).
 """
 
 from __future__ import annotations

@@ -251,7 +251,8 @@ def lstm(
     if kernel:
 
         def kernel_core(inputs, carries, steps, batch_major=False):
-            return kernel_lstm(batch_major, params, carries[0], inputs, steps, carries[1])
+            # float32 throughout (bfloat16 inputs with float32 params, as on the XLA path's dots)
+            return kernel_lstm(batch_major, params, carries[0], inputs.astype(acc), steps, carries[1])
 
         core = kernel_core
     elif backward == "fused":

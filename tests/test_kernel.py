@@ -136,6 +136,26 @@ def test_vmap_and_stacks():
         np.testing.assert_allclose(ys, jaxlstm.lstm_stack(sp, xs)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["input dropout", "bfloat16 inputs"])
+def test_input_dropout_and_bfloat16_inputs(case):
+    """Input dropout is applied before the kernel, and bfloat16 inputs with float32 params
+    run on it in float32 (as the XLA path's dots do): both give the XLA path's numbers."""
+    params, xs, state, _ = _case(6, 3, 5, 16, 6)
+    key = jax.random.key(2)
+    if case == "input dropout":
+        f = lambda p, x: jaxlstm.lstm(p, x, state, input_dropout=0.3, key=key)[0]
+    else:
+        f = lambda p, x: jaxlstm.lstm(p, x.astype(jnp.bfloat16), state)[0].astype(jnp.float32)
+    assert _uses_kernel(f, params, xs)
+    loss = lambda p, x: jnp.sin(f(p, x)).sum()
+    got, g = f(params, xs), jax.grad(loss, argnums=(0, 1))(params, xs)
+    with tuning.forced("xla"):
+        want, g_want = f(params, xs), jax.grad(loss, argnums=(0, 1))(params, xs)
+    tol = 1e-5 if case == "input dropout" else 1e-2  # bfloat16 outputs round the same float32 numbers
+    assert_trees_close(got, want, rtol=tol)
+    assert_trees_close(g, g_want, rtol=10 * tol)
+
+
 def test_where_the_kernel_does_not_apply_the_xla_path_runs():
     params, xs, state, _ = _case(2, 2, 3, 16, 4)
     assert _uses_kernel(lambda x: jaxlstm.lstm(params, x), xs)
