@@ -81,8 +81,8 @@ def cache_file() -> str:
 @contextlib.contextmanager
 def forced(layout: str) -> Iterator[None]:
     """Within the block, every trace of :func:`jaxlstm.lstm` uses ``layout``: ``"kernel"``
-    (the compiled kernel where it applies, else the default layout), ``"xla"`` (the
-    pure-XLA path, its forward layout tuned as usual), or the pure-XLA path with
+    (the compiled kernel where it applies, else the pure-XLA path with its forward
+    layout tuned as usual), ``"xla"`` (the pure-XLA path, its layout tuned), or the pure-XLA path with
     ``"feature"`` or ``"batch"`` forward steps."""
     if layout not in FORCEABLE:
         raise ValueError(f"layout must be one of {FORCEABLE}, got {layout!r}")
