@@ -296,15 +296,21 @@ def reverse_sequences(
     return from_time_major(x, batch_shape, time_major)
 
 
+def counted_steps(T: int, B: int, lengths: Array | None, mask: Array | None) -> Array:
+    """Boolean ``[T, B]``: step t of sequence b counts (``t < lengths[b]`` and ``mask[t, b]``)."""
+    valid = jnp.ones((T, B), bool)
+    if lengths is not None:
+        valid = valid & (jnp.arange(T, dtype=jnp.int32)[:, None] < lengths[None, :])
+    if mask is not None:
+        valid = valid & mask
+    return valid
+
+
 def _segment_ends(resets: Array, lengths: Array | None, mask: Array | None) -> Array:
     """``[T, B]``: is step t the last counted step of its segment, i.e. does the next
     counted step start one (``resets``). Read backwards, these are the resets."""
-    T = resets.shape[0]
-    valid = jnp.ones(resets.shape, bool)
-    if lengths is not None:
-        valid = valid & (jnp.arange(T)[:, None] < lengths[None, :])
-    if mask is not None:
-        valid = valid & mask
+    T, B = resets.shape
+    valid = counted_steps(T, B, lengths, mask)
 
     def body(next_reset, inp):
         r, v = inp
@@ -381,13 +387,14 @@ def apply_sequence(
     steps = None if lengths is None and mask_tm is None and resets_tm is None else Steps(lengths, mask_tm, resets_tm)
     if batch_major:
         ys, carry = core(xs_tm, carry, steps, batch_major=True)
-        carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)
-        return ys.reshape(tuple(batch_shape) + ys.shape[1:]), carry
-    ys_tm, carry = core(xs_tm if per_step is None else (xs_tm, *per_step), carry, steps)
-    if reverse:
-        ys_tm = reverse_time(ys_tm, lengths, supports_jvp=supports_jvp)
+        ys = ys.reshape(tuple(batch_shape) + ys.shape[1:])
+    else:
+        ys_tm, carry = core(xs_tm if per_step is None else (xs_tm, *per_step), carry, steps)
+        if reverse:
+            ys_tm = reverse_time(ys_tm, lengths, supports_jvp=supports_jvp)
+        ys = from_time_major(ys_tm, batch_shape, time_major)
     carry = jax.tree_util.tree_map(lambda a: a.reshape(tuple(batch_shape) + a.shape[1:]), carry)
-    return from_time_major(ys_tm, batch_shape, time_major), carry
+    return ys, carry
 
 
 def dropout_masks(xs, batch_shape, R, acc, p_in, p_rec, key, time_major):

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._engine import Steps, mesh_active
+from ._engine import Steps, counted_steps, mesh_active
 from .params import LSTMParams
 
 __all__ = ["applies", "available", "enabled", "kernel_lstm", "load_error"]
@@ -95,11 +95,7 @@ def applies(
 def _flags(steps: Steps | None, T: int, B: int):
     """``valid`` and ``reset`` ``[T, B]`` as bytes: the step counts; it starts from the reset state."""
     lengths, mask, resets = (None, None, None) if steps is None else steps
-    valid = jnp.ones((T, B), bool)
-    if lengths is not None:
-        valid = valid & (jnp.arange(T, dtype=jnp.int32)[:, None] < lengths[None, :])
-    if mask is not None:
-        valid = valid & mask
+    valid = counted_steps(T, B, lengths, mask)
     reset = jnp.zeros((T, B), bool) if resets is None else resets & valid
     return valid.astype(jnp.uint8), reset.astype(jnp.uint8)
 
