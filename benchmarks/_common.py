@@ -94,7 +94,7 @@ def torch_available() -> bool:
 #
 #   jaxlstm[-tm][-ckptK][-unrollN][-bf16][-autodiff]   jaxlstm.lstm with those options
 #                                                      (-tm: time-major [T, B, D] inputs)
-#   jaxlstm-gru                                        jaxlstm.gru
+#   jaxlstm-gru[-xla]                                  jaxlstm.gru (-xla: the pure-XLA path)
 #   flax-optimized, flax-lstmcell, flax-gru            nn.RNN(OptimizedLSTMCell / LSTMCell / GRUCell)
 #   jax-cudnn                                          jax.experimental.rnn (GPU only)
 #   torch                                              torch.nn.LSTM (see build)
@@ -107,9 +107,14 @@ def input_shape(impl: str, B: int, T: int, D: int) -> tuple:
 def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: int = 1):
     """``(init(key) -> params, apply(params, xs) -> ys)`` of a JAX implementation."""
     jdtype = jnp.dtype(dtype)
-    if impl == "jaxlstm-gru":
+    if impl in ("jaxlstm-gru", "jaxlstm-gru-xla"):
         init = lambda key: jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_gru(key, D, H))
-        return init, lambda p, x: jaxlstm.gru(p, x, unroll=unroll)[0]
+
+        def apply_gru(p, x):
+            with jaxlstm.tuning.forced("xla") if impl.endswith("-xla") else contextlib.nullcontext():
+                return jaxlstm.gru(p, x, unroll=unroll)[0]
+
+        return init, apply_gru
     if impl == "flax-gru":
         import flax.linen as nn
 

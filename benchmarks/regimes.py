@@ -50,8 +50,8 @@ REGIMES = {
 }
 QUICK = {"tiny": (2, 4, 8, 16), "tiny-long": (1, 3, 4, 64)}
 GATES = {"lstm": 4, "gru": 3}
-# jaxlstm's default, the peer, and (LSTM) jaxlstm's pure-XLA path beside its compiled CPU kernel.
-IMPLS = {"lstm": ("jaxlstm", "flax-optimized", "jaxlstm-xla"), "gru": ("jaxlstm-gru", "flax-gru")}
+# jaxlstm's default, the peer, and jaxlstm's pure-XLA path beside its compiled CPU kernel.
+IMPLS = {"lstm": ("jaxlstm", "flax-optimized", "jaxlstm-xla"), "gru": ("jaxlstm-gru", "flax-gru", "jaxlstm-gru-xla")}
 
 
 def flops(cell: str, mode: str, B: int, T: int, D: int, H: int) -> float:
@@ -176,10 +176,10 @@ def rows(result: dict) -> list:
     out = []
     for reg in result["regimes"]:
         for cell in GATES:
-            ours_name, flax_name = IMPLS[cell][:2]
+            ours_name, flax_name, xla_name = IMPLS[cell]
             for mode in ("forward", "train"):
                 ours, flax = get(reg, cell, mode, ours_name), get(reg, cell, mode, flax_name)
-                xla = get(reg, cell, mode, "jaxlstm-xla") if cell == "lstm" else None
+                xla = get(reg, cell, mode, xla_name)
                 torch, dot = get(reg, cell, mode, "torch"), get(reg, cell, "forward", "bare-dot")
                 if ours is None or flax is None:
                     continue

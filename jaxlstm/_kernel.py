@@ -1,4 +1,4 @@
-"""The compiled CPU kernel: the LSTM recurrence as XLA FFI custom calls.
+"""The compiled CPU kernel: the LSTM, GRU and Elman recurrences as XLA FFI custom calls.
 
 ``jaxlstm/csrc/lstm_cpu.cc`` is built by the package's own build (``pip install``
 compiles it with the machine's C++ compiler against the XLA FFI headers that jaxlib
@@ -14,7 +14,9 @@ first touch (fresh pages on every call) than its GEMM took.
 :func:`jaxlstm.lstm` runs :func:`kernel_lstm` in place of :func:`jaxlstm._fused.fused_lstm`
 where :func:`applies` (float32 on CPU, no projection or variant, no recurrent
 dropout or zoneout, no checkpointing, no device mesh) and :func:`jaxlstm.tuning.kernel_path`
-chose it: lengths, masks, resets and ``reverse`` are supported. ``JAXLSTM_KERNEL=0``
+chose it: lengths, masks, resets and ``reverse`` are supported. :func:`jaxlstm.gru` and
+:func:`jaxlstm.rnn` run :func:`kernel_cell` in place of :func:`jaxlstm._fused_gru.fused_cell`
+on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_KERNEL=0``
 turns it off (the XLA path, which is the reference it is tested against);
 ``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step,
 at most one per CPU this process may run on).
@@ -35,9 +37,12 @@ import numpy as np
 from ._engine import Steps, counted_steps, mesh_active
 from .params import LSTMParams
 
-__all__ = ["applies", "available", "enabled", "kernel_lstm", "load_error"]
+__all__ = ["applies", "available", "enabled", "kernel_cell", "kernel_lstm", "load_error"]
 
 _FORWARD, _BACKWARD = "jaxlstm_lstm_forward", "jaxlstm_lstm_backward"
+_CELL_FORWARD, _CELL_BACKWARD = "jaxlstm_cell_forward", "jaxlstm_cell_backward"
+# The single-state cells: the kernel's ``cell`` attribute and the floats it saves per unit and step.
+_CELLS = {"gru": (1, 4), "rnn": (2, 1)}
 _F32 = jnp.dtype(jnp.float32)
 
 
@@ -51,6 +56,8 @@ def _load() -> str | None:
         lib = ctypes.CDLL(spec.origin)
         jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.JaxlstmLstmForward), platform="cpu")
         jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.JaxlstmLstmBackward), platform="cpu")
+        jax.ffi.register_ffi_target(_CELL_FORWARD, jax.ffi.pycapsule(lib.JaxlstmCellForward), platform="cpu")
+        jax.ffi.register_ffi_target(_CELL_BACKWARD, jax.ffi.pycapsule(lib.JaxlstmCellBackward), platform="cpu")
     except (OSError, AttributeError) as e:
         return f"the compiled kernel {spec.origin} did not load: {e}"
     return None
@@ -71,19 +78,18 @@ def enabled() -> bool:
     return os.environ.get("JAXLSTM_KERNEL", "1") != "0" and available()
 
 
-def applies(
-    params: LSTMParams, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zoneout, checkpoint_every
-) -> bool:
-    """Whether the kernel can run this :func:`jaxlstm.lstm` call (its fused path);
-    :func:`jaxlstm.tuning.kernel_path` then says whether it should."""
+def applies(params, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zoneout, checkpoint_every=None) -> bool:
+    """Whether the kernel can run this :func:`jaxlstm.lstm` (``LSTMParams``), :func:`jaxlstm.gru`
+    or :func:`jaxlstm.rnn` call (its fused path); :func:`jaxlstm.tuning.kernel_path` then says
+    whether it should."""
+    plain = not isinstance(params, LSTMParams) or (not params.is_variant and params.w_hr is None)
     return (
         enabled()
         and jax.default_backend() == "cpu"
         and jnp.dtype(mm_dtype) == _F32
         and jnp.dtype(acc_dtype) == _F32
         and all(w is None or w.dtype == _F32 for w in params)
-        and not params.is_variant
-        and params.w_hr is None
+        and plain
         and h_mask is None
         and zoneout is None
         and checkpoint_every is None
@@ -166,3 +172,56 @@ def _kernel_bwd(batch_major, res, cotangents):
 
 
 kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def _cell_forward(kind: str, batch_major: bool, params, h0, xs, steps, h_reset, save: bool):
+    _require()
+    cell, saved_per_unit = _CELLS[kind]
+    B, T = xs.shape[:2] if batch_major else xs.shape[1::-1]
+    H = params.w_hh.shape[0]
+    b_hn = params.b_hn if kind == "gru" else jnp.zeros((0,), _F32)
+    valid, reset = _flags(steps, T, B)
+    out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
+    saved = (out(T, B, saved_per_unit * H), out(T, B, H)) if save else (out(0), out(0))
+    ys = out(B, T, H) if batch_major else out(T, B, H)
+    call = jax.ffi.ffi_call(_CELL_FORWARD, (ys, out(B, H), *saved), vmap_method="sequential")
+    ys, h, acts, h_in = call(
+        xs, params.w_ih, params.b, b_hn, params.w_hh, h0, h_reset, valid, reset,
+        batch_major=np.int32(batch_major), cell=np.int32(cell),
+    )  # fmt: skip
+    return ys, h, (acts, h_in, valid, reset)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def kernel_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | None, h_reset):
+    """:func:`jaxlstm._fused_gru.fused_cell`'s contract on the kernel, for ``kind`` ``"gru"``
+    (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
+    ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
+    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``)."""
+    ys, h, _ = _cell_forward(kind, batch_major, params, h0, xs, steps, h_reset, save=False)
+    return ys, h
+
+
+def _cell_fwd(kind, batch_major, params, h0, xs, steps, h_reset):
+    ys, h, saved = _cell_forward(kind, batch_major, params, h0, xs, steps, h_reset, save=True)
+    return (ys, h), (params, xs, saved)
+
+
+def _cell_bwd(kind, batch_major, res, cotangents):
+    params, xs, (acts, h_in, valid, reset) = res
+    dys, dh = cotangents
+    cell, _ = _CELLS[kind]
+    (D, GH), H = params.w_ih.shape, params.w_hh.shape[0]
+    B = dh.shape[0]
+    out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
+    shapes = (out(*xs.shape), out(D, GH), out(H, GH), out(GH), out(H if kind == "gru" else 0), out(B, H), out(B, H))
+    call = jax.ffi.ffi_call(_CELL_BACKWARD, shapes, vmap_method="sequential")
+    dxs, dw_ih, dw_hh, db, db_hn, dh0, dh_reset = call(
+        xs, params.w_ih, params.w_hh, acts, h_in, valid, reset, dys, dh,
+        batch_major=np.int32(batch_major), cell=np.int32(cell),
+    )  # fmt: skip
+    grads = type(params)(dw_ih, dw_hh, db, db_hn) if kind == "gru" else type(params)(dw_ih, dw_hh, db)
+    return grads, dh0, dxs, None, dh_reset
+
+
+kernel_cell.defvjp(_cell_fwd, _cell_bwd)

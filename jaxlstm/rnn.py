@@ -29,15 +29,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _checks
+from . import _checks, _kernel, tuning
 from ._engine import (
     accum_dtype,
     apply_sequence,
+    batch_size,
     matmul_dtype,
     scan_masked,
 )
 from ._fused import FusedConfig
 from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
+from ._kernel import kernel_cell
 from ._step import regularisation, zoneout_rates
 from .params import _check_size, kernel_init, recurrent_init
 
@@ -183,8 +185,18 @@ def _sequence(
         deterministic=deterministic,
     )
     per_step = None if per_step is None else per_step[1:]  # the step reads (x, zh): no cell state
+    B = batch_size(batch_shape)
+    # On CPU the compiled kernel (jaxlstm._kernel) runs the plain float32 cell where it can
+    # (no recurrent dropout or zoneout then) and tuning chose it.
+    kernel = (
+        backward == "fused"
+        and _kernel.applies(params, mm, acc, batch=B, steps=T, h_mask=h_mask, zoneout=zoneout)
+        and tuning.kernel_path(B, D, H, T, cell=kind)
+    )
 
-    def core(inputs, hs, steps):
+    def core(inputs, hs, steps, batch_major=False):
+        if kernel:  # float32 throughout (bfloat16 inputs with float32 params, as on the XLA path's dots)
+            return kernel_cell(kind, batch_major, params, hs[0], inputs.astype(acc), steps, hs[1])
         if backward == "fused":
             xs_tm, zh = (inputs, None) if per_step is None else inputs
             cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout)
@@ -205,6 +217,7 @@ def _sequence(
         mask=mask,
         resets=resets,
         per_step=per_step,
+        batch_major_core=kernel,
     )
     return ys.astype(xs.dtype), h.astype(xs.dtype)
 

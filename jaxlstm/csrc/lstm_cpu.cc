@@ -37,11 +37,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <pthread.h>
 #include <sched.h>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -291,6 +293,31 @@ int thread_count(long units, long work_per_step) {
 }
 
 // ---------------------------------------------------------------------------
+// Cells: what the two loops need to know of the LSTM, the GRU and the Elman RNN.
+//
+//   G        gates per hidden unit (columns of W_ih, W_hh and b per unit);
+//   S        floats saved per unit and step for the backward pass (acts [T, B, S*H]);
+//   kCell    a cell state c besides h (the LSTM);
+//   kSplit   h·W_hh is kept apart from x·W_ih + b (the GRU: r multiplies h·W_hn + b_hn),
+//            so that the gate cotangents of the two products differ (the n block).
+
+struct Lstm {  // i, f, g, o; saves i, f, g, o (and c, apart)
+  static constexpr int G = 4, S = 4;
+  static constexpr bool kCell = true, kSplit = false;
+};
+struct Gru {  // r, z, n (PyTorch's order); saves r, z, n, hn = h·W_hn + b_hn
+  static constexpr int G = 3, S = 4;
+  static constexpr bool kCell = false, kSplit = true;
+};
+struct Elman {  // h(t) = tanh(x·W_ih + b + h(t-1)·W_hh); saves h(t)
+  static constexpr int G = 1, S = 1;
+  static constexpr bool kCell = false, kSplit = false;
+};
+
+template <class A, class B>
+constexpr bool same = std::is_same_v<A, B>;
+
+// ---------------------------------------------------------------------------
 // Forward
 
 // The sizes of a call, and the layout of its sequences (xs, ys, dys, dxs).
@@ -300,35 +327,71 @@ struct Dims {
 };
 
 struct ForwardArgs : Dims {
-  const float *xs, *w_ih, *bias, *w_hh, *h0, *c0, *hr, *cr;
+  const float *xs, *w_ih, *bias, *b_hn, *w_hh, *h0, *c0, *hr, *cr;  // b_hn: the GRU's; c0, cr: the LSTM's
   const uint8_t *valid, *reset;
   float *ys, *hT, *cT;
-  float *acts, *cs, *hin;  // saved for the backward pass, or nullptr
+  float *acts, *cs, *hin;  // saved for the backward pass, or nullptr (cs: the LSTM's)
 };
 
+// One step of a cell for the units u ... u+m (m <= VW) of one sequence: zx holds
+// x·W_ih + b and zh h·W_hh (the same buffer unless kSplit), gate g at g*np; h and c
+// are the thread's slices of the state (h still h(t-1)). Saves the S blocks to act
+// (stride H) unless it is null; returns h(t).
+template <class Cell>
+inline vf cell_step(const float* zx, const float* zh, long np, long u, int m, const float* b_hn, const float* h,
+                    float* c, float* act, long H) {
+  auto save = [&](std::initializer_list<vf> blocks) {
+    if (!act) return;
+    long k = 0;
+    for (vf v : blocks) store_n(act + (k++) * H + u, v, m);
+  };
+  if constexpr (same<Cell, Lstm>) {
+    const vf i = sigmoid(load(zx + u)), f = sigmoid(load(zx + np + u));
+    const vf g = vtanh(load(zx + 2 * np + u)), o = sigmoid(load(zx + 3 * np + u));
+    const vf cn = f * load_n(c + u, m) + i * g;
+    store_n(c + u, cn, m);
+    save({i, f, g, o});
+    return o * vtanh(cn);
+  } else if constexpr (same<Cell, Gru>) {
+    const vf r = sigmoid(load(zx + u) + load(zh + u)), z = sigmoid(load(zx + np + u) + load(zh + np + u));
+    const vf hn = load(zh + 2 * np + u) + load_n(b_hn + u, m);
+    const vf n = vtanh(load(zx + 2 * np + u) + r * hn);
+    save({r, z, n, hn});
+    return n + z * (load_n(h + u, m) - n);  // (1 - z) n + z h(t-1)
+  } else {
+    const vf hn = vtanh(load(zx + u));
+    save({hn});
+    return hn;
+  }
+}
+
+template <class Cell>
 void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, float* h_state, float* c_state,
                     float* hbuf) {
-  const long T = a.T, B = a.B, H = a.H, G4 = 4 * H;
+  constexpr int G = Cell::G, S = Cell::S;
+  const long T = a.T, B = a.B, H = a.H, GH = G * H;
   const Split s = split_units(H, p, n);
-  const long nu = s.n(), np = s.padded(), cols = 4 * np;
+  const long nu = s.n(), np = s.padded(), cols = G * np;
   // Panels of W_ih's and W_hh's columns for this thread's units, gate-blocked: column
   // g*np + u is gate g of unit lo + u (zero for the padding units).
-  std::vector<float> wx_store, wh_store, z_store, bias_store;
+  std::vector<float> wx_store, wh_store, zx_store, zh_store, bias_store;
   float* wx = aligned_floats(wx_store, static_cast<size_t>(a.D) * cols);
   float* wh = aligned_floats(wh_store, static_cast<size_t>(H) * cols);
-  float* z = aligned_floats(z_store, static_cast<size_t>(B) * cols);
+  float* zx = aligned_floats(zx_store, static_cast<size_t>(B) * cols);
+  float* zh = Cell::kSplit ? aligned_floats(zh_store, static_cast<size_t>(B) * cols) : zx;
   float* bias = aligned_floats(bias_store, cols);
   auto pack = [&](float* panel, const float* w, long K) {
     for (long c = 0; c < cols; ++c) {
       const long g = c / np, u = c % np;
       if (u >= nu) continue;
       float* dst = panel + (c / NC) * K * NC + (c % NC);
-      for (long k = 0; k < K; ++k) dst[k * NC] = w[k * G4 + g * H + s.lo + u];
+      for (long k = 0; k < K; ++k) dst[k * NC] = w[k * GH + g * H + s.lo + u];
     }
   };
   pack(wx, a.w_ih, a.D);
   pack(wh, a.w_hh, H);
-  for (long g = 0; g < 4; ++g) std::memcpy(bias + g * np, a.bias + g * H + s.lo, 4 * nu);
+  for (long g = 0; g < G; ++g) std::memcpy(bias + g * np, a.bias + g * H + s.lo, 4 * nu);
+  const float* b_hn = a.b_hn ? a.b_hn + s.lo : nullptr;
   auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * B * H : hbuf + (t & 1) * B * H; };
   // The state entering step t for this thread's units (a reset replaces it).
   auto enter = [&](long t) {
@@ -339,7 +402,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
         const long i = b * H + u;
         if (r) {
           h_state[i] = a.hr[i];
-          c_state[i] = a.cr[i];
+          if constexpr (Cell::kCell) c_state[i] = a.cr[i];
         }
         hin[i] = h_state[i];
       }
@@ -349,46 +412,35 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
     for (long b = 0; b < B; ++b)
       for (long u = s.lo; u < s.hi; ++u) {
         h_state[b * H + u] = a.h0[b * H + u];
-        c_state[b * H + u] = a.c0[b * H + u];
+        if constexpr (Cell::kCell) c_state[b * H + u] = a.c0[b * H + u];
       }
     if (T > 0) enter(0);
   }
   barrier.wait();
   for (long t = 0; t < T; ++t) {
     if (nu > 0) {
-      for (long b = 0; b < B; ++b) std::memcpy(z + b * cols, bias, 4 * cols);
-      gemm(a.xs + a.io.row(t, 0) * a.D, a.io.batch_stride() * a.D, 1, B, wx, a.D, cols, z, cols, true);
-      gemm(h_in_at(t), H, 1, B, wh, H, cols, z, cols, true);
+      for (long b = 0; b < B; ++b) std::memcpy(zx + b * cols, bias, 4 * cols);
+      gemm(a.xs + a.io.row(t, 0) * a.D, a.io.batch_stride() * a.D, 1, B, wx, a.D, cols, zx, cols, true);
+      gemm(h_in_at(t), H, 1, B, wh, H, cols, zh, cols, !Cell::kSplit);
       for (long b = 0; b < B; ++b) {
         const bool valid = a.valid[t * B + b] != 0;
-        const float* zb = z + b * cols;
         float* y = a.ys + a.io.row(t, b) * H + s.lo;
         float* hs = h_state + b * H + s.lo;
-        float* cst = c_state + b * H + s.lo;
-        float* act = a.acts ? a.acts + (t * B + b) * G4 + s.lo : nullptr;
+        float* cst = Cell::kCell ? c_state + b * H + s.lo : nullptr;
+        float* act = a.acts ? a.acts + (t * B + b) * S * H + s.lo : nullptr;
         for (long u = 0; u < nu; u += VW) {
           const int m = static_cast<int>(std::min<long>(VW, nu - u));
           if (!valid) {
             store_n(y + u, vf{}, m);
             if (act)
-              for (int g = 0; g < 4; ++g) store_n(act + g * H + u, vf{}, m);
+              for (int k = 0; k < S; ++k) store_n(act + k * H + u, vf{}, m);
             continue;
           }
-          const vf i = sigmoid(load(zb + u)), f = sigmoid(load(zb + np + u));
-          const vf gg = vtanh(load(zb + 2 * np + u)), o = sigmoid(load(zb + 3 * np + u));
-          const vf c = f * load_n(cst + u, m) + i * gg;
-          const vf h = o * vtanh(c);
-          store_n(cst + u, c, m);
+          const vf h = cell_step<Cell>(zx + b * cols, zh + b * cols, np, u, m, b_hn, hs, cst, act, H);
           store_n(hs + u, h, m);
           store_n(y + u, h, m);
-          if (act) {
-            store_n(act + u, i, m);
-            store_n(act + H + u, f, m);
-            store_n(act + 2 * H + u, gg, m);
-            store_n(act + 3 * H + u, o, m);
-          }
         }
-        if (a.cs) std::memcpy(a.cs + (t * B + b) * H + s.lo, cst, 4 * nu);
+        if (Cell::kCell && a.cs) std::memcpy(a.cs + (t * B + b) * H + s.lo, cst, 4 * nu);
       }
       if (t + 1 < T) enter(t + 1);
     }
@@ -397,7 +449,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   if (nu > 0)
     for (long b = 0; b < B; ++b) {
       std::memcpy(a.hT + b * H + s.lo, h_state + b * H + s.lo, 4 * nu);
-      std::memcpy(a.cT + b * H + s.lo, c_state + b * H + s.lo, 4 * nu);
+      if constexpr (Cell::kCell) std::memcpy(a.cT + b * H + s.lo, c_state + b * H + s.lo, 4 * nu);
     }
 }
 
@@ -405,37 +457,45 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
 // Backward
 
 struct BackwardArgs : Dims {
-  const float *xs, *w_ih, *w_hh, *acts, *cs, *h_in, *c0, *cr;
+  const float *xs, *w_ih, *w_hh, *acts, *cs, *h_in, *c0, *cr;  // cs, c0, cr: the LSTM's
   const uint8_t *valid, *reset;
   const float *dys, *dhT, *dcT;
-  float *dxs, *dw_ih, *dw_hh, *db, *dh0, *dc0, *dhr, *dcr;
+  float *dxs, *dw_ih, *dw_hh, *db, *db_hn, *dh0, *dc0, *dhr, *dcr;  // db_hn: the GRU's
 };
 
-// Each thread owns the units [lo, hi) (their 4 gate columns of dz and of the weight
-// gradients) and the input features [dlo, dhi) (their columns of dx). Per step: dz(t)
-// for its units into a shared ring (a barrier), then dh(t-1) for its units from all
-// of dz(t). Every TC steps (a chunk, TC·B rows), the weight gradients of its columns
-// take one GEMM over the chunk's rows, and dx of its features one GEMM from the chunk's
-// dz; the ring holds two chunks, so a chunk is read while the next is written.
+// Each thread owns the units [lo, hi) (their G gate columns of the gate cotangents
+// and of the weight gradients) and the input features [dlo, dhi) (their columns of
+// dx). Per step: the gate cotangents of its units into a shared ring (a barrier), then
+// dh(t-1) for its units from all of them. Every TC steps (a chunk, TC·B rows), the
+// weight gradients of its columns take one GEMM over the chunk's rows, and dx of its
+// features one GEMM; the ring holds two chunks, so a chunk is read while the next is
+// written. dgx is the cotangent of x·W_ih + b, dgh that of h·W_hh (the same but for
+// the GRU's n block, dgh_n = dgx_n ∗ r); with kSplit each has its ring and panels.
+template <class Cell>
 void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, float* dh, float* dc, float* ring,
-                     long TC) {
-  const long T = a.T, B = a.B, D = a.D, H = a.H, G4 = 4 * H;
+                     float* ring_x, long TC) {
+  constexpr int G = Cell::G, S = Cell::S;
+  const long T = a.T, B = a.B, D = a.D, H = a.H, GH = G * H;
   const Split s = split_units(H, p, n), sd = split_units(D, p, n);
-  const long nu = s.n(), np = s.padded(), cols = 4 * np, nd = sd.n(), ndp = sd.padded();
-  std::vector<float> st[8];
-  // W_hhᵀ's columns for this thread's units, [4H, np]; W_ihᵀ's for its features, [4H, ndp].
-  float* whT = aligned_floats(st[0], static_cast<size_t>(G4) * np);
-  float* wiT = aligned_floats(st[1], static_cast<size_t>(G4) * ndp);
+  const long nu = s.n(), np = s.padded(), cols = G * np, nd = sd.n(), ndp = sd.padded();
+  std::vector<float> st[12];
+  // W_hhᵀ's columns for this thread's units, [GH, np]; W_ihᵀ's for its features, [GH, ndp].
+  float* whT = aligned_floats(st[0], static_cast<size_t>(GH) * np);
+  float* wiT = aligned_floats(st[1], static_cast<size_t>(GH) * ndp);
   for (long u = 0; u < nu; ++u)
-    for (long k = 0; k < G4; ++k) whT[(u / NC) * G4 * NC + k * NC + u % NC] = a.w_hh[(s.lo + u) * G4 + k];
+    for (long k = 0; k < GH; ++k) whT[(u / NC) * GH * NC + k * NC + u % NC] = a.w_hh[(s.lo + u) * GH + k];
   for (long d = 0; d < nd; ++d)
-    for (long k = 0; k < G4; ++k) wiT[(d / NC) * G4 * NC + k * NC + d % NC] = a.w_ih[(sd.lo + d) * G4 + k];
-  float* rec = aligned_floats(st[2], static_cast<size_t>(B) * np);              // dh(t-1) of its units
-  float* dzp = aligned_floats(st[3], static_cast<size_t>(TC) * B * cols);       // its dz columns, as panels
-  float* gwh = aligned_floats(st[4], static_cast<size_t>(H) * cols);            // dW_hh of its columns
-  float* gwi = aligned_floats(st[5], static_cast<size_t>(D) * cols);            // dW_ih of its columns
-  float* gb = aligned_floats(st[6], cols);                                      // db of its columns
-  float* dxc = aligned_floats(st[7], static_cast<size_t>(TC) * B * ndp);        // dx of its features, a chunk
+    for (long k = 0; k < GH; ++k) wiT[(d / NC) * GH * NC + k * NC + d % NC] = a.w_ih[(sd.lo + d) * GH + k];
+  const size_t chunk_cols = static_cast<size_t>(TC) * B * cols;
+  float* rec = aligned_floats(st[2], static_cast<size_t>(B) * np);  // dh(t-1) of its units through W_hh
+  float* direct = aligned_floats(st[3], Cell::kSplit ? static_cast<size_t>(B) * np : 0);  // the GRU's dh ∗ z
+  float* ph = aligned_floats(st[4], chunk_cols);                                       // its dgh columns, as panels
+  float* px = Cell::kSplit ? aligned_floats(st[5], chunk_cols) : ph;                  // its dgx columns
+  float* gwh = aligned_floats(st[6], static_cast<size_t>(H) * cols);                  // dW_hh of its columns
+  float* gwi = aligned_floats(st[7], static_cast<size_t>(D) * cols);                  // dW_ih of its columns
+  float* gb = aligned_floats(st[8], cols);                                            // db of its columns
+  float* gbh = aligned_floats(st[9], cols);                                           // Σ dgh (the GRU's db_hn)
+  float* dxc = aligned_floats(st[10], static_cast<size_t>(TC) * B * ndp);              // dx of its features, a chunk
   std::vector<float> hT_store, xT_store;
   float* hT = aligned_floats(hT_store, static_cast<size_t>(TC) * B * H);  // a chunk of h_in, transposed
   float* xT = aligned_floats(xT_store, static_cast<size_t>(TC) * B * D);  // and of x
@@ -443,102 +503,130 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
     for (long u = s.lo; u < s.hi; ++u) {
       const long i = b * H + u;
       dh[i] = a.dhT[i];
-      dc[i] = a.dcT[i];
       a.dhr[i] = 0.0f;
-      a.dcr[i] = 0.0f;
+      if constexpr (Cell::kCell) {
+        dc[i] = a.dcT[i];
+        a.dcr[i] = 0.0f;
+      }
     }
   // The chunk of t: steps [t0, t0 + TC); its rows k = (t - t0) * B + b.
   for (long t = T - 1; t >= 0; --t) {
     const long t0 = t / TC * TC, rows = std::min(TC, T - t0) * B;
-    float* dz_chunk = ring + ((t / TC) & 1) * TC * B * G4;
-    float* dzt = dz_chunk + (t - t0) * B * G4;
+    const long chunk = ((t / TC) & 1) * TC * B * GH;
+    float* dgh_t = ring + chunk + (t - t0) * B * GH;
+    float* dgx_t = ring_x + chunk + (t - t0) * B * GH;
     for (long b = 0; b < B && nu > 0; ++b) {
       const long row = t * B + b, k = (t - t0) * B + b;
-      float* dzb = dzt + b * G4 + s.lo;
-      float* dzk = dzp + k * NC;  // row k of the panels
-      auto put = [&](long g, long u, vf v, int m) {  // dz of gate g, units u...u+m
-        store_n(dzb + g * H + u, v, m);
+      // The cotangents of gate g, units u...u+m: vx of x·W_ih + b, vh of h·W_hh.
+      auto put = [&](long g, long u, vf vx, vf vh, int m) {
         const long c = g * np + u;  // VW divides NC: a vector never straddles two panels
-        store_n(dzk + (c / NC) * TC * B * NC + c % NC, v, m);
-        store_n(gb + c, load_n(gb + c, m) + v, m);
+        const long at = k * NC + (c / NC) * TC * B * NC + c % NC;
+        store_n(dgh_t + b * GH + g * H + s.lo + u, vh, m);
+        store_n(ph + at, vh, m);
+        store_n(gb + c, load_n(gb + c, m) + vx, m);
+        if constexpr (Cell::kSplit) {
+          store_n(dgx_t + b * GH + g * H + s.lo + u, vx, m);
+          store_n(px + at, vx, m);
+          store_n(gbh + c, load_n(gbh + c, m) + vh, m);
+        }
       };
       if (!a.valid[row]) {
-        for (long g = 0; g < 4; ++g)
-          for (long u = 0; u < nu; u += VW) put(g, u, vf{}, static_cast<int>(std::min<long>(VW, nu - u)));
+        for (long g = 0; g < G; ++g)
+          for (long u = 0; u < nu; u += VW) put(g, u, vf{}, vf{}, static_cast<int>(std::min<long>(VW, nu - u)));
         continue;
       }
-      const bool reset = a.reset[row] != 0;
-      const float* act = a.acts + row * G4 + s.lo;
-      const float* c = a.cs + row * H + s.lo;
-      const float* c_in = reset ? a.cr + b * H + s.lo : (t > 0 ? a.cs + (row - B) * H : a.c0 + b * H) + s.lo;
+      const float* act = a.acts + row * S * H + s.lo;
       const float* dy = a.dys + a.io.row(t, b) * H + s.lo;
       float* dhb = dh + b * H + s.lo;
-      float* dcb = dc + b * H + s.lo;
       for (long u = 0; u < nu; u += VW) {
         const int m = static_cast<int>(std::min<long>(VW, nu - u));
-        const vf i = load_n(act + u, m), f = load_n(act + H + u, m);
-        const vf g = load_n(act + 2 * H + u, m), o = load_n(act + 3 * H + u, m);
         const vf dh_tot = load_n(dy + u, m) + load_n(dhb + u, m);
-        const vf tc = vtanh(load_n(c + u, m));
-        const vf dc_tot = load_n(dcb + u, m) + dh_tot * o * (1.0f - tc * tc);
-        put(0, u, dc_tot * g * i * (1.0f - i), m);
-        put(1, u, dc_tot * load_n(c_in + u, m) * f * (1.0f - f), m);
-        put(2, u, dc_tot * i * (1.0f - g * g), m);
-        put(3, u, dh_tot * tc * o * (1.0f - o), m);
-        store_n(dcb + u, dc_tot * f, m);  // routed below, with dh
+        auto saved = [&](int k) { return load_n(act + k * H + u, m); };
+        if constexpr (same<Cell, Lstm>) {
+          const bool reset = a.reset[row] != 0;
+          const float* c = a.cs + row * H + s.lo;
+          const float* c_in = reset ? a.cr + b * H + s.lo : (t > 0 ? a.cs + (row - B) * H : a.c0 + b * H) + s.lo;
+          float* dcb = dc + b * H + s.lo;
+          const vf i = saved(0), f = saved(1), g = saved(2), o = saved(3);
+          const vf tc = vtanh(load_n(c + u, m));
+          const vf dc_tot = load_n(dcb + u, m) + dh_tot * o * (1.0f - tc * tc);
+          const vf di = dc_tot * g * i * (1.0f - i), df = dc_tot * load_n(c_in + u, m) * f * (1.0f - f);
+          const vf dg = dc_tot * i * (1.0f - g * g), dout = dh_tot * tc * o * (1.0f - o);
+          put(0, u, di, di, m);
+          put(1, u, df, df, m);
+          put(2, u, dg, dg, m);
+          put(3, u, dout, dout, m);
+          store_n(dcb + u, dc_tot * f, m);  // routed below, with dh
+        } else if constexpr (same<Cell, Gru>) {
+          const vf r = saved(0), z = saved(1), nn = saved(2), hn = saved(3);
+          const vf h_prev = load_n(a.h_in + row * H + s.lo + u, m);
+          const vf dn = dh_tot * (1.0f - z) * (1.0f - nn * nn);
+          const vf dr = dn * hn * r * (1.0f - r), dz = dh_tot * (h_prev - nn) * z * (1.0f - z);
+          put(0, u, dr, dr, m);
+          put(1, u, dz, dz, m);
+          put(2, u, dn, dn * r, m);
+          store_n(direct + b * np + u, dh_tot * z, m);
+        } else {
+          const vf hn = saved(0), dpre = dh_tot * (1.0f - hn * hn);
+          put(0, u, dpre, dpre, m);
+        }
       }
     }
-    barrier.wait();  // all of dz(t) is written
+    barrier.wait();  // all of the step's gate cotangents are written
     if (nu > 0) {
-      gemm(dzt, G4, 1, B, whT, G4, np, rec, np, false);
+      gemm(dgh_t, GH, 1, B, whT, GH, np, rec, np, false);
       for (long b = 0; b < B; ++b) {
         const long row = t * B + b;
         if (!a.valid[row]) continue;  // the state's cotangent passes through
         float* dhb = dh + b * H + s.lo;
-        float* dcb = dc + b * H + s.lo;
+        float* recb = rec + b * np;
+        if constexpr (Cell::kSplit)
+          for (long u = 0; u < nu; ++u) recb[u] += direct[b * np + u];
         if (a.reset[row]) {  // the step started from the reset state
           for (long u = 0; u < nu; ++u) {
-            a.dhr[b * H + s.lo + u] += rec[b * np + u];
-            a.dcr[b * H + s.lo + u] += dcb[u];
+            a.dhr[b * H + s.lo + u] += recb[u];
             dhb[u] = 0.0f;
-            dcb[u] = 0.0f;
+            if constexpr (Cell::kCell) {
+              a.dcr[b * H + s.lo + u] += dc[b * H + s.lo + u];
+              dc[b * H + s.lo + u] = 0.0f;
+            }
           }
         } else {
-          std::memcpy(dhb, rec + b * np, 4 * nu);
+          std::memcpy(dhb, recb, 4 * nu);
         }
       }
     }
     if (t != t0) continue;
     // The chunk is complete (it ran from its last step down to t0).
     if (nu > 0) {
-      // dW_hh += h_inᵀ · dz and dW_ih += xᵀ · dz over the chunk's rows. A = h_inᵀ, xᵀ,
+      // dW_hh += h_inᵀ · dgh and dW_ih += xᵀ · dgx over the chunk's rows. A = h_inᵀ, xᵀ,
       // transposed into row-major copies first: read in place, each step of the GEMM's
       // k loop would jump a row of h_in (a page at H=1024).
       transpose([&](long k) { return a.h_in + (t0 * B + k) * H; }, rows, H, hT);
       transpose([&](long k) { return a.xs + a.io.row(t0 + k / B, k % B) * D; }, rows, D, xT);
       for (long j = 0; j < cols / NC; ++j) {
-        const float* P = dzp + j * TC * B * NC;  // panel j (TC * B rows of stride, rows used)
-        gemm(hT, rows, 1, H, P, rows, NC, gwh + j * NC, cols, true);
-        gemm(xT, rows, 1, D, P, rows, NC, gwi + j * NC, cols, true);
+        gemm(hT, rows, 1, H, ph + j * TC * B * NC, rows, NC, gwh + j * NC, cols, true);
+        gemm(xT, rows, 1, D, px + j * TC * B * NC, rows, NC, gwi + j * NC, cols, true);
       }
     }
     if (nd > 0) {
-      gemm(dz_chunk, G4, 1, rows, wiT, G4, ndp, dxc, ndp, false);
+      gemm(ring_x + chunk, GH, 1, rows, wiT, GH, ndp, dxc, ndp, false);
       for (long k = 0; k < rows; ++k)
         std::memcpy(a.dxs + a.io.row(t0 + k / B, k % B) * D + sd.lo, dxc + k * ndp, 4 * nd);
     }
   }
   for (long b = 0; b < B; ++b) {
     std::memcpy(a.dh0 + b * H + s.lo, dh + b * H + s.lo, 4 * nu);
-    std::memcpy(a.dc0 + b * H + s.lo, dc + b * H + s.lo, 4 * nu);
+    if constexpr (Cell::kCell) std::memcpy(a.dc0 + b * H + s.lo, dc + b * H + s.lo, 4 * nu);
   }
   for (long c = 0; c < cols; ++c) {
     const long g = c / np, u = c % np;
     if (u >= nu) continue;
     const long col = g * H + s.lo + u;
-    for (long k = 0; k < H; ++k) a.dw_hh[k * G4 + col] = gwh[k * cols + c];
-    for (long k = 0; k < D; ++k) a.dw_ih[k * G4 + col] = gwi[k * cols + c];
+    for (long k = 0; k < H; ++k) a.dw_hh[k * GH + col] = gwh[k * cols + c];
+    for (long k = 0; k < D; ++k) a.dw_ih[k * GH + col] = gwi[k * cols + c];
     a.db[col] = gb[c];
+    if (Cell::kSplit && g == G - 1) a.db_hn[s.lo + u] = gbh[c];
   }
 }
 
@@ -744,37 +832,83 @@ ffi::Error check(bool ok, const char* what) {
   return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(std::string("jaxlstm kernel: ") + what);
 }
 
-// Sizes from xs ([T, B, D], or [B, T, D] when batch-major) and w_hh [H, 4H].
-ffi::Error decode(const ffi::Buffer<ffi::F32>& xs, const ffi::Buffer<ffi::F32>& w_hh, int32_t batch_major, Dims& a) {
+// Sizes from xs ([T, B, D], or [B, T, D] when batch-major) and w_hh [H, G*H].
+template <class Cell>
+ffi::Error decode(const ffi::Buffer<ffi::F32>& xs, const ffi::Buffer<ffi::F32>& w_ih,
+                  const ffi::Buffer<ffi::F32>& w_hh, int32_t batch_major, Dims& a) {
   auto d = xs.dimensions();
   auto dw = w_hh.dimensions();
-  if (d.size() != 3 || dw.size() != 2 || dw[1] != 4 * dw[0]) return check(false, "xs must be 3-D, w_hh [H, 4H]");
+  if (d.size() != 3 || dw.size() != 2 || dw[1] != Cell::G * dw[0])
+    return check(false, "xs must be 3-D, w_hh [H, G*H] (G gates per unit)");
   a.T = d[batch_major ? 1 : 0];
   a.B = d[batch_major ? 0 : 1];
   a.D = d[2];
   a.H = dw[0];
   a.io = {a.T, a.B, batch_major != 0};
+  if (w_ih.element_count() != static_cast<size_t>(a.D * Cell::G * a.H)) return check(false, "w_ih must be [D, G*H]");
   return ffi::Error::Success();
+}
+
+// The flags [T, B] and the states [B, H] a call reads.
+ffi::Error check_flags(const Dims& a, const ffi::Buffer<ffi::U8>& valid, const ffi::Buffer<ffi::U8>& reset) {
+  return check(valid.element_count() == static_cast<size_t>(a.T * a.B) && reset.element_count() == valid.element_count(),
+               "flags must be [T, B]");
+}
+
+ffi::Error check_states(const Dims& a, std::initializer_list<const ffi::Buffer<ffi::F32>*> states) {
+  for (auto* st : states)
+    if (st->element_count() != static_cast<size_t>(a.B * a.H)) return check(false, "states must be [B, H]");
+  return ffi::Error::Success();
+}
+
+// Runs the forward loop of a decoded call: saves for the backward pass where a.acts is set.
+template <class Cell>
+void forward(ffi::ThreadPool& pool, ForwardArgs& a) {
+  const bool save = a.acts != nullptr;
+  const size_t bh = static_cast<size_t>(a.B * a.H), tbh = static_cast<size_t>(a.T) * bh;
+  prefer_huge_pages(a.ys, 4 * tbh);
+  if (save) {
+    prefer_huge_pages(a.acts, 4 * Cell::S * tbh);
+    prefer_huge_pages(a.hin, 4 * tbh);
+    if (Cell::kCell) prefer_huge_pages(a.cs, 4 * tbh);
+  }
+  std::vector<float> h_state(bh), c_state(Cell::kCell ? bh : 0), hbuf(save ? 0 : 2 * bh);
+  const long step_work = a.B * Cell::G * a.H * (a.D + a.H);
+  run_team(pool, thread_count(a.H, step_work), static_cast<double>(a.T) * step_work,
+           [&](int p, int n, SpinBarrier& barrier) {
+             forward_thread<Cell>(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data());
+           });
+}
+
+// Runs the backward loop of a decoded call.
+template <class Cell>
+void backward(ffi::ThreadPool& pool, BackwardArgs& a) {
+  prefer_huge_pages(a.dxs, 4 * static_cast<size_t>(a.T * a.B * a.D));
+  // About 256 rows per chunk: the weight-gradient GEMMs run with K = 256.
+  const long TC = std::max<long>(1, std::min<long>(a.T, 256 / std::max<long>(1, a.B)));
+  const size_t bh = static_cast<size_t>(a.B * a.H), ring_size = static_cast<size_t>(2 * TC) * a.B * Cell::G * a.H;
+  std::vector<float> dh(bh), dc(Cell::kCell ? bh : 0), ring_store, ring_x_store;
+  float* ring = aligned_floats(ring_store, ring_size);
+  float* ring_x = Cell::kSplit ? aligned_floats(ring_x_store, ring_size) : ring;
+  const long step_work = a.B * 2 * Cell::G * a.H * (a.D + a.H);
+  run_team(pool, thread_count(std::max(a.H, a.D), step_work), static_cast<double>(a.T) * step_work,
+           [&](int p, int n, SpinBarrier& barrier) {
+             backward_thread<Cell>(a, p, n, barrier, dh.data(), dc.data(), ring, ring_x, TC);
+           });
 }
 
 ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih,
                            ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> h0,
-                           ffi::Buffer<ffi::F32> c0,
-                           ffi::Buffer<ffi::F32> hr, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
-                           ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
-                           ffi::ResultBuffer<ffi::F32> cT, ffi::ResultBuffer<ffi::F32> acts,
-                           ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hin,
-                           int32_t batch_major) {
+                           ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> hr, ffi::Buffer<ffi::F32> cr,
+                           ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys,
+                           ffi::ResultBuffer<ffi::F32> hT, ffi::ResultBuffer<ffi::F32> cT,
+                           ffi::ResultBuffer<ffi::F32> acts, ffi::ResultBuffer<ffi::F32> cs,
+                           ffi::ResultBuffer<ffi::F32> hin, int32_t batch_major) {
   ForwardArgs a{};
-  if (auto e = decode(xs, w_hh, batch_major, a); e.failure()) return e;
-  const size_t g4 = static_cast<size_t>(4 * a.H);
-  if (w_ih.element_count() != static_cast<size_t>(a.D) * g4 || bias.element_count() != g4)
-    return check(false, "w_ih must be [D, 4H], b [4H]");
-  const size_t bh = static_cast<size_t>(a.B * a.H);
-  if (h0.element_count() != bh || c0.element_count() != bh || hr.element_count() != bh || cr.element_count() != bh)
-    return check(false, "states must be [B, H]");
-  if (valid.element_count() != static_cast<size_t>(a.T * a.B) || reset.element_count() != valid.element_count())
-    return check(false, "flags must be [T, B]");
+  if (auto e = decode<Lstm>(xs, w_ih, w_hh, batch_major, a); e.failure()) return e;
+  if (bias.element_count() != static_cast<size_t>(4 * a.H)) return check(false, "b must be [4H]");
+  if (auto e = check_states(a, {&h0, &c0, &hr, &cr}); e.failure()) return e;
+  if (auto e = check_flags(a, valid, reset); e.failure()) return e;
   const bool save = acts->element_count() != 0;
   a.xs = xs.typed_data();
   a.w_ih = w_ih.typed_data();
@@ -792,42 +926,27 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::
   a.acts = save ? acts->typed_data() : nullptr;
   a.cs = save ? cs->typed_data() : nullptr;
   a.hin = save ? hin->typed_data() : nullptr;
-  prefer_huge_pages(a.ys, ys->size_bytes());
-  if (save) {
-    prefer_huge_pages(a.acts, acts->size_bytes());
-    prefer_huge_pages(a.cs, cs->size_bytes());
-    prefer_huge_pages(a.hin, hin->size_bytes());
-  }
-  std::vector<float> h_state(bh), c_state(bh), hbuf(save ? 0 : 2 * bh);
-  const double work = static_cast<double>(a.T) * a.B * 4 * a.H * (a.D + a.H);
-  run_team(pool, thread_count(a.H, a.B * 4 * a.H * (a.D + a.H)), work, [&](int p, int n, SpinBarrier& barrier) {
-    forward_thread(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data());
-  });
+  forward<Lstm>(pool, a);
   return ffi::Error::Success();
 }
 
 ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih,
-                            ffi::Buffer<ffi::F32> w_hh,
-                            ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> h_in,
-                            ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cr, ffi::Buffer<ffi::U8> valid,
-                            ffi::Buffer<ffi::U8> reset, ffi::Buffer<ffi::F32> dys, ffi::Buffer<ffi::F32> dhT,
-                            ffi::Buffer<ffi::F32> dcT, ffi::ResultBuffer<ffi::F32> dxs,
+                            ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> cs,
+                            ffi::Buffer<ffi::F32> h_in, ffi::Buffer<ffi::F32> c0, ffi::Buffer<ffi::F32> cr,
+                            ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> reset, ffi::Buffer<ffi::F32> dys,
+                            ffi::Buffer<ffi::F32> dhT, ffi::Buffer<ffi::F32> dcT, ffi::ResultBuffer<ffi::F32> dxs,
                             ffi::ResultBuffer<ffi::F32> dw_ih, ffi::ResultBuffer<ffi::F32> dw_hh,
                             ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> dh0,
                             ffi::ResultBuffer<ffi::F32> dc0, ffi::ResultBuffer<ffi::F32> dhr,
                             ffi::ResultBuffer<ffi::F32> dcr, int32_t batch_major) {
   BackwardArgs a{};
-  if (auto e = decode(xs, w_hh, batch_major, a); e.failure()) return e;
-  const size_t bh = static_cast<size_t>(a.B * a.H), tbh = static_cast<size_t>(a.T) * bh;
-  if (w_ih.element_count() != static_cast<size_t>(a.D * 4 * a.H)) return check(false, "w_ih must be [D, 4H]");
+  if (auto e = decode<Lstm>(xs, w_ih, w_hh, batch_major, a); e.failure()) return e;
+  const size_t tbh = static_cast<size_t>(a.T * a.B * a.H);
   if (acts.element_count() != 4 * tbh || cs.element_count() != tbh || h_in.element_count() != tbh ||
       dys.element_count() != tbh)
     return check(false, "acts must be [T, B, 4H], cs, h_in [T, B, H], dys like the outputs");
-  if (c0.element_count() != bh || cr.element_count() != bh || dhT.element_count() != bh ||
-      dcT.element_count() != bh)
-    return check(false, "states must be [B, H]");
-  if (valid.element_count() != static_cast<size_t>(a.T * a.B) || reset.element_count() != valid.element_count())
-    return check(false, "flags must be [T, B]");
+  if (auto e = check_states(a, {&c0, &cr, &dhT, &dcT}); e.failure()) return e;
+  if (auto e = check_flags(a, valid, reset); e.failure()) return e;
   a.xs = xs.typed_data();
   a.w_ih = w_ih.typed_data();
   a.w_hh = w_hh.typed_data();
@@ -849,22 +968,113 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi:
   a.dc0 = dc0->typed_data();
   a.dhr = dhr->typed_data();
   a.dcr = dcr->typed_data();
-  prefer_huge_pages(a.dxs, dxs->size_bytes());
-  // About 256 rows per chunk: the weight-gradient GEMMs run with K = 256.
-  const long TC = std::max<long>(1, std::min<long>(a.T, 256 / std::max<long>(1, a.B)));
-  std::vector<float> dh(bh), dc(bh), ring_store;
-  float* ring = aligned_floats(ring_store, static_cast<size_t>(2 * TC) * a.B * 4 * a.H);
-  const double work = static_cast<double>(a.T) * a.B * 8 * a.H * (a.D + a.H);
-  run_team(pool, thread_count(std::max(a.H, a.D), a.B * 8 * a.H * (a.D + a.H)), work,
-           [&](int p, int n, SpinBarrier& barrier) {
-    backward_thread(a, p, n, barrier, dh.data(), dc.data(), ring, TC);
-  });
+  backward<Lstm>(pool, a);
   return ffi::Error::Success();
+}
+
+// The GRU (cell = 1) and the Elman RNN (cell = 2): one state h, no c.
+constexpr int32_t kGru = 1, kElman = 2;
+
+template <class Cell>
+ffi::Error CellForward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_ih,
+                       ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::F32>& b_hn, ffi::Buffer<ffi::F32>& w_hh,
+                       ffi::Buffer<ffi::F32>& h0, ffi::Buffer<ffi::F32>& hr, ffi::Buffer<ffi::U8>& valid,
+                       ffi::Buffer<ffi::U8>& reset, ffi::ResultBuffer<ffi::F32>& ys, ffi::ResultBuffer<ffi::F32>& hT,
+                       ffi::ResultBuffer<ffi::F32>& acts, ffi::ResultBuffer<ffi::F32>& hin, int32_t batch_major) {
+  ForwardArgs a{};
+  if (auto e = decode<Cell>(xs, w_ih, w_hh, batch_major, a); e.failure()) return e;
+  if (bias.element_count() != static_cast<size_t>(Cell::G * a.H)) return check(false, "b must be [G*H]");
+  if (b_hn.element_count() != (Cell::kSplit ? static_cast<size_t>(a.H) : 0)) return check(false, "b_hn must be [H]");
+  if (auto e = check_states(a, {&h0, &hr}); e.failure()) return e;
+  if (auto e = check_flags(a, valid, reset); e.failure()) return e;
+  const bool save = acts->element_count() != 0;
+  a.xs = xs.typed_data();
+  a.w_ih = w_ih.typed_data();
+  a.bias = bias.typed_data();
+  a.b_hn = Cell::kSplit ? b_hn.typed_data() : nullptr;
+  a.w_hh = w_hh.typed_data();
+  a.h0 = h0.typed_data();
+  a.hr = hr.typed_data();
+  a.valid = valid.typed_data();
+  a.reset = reset.typed_data();
+  a.ys = ys->typed_data();
+  a.hT = hT->typed_data();
+  a.acts = save ? acts->typed_data() : nullptr;
+  a.hin = save ? hin->typed_data() : nullptr;
+  forward<Cell>(pool, a);
+  return ffi::Error::Success();
+}
+
+ffi::Error CellForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih,
+                           ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> b_hn, ffi::Buffer<ffi::F32> w_hh,
+                           ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> hr, ffi::Buffer<ffi::U8> valid,
+                           ffi::Buffer<ffi::U8> reset, ffi::ResultBuffer<ffi::F32> ys, ffi::ResultBuffer<ffi::F32> hT,
+                           ffi::ResultBuffer<ffi::F32> acts, ffi::ResultBuffer<ffi::F32> hin, int32_t batch_major,
+                           int32_t cell) {
+  if (cell == kGru)
+    return CellForward<Gru>(pool, xs, w_ih, bias, b_hn, w_hh, h0, hr, valid, reset, ys, hT, acts, hin, batch_major);
+  if (cell == kElman)
+    return CellForward<Elman>(pool, xs, w_ih, bias, b_hn, w_hh, h0, hr, valid, reset, ys, hT, acts, hin, batch_major);
+  return check(false, "cell must be 1 (GRU) or 2 (Elman)");
+}
+
+template <class Cell>
+ffi::Error CellBackward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& xs, ffi::Buffer<ffi::F32>& w_ih,
+                        ffi::Buffer<ffi::F32>& w_hh, ffi::Buffer<ffi::F32>& acts, ffi::Buffer<ffi::F32>& h_in,
+                        ffi::Buffer<ffi::U8>& valid, ffi::Buffer<ffi::U8>& reset, ffi::Buffer<ffi::F32>& dys,
+                        ffi::Buffer<ffi::F32>& dhT, ffi::ResultBuffer<ffi::F32>& dxs,
+                        ffi::ResultBuffer<ffi::F32>& dw_ih, ffi::ResultBuffer<ffi::F32>& dw_hh,
+                        ffi::ResultBuffer<ffi::F32>& db, ffi::ResultBuffer<ffi::F32>& db_hn,
+                        ffi::ResultBuffer<ffi::F32>& dh0, ffi::ResultBuffer<ffi::F32>& dhr, int32_t batch_major) {
+  BackwardArgs a{};
+  if (auto e = decode<Cell>(xs, w_ih, w_hh, batch_major, a); e.failure()) return e;
+  const size_t tbh = static_cast<size_t>(a.T * a.B * a.H);
+  if (acts.element_count() != Cell::S * tbh || h_in.element_count() != tbh || dys.element_count() != tbh)
+    return check(false, "acts must be [T, B, S*H], h_in [T, B, H], dys like the outputs");
+  if (db_hn->element_count() != (Cell::kSplit ? static_cast<size_t>(a.H) : 0))
+    return check(false, "d b_hn must be [H]");
+  if (auto e = check_states(a, {&dhT}); e.failure()) return e;
+  if (auto e = check_flags(a, valid, reset); e.failure()) return e;
+  a.xs = xs.typed_data();
+  a.w_ih = w_ih.typed_data();
+  a.w_hh = w_hh.typed_data();
+  a.acts = acts.typed_data();
+  a.h_in = h_in.typed_data();
+  a.valid = valid.typed_data();
+  a.reset = reset.typed_data();
+  a.dys = dys.typed_data();
+  a.dhT = dhT.typed_data();
+  a.dxs = dxs->typed_data();
+  a.dw_ih = dw_ih->typed_data();
+  a.dw_hh = dw_hh->typed_data();
+  a.db = db->typed_data();
+  a.db_hn = Cell::kSplit ? db_hn->typed_data() : nullptr;
+  a.dh0 = dh0->typed_data();
+  a.dhr = dhr->typed_data();
+  backward<Cell>(pool, a);
+  return ffi::Error::Success();
+}
+
+ffi::Error CellBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> w_ih,
+                            ffi::Buffer<ffi::F32> w_hh, ffi::Buffer<ffi::F32> acts, ffi::Buffer<ffi::F32> h_in,
+                            ffi::Buffer<ffi::U8> valid, ffi::Buffer<ffi::U8> reset, ffi::Buffer<ffi::F32> dys,
+                            ffi::Buffer<ffi::F32> dhT, ffi::ResultBuffer<ffi::F32> dxs,
+                            ffi::ResultBuffer<ffi::F32> dw_ih, ffi::ResultBuffer<ffi::F32> dw_hh,
+                            ffi::ResultBuffer<ffi::F32> db, ffi::ResultBuffer<ffi::F32> db_hn,
+                            ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dhr, int32_t batch_major,
+                            int32_t cell) {
+  if (cell == kGru)
+    return CellBackward<Gru>(pool, xs, w_ih, w_hh, acts, h_in, valid, reset, dys, dhT, dxs, dw_ih, dw_hh, db, db_hn,
+                             dh0, dhr, batch_major);
+  if (cell == kElman)
+    return CellBackward<Elman>(pool, xs, w_ih, w_hh, acts, h_in, valid, reset, dys, dhT, dxs, dw_ih, dw_hh, db,
+                               db_hn, dh0, dhr, batch_major);
+  return check(false, "cell must be 1 (GRU) or 2 (Elman)");
 }
 
 }  // namespace
 
-// The two handlers are the library's only exported symbols.
+// The handlers are the library's only exported symbols.
 #pragma GCC visibility push(default)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmForward, LstmForwardImpl,
@@ -914,6 +1124,49 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d reset h
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d reset c
                                   .Attr<int32_t>("batch_major")  // xs, dys, dxs [B, T, .]
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmCellForward, CellForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()        // XLA's intra-op threads
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D] or [B, T, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih [D, G*H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b [G*H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b_hn [H] (GRU) or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh [H, G*H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0 [B, H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // reset h
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid [T, B]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // reset [T, B]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // ys, in the layout of xs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h(T)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // acts [T, B, S*H] or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h_in [T, B, H] or [0]
+                                  .Attr<int32_t>("batch_major")  // xs, ys [B, T, .] rather than [T, B, .]
+                                  .Attr<int32_t>("cell")         // 1: GRU (G = 3, S = 4), 2: Elman (G = S = 1)
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmCellBackward, CellBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()        // XLA's intra-op threads
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs [T, B, D] or [B, T, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_ih [D, G*H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_hh [H, G*H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // acts [T, B, S*H]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h_in [T, B, H]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // valid [T, B]
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // reset [T, B]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dys, in the layout of xs
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dh(T)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dxs, in the layout of xs
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_ih [D, G*H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW_hh [H, G*H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db [G*H]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d b_hn [H] (GRU) or [0]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dh0
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d reset h
+                                  .Attr<int32_t>("batch_major")  // xs, dys, dxs [B, T, .]
+                                  .Attr<int32_t>("cell")         // as the forward's
 );
 
 #pragma GCC visibility pop
