@@ -76,28 +76,34 @@ def test_autotuner_measures_once_then_reads_its_cache(autotune, monkeypatch):
         np.testing.assert_allclose(ys, jaxlstm.lstm(params, xs)[0], atol=1e-6)
 
 
-def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch, cell):
     from jaxlstm import _kernel
 
     if not _kernel.available():
         pytest.skip(str(_kernel.load_error()))
-    params = jaxlstm.init_lstm(jax.random.key(0), 3, 4)
+    init, run = {
+        "lstm": (jaxlstm.init_lstm, jaxlstm.lstm),
+        "gru": (jaxlstm.init_gru, jaxlstm.gru),
+        "rnn": (jaxlstm.init_rnn, jaxlstm.rnn),
+    }[cell]
+    params = init(jax.random.key(0), 3, 4)
     xs = jnp.ones((2, 9, 3))
     calls = []
     probe = tuning._train_probe
     monkeypatch.setattr(tuning, "_train_probe", lambda *a: calls.append(a[0]) or probe(*a))
-    ys = jax.jit(lambda p, x: jaxlstm.lstm(p, x)[0])(params, xs)
+    ys = jax.jit(lambda p, x: run(p, x)[0])(params, xs)
     assert sorted(calls) == ["kernel", "xla"]
     cache = json.loads((autotune / "tuning.json").read_text())
-    (key, choice), *rest = [kv for kv in cache.items() if "lstm-kernel" in kv[0]]
+    (key, choice), *rest = [kv for kv in cache.items() if f"|{cell}-kernel|" in kv[0]]
     assert not rest and choice in ("kernel", "xla") and "B=2 D=3 H=4 T<=16" in key
     monkeypatch.setattr(tuning, "_memory", {})
-    assert tuning.kernel_path(2, 3, 4, 9) == (choice == "kernel")  # from the disk cache
+    assert tuning.kernel_path(2, 3, 4, 9, cell=cell) == (choice == "kernel")  # from the disk cache
     assert len(calls) == 2
-    with tuning.forced("feature"):
-        np.testing.assert_allclose(ys, jaxlstm.lstm(params, xs)[0], atol=1e-6)
+    with tuning.forced("xla"):
+        np.testing.assert_allclose(ys, run(params, xs)[0], atol=1e-6)
     monkeypatch.setenv("JAXLSTM_AUTOTUNE", "0")
-    assert tuning.kernel_path(7, 3, 4, 9)  # off: the default, the kernel
+    assert tuning.kernel_path(7, 3, 4, 9, cell=cell)  # off: the default, the kernel
 
 
 def test_autotuner_off_or_failing_gives_the_default(autotune, monkeypatch):
