@@ -203,22 +203,29 @@ def test_kernel_core_direct_with_flags():
 
 def test_threads_split_the_units():
     """Forced to 3 threads (uneven splits of H over threads, more threads than this
-    machine's cores), in a fresh process: the one-thread numbers."""
+    machine's cores), in a fresh process: the XLA path's numbers, values and gradients,
+    for the LSTM, the GRU and the Elman RNN."""
     code = textwrap.dedent(
         """
         import jax, jax.numpy as jnp, numpy as np, jaxlstm
         from jaxlstm import tuning
-        for B, D, H, T in [(5, 3, 40, 6), (13, 4, 72, 3), (2, 3, 100, 4)]:
-            p = jaxlstm.init_lstm(jax.random.key(H), D, H)
-            xs = jax.random.normal(jax.random.key(1), (B, T, D))
-            lengths = jnp.arange(B, dtype=jnp.int32) % (T + 1)
-            f = lambda p, x: jaxlstm.lstm(p, x, seq_lengths=lengths)
-            loss = lambda p, x: (jnp.sin(f(p, x)[0])).sum() + f(p, x)[1].c.sum()
-            got, g = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
-            with tuning.forced("feature"):
-                want, g_want = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
-            for a, b in zip(jax.tree.leaves((got, g)), jax.tree.leaves((want, g_want))):
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        cells = [
+            (jaxlstm.init_lstm, jaxlstm.lstm, [(5, 3, 40, 6), (13, 4, 72, 3), (2, 3, 100, 4)]),
+            (jaxlstm.init_gru, jaxlstm.gru, [(5, 3, 40, 6), (2, 3, 100, 4)]),
+            (jaxlstm.init_rnn, jaxlstm.rnn, [(13, 4, 72, 3)]),
+        ]
+        for init, run, shapes in cells:
+            for B, D, H, T in shapes:
+                p = init(jax.random.key(H), D, H)
+                xs = jax.random.normal(jax.random.key(1), (B, T, D))
+                lengths = jnp.arange(B, dtype=jnp.int32) % (T + 1)
+                f = lambda p, x: run(p, x, seq_lengths=lengths)
+                loss = lambda p, x: sum(jnp.sin(a).sum() for a in jax.tree.leaves(f(p, x)))
+                got, g = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
+                with tuning.forced("xla"):
+                    want, g_want = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
+                for a, b in zip(jax.tree.leaves((got, g)), jax.tree.leaves((want, g_want))):
+                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         print("ok")
         """
     )
