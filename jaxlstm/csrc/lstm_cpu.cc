@@ -1,8 +1,11 @@
-// jaxlstm's CPU kernel: the LSTM recurrence as two XLA FFI custom calls.
+// jaxlstm's CPU kernel: the LSTM, GRU and Elman recurrences as XLA FFI custom calls.
 //
-// jaxlstm.lstm runs these on CPU where they apply (see jaxlstm/_kernel.py); the
-// pure-XLA path (jaxlstm/_fused.py) stays the portable path everywhere else and the
-// reference they are tested against.
+// jaxlstm.lstm, jaxlstm.gru and jaxlstm.rnn run these on CPU where they apply (see
+// jaxlstm/_kernel.py); the pure-XLA path (jaxlstm/_fused.py, jaxlstm/_fused_gru.py) stays
+// the portable path everywhere else and the reference they are tested against. The two
+// loops are written once, over a cell (Lstm, Gru, Elman below); what follows describes
+// the LSTM's (LstmForward / LstmBackward); the GRU's and the Elman RNN's (CellForward /
+// CellBackward) differ only in the gates, the saved activations and the lack of a c.
 //
 // Forward (LstmForward), float32, gate order i, f, g, o, inputs and outputs time-major
 // [T, B, .] or batch-major [B, T, .] (the saved activations are time-major):
@@ -22,7 +25,7 @@
 // count leaves the state unchanged and outputs zeros, as in jaxlstm._engine.
 //
 // Parallelism (a team of threads per call, see run_team): the hidden units are split
-// into one contiguous range per thread; each thread owns the 4 gate columns of its units
+// into one contiguous range per thread; each thread owns the G gate columns of its units
 // (packed once per call into panels that stay in its core's cache), computes their gates
 // with a register-blocked GEMM, and applies the pointwise update to its own units. One spin barrier per step publishes
 // the new h to all threads. The backward pass splits the same way: each thread forms
