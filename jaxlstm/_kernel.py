@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import importlib.util
 import os
 from functools import partial
@@ -37,7 +38,7 @@ import numpy as np
 from ._engine import Steps, counted_steps, mesh_active
 from .params import LSTMParams
 
-__all__ = ["applies", "available", "enabled", "kernel_cell", "kernel_lstm", "load_error"]
+__all__ = ["applies", "available", "build_id", "enabled", "kernel_cell", "kernel_lstm", "load_error"]
 
 _FORWARD, _BACKWARD = "jaxlstm_lstm_forward", "jaxlstm_lstm_backward"
 _CELL_FORWARD, _CELL_BACKWARD = "jaxlstm_cell_forward", "jaxlstm_cell_backward"
@@ -61,6 +62,20 @@ def _load() -> str | None:
     except (OSError, AttributeError) as e:
         return f"the compiled kernel {spec.origin} did not load: {e}"
     return None
+
+
+@functools.cache
+def build_id() -> str:
+    """A short hash of the built kernel (``""`` where it is not built): tuning's choices
+    between it and the XLA path are keyed on it, so a rebuilt kernel is measured afresh."""
+    spec = importlib.util.find_spec("jaxlstm._lstm_cpu")
+    if spec is None or spec.origin is None:
+        return ""
+    try:
+        with open(spec.origin, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()[:12]
+    except OSError:
+        return ""
 
 
 def load_error() -> str | None:

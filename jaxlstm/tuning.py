@@ -18,7 +18,8 @@ machine and shape:
 The first time a (machine, shape, dtype) is seen, the candidates are compiled on a
 probe of at most 128 steps of that shape and timed interleaved (medians of 9 rounds
 after a warm-up; the other candidate must be 5 % faster than the default to be
-chosen); the choice is cached in memory and on disk (``$JAXLSTM_CACHE_DIR/tuning.json``,
+chosen; the kernel's choices are keyed on a hash of its build, so a rebuilt kernel is timed
+afresh); the choice is cached in memory and on disk (``$JAXLSTM_CACHE_DIR/tuning.json``,
 default ``~/.cache/jaxlstm``); from then on it costs a dictionary look-up at trace time.
 
 Turn it off with ``JAXLSTM_AUTOTUNE=0`` (then the defaults are used, deterministically);
@@ -255,7 +256,9 @@ def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm") -> bool:
         return _forced[-1] == KERNEL
     if not enabled():
         return True
-    key = f"{_machine()}|{cell}-kernel|B={B} D={D} H={H} T<={_bucket(T)}|float32"
+    from ._kernel import build_id
+
+    key = f"{_machine()}|{cell}-kernel {build_id()}|B={B} D={D} H={H} T<={_bucket(T)}|float32"
 
     def measure() -> str:
         with jax.ensure_compile_time_eval():

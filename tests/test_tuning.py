@@ -95,7 +95,7 @@ def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch, c
     ys = jax.jit(lambda p, x: run(p, x)[0])(params, xs)
     assert sorted(calls) == ["kernel", "xla"]
     cache = json.loads((autotune / "tuning.json").read_text())
-    (key, choice), *rest = [kv for kv in cache.items() if f"|{cell}-kernel|" in kv[0]]
+    (key, choice), *rest = [kv for kv in cache.items() if f"|{cell}-kernel {_kernel.build_id()}|" in kv[0]]
     assert not rest and choice in ("kernel", "xla") and "B=2 D=3 H=4 T<=16" in key
     monkeypatch.setattr(tuning, "_memory", {})
     assert tuning.kernel_path(2, 3, 4, 9, cell=cell) == (choice == "kernel")  # from the disk cache
