@@ -826,7 +826,7 @@ void run_team(ffi::ThreadPool& pool, int want, double work, F&& body) {
   }
   barrier = std::make_unique<SpinBarrier>(n);
   team->size.store(n, std::memory_order_release);
-  team->job(0, n);
+  on_cpu(team->cpus.empty() ? -1 : here, [&] { team->job(0, n); });  // the caller stays on its CPU too
   spin_until([&] { return team->finished.load(std::memory_order_acquire) == admitted; });  // also those sent home
   end_call(*team);
 }
