@@ -63,7 +63,7 @@ SHAPES = [(3, 5, 7, 6), (13, 6, 33, 4), (2, 4, 40, 1)]
 
 @pytest.mark.parametrize("kind", CELLS)
 @pytest.mark.parametrize("B,D,H,T", SHAPES)
-@pytest.mark.parametrize("flags,reverse", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("flags,reverse", [(True, False), (True, True)])  # no flags: the tests below
 def test_values_match_the_numpy_loop(kind, B, D, H, T, flags, reverse):
     params, xs, h0, kw = _case(kind, B * 7 + T, B, D, H, T, flags)
     run = CELLS[kind][1]
