@@ -4,7 +4,8 @@ Both go through the engine's ``apply_sequence`` and ``scan_masked``
 (:mod:`jaxlstm._engine`), so ``seq_lengths``, ``reverse``,
 ``time_major``, leading batch dims and the argument checks behave exactly as in
 :func:`jaxlstm.lstm`. Both have a fused backward pass (:mod:`jaxlstm._fused_gru`), and
-``backward="autodiff"`` is plain JAX autodiff of the scan.
+``backward="autodiff"`` is plain JAX autodiff of the scan. In float32 on CPU the fused
+path runs on the compiled kernel (:mod:`jaxlstm._kernel`) where it applies, as the LSTM's does.
 
 Elman RNN (``RNNParams``: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``)::
 

@@ -5,9 +5,9 @@ feature-major ``[4H, B]`` steps were faster on a Zen 4 at every T, batch-major
 ``[B, 4H]`` steps faster on a Zen 5 from T=256 on). Two choices are made per
 machine and shape:
 
-* :func:`kernel_path`: whether a float32 LSTM on CPU runs on the compiled kernel
-  (:mod:`jaxlstm._kernel`) or on the pure-XLA fused path (timed on training steps);
-  the kernel is the default.
+* :func:`kernel_path`: whether a float32 LSTM, GRU or Elman RNN on CPU runs on the
+  compiled kernel (:mod:`jaxlstm._kernel`) or on the pure-XLA fused path (timed on
+  training steps, per cell); the kernel is the default.
 * :func:`forward_layout`: on the pure-XLA path, the forward scan that
   :func:`jaxlstm.lstm` runs outside training (the primal of the fused path, and the
   whole ``backward="autodiff"`` path): ``"feature"``, feature-major steps, one dot
@@ -84,7 +84,8 @@ def forced(layout: str) -> Iterator[None]:
     """Within the block, every trace of :func:`jaxlstm.lstm` uses ``layout``: ``"kernel"``
     (the compiled kernel where it applies, else the pure-XLA path with its forward
     layout tuned as usual), ``"xla"`` (the pure-XLA path, its layout tuned), or the pure-XLA path with
-    ``"feature"`` or ``"batch"`` forward steps."""
+    ``"feature"`` or ``"batch"`` forward steps. :func:`jaxlstm.gru` and :func:`jaxlstm.rnn`
+    take the kernel under ``"kernel"`` (where it applies) and the pure-XLA path under the others."""
     if layout not in FORCEABLE:
         raise ValueError(f"layout must be one of {FORCEABLE}, got {layout!r}")
     _forced.append(layout)

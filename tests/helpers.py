@@ -30,6 +30,16 @@ def lstm_inputs(seed, batch_shape, proj=None, with_state=False, lengths=False, T
     return params, xs, state, seq_lengths
 
 
+def random_step_flags(seed, B, T) -> dict:
+    """``seq_lengths``, a ``mask`` with holes and ``resets`` for ``[B, T]`` batch-major inputs."""
+    rng = np.random.RandomState(seed)
+    return dict(
+        seq_lengths=jnp.asarray(rng.randint(0, T + 1, B), jnp.int32),
+        mask=jnp.asarray(rng.rand(B, T) > 0.25),
+        resets=jnp.asarray(rng.rand(B, T) > 0.7),
+    )
+
+
 def assert_trees_close(got, want, rtol=1e-5, floor=1e-3):
     """Same tree structure (``None`` leaves included), and every leaf within
     ``rtol`` of the largest magnitude of its reference leaf (at least ``floor``)."""

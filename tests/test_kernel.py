@@ -14,7 +14,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxlstm
-from helpers import assert_trees_close
+from helpers import assert_trees_close, random_step_flags
 from jaxlstm import _kernel, tuning
 from jaxlstm._engine import Steps
 from reference import lstm_ref
@@ -35,14 +35,7 @@ def _case(seed, B, D, H, T, flags=False):
     params = params._replace(b=jax.random.normal(k[1], (4 * H,)) * 0.5)
     xs = jax.random.normal(k[2], (B, T, D))
     state = jaxlstm.LSTMState(jax.random.normal(k[3], (B, H)) * 0.5, jax.random.normal(k[4], (B, H)) * 0.5)
-    kw = {}
-    if flags:
-        rng = np.random.RandomState(seed)
-        kw = dict(
-            seq_lengths=jnp.asarray(rng.randint(0, T + 1, B), jnp.int32),
-            mask=jnp.asarray(rng.rand(B, T) > 0.25),
-            resets=jnp.asarray(rng.rand(B, T) > 0.7),
-        )
+    kw = random_step_flags(seed, B, T) if flags else {}
     return params, xs, state, kw
 
 
