@@ -58,27 +58,18 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Two register tiles share the packed panels of NC = NV * VW columns: a wide one (MRW
-// rows by all NV vectors) for GEMMs of at least kWideRows rows or at most MRW (its four
-// accumulators per row hide the FMA latency of a single row), and a narrow one (MRN rows
-// by NVN vectors, a slice of the panel) in between. With AVX-512 the wide 6 x 4 tile
-// loads fewer A elements per FMA than the narrow 12 x 2 one: 10 % faster at B=64,
-// H=1024, slower at B=8 and B=16 (Zen 5).
 #if defined(__AVX512F__)
 constexpr int VW = 16;  // floats per vector
-constexpr int NV = 4, MRW = 6;    // 6 x 4 accumulators of 32 registers
-constexpr int NVN = 2, MRN = 12;  // 12 x 2
+constexpr int MR = 12;  // rows per register tile (MR x 2 accumulators of 32 registers)
 #elif defined(__AVX__)
 constexpr int VW = 8;
-constexpr int NV = 2, MRW = 6;
-constexpr int NVN = 2, MRN = 6;
+constexpr int MR = 6;
 #else
 constexpr int VW = 4;
-constexpr int NV = 2, MRW = 4;
-constexpr int NVN = 2, MRN = 4;
+constexpr int MR = 4;
 #endif
-constexpr int NC = NV * VW;  // columns per panel
-constexpr long kWideRows = 48;
+constexpr int NV = 2;         // vectors per column tile
+constexpr int NC = NV * VW;   // columns per tile
 constexpr int ALIGN = 64;
 
 typedef float vf __attribute__((vector_size(VW * 4)));
@@ -128,65 +119,51 @@ inline vf vexp(vf x) {
 inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 inline vf vtanh(vf x) { return 2.0f / (1.0f + vexp(x * -2.0f)) - 1.0f; }
 
-// C[r, 0:W] (+)= Σ_k A[r, k] · P[k, 0:W] for r < M, W = NVT * VW; A[r, k] = A[r * rs + k * ks];
-// P points into a packed panel of rows of NC floats.
-template <int M, int NVT>
+// C[r, 0:NC] (+)= Σ_k A[r, k] · P[k, 0:NC] for r < M; A[r, k] = A[r * rs + k * ks];
+// P is a packed [K, NC] panel.
+template <int M>
 void tile(const float* A, long rs, long ks, const float* P, long K, float* C, long ldc, bool accumulate) {
-  vf acc[M][NVT];
+  vf acc[M][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < NVT; ++j) acc[r][j] = accumulate ? load(C + r * ldc + j * VW) : vf{};
+    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load(C + r * ldc + j * VW) : vf{};
   for (long k = 0; k < K; ++k) {
-    vf b[NVT];
+    vf b[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < NVT; ++j) b[j] = *reinterpret_cast<const vf*>(P + k * NC + j * VW);
+    for (int j = 0; j < NV; ++j) b[j] = *reinterpret_cast<const vf*>(P + k * NC + j * VW);
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r) {
       const float a = A[r * rs + k * ks];
 #pragma GCC unroll 4
-      for (int j = 0; j < NVT; ++j) acc[r][j] += b[j] * a;
+      for (int j = 0; j < NV; ++j) acc[r][j] += b[j] * a;
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < NVT; ++j) store(C + r * ldc + j * VW, acc[r][j]);
+    for (int j = 0; j < NV; ++j) store(C + r * ldc + j * VW, acc[r][j]);
 }
 
 using TileFn = void (*)(const float*, long, long, const float*, long, float*, long, bool);
 
-template <int NVT, int... Ms>
+template <int... Ms>
 constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
-  return std::array<TileFn, sizeof...(Ms)>{&tile<Ms + 1, NVT>...};
+  return std::array<TileFn, sizeof...(Ms)>{&tile<Ms + 1>...};
 }
-const auto kWide = make_tiles<NV>(std::make_integer_sequence<int, MRW>{});
-const auto kNarrow = make_tiles<NVN>(std::make_integer_sequence<int, MRN>{});
+const auto kTiles = make_tiles(std::make_integer_sequence<int, MR>{});
 
 // C [M, N] (+)= A [M, K] · panels, N a multiple of NC; A[r, k] = A[r * rs + k * ks]
 // (rs = row stride, ks = 1 for a row-major A; rs = 1 for a transposed one); panel j
-// holds columns j*NC ... as [K, NC]. Only the first `used` columns (default N) are
-// needed: a last panel needed only in part is done by narrow tiles over that part
-// (a thread's 32 input features padded to a 64-column panel, say).
+// holds columns j*NC ... as [K, NC].
 void gemm(const float* A, long rs, long ks, long M, const float* panels, long K, long N, float* C, long ldc,
-          bool accumulate, long used = -1) {
-  if (used < 0) used = N;
-  for (long j = 0; j < N / NC && j * NC < used; ++j) {
+          bool accumulate) {
+  for (long j = 0; j < N / NC; ++j) {
     const float* P = panels + j * K * NC;
-    float* Cj = C + j * NC;
-    const long cols = std::min<long>(NC, used - j * NC);
-    if ((M >= kWideRows || M <= MRW) && cols > NVN * VW * (NV / NVN - 1)) {
-      for (long r = 0; r < M; r += MRW) {
-        const long m = std::min<long>(MRW, M - r);
-        kWide[m - 1](A + r * rs, rs, ks, P, K, Cj + r * ldc, ldc, accumulate);
-      }
-      continue;
+    for (long r = 0; r < M; r += MR) {
+      const long m = std::min<long>(MR, M - r);
+      kTiles[m - 1](A + r * rs, rs, ks, P, K, C + r * ldc + j * NC, ldc, accumulate);
     }
-    for (long v = 0; v < NV && v * VW < cols; v += NVN)
-      for (long r = 0; r < M; r += MRN) {
-        const long m = std::min<long>(MRN, M - r);
-        kNarrow[m - 1](A + r * rs, rs, ks, P + v * VW, K, Cj + r * ldc + v * VW, ldc, accumulate);
-      }
   }
 }
 
@@ -600,7 +577,7 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
     }
     barrier.wait();  // all of the step's gate cotangents are written
     if (nu > 0) {
-      gemm(dgh_t, GH, 1, B, whT, GH, np, rec, np, false, nu);
+      gemm(dgh_t, GH, 1, B, whT, GH, np, rec, np, false);
       for (long b = 0; b < B; ++b) {
         const long row = t * B + b;
         if (!a.valid[row]) continue;  // the state's cotangent passes through
@@ -636,7 +613,7 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
       }
     }
     if (nd > 0) {
-      gemm(ring_x + chunk, GH, 1, rows, wiT, GH, ndp, dxc, ndp, false, nd);
+      gemm(ring_x + chunk, GH, 1, rows, wiT, GH, ndp, dxc, ndp, false);
       for (long k = 0; k < rows; ++k)
         std::memcpy(a.dxs + a.io.row(t0 + k / B, k % B) * D + sd.lo, dxc + k * ndp, 4 * nd);
     }
