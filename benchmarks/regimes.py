@@ -14,11 +14,12 @@ loss over all outputs w.r.t. params and inputs):
 * ``torch.nn.LSTM`` / ``nn.GRU`` (when installed) are timed in a separate process,
   before any JAX work starts here: XLA's and PyTorch's thread pools both spin after
   work and steal each other's cores when they share a process;
-* ``jaxlstm`` is what ``jaxlstm.lstm`` runs by default: on CPU the compiled kernel
-  (:mod:`jaxlstm._kernel`) where it is built and :mod:`jaxlstm.tuning` chose it on
-  this machine; ``jaxlstm-xla`` is the pure-XLA path beside it, with the forward
-  layout the tuner chose (choices recorded under ``tuning``; ``JAXLSTM_AUTOTUNE=0``
-  for the defaults; the record says whether the kernel was built);
+* ``jaxlstm`` / ``jaxlstm-gru`` is what ``jaxlstm.lstm`` / ``jaxlstm.gru`` run by default:
+  on CPU the compiled kernel (:mod:`jaxlstm._kernel`) where it is built and
+  :mod:`jaxlstm.tuning` chose it on this machine; ``jaxlstm-xla`` / ``jaxlstm-gru-xla`` is
+  the pure-XLA path beside it, the LSTM's with the forward layout the tuner chose
+  (choices recorded under ``tuning``; ``JAXLSTM_AUTOTUNE=0`` for the defaults; the
+  record says whether the kernel was built);
 * the *bare recurrent dot* of the shape, ``h @ w_hh`` (``[B, H]·[H, G·H]``, every
   output used) in a ``lax.scan`` of T steps, is timed with the JAX ones: the floor
   of a step. ``step/dot`` is jaxlstm's forward time per step over it.
