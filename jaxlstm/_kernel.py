@@ -38,7 +38,7 @@ import numpy as np
 from ._engine import Steps, counted_steps, mesh_active
 from .params import LSTMParams
 
-__all__ = ["applies", "available", "build_id", "enabled", "kernel_cell", "kernel_lstm", "load_error"]
+__all__ = ["applies", "available", "build_id", "chosen", "enabled", "kernel_cell", "kernel_lstm", "load_error"]
 
 _FORWARD, _BACKWARD = "jaxlstm_lstm_forward", "jaxlstm_lstm_backward"
 _CELL_FORWARD, _CELL_BACKWARD = "jaxlstm_cell_forward", "jaxlstm_cell_backward"
@@ -110,6 +110,31 @@ def applies(params, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zone
         and checkpoint_every is None
         and batch * steps > 0
         and not mesh_active()
+    )
+
+
+def chosen(
+    cell: str, params, mm_dtype, acc_dtype, *, backward: str, batch: int, steps: int, h_mask, zoneout,
+    checkpoint_every=None,
+) -> bool:  # fmt: skip
+    """Whether a ``cell`` (``"lstm"``, ``"gru"``, ``"rnn"``) call runs on the kernel: on its fused
+    path (``backward="fused"``) where the kernel :func:`applies` and :func:`jaxlstm.tuning.kernel_path`
+    chose it for the shape."""
+    from . import tuning
+
+    return (
+        backward == "fused"
+        and applies(
+            params,
+            mm_dtype,
+            acc_dtype,
+            batch=batch,
+            steps=steps,
+            h_mask=h_mask,
+            zoneout=zoneout,
+            checkpoint_every=checkpoint_every,
+        )  # fmt: skip
+        and tuning.kernel_path(batch, params.w_ih.shape[0], params.w_hh.shape[0], steps, cell=cell)
     )
 
 

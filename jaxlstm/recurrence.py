@@ -239,14 +239,10 @@ def lstm(
     B = batch_size(batch_shape)
     # On CPU the compiled kernel (jaxlstm._kernel) runs the plain float32 LSTM where it can
     # (no recurrent dropout or zoneout then, so no per-step extras) and tuning chose it.
-    kernel = (
-        backward == "fused"
-        and not params.is_variant
-        and _kernel.applies(
-            params, mm, acc, batch=B, steps=T, h_mask=h_mask, zoneout=zoneout, checkpoint_every=checkpoint_every
-        )
-        and tuning.kernel_path(B, D, H, T)
-    )
+    kernel = _kernel.chosen(
+        "lstm", params, mm, acc, backward=backward, batch=B, steps=T, h_mask=h_mask, zoneout=zoneout,
+        checkpoint_every=checkpoint_every,
+    )  # fmt: skip
     core: Callable
     if kernel:
 

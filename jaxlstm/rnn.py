@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _checks, _kernel, tuning
+from . import _checks, _kernel
 from ._engine import (
     accum_dtype,
     apply_sequence,
@@ -189,11 +189,7 @@ def _sequence(
     B = batch_size(batch_shape)
     # On CPU the compiled kernel (jaxlstm._kernel) runs the plain float32 cell where it can
     # (no recurrent dropout or zoneout then) and tuning chose it.
-    kernel = (
-        backward == "fused"
-        and _kernel.applies(params, mm, acc, batch=B, steps=T, h_mask=h_mask, zoneout=zoneout)
-        and tuning.kernel_path(B, D, H, T, cell=kind)
-    )
+    kernel = _kernel.chosen(kind, params, mm, acc, backward=backward, batch=B, steps=T, h_mask=h_mask, zoneout=zoneout)
 
     def core(inputs, hs, steps, batch_major=False):
         if kernel:  # float32 throughout (bfloat16 inputs with float32 params, as on the XLA path's dots)

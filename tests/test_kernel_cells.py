@@ -43,6 +43,18 @@ def _uses_kernel(f, *args) -> bool:
     return "jaxlstm_cell_forward" in str(jax.make_jaxpr(f)(*args))
 
 
+def _assert_kernel_equals_xla_path(f, *args, jit=False):
+    """``f(*args)`` (an array) and the gradient of ``Σ sin f`` w.r.t. every argument run on the
+    kernel (asserted; under ``jit`` if asked) and give the pure-XLA path's numbers."""
+    grad = jax.grad(lambda *a: jnp.sin(f(*a)).sum(), argnums=tuple(range(len(args))))
+    assert _uses_kernel(f, *args)
+    got = (jax.jit(f)(*args), jax.jit(grad)(*args)) if jit else (f(*args), grad(*args))
+    with tuning.forced("xla"):  # eager: traced afresh under the forced path
+        want = f(*args), grad(*args)
+    assert_trees_close(got[0], want[0], rtol=1e-5)
+    assert_trees_close(got[1], want[1], rtol=1e-4)
+
+
 def _loss(kind, p, xs, h0, r=None, **kw):
     ys, h = CELLS[kind][1](p, xs, h0, reset_state=r, **kw)
     w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)  # uneven weights: nothing cancels
@@ -104,17 +116,7 @@ def test_layouts_batch_shapes_and_jit(kind, case):
         "time-major": (jnp.swapaxes(xs, 0, 1), h0, True),
         "unbatched": (xs[0], h0[0], False),
     }[case]
-    run = jax.jit(lambda p, x, h: CELLS[kind][1](p, x, h, time_major=tm))
-    assert _uses_kernel(run, params, x, h)
-    grad = lambda p: jax.grad(lambda p: jnp.sin(run(p, x, h)[0]).sum())(p)
-    got, g = run(params, x, h), grad(params)
-    with tuning.forced("xla"):
-        want, g_want = (
-            run.__wrapped__(params, x, h),
-            jax.grad(lambda p: jnp.sin(run.__wrapped__(p, x, h)[0]).sum())(params),
-        )
-    assert_trees_close(got, want, rtol=1e-5)
-    assert_trees_close(g, g_want, rtol=1e-4)
+    _assert_kernel_equals_xla_path(lambda p, x, h: CELLS[kind][1](p, x, h, time_major=tm)[0], params, x, h, jit=True)
 
 
 @pytest.mark.parametrize("kind", CELLS)
@@ -128,14 +130,7 @@ def test_vmap_and_input_dropout(kind):
     np.testing.assert_allclose(got[0], f(params, xs), atol=1e-6)
     np.testing.assert_allclose(got[1], f(jax.tree.map(lambda a: 0.5 * a, params), xs), atol=1e-6)
     key = jax.random.key(2)
-    drop = lambda p, x: run(p, x, h0, input_dropout=0.3, key=key)[0]
-    assert _uses_kernel(drop, params, xs)
-    loss = lambda p, x: jnp.sin(drop(p, x)).sum()
-    got, g = drop(params, xs), jax.grad(loss, argnums=(0, 1))(params, xs)
-    with tuning.forced("xla"):
-        want, g_want = drop(params, xs), jax.grad(loss, argnums=(0, 1))(params, xs)
-    assert_trees_close(got, want, rtol=1e-5)
-    assert_trees_close(g, g_want, rtol=1e-4)
+    _assert_kernel_equals_xla_path(lambda p, x: run(p, x, h0, input_dropout=0.3, key=key)[0], params, xs)
 
 
 @pytest.mark.parametrize("kind", CELLS)
