@@ -383,13 +383,15 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   float* zx = aligned_floats(zx_store, static_cast<size_t>(B) * cols);
   float* zh = Cell::kSplit ? aligned_floats(zh_store, static_cast<size_t>(B) * cols) : zx;
   float* bias = aligned_floats(bias_store, cols);
+  // Row by row (read column by column, W_hh took 5 % of the forward pass at H=1024, a
+  // cache miss per float): np is a multiple of NC, so a run of NC units of one gate is
+  // contiguous in w and in one panel.
   auto pack = [&](float* panel, const float* w, long K) {
-    for (long c = 0; c < cols; ++c) {
-      const long g = c / np, u = c % np;
-      if (u >= nu) continue;
-      float* dst = panel + (c / NC) * K * NC + (c % NC);
-      for (long k = 0; k < K; ++k) dst[k * NC] = w[k * GH + g * H + s.lo + u];
-    }
+    for (long k = 0; k < K; ++k)
+      for (long g = 0; g < G; ++g)
+        for (long u = 0; u < nu; u += NC)
+          std::memcpy(panel + (g * np + u) / NC * K * NC + k * NC, w + k * GH + g * H + s.lo + u,
+                      4 * std::min<long>(NC, nu - u));
   };
   pack(wx, a.w_ih, a.D);
   pack(wh, a.w_hh, H);
@@ -622,15 +624,12 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
     std::memcpy(a.dh0 + b * H + s.lo, dh + b * H + s.lo, 4 * nu);
     if constexpr (Cell::kCell) std::memcpy(a.dc0 + b * H + s.lo, dc + b * H + s.lo, 4 * nu);
   }
-  for (long c = 0; c < cols; ++c) {
-    const long g = c / np, u = c % np;
-    if (u >= nu) continue;
-    const long col = g * H + s.lo + u;
-    for (long k = 0; k < H; ++k) a.dw_hh[k * GH + col] = gwh[k * cols + c];
-    for (long k = 0; k < D; ++k) a.dw_ih[k * GH + col] = gwi[k * cols + c];
-    a.db[col] = gb[c];
-    if (Cell::kSplit && g == G - 1) a.db_hn[s.lo + u] = gbh[c];
+  for (long g = 0; g < G && nu > 0; ++g) {
+    for (long k = 0; k < H; ++k) std::memcpy(a.dw_hh + k * GH + g * H + s.lo, gwh + k * cols + g * np, 4 * nu);
+    for (long k = 0; k < D; ++k) std::memcpy(a.dw_ih + k * GH + g * H + s.lo, gwi + k * cols + g * np, 4 * nu);
+    std::memcpy(a.db + g * H + s.lo, gb + g * np, 4 * nu);
   }
+  if (Cell::kSplit && nu > 0) std::memcpy(a.db_hn + s.lo, gbh + (G - 1) * np, 4 * nu);
 }
 
 // A team for one call: the calling thread and up to want-1 helpers from XLA's own
