@@ -119,6 +119,13 @@ inline vf vexp(vf x) {
 inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 inline vf vtanh(vf x) { return 2.0f / (1.0f + vexp(x * -2.0f)) - 1.0f; }
 
+// How many rows of a panel the tile asks for ahead of its k loop. Where a panel is larger
+// than the L1 cache (K = H = 1024: 128 KiB) the hardware's prefetchers alone left the
+// tile waiting on its loads: at B=64, H=1024 a distance of 64 rows made the forward pass
+// 13-18 % faster and training 6-7 % (16 rows: 2-5 %; 128 and 256: as 64), and left the
+// smaller regimes as they were (measured, Zen 5).
+constexpr long kPrefetch = 64;
+
 // C[r, 0:NC] (+)= Σ_k A[r, k] · P[k, 0:NC] for r < M; A[r, k] = A[r * rs + k * ks];
 // P is a packed [K, NC] panel.
 template <int M>
@@ -130,6 +137,10 @@ void tile(const float* A, long rs, long ks, const float* P, long K, float* C, lo
     for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load(C + r * ldc + j * VW) : vf{};
   for (long k = 0; k < K; ++k) {
     vf b[NV];
+    // The panel's row kPrefetch ahead (past the end: the next panel's, or nothing; a
+    // prefetch does not fault).
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) __builtin_prefetch(P + (k + kPrefetch) * NC + j * VW);
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) b[j] = *reinterpret_cast<const vf*>(P + k * NC + j * VW);
 #pragma GCC unroll 16
