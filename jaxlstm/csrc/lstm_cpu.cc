@@ -130,12 +130,20 @@ constexpr long kPrefetch = 64;
 // P is a packed [K, NC] panel.
 template <int M>
 void tile(const float* A, long rs, long ks, const float* P, long K, float* C, long ldc, bool accumulate) {
-  vf acc[M][NV];
+  // U independent sums over alternate k where a row block has fewer than 8 accumulators:
+  // one chain per register was bound by the FMA's latency, not its throughput (B=1: the
+  // forward pass 3-6 % faster, training 7-9 %, measured at B=1, H=64 on Zen 5).
+  constexpr int U = M * NV >= 8 ? 1 : 8 / (M * NV);
+  vf acc[U][M][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[r][j] = accumulate ? load(C + r * ldc + j * VW) : vf{};
-  for (long k = 0; k < K; ++k) {
+    for (int j = 0; j < NV; ++j) {
+      acc[0][r][j] = accumulate ? load(C + r * ldc + j * VW) : vf{};
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) acc[u][r][j] = vf{};
+    }
+  auto step = [&](long k, vf(&sum)[M][NV]) {
     vf b[NV];
     // The panel's row kPrefetch ahead (past the end: the next panel's, or nothing; a
     // prefetch does not fault).
@@ -147,13 +155,22 @@ void tile(const float* A, long rs, long ks, const float* P, long K, float* C, lo
     for (int r = 0; r < M; ++r) {
       const float a = A[r * rs + k * ks];
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[r][j] += b[j] * a;
+      for (int j = 0; j < NV; ++j) sum[r][j] += b[j] * a;
     }
-  }
+  };
+  long k = 0;
+  for (; k + U <= K; k += U)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) step(k + u, acc[u]);
+  for (; k < K; ++k) step(k, acc[0]);
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store(C + r * ldc + j * VW, acc[r][j]);
+    for (int j = 0; j < NV; ++j) {
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) acc[0][r][j] += acc[u][r][j];
+      store(C + r * ldc + j * VW, acc[0][r][j]);
+    }
 }
 
 using TileFn = void (*)(const float*, long, long, const float*, long, float*, long, bool);
@@ -163,6 +180,7 @@ constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
   return std::array<TileFn, sizeof...(Ms)>{&tile<Ms + 1>...};
 }
 const auto kTiles = make_tiles(std::make_integer_sequence<int, MR>{});
+
 
 // C [M, N] (+)= A [M, K] · panels, N a multiple of NC; A[r, k] = A[r * rs + k * ks]
 // (rs = row stride, ks = 1 for a row-major A; rs = 1 for a transposed one); panel j
