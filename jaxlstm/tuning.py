@@ -85,7 +85,12 @@ def forced(layout: str) -> Iterator[None]:
     (the compiled kernel where it applies, else the pure-XLA path with its forward
     layout tuned as usual), ``"xla"`` (the pure-XLA path, its layout tuned), or the pure-XLA path with
     ``"feature"`` or ``"batch"`` forward steps. :func:`jaxlstm.gru` and :func:`jaxlstm.rnn`
-    take the kernel under ``"kernel"`` (where it applies) and the pure-XLA path under the others."""
+    take the kernel under ``"kernel"`` (where it applies) and the pure-XLA path under the others.
+
+    The choice is made when a call is traced: a function that ``jax.jit`` (or
+    ``make_jaxpr``) has already traced for these shapes keeps the program it traced,
+    inside the block or out of it (JAX's trace cache does not see this context); wrap
+    a fresh function, or trace inside the block first."""
     if layout not in FORCEABLE:
         raise ValueError(f"layout must be one of {FORCEABLE}, got {layout!r}")
     _forced.append(layout)
