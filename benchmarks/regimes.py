@@ -64,27 +64,34 @@ def flops(cell: str, mode: str, B: int, T: int, D: int, H: int) -> float:
 # PyTorch, in its own process
 
 
-def _torch_worker(grid: dict, repeats: int, budget_s: float) -> list:
+def _torch_worker(grid: dict, repeats: int, budget_s: float, device: str = "cpu") -> list:
+    """PyTorch's timings, on CUDA where ``device`` is ``"gpu"`` and torch sees one (cuDNN)."""
     import torch
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
+    gpu = device == "gpu" and torch.cuda.is_available()
+    dev = "cuda" if gpu else "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)  # a CUDA call returns before its work ends
     out = []
     for name, (B, D, H, T) in grid.items():
         for cell in GATES:
-            m = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](D, H, batch_first=True)
-            x = torch.from_numpy(np.random.default_rng(0).standard_normal((B, T, D), dtype=np.float32))
+            m = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](D, H, batch_first=True).to(dev)
+            x = torch.from_numpy(np.random.default_rng(0).standard_normal((B, T, D), dtype=np.float32)).to(dev)
             x.requires_grad_(True)
 
             def forward(m=m, x=x):
                 with torch.no_grad():
-                    return m(x)[0]
+                    y = m(x)[0]
+                sync()
+                return y
 
             def train(m=m, x=x):
                 m.zero_grad(set_to_none=True)
                 x.grad = None
                 loss = m(x)[0].square().mean()
                 loss.backward()
+                sync()
                 return loss
 
             times = C.time_interleaved({"forward": forward}, repeats, budget_s=budget_s)
@@ -94,11 +101,11 @@ def _torch_worker(grid: dict, repeats: int, budget_s: float) -> list:
     return out
 
 
-def _torch_times(grid, repeats, budget_s) -> list:
+def _torch_times(grid, repeats, budget_s, device="cpu") -> list:
     """Runs :func:`_torch_worker` in a fresh interpreter; [] without torch."""
     if not C.torch_available():
         return []
-    cmd = [sys.executable, "-m", "benchmarks.regimes", "--torch-worker", json.dumps([grid, repeats, budget_s])]
+    cmd = [sys.executable, "-m", "benchmarks.regimes", "--torch-worker", json.dumps([grid, repeats, budget_s, device])]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -126,14 +133,28 @@ def _bare_dot(B, H, G, T):
     return lambda: jax.block_until_ready(f(w, h0))
 
 
+def _platform() -> str:
+    """JAX's default platform, asked in a fresh interpreter: the PyTorch worker runs first
+    and must not share a process with JAX's runtime."""
+    cmd = [sys.executable, "-c", "import jax; print(jax.default_backend())"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return res.stdout.strip().splitlines()[-1]
+
+
 def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
-    torch_recs = _torch_times(grid, repeats, budget_s)  # before any JAX work here
+    platform = _platform()
+    torch_recs = _torch_times(grid, repeats, budget_s, platform)  # before any JAX work here
     info = C.machine_info()
     info["peak_matmul_gflops"] = C.peak_matmul_gflops(512 if quick else 2048)
     records = list(torch_recs)
     for name, (B, D, H, T) in grid.items():
         for cell in GATES:
             built = {impl: C.build(impl, B, T, D, H, "float32") for impl in IMPLS[cell]}
+            if cell == "lstm" and platform == "gpu":
+                try:  # jax.experimental.rnn's cuDNN LSTM: experimental, its signature may move
+                    built["jax-cudnn"] = C.build("jax-cudnn", B, T, D, H, "float32")
+                except Exception as e:  # noqa: BLE001 - reported, and the grid goes on without it
+                    print(f"jax-cudnn skipped at {name}: {type(e).__name__}: {e}", file=sys.stderr)
             dot = _bare_dot(B, H, GATES[cell], T)
             for mode in ("forward", "train"):
                 fns = {impl: b[mode] for impl, b in built.items()}
@@ -182,6 +203,7 @@ def rows(result: dict) -> list:
                 ours, flax = get(reg, cell, mode, ours_name), get(reg, cell, mode, flax_name)
                 xla = get(reg, cell, mode, xla_name)
                 torch, dot = get(reg, cell, mode, "torch"), get(reg, cell, "forward", "bare-dot")
+                cudnn = get(reg, cell, mode, "jax-cudnn")
                 if ours is None or flax is None:
                     continue
                 T = ours["seq_len"]
@@ -193,6 +215,7 @@ def rows(result: dict) -> list:
                     vs_flax=flax["median_s"] / ours["median_s"],
                     vs_xla_path=None if xla is None else xla["median_s"] / ours["median_s"],
                     vs_torch=None if torch is None else torch["median_s"] / ours["median_s"],
+                    vs_cudnn=None if cudnn is None else cudnn["median_s"] / ours["median_s"],
                     fraction_of_peak=ours["fraction_of_peak"],
                     step_us=1e6 * ours["median_s"] / T,
                     dot_us=None if dot is None else 1e6 * dot["median_s"] / T,
@@ -209,12 +232,18 @@ def table(result: dict) -> str:
         "step µs | dot µs | step/dot |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows(result):
+    rs = rows(result)
+    cudnn = any(r.get("vs_cudnn") for r in rs)  # jax.experimental.rnn, on GPUs only
+    if cudnn:
+        lines = [line.replace(" vs torch |", " vs torch | vs jax cuDNN |", 1) for line in lines[:1]]
+        lines.append("|---" * 12 + "|")
+    for r in rs:
         shape = ", ".join(map(str, result["regimes"][r["regime"]]))
+        extra = (fmt(r.get("vs_cudnn"), ".2f") + ("x" if r.get("vs_cudnn") else "") + " | ") if cudnn else ""
         step_dot = fmt(r["step_over_dot"], ".2f") + "x" if r["mode"] == "forward" and r["step_over_dot"] else ""
         lines.append(
             f"| {r['regime']} ({shape}) | {r['cell']} | {r['mode']} | {r['jaxlstm_tokens_per_s']:.0f} | "
-            f"{r['vs_flax']:.2f}x | {fmt(r['vs_torch'], '.2f')}{'x' if r['vs_torch'] else ''} | "
+            f"{r['vs_flax']:.2f}x | {fmt(r['vs_torch'], '.2f')}{'x' if r['vs_torch'] else ''} | {extra}"
             f"{fmt(r['vs_xla_path'], '.2f')}{'x' if r['vs_xla_path'] else ''} | "
             f"{100 * r['fraction_of_peak']:.0f}% | {r['step_us']:.1f} | {fmt(r['dot_us'], '.1f')} | {step_dot} |"
         )
@@ -236,8 +265,7 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.torch_worker is not None:
-        grid, repeats, budget_s = json.loads(args.torch_worker)
-        print(json.dumps(_torch_worker(grid, repeats, budget_s)))
+        print(json.dumps(_torch_worker(*json.loads(args.torch_worker))))
         return {}
     if args.thp:
         C.reexec_with_thp("benchmarks.throughput", sys.argv[1:] if argv is None else argv)

@@ -113,14 +113,19 @@ def main(argv=None):
         kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(
             tuning.get("kernel"), "not recorded (a run before it)"
         )
+        gpu = m.get("platform") == "gpu"
         parts.append(
             "## Regimes (`benchmarks.throughput`, the main job)\n\n"
-            f"Machine: {m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores, jax {m['jax']}, "
+            + (f"Device: {m['device']} (JAX on the GPU; PyTorch on CUDA, cuDNN), host " if gpu else "Machine: ")
+            + f"{m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores, jax {m['jax']}, "
             f"flax {m['flax']}, torch {m.get('torch')}; peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s. "
             "Ratios are speed-ups of jaxlstm (>1: jaxlstm faster); torch timed in its own process; "
             "step/dot: jaxlstm's forward step over the bare recurrent dot of the shape; vs XLA path: jaxlstm's "
-            "default (the compiled CPU kernel where it runs) over its pure-XLA path. "
-            f"Compiled kernel: {kernel}. Choices of jaxlstm.tuning: {layouts}.\n\n" + regimes.table(rg) + "\n"
+            "default (the compiled CPU kernel where it runs) over its pure-XLA path"
+            + ("; vs jax cuDNN: over `jax.experimental.rnn.lstm`. " if gpu else ". ")
+            + f"Compiled kernel: {kernel}. Choices of jaxlstm.tuning: {layouts}.\n\n"
+            + regimes.table(rg)
+            + "\n"
         )
     mem = _load(folder, "memory.json")
     if mem:

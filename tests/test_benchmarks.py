@@ -78,6 +78,13 @@ def test_regimes_quick(tmp_path):
         np.testing.assert_allclose(r["step_over_dot"], ours["median_s"] / dot["median_s"])
         assert (r["vs_torch"] is None) == (not C_torch())
     assert "| tiny (2, 4, 8, 16) | lstm | forward |" in regimes.table(data)
+    # On a GPU the grid also times jax.experimental.rnn's cuDNN LSTM, in a column of its own.
+    cudnn = [dict(r, impl="jax-cudnn", median_s=2 * r["median_s"]) for r in data["records"] if r["impl"] == "jaxlstm"]
+    on_gpu = dict(data, records=data["records"] + cudnn)
+    assert "vs jax cuDNN" in regimes.table(on_gpu) and "vs jax cuDNN" not in regimes.table(data)
+    assert [r["vs_cudnn"] for r in regimes.rows(on_gpu) if r["cell"] == "lstm"] == [2.0] * 4
+    header, sep, first = regimes.table(on_gpu).splitlines()[:3]
+    assert header.count("|") == sep.count("|") == first.count("|") == 13
 
 
 def C_torch():
