@@ -181,7 +181,6 @@ constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
 }
 const auto kTiles = make_tiles(std::make_integer_sequence<int, MR>{});
 
-
 // C [M, N] (+)= A [M, K] · panels, N a multiple of NC; A[r, k] = A[r * rs + k * ks]
 // (rs = row stride, ks = 1 for a row-major A; rs = 1 for a transposed one); panel j
 // holds columns j*NC ... as [K, NC].
