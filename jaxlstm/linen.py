@@ -205,7 +205,7 @@ class LSTM(nn.Module):
     bias_init: Initializer | None = None
     forget_bias: float = 1.0
     use_bias: bool = True
-    unroll: int = 1
+    unroll: int | None = None  # None: 16 on GPUs, 1 elsewhere (jaxlstm.tuning.default_unroll)
     checkpoint_every: int | None = None
     backward: str = "fused"
     time_major: bool = False

@@ -153,7 +153,7 @@ class LSTM(nnx.Module):
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        unroll: int = 1,
+        unroll: int | None = None,
         checkpoint_every: int | None = None,
         backward: str = "fused",
         time_major: bool = False,

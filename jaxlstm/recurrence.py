@@ -103,7 +103,7 @@ def lstm(
     deterministic: bool = False,
     reverse: bool = False,
     time_major: bool = False,
-    unroll: int = 1,
+    unroll: int | None = None,
     checkpoint_every: int | None = None,
     compute_dtype=None,
     backward: str = "fused",
@@ -167,7 +167,8 @@ def lstm(
       reverse: read each sequence from its last valid step back to the first.
         Outputs stay aligned with input positions; padding never enters.
       time_major: ``xs`` is ``[T, ..., D]`` (and so are the outputs).
-      unroll: ``lax.scan`` unroll factor of the forward scan.
+      unroll: ``lax.scan`` unroll factor of the forward scan; ``None``:
+        :func:`jaxlstm.tuning.default_unroll` (16 on GPUs, 1 elsewhere).
       checkpoint_every: with the fused backward pass, keep only the state every
         ``k`` steps and recompute each chunk in the backward pass: the stored
         activations are O(T/k + k) instead of O(T).
@@ -205,7 +206,7 @@ def lstm(
     _checks.static_bool("reverse", reverse)
     _checks.static_bool("time_major", time_major)
     _checks.one_of("backward", backward, ("fused", "autodiff"))
-    unroll = _checks.positive_int("unroll", unroll)
+    unroll = tuning.default_unroll() if unroll is None else _checks.positive_int("unroll", unroll)
     if checkpoint_every is not None:
         checkpoint_every = _checks.positive_int("checkpoint_every", checkpoint_every)
         if backward != "fused":

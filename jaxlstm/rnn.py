@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _checks, _kernel
+from . import _checks, _kernel, tuning
 from ._engine import (
     accum_dtype,
     apply_sequence,
@@ -160,7 +160,7 @@ def _sequence(
     resets = _checks.step_flags("resets", resets, batch_shape, T, time_major)
     _checks.static_bool("reverse", reverse)
     _checks.static_bool("time_major", time_major)
-    unroll = _checks.positive_int("unroll", unroll)
+    unroll = tuning.default_unroll() if unroll is None else _checks.positive_int("unroll", unroll)
     mm, acc = _dtypes(params, xs.dtype, compute_dtype)
     h0 = h_reset = jnp.zeros(batch_shape + (H,), acc)
     if initial_state is not None:
@@ -247,7 +247,7 @@ def rnn(
     deterministic=False,
     reverse=False,
     time_major=False,
-    unroll=1,
+    unroll=None,
     compute_dtype=None,
     backward: str = "fused",
 ):
@@ -300,7 +300,7 @@ def gru(
     deterministic=False,
     reverse=False,
     time_major=False,
-    unroll=1,
+    unroll=None,
     compute_dtype=None,
     backward: str = "fused",
 ):

@@ -134,7 +134,7 @@ def lstm_stack(
     key: jax.Array | None = None,
     deterministic: bool = False,
     time_major: bool = False,
-    unroll: int = 1,
+    unroll: int | None = None,
     checkpoint_every: int | None = None,
     compute_dtype=None,
     backward: str = "fused",

@@ -50,6 +50,7 @@ __all__ = [
     "KERNEL",
     "cache_file",
     "cpu_info",
+    "default_unroll",
     "enabled",
     "forced",
     "forward_layout",
@@ -235,6 +236,25 @@ def _cached(key: str, candidates: tuple, measure: Callable[[], str], default: st
 
 def _bucket(T: int) -> int:
     return 1 << max(0, int(np.ceil(np.log2(max(T, 1)))))
+
+
+# The forward scan's unroll on GPUs where the caller leaves it to jaxlstm (``unroll=None``):
+# each step of XLA's loop there costs kernel launches and a wait, and on an NVIDIA H200
+# unroll=16 made the forward pass 1.35-2.64x faster than 1 and training 1.2-1.8x
+# (benchmarks/results/h200/unroll_probe.json, four regimes, LSTM and GRU).
+GPU_UNROLL = 16
+
+
+def _backend() -> str:
+    return jax.default_backend()
+
+
+def default_unroll() -> int:
+    """The forward scan's unroll when a caller passes ``unroll=None`` (the default):
+    :data:`GPU_UNROLL` where JAX's default backend is a GPU, else 1 (on CPUs the
+    compiled kernel runs where it applies, and ``benchmarks.layout`` measured the XLA
+    path's unrolled scans no faster there)."""
+    return GPU_UNROLL if _backend() == "gpu" else 1
 
 
 def forward_layout(B: int, D: int, H: int, R: int, T: int, mm_dtype, acc_dtype, unroll: int = 1) -> str:

@@ -120,3 +120,57 @@ def test_autotuner_off_or_failing_gives_the_default(autotune, monkeypatch):
     with pytest.raises(ValueError, match="layout must be one of"):
         with tuning.forced("diagonal"):
             pass
+
+
+def _scan_unrolls(jaxpr) -> set:
+    """The ``unroll`` of every scan in a jaxpr, sub-jaxprs (custom VJPs, pjit) included."""
+    out = set()
+    for e in jaxpr.eqns:
+        if e.primitive.name == "scan":
+            out.add(e.params["unroll"])
+        for v in e.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                j = getattr(sub, "jaxpr", sub)
+                if hasattr(j, "eqns"):
+                    out |= _scan_unrolls(j)
+    return out
+
+
+def test_default_unroll_per_backend(monkeypatch):
+    """unroll=None (the default): 1 on this CPU; 16 where JAX's default backend is a GPU,
+    through lstm, gru, rnn, lstm_stack and the Flax modules; an explicit unroll wins."""
+    import flax.linen as nn
+    from flax import nnx
+
+    import jaxlstm.linen
+    import jaxlstm.nnx
+
+    xs = jnp.ones((2, 5, 3))
+    p = jaxlstm.init_lstm(jax.random.key(0), 3, 8)
+    linen = jaxlstm.linen.LSTM(features=8)
+    variables = linen.init(jax.random.key(0), xs)
+    module = jaxlstm.nnx.LSTM(3, 8, rngs=nnx.Rngs(0))
+
+    def calls():  # fresh functions: JAX's trace cache would replay an earlier trace
+        return {
+            "lstm": lambda x: jaxlstm.lstm(p, x),
+            "gru": lambda x: jaxlstm.gru(jaxlstm.init_gru(jax.random.key(0), 3, 8), x),
+            "rnn": lambda x: jaxlstm.rnn(jaxlstm.init_rnn(jax.random.key(0), 3, 8), x),
+            "stack": lambda x: jaxlstm.lstm_stack(jaxlstm.init_lstm_stack(jax.random.key(0), 3, 8, num_layers=2), x),
+            "linen": lambda x: linen.apply(variables, x),
+            "nnx": lambda x: module(x),
+        }
+
+    assert isinstance(linen, nn.Module)
+    unrolls = lambda f: _scan_unrolls(jax.make_jaxpr(f)(xs).jaxpr)
+    with tuning.forced("xla"):  # the scans, not the compiled kernel
+        assert tuning.default_unroll() == 1
+        for name, f in calls().items():
+            assert unrolls(f) == {1}, name
+        monkeypatch.setattr(tuning, "_backend", lambda: "gpu")
+        assert tuning.default_unroll() == tuning.GPU_UNROLL == 16
+        for name, f in calls().items():
+            assert unrolls(f) == {16}, name
+        assert unrolls(lambda x: jaxlstm.lstm(p, x, unroll=2)) == {2}
+    with pytest.raises(ValueError, match="unroll must be a positive int"):
+        jaxlstm.lstm(p, xs, unroll=0)
