@@ -104,8 +104,9 @@ def input_shape(impl: str, B: int, T: int, D: int) -> tuple:
     return (T, B, D) if "-tm" in impl else (B, T, D)
 
 
-def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: int = 1):
-    """``(init(key) -> params, apply(params, xs) -> ys)`` of a JAX implementation."""
+def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: int | None = None):
+    """``(init(key) -> params, apply(params, xs) -> ys)`` of a JAX implementation; ``unroll``
+    None: each library's default (jaxlstm's per backend, flax's 1)."""
     jdtype = jnp.dtype(dtype)
     if impl in ("jaxlstm-gru", "jaxlstm-gru-xla"):
         init = lambda key: jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_gru(key, D, H))
@@ -118,7 +119,7 @@ def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: 
     if impl == "flax-gru":
         import flax.linen as nn
 
-        model = nn.RNN(nn.GRUCell(H, dtype=jdtype, param_dtype=jdtype), unroll=unroll)
+        model = nn.RNN(nn.GRUCell(H, dtype=jdtype, param_dtype=jdtype), unroll=unroll or 1)
         return lambda key: model.init(key, jnp.zeros((B, 1, D), jdtype)), model.apply
     if impl.startswith("jaxlstm"):
         kw = {"unroll": unroll}
@@ -151,7 +152,7 @@ def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: 
         import flax.linen as nn
 
         cell = {"flax-optimized": nn.OptimizedLSTMCell, "flax-lstmcell": nn.LSTMCell}[impl]
-        model = nn.RNN(cell(H, dtype=jdtype, param_dtype=jdtype), unroll=unroll)
+        model = nn.RNN(cell(H, dtype=jdtype, param_dtype=jdtype), unroll=unroll or 1)
         return lambda key: model.init(key, jnp.zeros((B, 1, D), jdtype)), model.apply
     if impl == "jax-cudnn":
         from jax.experimental import rnn as jrnn
