@@ -50,6 +50,7 @@ def _assert_kernel_equals_xla_path(f, *args, jit=False):
     assert _uses_kernel(f, *args)
     got = (jax.jit(f)(*args), jax.jit(grad)(*args)) if jit else (f(*args), grad(*args))
     with tuning.forced("xla"):  # eager: traced afresh under the forced path
+        assert not _uses_kernel(lambda *a: f(*a), *args)  # a fresh function: JAX's trace cache cannot replay
         want = f(*args), grad(*args)
     assert_trees_close(got[0], want[0], rtol=1e-5)
     assert_trees_close(got[1], want[1], rtol=1e-4)
