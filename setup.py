@@ -1,17 +1,31 @@
-"""The optional compiled CPU kernel (``jaxlstm/csrc/lstm_cpu.cc``, see ``jaxlstm/_kernel.py``).
+"""The optional compiled CPU kernel (``jaxlstm/csrc/``, see ``jaxlstm/_kernel.py``).
 
-Everything else about the package is in ``pyproject.toml``. The kernel is built with
-the machine's C++ compiler against the XLA FFI headers that jaxlib ships (jaxlib is a
-build requirement); ``-march=native`` by default, since the package is built on the
-machine that runs it (``JAXLSTM_KERNEL_MARCH=x86-64-v3``, say, for a wheel that runs
-elsewhere). Where it cannot be built, the package installs without it and
-``jaxlstm.lstm`` runs the pure-XLA path; ``JAXLSTM_BUILD_KERNEL=0`` skips it.
+Everything else about the package is in ``pyproject.toml``. The kernel is built with the
+machine's C++ compiler against the XLA FFI headers that jaxlib ships (jaxlib is a build
+requirement), once per ISA level, each into a library of its own (``jaxlstm/_native_<level>``),
+with portable flags: on x86-64 ``avx`` (x86-64-v2 + AVX, the least jaxlib runs on), ``avx2``
+(x86-64-v3) and ``avx512`` (x86-64-v4); elsewhere ``generic`` (the compiler's baseline).
+``jaxlstm/_native_cpu`` (baseline flags) asks the CPU which levels it runs, and jaxlstm loads
+the best of those, so a wheel built on one machine runs on any other that runs JAX. Where a
+level cannot be built the package installs without it; where none can, ``jaxlstm.lstm`` runs the
+pure-XLA path. ``JAXLSTM_BUILD_KERNEL=0`` skips the build.
 """
 
 import importlib.util
 import os
+import platform
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# The levels and their flags, lowest first (jaxlstm/_kernel.py keeps the same order).
+X86_LEVELS = {
+    "avx": ["-march=x86-64-v2", "-mavx"],
+    "avx2": ["-march=x86-64-v3"],
+    "avx512": ["-march=x86-64-v4"],
+}
+FLAGS = ["-std=c++17", "-O3", "-g0", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden", "-pthread"]
+SOURCES = ["simd.h", "gemm.h", "cells.h", "loops.h", "team.h"]
 
 
 def _ffi_include() -> str | None:
@@ -22,30 +36,56 @@ def _ffi_include() -> str | None:
     return include if os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")) else None
 
 
+def _levels() -> dict[str, list[str]]:
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return X86_LEVELS if x86 else {"generic": []}
+
+
 def _extensions() -> list[Extension]:
     include = _ffi_include()
     if os.environ.get("JAXLSTM_BUILD_KERNEL", "1") == "0" or include is None:
         return []
-    march = os.environ.get("JAXLSTM_KERNEL_MARCH", "native")
-    return [
+    # optional: a level that fails to build leaves the others (and the pure-XLA path), not a failed install
+    native = [
         Extension(
-            "jaxlstm._lstm_cpu",
-            sources=["jaxlstm/csrc/lstm_cpu.cc"],
+            f"jaxlstm._native_{level}",
+            sources=["jaxlstm/csrc/ffi.cc"],
+            depends=[f"jaxlstm/csrc/{name}" for name in SOURCES],
             include_dirs=[include],
             language="c++",
-            extra_compile_args=[
-                "-std=c++17",
-                "-O3",
-                f"-march={march}",
-                "-ffp-contract=fast",
-                "-fno-math-errno",
-                "-fvisibility=hidden",
-                "-pthread",
-            ],
+            define_macros=[("JAXLSTM_ISA", f'"{level}"')],
+            extra_compile_args=[*FLAGS, *flags],
             extra_link_args=["-pthread"],
-            optional=True,  # a failed build leaves the pure-XLA path, not a failed install
+            optional=True,
         )
+        for level, flags in _levels().items()
     ]
+    cpu = Extension(
+        "jaxlstm._native_cpu",
+        sources=["jaxlstm/csrc/cpu.cc"],
+        language="c++",
+        extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden"],
+        optional=True,
+    )
+    return [cpu, *native]
 
 
-setup(ext_modules=_extensions())
+class BuildNative(build_ext):
+    """Every level from ``jaxlstm/csrc/ffi.cc`` with its own flags, in a build folder of its
+    own, and always afresh: a library or object left from another build (other flags, other
+    sources) is never packaged or linked again."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.force = True
+
+    def build_extension(self, ext):
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildNative})

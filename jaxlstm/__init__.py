@@ -11,6 +11,7 @@ internal.
 """
 
 from . import convert, gates
+from ._kernel import NativeInfo, native_info
 from .params import LSTMParams, LSTMState, init_lstm, zero_state
 from .recurrence import lstm, lstm_cell
 from .rnn import GRUParams, RNNParams, gru, gru_cell, init_gru, init_rnn, rnn, rnn_cell
@@ -22,6 +23,7 @@ __all__ = [
     "GRUParams",
     "LSTMParams",
     "LSTMState",
+    "NativeInfo",
     "RNNParams",
     "convert",
     "gates",
@@ -34,6 +36,7 @@ __all__ = [
     "lstm",
     "lstm_cell",
     "lstm_stack",
+    "native_info",
     "rnn",
     "rnn_cell",
     "zero_state",

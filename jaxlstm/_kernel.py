@@ -1,15 +1,24 @@
 """The compiled CPU kernel: the LSTM, GRU and Elman recurrences as XLA FFI custom calls.
 
-``jaxlstm/csrc/lstm_cpu.cc`` is built by the package's own build (``pip install``
-compiles it with the machine's C++ compiler against the XLA FFI headers that jaxlib
-ships; where that fails the package installs without it). It holds the two loops
-over time, forward and backward, with the hidden units split over the machine's
-cores: each core keeps its slice of ``W_hh`` in its cache and computes its units'
-gates with a register-blocked GEMM, and one spin barrier per step publishes ``h``.
-The input projection runs inside the forward loop and the weight and input
-gradients inside the backward loop (GEMMs over chunks of ~256 rows): on this
-project's machines a ``[T, B, 4H]`` buffer between the loop and XLA cost more to
-first touch (fresh pages on every call) than its GEMM took.
+``jaxlstm/csrc/`` is built by the package's own build (``pip install`` compiles it with
+the machine's C++ compiler against the XLA FFI headers that jaxlib ships; where that fails
+the package installs without it), once per ISA level with portable flags (``setup.py``):
+``avx``, ``avx2`` and ``avx512`` on x86-64, ``generic`` elsewhere, each a library of its
+own (``jaxlstm/_native_<level>``). When a call first needs it, :func:`level` asks the CPU
+(``jaxlstm/_native_cpu``, built for the baseline) which levels it runs and loads the best
+one built; ``JAXLSTM_KERNEL_ISA=<level>`` forces another (one the CPU runs). No library is
+loaded that the CPU cannot run, so no instruction runs that it lacks. Each level registers
+its calls under names of its own (``jaxlstm_<level>_forward``), so levels can be compared
+in one process. :func:`native_info` (``jaxlstm.native_info``) reports it all.
+
+The library holds the two loops over time, forward and backward, with the hidden units
+split over the machine's cores: each core keeps its slice of ``W_hh`` in its cache and
+computes its units' gates with a register-blocked GEMM, and one spin barrier per step
+publishes ``h``. The input projection runs inside the forward loop and the weight and
+input gradients inside the backward loop (GEMMs over chunks of ~256 rows): on this
+project's machines a ``[T, B, 4H]`` buffer between the loop and XLA cost more to first
+touch (fresh pages on every call) than its GEMM took. One forward and one backward call
+serve every cell (the ``cell`` attribute).
 
 :func:`jaxlstm.lstm` runs :func:`kernel_lstm` in place of :func:`jaxlstm._fused.fused_lstm`
 where :func:`applies` (float32 on CPU, no projection or variant, no recurrent
@@ -25,10 +34,12 @@ at most one per CPU this process may run on).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import importlib.util
 import os
+import platform
 from functools import partial
 
 import jax
@@ -38,44 +49,142 @@ import numpy as np
 from ._engine import Steps, counted_steps, mesh_active
 from .params import LSTMParams
 
-__all__ = ["applies", "available", "build_id", "chosen", "enabled", "kernel_cell", "kernel_lstm", "load_error"]
+__all__ = [
+    "LEVELS",
+    "NativeInfo",
+    "applies",
+    "available",
+    "build_id",
+    "chosen",
+    "enabled",
+    "kernel_cell",
+    "kernel_lstm",
+    "level",
+    "load_error",
+    "native_info",
+]
 
-_FORWARD, _BACKWARD = "jaxlstm_lstm_forward", "jaxlstm_lstm_backward"
-_CELL_FORWARD, _CELL_BACKWARD = "jaxlstm_cell_forward", "jaxlstm_cell_backward"
-# The single-state cells: the kernel's ``cell`` attribute and the floats it saves per unit and step.
-_CELLS = {"gru": (1, 4), "rnn": (2, 1)}
+# The ISA levels the kernel is compiled for (setup.py), lowest first: on x86-64 each needs the
+# ones before it; "generic" is the compiler's baseline of any other architecture.
+LEVELS = ("avx", "avx2", "avx512", "generic")
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+ISA_VARIABLE = "JAXLSTM_KERNEL_ISA"
+# The FFI calls' ``cell`` attribute (jaxlstm/csrc/cells.h) and the floats each saves per unit and step.
+_CELLS = {"lstm": (0, 4), "gru": (1, 4), "rnn": (2, 1)}
 _F32 = jnp.dtype(jnp.float32)
 
 
+def _origin(name: str) -> str | None:
+    spec = importlib.util.find_spec(f"jaxlstm.{name}")
+    return None if spec is None or spec.origin is None else spec.origin
+
+
 @functools.cache
-def _load() -> str | None:
-    """Loads and registers the kernel; ``None`` on success, else why not."""
-    spec = importlib.util.find_spec("jaxlstm._lstm_cpu")
-    if spec is None or spec.origin is None:
-        return "the compiled kernel jaxlstm/_lstm_cpu*.so is not built (reinstall with a C++ compiler)"
+def _cpu() -> ctypes.CDLL | None:
+    """The CPU probe (``jaxlstm/csrc/cpu.cc``, compiled for the baseline), or ``None``."""
+    origin = _origin("_native_cpu")
+    if origin is None:
+        return None
     try:
-        lib = ctypes.CDLL(spec.origin)
-        jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.JaxlstmLstmForward), platform="cpu")
-        jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(lib.JaxlstmLstmBackward), platform="cpu")
-        jax.ffi.register_ffi_target(_CELL_FORWARD, jax.ffi.pycapsule(lib.JaxlstmCellForward), platform="cpu")
-        jax.ffi.register_ffi_target(_CELL_BACKWARD, jax.ffi.pycapsule(lib.JaxlstmCellBackward), platform="cpu")
+        lib = ctypes.CDLL(origin)
+    except OSError:
+        return None
+    lib.JaxlstmCpuSupports.argtypes = [ctypes.c_char_p]
+    lib.JaxlstmCpuName.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.cache
+def levels_built() -> tuple[str, ...]:
+    """The levels whose library this installation holds, lowest first."""
+    return tuple(lv for lv in LEVELS if _origin(f"_native_{lv}") is not None)
+
+
+@functools.cache
+def levels_supported() -> tuple[str, ...]:
+    """The levels this CPU (and its OS) can run, of :data:`LEVELS`, asked of the CPU itself
+    (cpuid, through the probe; an emulated CPU answers for itself). Without the probe, none."""
+    cpu = _cpu()
+    if cpu is None:
+        return ()
+    mine = LEVELS[:-1] if _X86 else ("generic",)
+    return tuple(lv for lv in mine if cpu.JaxlstmCpuSupports(lv.encode()))
+
+
+@functools.cache
+def _choose(forced: str | None) -> tuple[str | None, str | None]:
+    """(the level to load, None) or (None, why there is none)."""
+    built, supported = levels_built(), levels_supported()
+    if forced is not None:
+        if forced not in LEVELS:
+            raise ValueError(f"{ISA_VARIABLE} must be one of {', '.join(LEVELS)}; got {forced!r}")
+        if forced not in built:
+            return None, f"{ISA_VARIABLE}={forced}: that level is not built (built: {', '.join(built) or 'none'})"
+        if forced not in supported:
+            return None, (
+                f"{ISA_VARIABLE}={forced}: this CPU cannot run that level (it runs: {', '.join(supported) or 'none'})"
+            )
+        return forced, None
+    if not built:
+        return None, "the compiled kernel (jaxlstm/_native_*) is not built: reinstall with a C++ compiler"
+    runnable = [lv for lv in built if lv in supported]
+    if not runnable:
+        return None, f"this CPU runs none of the built levels ({', '.join(built)})"
+    return runnable[-1], None
+
+
+def level() -> str | None:
+    """The ISA level the kernel runs at in this process (``None`` where it cannot run): the best
+    one built that the CPU supports, or the one ``JAXLSTM_KERNEL_ISA`` names. Read where a call is
+    traced, so a function ``jax.jit`` already traced keeps the level it was traced with."""
+    return _choose(os.environ.get(ISA_VARIABLE) or None)[0]
+
+
+def _target(direction: str) -> str:
+    return f"jaxlstm_{level()}_{direction}"
+
+
+@functools.cache
+def _library(lv: str) -> ctypes.CDLL:
+    """Loads level ``lv`` (one the CPU supports: :func:`_choose` checked) and registers its
+    calls with XLA under names of its own, so that levels can be compared in one process."""
+    lib = ctypes.CDLL(_origin(f"_native_{lv}"))
+    lib.JaxlstmIsa.restype = ctypes.c_char_p
+    compiled = lib.JaxlstmIsa().decode()
+    if compiled != lv:
+        raise OSError(f"jaxlstm/_native_{lv} was compiled for {compiled!r}")
+    jax.ffi.register_ffi_target(f"jaxlstm_{lv}_forward", jax.ffi.pycapsule(lib.JaxlstmForward), platform="cpu")
+    jax.ffi.register_ffi_target(f"jaxlstm_{lv}_backward", jax.ffi.pycapsule(lib.JaxlstmBackward), platform="cpu")
+    return lib
+
+
+def _load() -> str | None:
+    """Loads and registers the kernel at :func:`level`; ``None`` on success, else why not."""
+    lv, error = _choose(os.environ.get(ISA_VARIABLE) or None)
+    if lv is None:
+        return error
+    try:
+        _library(lv)
     except (OSError, AttributeError) as e:
-        return f"the compiled kernel {spec.origin} did not load: {e}"
+        return f"the compiled kernel jaxlstm/_native_{lv} did not load: {e}"
     return None
 
 
 @functools.cache
-def build_id() -> str:
-    """A short hash of the built kernel (``""`` where it is not built): tuning's choices
-    between it and the XLA path are keyed on it, so a rebuilt kernel is measured afresh."""
-    spec = importlib.util.find_spec("jaxlstm._lstm_cpu")
-    if spec is None or spec.origin is None:
-        return ""
+def _build_id(lv: str) -> str:
     try:
-        with open(spec.origin, "rb") as f:
-            return hashlib.sha1(f.read()).hexdigest()[:12]
+        with open(_origin(f"_native_{lv}") or "", "rb") as f:
+            return f"{lv}-{hashlib.sha1(f.read()).hexdigest()[:12]}"
     except OSError:
         return ""
+
+
+def build_id() -> str:
+    """The level in use and a short hash of its library (``""`` where none runs): tuning's
+    choices between it and the XLA path are keyed on it, so a rebuilt kernel, or another
+    level, is measured afresh."""
+    lv = level()
+    return "" if lv is None else _build_id(lv)
 
 
 def load_error() -> str | None:
@@ -84,13 +193,82 @@ def load_error() -> str | None:
 
 
 def available() -> bool:
-    """The kernel is built and registered with XLA."""
+    """The kernel is built, runs on this CPU and is registered with XLA."""
     return _load() is None
 
 
 def enabled() -> bool:
     """Available and not turned off with ``JAXLSTM_KERNEL=0``."""
     return os.environ.get("JAXLSTM_KERNEL", "1") != "0" and available()
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeInfo:
+    """What :func:`jaxlstm.native_info` reports of the compiled CPU kernel."""
+
+    available: bool  # built, runs on this CPU, registered with XLA
+    enabled: bool  # available and not turned off with JAXLSTM_KERNEL=0
+    isa: str | None  # the level in use
+    isa_built: tuple[str, ...]  # the levels this installation holds
+    isa_supported: tuple[str, ...]  # the levels this CPU runs
+    isa_forced: str | None  # JAXLSTM_KERNEL_ISA, where set
+    threads: int | None  # the most threads a call uses (one per CPU, or JAXLSTM_KERNEL_THREADS)
+    cpu: str  # the CPU's name, family and model, as cpuid gives them
+    build_id: str  # the level and a hash of its library
+    error: str | None  # why it is unavailable
+
+    def __str__(self) -> str:
+        state = "enabled" if self.enabled else ("available, turned off (JAXLSTM_KERNEL=0)" if self.available else "off")
+        lines = [
+            f"jaxlstm native kernel: {state}" + (f": {self.error}" if self.error else ""),
+            f"  ISA level in use: {self.isa or '-'}" + (f" (forced by {ISA_VARIABLE})" if self.isa_forced else ""),
+            f"  levels built: {', '.join(self.isa_built) or 'none'}; this CPU runs: "
+            f"{', '.join(self.isa_supported) or 'unknown'}",
+            f"  threads per call: at most {self.threads if self.threads else '-'}",
+            f"  CPU: {self.cpu or 'unknown'}",
+        ]
+        return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    cpu = _cpu()
+    if cpu is None:
+        return platform.processor()
+    fm = cpu.JaxlstmCpuFamilyModel()
+    name = cpu.JaxlstmCpuName().decode(errors="replace").strip()
+    return f"{name} (family {fm // 1000}, model {fm % 1000})" if fm else (name or platform.processor())
+
+
+def native_info() -> NativeInfo:
+    """The compiled CPU kernel as this process sees it: whether it is built and why not,
+    the ISA level in use (the best one built that the CPU supports; ``JAXLSTM_KERNEL_ISA``
+    forces a lower one), the levels built and supported, the threads per call and the CPU.
+
+    >>> info = jaxlstm.native_info()
+    >>> info.isa in info.isa_built if info.available else info.error is not None
+    True
+    """
+    forced = os.environ.get(ISA_VARIABLE) or None
+    try:
+        error = _load()
+    except ValueError as e:  # a JAXLSTM_KERNEL_ISA that names no level: jaxlstm.lstm raises it
+        error = str(e)
+    lv = level() if error is None else None
+    threads = None
+    if lv is not None:
+        threads = int(_library(lv).JaxlstmMaxThreads())
+    return NativeInfo(
+        available=error is None,
+        enabled=error is None and enabled(),
+        isa=lv,
+        isa_built=levels_built(),
+        isa_supported=levels_supported(),
+        isa_forced=forced,
+        threads=threads,
+        cpu=_cpu_name(),
+        build_id="" if lv is None else _build_id(lv),
+        error=error,
+    )
 
 
 def applies(params, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zoneout, checkpoint_every=None) -> bool:
@@ -152,20 +330,62 @@ def _require() -> None:
         raise RuntimeError(error)
 
 
-def _forward(batch_major: bool, params: LSTMParams, carry0, xs, steps, reset_carry, save: bool):
+def _out(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, _F32)
+
+
+_NONE = jnp.zeros((0,), _F32)  # a buffer the cell does not have (the c of a GRU, ...)
+
+
+def _run_forward(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr, save: bool):
+    """The forward call for any cell: ``c0``/``cr`` the LSTM's (``None`` for the others).
+    Returns ``ys, h(T), c(T), saved`` (``c(T)`` ``None`` but for the LSTM)."""
     _require()
+    cell, saved_per_unit = _CELLS[kind]
+    lstm = kind == "lstm"
     B, T = xs.shape[:2] if batch_major else xs.shape[1::-1]
-    H = params.w_hh.shape[0]
-    b = jnp.zeros((4 * H,), _F32) if params.b is None else params.b
+    GH, H = params.w_hh.shape[1], params.w_hh.shape[0]
+    b = jnp.zeros((GH,), _F32) if params.b is None else params.b
+    b_hn = params.b_hn if kind == "gru" else _NONE
     valid, reset = _flags(steps, T, B)
-    out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
-    saved = (out(T, B, 4 * H), out(T, B, H), out(T, B, H)) if save else (out(0), out(0), out(0))
-    ys = out(B, T, H) if batch_major else out(T, B, H)
-    call = jax.ffi.ffi_call(_FORWARD, (ys, out(B, H), out(B, H), *saved), vmap_method="sequential")
+    cs = (T, B, H) if save and lstm else (0,)
+    saved = (_out(T, B, saved_per_unit * H), _out(*cs), _out(T, B, H)) if save else (_out(0),) * 3
+    ys = _out(B, T, H) if batch_major else _out(T, B, H)
+    outs = (ys, _out(B, H), _out(*((B, H) if lstm else (0,))), *saved)
+    call = jax.ffi.ffi_call(_target("forward"), outs, vmap_method="sequential")
     ys, h, c, acts, cs, h_in = call(
-        xs, params.w_ih, b, params.w_hh, *carry0, *reset_carry, valid, reset, batch_major=np.int32(batch_major)
-    )
-    return ys, (h, c), (acts, cs, h_in, valid, reset)
+        xs, params.w_ih, b, b_hn, params.w_hh, h0, _NONE if c0 is None else c0, hr, _NONE if cr is None else cr,
+        valid, reset, batch_major=np.int32(batch_major), cell=np.int32(cell),
+    )  # fmt: skip
+    return ys, h, (c if lstm else None), (acts, cs, h_in, valid, reset)
+
+
+def _run_backward(kind: str, batch_major: bool, params, xs, c0, cr, saved, dys, dh, dc):
+    """The backward call for any cell. Returns ``grads, dh0, dc0, dxs, dh_reset, dc_reset``
+    (``dc0``, ``dc_reset`` ``None`` but for the LSTM)."""
+    cell, _ = _CELLS[kind]
+    lstm = kind == "lstm"
+    acts, cs, h_in, valid, reset = saved
+    (D, GH), H = params.w_ih.shape, params.w_hh.shape[0]
+    B = dh.shape[0]
+    state = (B, H) if lstm else (0,)
+    shapes = (
+        _out(*xs.shape), _out(D, GH), _out(H, GH), _out(GH), _out(H if kind == "gru" else 0),
+        _out(B, H), _out(*state), _out(B, H), _out(*state),
+    )  # fmt: skip
+    call = jax.ffi.ffi_call(_target("backward"), shapes, vmap_method="sequential")
+    none = lambda a: _NONE if a is None else a
+    dxs, dw_ih, dw_hh, db, db_hn, dh0, dc0, dh_reset, dc_reset = call(
+        xs, params.w_ih, params.w_hh, acts, cs, h_in, none(c0), none(cr), valid, reset, dys, dh, none(dc),
+        batch_major=np.int32(batch_major), cell=np.int32(cell),
+    )  # fmt: skip
+    if kind == "lstm":
+        grads = LSTMParams(dw_ih, dw_hh, None if params.b is None else db, None)
+    elif kind == "gru":
+        grads = type(params)(dw_ih, dw_hh, db, db_hn)
+    else:
+        grads = type(params)(dw_ih, dw_hh, db)
+    return grads, dh0, (dc0 if lstm else None), dxs, dh_reset, (dc_reset if lstm else None)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -174,62 +394,27 @@ def kernel_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps 
     (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
     ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
     (``[B, T, H]``)."""
-    ys, carry, _ = _forward(batch_major, params, carry0, xs, steps, reset_carry, save=False)
-    return ys, carry
+    (h0, c0), (hr, cr) = carry0, reset_carry
+    ys, h, c, _ = _run_forward("lstm", batch_major, params, h0, c0, xs, steps, hr, cr, save=False)
+    return ys, (h, c)
 
 
 def _kernel_fwd(batch_major, params, carry0, xs, steps, reset_carry):
-    ys, carry, saved = _forward(batch_major, params, carry0, xs, steps, reset_carry, save=True)
-    return (ys, carry), (params, carry0[1], reset_carry[1], xs, saved)
+    (h0, c0), (hr, cr) = carry0, reset_carry
+    ys, h, c, saved = _run_forward("lstm", batch_major, params, h0, c0, xs, steps, hr, cr, save=True)
+    return (ys, (h, c)), (params, carry0[1], reset_carry[1], xs, saved)
 
 
 def _kernel_bwd(batch_major, res, cotangents):
-    params, c0, c_reset, xs, (acts, cs, h_in, valid, reset) = res
+    params, c0, c_reset, xs, saved = res
     dys, (dh, dc) = cotangents
-    D, H = xs.shape[-1], cs.shape[-1]
-    B = c0.shape[0]
-    out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
-    shapes = (out(*xs.shape), out(D, 4 * H), out(H, 4 * H), out(4 * H), *(out(B, H) for _ in range(4)))
-    call = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")
-    dxs, dw_ih, dw_hh, db, dh0, dc0, dh_reset, dc_reset = call(
-        xs,
-        params.w_ih,
-        params.w_hh,
-        acts,
-        cs,
-        h_in,
-        c0,
-        c_reset,
-        valid,
-        reset,
-        dys,
-        dh,
-        dc,
-        batch_major=np.int32(batch_major),
+    grads, dh0, dc0, dxs, dh_reset, dc_reset = _run_backward(
+        "lstm", batch_major, params, xs, c0, c_reset, saved, dys, dh, dc
     )
-    grads = LSTMParams(dw_ih, dw_hh, None if params.b is None else db, None)
     return grads, (dh0, dc0), dxs, None, (dh_reset, dc_reset)
 
 
 kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
-
-
-def _cell_forward(kind: str, batch_major: bool, params, h0, xs, steps, h_reset, save: bool):
-    _require()
-    cell, saved_per_unit = _CELLS[kind]
-    B, T = xs.shape[:2] if batch_major else xs.shape[1::-1]
-    H = params.w_hh.shape[0]
-    b_hn = params.b_hn if kind == "gru" else jnp.zeros((0,), _F32)
-    valid, reset = _flags(steps, T, B)
-    out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
-    saved = (out(T, B, saved_per_unit * H), out(T, B, H)) if save else (out(0), out(0))
-    ys = out(B, T, H) if batch_major else out(T, B, H)
-    call = jax.ffi.ffi_call(_CELL_FORWARD, (ys, out(B, H), *saved), vmap_method="sequential")
-    ys, h, acts, h_in = call(
-        xs, params.w_ih, params.b, b_hn, params.w_hh, h0, h_reset, valid, reset,
-        batch_major=np.int32(batch_major), cell=np.int32(cell),
-    )  # fmt: skip
-    return ys, h, (acts, h_in, valid, reset)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -238,29 +423,19 @@ def kernel_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | Non
     (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
     ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
     ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``)."""
-    ys, h, _ = _cell_forward(kind, batch_major, params, h0, xs, steps, h_reset, save=False)
+    ys, h, _, _ = _run_forward(kind, batch_major, params, h0, None, xs, steps, h_reset, None, save=False)
     return ys, h
 
 
 def _cell_fwd(kind, batch_major, params, h0, xs, steps, h_reset):
-    ys, h, saved = _cell_forward(kind, batch_major, params, h0, xs, steps, h_reset, save=True)
+    ys, h, _, saved = _run_forward(kind, batch_major, params, h0, None, xs, steps, h_reset, None, save=True)
     return (ys, h), (params, xs, saved)
 
 
 def _cell_bwd(kind, batch_major, res, cotangents):
-    params, xs, (acts, h_in, valid, reset) = res
+    params, xs, saved = res
     dys, dh = cotangents
-    cell, _ = _CELLS[kind]
-    (D, GH), H = params.w_ih.shape, params.w_hh.shape[0]
-    B = dh.shape[0]
-    out = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
-    shapes = (out(*xs.shape), out(D, GH), out(H, GH), out(GH), out(H if kind == "gru" else 0), out(B, H), out(B, H))
-    call = jax.ffi.ffi_call(_CELL_BACKWARD, shapes, vmap_method="sequential")
-    dxs, dw_ih, dw_hh, db, db_hn, dh0, dh_reset = call(
-        xs, params.w_ih, params.w_hh, acts, h_in, valid, reset, dys, dh,
-        batch_major=np.int32(batch_major), cell=np.int32(cell),
-    )  # fmt: skip
-    grads = type(params)(dw_ih, dw_hh, db, db_hn) if kind == "gru" else type(params)(dw_ih, dw_hh, db)
+    grads, dh0, _, dxs, dh_reset, _ = _run_backward(kind, batch_major, params, xs, None, None, saved, dys, dh, None)
     return grads, dh0, dxs, None, dh_reset
 
 

@@ -3,9 +3,6 @@ NumPy reference loop and the pure-XLA path: values, gradients, masks, resets, re
 layouts, vmap, and the threads' split of the hidden units."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +37,7 @@ def _case(seed, B, D, H, T, flags=False):
 
 
 def _uses_kernel(f, *args) -> bool:
-    return "jaxlstm_lstm_forward" in str(jax.make_jaxpr(f)(*args))
+    return f"jaxlstm_{_kernel.level()}_forward" in str(jax.make_jaxpr(f)(*args))
 
 
 def _loss(p, xs, s, r=None, **kw):
@@ -194,34 +191,4 @@ def test_kernel_core_direct_with_flags():
     assert_trees_close(got, want, rtol=1e-5)
 
 
-def test_threads_split_the_units():
-    """Forced to 3 threads (uneven splits of H over threads, more threads than this
-    machine's cores), in a fresh process: the XLA path's numbers, values and gradients,
-    for the LSTM, the GRU and the Elman RNN."""
-    code = textwrap.dedent(
-        """
-        import jax, jax.numpy as jnp, numpy as np, jaxlstm
-        from jaxlstm import tuning
-        cells = [
-            (jaxlstm.init_lstm, jaxlstm.lstm, [(5, 3, 40, 6), (13, 4, 72, 3), (2, 3, 100, 4)]),
-            (jaxlstm.init_gru, jaxlstm.gru, [(5, 3, 40, 6), (2, 3, 100, 4)]),
-            (jaxlstm.init_rnn, jaxlstm.rnn, [(13, 4, 72, 3)]),
-        ]
-        for init, run, shapes in cells:
-            for B, D, H, T in shapes:
-                p = init(jax.random.key(H), D, H)
-                xs = jax.random.normal(jax.random.key(1), (B, T, D))
-                lengths = jnp.arange(B, dtype=jnp.int32) % (T + 1)
-                f = lambda p, x: run(p, x, seq_lengths=lengths)
-                loss = lambda p, x: sum(jnp.sin(a).sum() for a in jax.tree.leaves(f(p, x)))
-                got, g = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
-                with tuning.forced("xla"):
-                    want, g_want = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
-                for a, b in zip(jax.tree.leaves((got, g)), jax.tree.leaves((want, g_want))):
-                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-        print("ok")
-        """
-    )
-    env = dict(os.environ, JAXLSTM_KERNEL_THREADS="3", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+# Three threads, and every ISA level: tests/test_kernel_levels.py.

@@ -1,0 +1,129 @@
+// The register-blocked GEMM of the two loops, and the buffers it works on.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "simd.h"
+
+namespace jaxlstm {
+
+// How many rows of a panel the tile asks for ahead of its k loop. Where a panel is larger
+// than the L1 cache (K = H = 1024: 128 KiB) the hardware's prefetchers alone left the
+// tile waiting on its loads: at B=64, H=1024 a distance of 64 rows made the forward pass
+// 13-18 % faster and training 6-7 % (16 rows: 2-5 %; 128 and 256: as 64), and left the
+// smaller regimes as they were (measured, Zen 5).
+constexpr long kPrefetch = 64;
+
+// C[r, 0:NC] (+)= Σ_k A[r, k] · P[k, 0:NC] for r < M; A[r, k] = A[r * rs + k * ks];
+// P is a packed [K, NC] panel.
+template <int M>
+void tile(const float* A, long rs, long ks, const float* P, long K, float* C, long ldc, bool accumulate) {
+  // U independent sums over alternate k where a row block has fewer than 8 accumulators:
+  // one chain per register was bound by the FMA's latency, not its throughput (B=1: the
+  // forward pass 3-6 % faster, training 7-9 %, measured at B=1, H=64 on Zen 5).
+  constexpr int U = M * NV >= 8 ? 1 : 8 / (M * NV);
+  vf acc[U][M][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      acc[0][r][j] = accumulate ? load(C + r * ldc + j * VW) : vf{};
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) acc[u][r][j] = vf{};
+    }
+  auto step = [&](long k, vf(&sum)[M][NV]) {
+    vf b[NV];
+    // The panel's row kPrefetch ahead (past the end: the next panel's, or nothing; a
+    // prefetch does not fault).
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) __builtin_prefetch(P + (k + kPrefetch) * NC + j * VW);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = *reinterpret_cast<const vf*>(P + k * NC + j * VW);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const float a = A[r * rs + k * ks];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) sum[r][j] += b[j] * a;
+    }
+  };
+  long k = 0;
+  for (; k + U <= K; k += U)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) step(k + u, acc[u]);
+  for (; k < K; ++k) step(k, acc[0]);
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) acc[0][r][j] += acc[u][r][j];
+      store(C + r * ldc + j * VW, acc[0][r][j]);
+    }
+}
+
+using TileFn = void (*)(const float*, long, long, const float*, long, float*, long, bool);
+
+template <int... Ms>
+constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
+  return std::array<TileFn, sizeof...(Ms)>{&tile<Ms + 1>...};
+}
+const auto kTiles = make_tiles(std::make_integer_sequence<int, MR>{});
+
+// C [M, N] (+)= A [M, K] · panels, N a multiple of NC; A[r, k] = A[r * rs + k * ks]
+// (rs = row stride, ks = 1 for a row-major A; rs = 1 for a transposed one); panel j
+// holds columns j*NC ... as [K, NC].
+inline void gemm(const float* A, long rs, long ks, long M, const float* panels, long K, long N, float* C, long ldc,
+                 bool accumulate) {
+  for (long j = 0; j < N / NC; ++j) {
+    const float* P = panels + j * K * NC;
+    for (long r = 0; r < M; r += MR) {
+      const long m = std::min<long>(MR, M - r);
+      kTiles[m - 1](A + r * rs, rs, ks, P, K, C + r * ldc + j * NC, ldc, accumulate);
+    }
+  }
+}
+
+// dst [cols, rows] = the rows row(0), ..., row(rows - 1) of cols floats, transposed,
+// in blocks that stay in cache.
+template <typename Row>
+void transpose(Row&& row, long rows, long cols, float* dst) {
+  constexpr long kBlock = 32;
+  for (long r0 = 0; r0 < rows; r0 += kBlock)
+    for (long c0 = 0; c0 < cols; c0 += kBlock)
+      for (long r = r0; r < std::min(rows, r0 + kBlock); ++r) {
+        const float* src = row(r);
+        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * rows + r] = src[c];
+      }
+}
+
+// n zeroed floats in v, the first at a multiple of ALIGN bytes.
+inline float* aligned_floats(std::vector<float>& v, size_t n) {
+  v.assign(n + ALIGN / sizeof(float), 0.0f);
+  auto p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<float*>((p + ALIGN - 1) / ALIGN * ALIGN);
+}
+
+// Large output buffers are fresh memory that XLA's allocator maps on each call: in
+// 4 KiB pages, first touching them costs more than the recurrence itself (measured:
+// 17 of 29 ms of a saving forward pass at B=32, H=256, T=256). Where transparent
+// huge pages are enabled on request ("madvise"), asking for them costs one call.
+inline void prefer_huge_pages(void* data, size_t bytes) {
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)begin, (void)end;
+#endif
+}
+
+}  // namespace jaxlstm

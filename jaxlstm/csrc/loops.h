@@ -1,0 +1,362 @@
+// The two loops over time, written once over the cell (cells.h): forward (with or without
+// saving for the backward pass) and backward (the reverse recurrence and every gradient).
+//
+// Forward, float32, gate order as the cell's (the LSTM's i, f, g, o), inputs and outputs
+// time-major [T, B, .] or batch-major [B, T, .] (the saved activations are time-major):
+//   z(t) = x(t) · W_ih + h_in(t) · W_hh + b, and the cell's update (cells.h).
+// The input projection is computed per step inside the loop, on panels that stay in
+// cache: a [T, B, G*H] projection computed before the loop is a buffer of fresh memory,
+// whose first touch cost more than the projection's GEMM (measured: 21 ms for
+// [8192, 128] · [128, 1024] at B=32, T=256, against 5 ms of arithmetic).
+// Backward: the reverse recurrence of the cotangents (dh, and dc for the LSTM) and all
+// the gradients: dx, dW_ih, dW_hh, db (the GRU's db_hn) and the initial and reset
+// states' cotangents. The gate cotangents never leave the kernel (a [T, B, G*H] buffer
+// would cost its first touch again); the weight gradients are GEMMs over chunks of ~256 rows.
+//
+// Per-step flags: valid [T, B] (the step counts: inside the length and the mask) and
+// reset [T, B] (a counted step starts from the reset state). A step that does not
+// count leaves the state unchanged and outputs zeros, as in jaxlstm._engine.
+//
+// Parallelism (a team of threads per call, team.h): the hidden units are split into one
+// contiguous range per thread; each thread owns the G gate columns of its units (packed
+// once per call into panels that stay in its core's cache), computes their gates with the
+// register-blocked GEMM (gemm.h), and applies the pointwise update to its own units. One
+// spin barrier per step publishes the new h to all threads. The backward pass splits the
+// same way: each thread forms the gate cotangents of its units, a barrier, then dh(t-1)
+// for its units from all of them.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cells.h"
+#include "gemm.h"
+#include "simd.h"
+#include "team.h"
+
+namespace jaxlstm {
+
+// The units [lo, hi) of thread p of n: contiguous ranges, multiples of VW where H allows.
+struct Split {
+  long lo, hi;
+  long n() const { return hi - lo; }
+  long padded() const { return (n() + NC - 1) / NC * NC; }  // columns per gate in the panel
+};
+
+inline Split split_units(long H, int p, int n) {
+  const long per = ((H + n - 1) / n + VW - 1) / VW * VW;
+  const long lo = std::min(H, p * per);
+  return {lo, std::min(H, lo + per)};
+}
+
+// Where step t of sequence b lies in a [T, B, F] (time-major) or [B, T, F] array, in rows.
+struct Layout {
+  long T, B;
+  bool batch_major;
+  long row(long t, long b) const { return batch_major ? b * T + t : t * B + b; }
+  long batch_stride() const { return batch_major ? T : 1; }  // rows from (t, b) to (t, b + 1)
+};
+
+// The sizes of a call, and the layout of its sequences (xs, ys, dys, dxs).
+struct Dims {
+  long T, B, D, H;
+  Layout io;
+};
+
+struct ForwardArgs : Dims {
+  const float *xs, *w_ih, *bias, *b_hn, *w_hh, *h0, *c0, *hr, *cr;  // b_hn: the GRU's; c0, cr: the LSTM's
+  const uint8_t *valid, *reset;
+  float *ys, *hT, *cT;
+  float *acts, *cs, *hin;  // saved for the backward pass, or nullptr (cs: the LSTM's)
+};
+
+template <class Cell>
+void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, float* h_state, float* c_state,
+                    float* hbuf) {
+  constexpr int G = Cell::G, S = Cell::S;
+  const long T = a.T, B = a.B, H = a.H, GH = G * H;
+  const Split s = split_units(H, p, n);
+  const long nu = s.n(), np = s.padded(), cols = G * np;
+  // Panels of W_ih's and W_hh's columns for this thread's units, gate-blocked: column
+  // g*np + u is gate g of unit lo + u (zero for the padding units).
+  std::vector<float> wx_store, wh_store, zx_store, zh_store, bias_store;
+  float* wx = aligned_floats(wx_store, static_cast<size_t>(a.D) * cols);
+  float* wh = aligned_floats(wh_store, static_cast<size_t>(H) * cols);
+  float* zx = aligned_floats(zx_store, static_cast<size_t>(B) * cols);
+  float* zh = Cell::kSplit ? aligned_floats(zh_store, static_cast<size_t>(B) * cols) : zx;
+  float* bias = aligned_floats(bias_store, cols);
+  // Row by row (read column by column, W_hh took 5 % of the forward pass at H=1024, a
+  // cache miss per float): np is a multiple of NC, so a run of NC units of one gate is
+  // contiguous in w and in one panel.
+  auto pack = [&](float* panel, const float* w, long K) {
+    for (long k = 0; k < K; ++k)
+      for (long g = 0; g < G; ++g)
+        for (long u = 0; u < nu; u += NC)
+          std::memcpy(panel + (g * np + u) / NC * K * NC + k * NC, w + k * GH + g * H + s.lo + u,
+                      4 * std::min<long>(NC, nu - u));
+  };
+  pack(wx, a.w_ih, a.D);
+  pack(wh, a.w_hh, H);
+  for (long g = 0; g < G; ++g) std::memcpy(bias + g * np, a.bias + g * H + s.lo, 4 * nu);
+  const float* b_hn = a.b_hn ? a.b_hn + s.lo : nullptr;
+  auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * B * H : hbuf + (t & 1) * B * H; };
+  // The state entering step t for this thread's units (a reset replaces it).
+  auto enter = [&](long t) {
+    float* hin = h_in_at(t);
+    for (long b = 0; b < B; ++b) {
+      const bool r = a.reset[t * B + b] != 0;
+      for (long u = s.lo; u < s.hi; ++u) {
+        const long i = b * H + u;
+        if (r) {
+          h_state[i] = a.hr[i];
+          if constexpr (Cell::kHasC) c_state[i] = a.cr[i];
+        }
+        hin[i] = h_state[i];
+      }
+    }
+  };
+  if (nu > 0) {
+    for (long b = 0; b < B; ++b)
+      for (long u = s.lo; u < s.hi; ++u) {
+        h_state[b * H + u] = a.h0[b * H + u];
+        if constexpr (Cell::kHasC) c_state[b * H + u] = a.c0[b * H + u];
+      }
+    if (T > 0) enter(0);
+  }
+  barrier.wait();
+  for (long t = 0; t < T; ++t) {
+    if (nu > 0) {
+      for (long b = 0; b < B; ++b) std::memcpy(zx + b * cols, bias, 4 * cols);
+      gemm(a.xs + a.io.row(t, 0) * a.D, a.io.batch_stride() * a.D, 1, B, wx, a.D, cols, zx, cols, true);
+      gemm(h_in_at(t), H, 1, B, wh, H, cols, zh, cols, !Cell::kSplit);
+      for (long b = 0; b < B; ++b) {
+        const bool valid = a.valid[t * B + b] != 0;
+        float* y = a.ys + a.io.row(t, b) * H + s.lo;
+        float* hs = h_state + b * H + s.lo;
+        float* cst = Cell::kHasC ? c_state + b * H + s.lo : nullptr;
+        float* act = a.acts ? a.acts + (t * B + b) * S * H + s.lo : nullptr;
+        for (long u = 0; u < nu; u += VW) {
+          const int m = static_cast<int>(std::min<long>(VW, nu - u));
+          if (!valid) {
+            store_n(y + u, vf{}, m);
+            if (act)
+              for (int k = 0; k < S; ++k) store_n(act + k * H + u, vf{}, m);
+            continue;
+          }
+          const vf h = cell_step<Cell>(zx + b * cols, zh + b * cols, np, u, m, b_hn, hs, cst, act, H);
+          store_n(hs + u, h, m);
+          store_n(y + u, h, m);
+        }
+        if (Cell::kHasC && a.cs) std::memcpy(a.cs + (t * B + b) * H + s.lo, cst, 4 * nu);
+      }
+      if (t + 1 < T) enter(t + 1);
+    }
+    barrier.wait();
+  }
+  if (nu > 0)
+    for (long b = 0; b < B; ++b) {
+      std::memcpy(a.hT + b * H + s.lo, h_state + b * H + s.lo, 4 * nu);
+      if constexpr (Cell::kHasC) std::memcpy(a.cT + b * H + s.lo, c_state + b * H + s.lo, 4 * nu);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+
+struct BackwardArgs : Dims {
+  const float *xs, *w_ih, *w_hh, *acts, *cs, *h_in, *c0, *cr;  // cs, c0, cr: the LSTM's
+  const uint8_t *valid, *reset;
+  const float *dys, *dhT, *dcT;
+  float *dxs, *dw_ih, *dw_hh, *db, *db_hn, *dh0, *dc0, *dhr, *dcr;  // db_hn: the GRU's
+};
+
+// Each thread owns the units [lo, hi) (their G gate columns of the gate cotangents
+// and of the weight gradients) and the input features [dlo, dhi) (their columns of
+// dx). Per step: the gate cotangents of its units into a shared ring (a barrier), then
+// dh(t-1) for its units from all of them. Every TC steps (a chunk, TC·B rows), the
+// weight gradients of its columns take one GEMM over the chunk's rows, and dx of its
+// features one GEMM; the ring holds two chunks, so a chunk is read while the next is
+// written. dgx is the cotangent of x·W_ih + b, dgh that of h·W_hh (the same but for
+// the GRU's n block, dgh_n = dgx_n ∗ r); with kSplit each has its ring and panels.
+template <class Cell>
+void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, float* dh, float* dc, float* ring,
+                     float* ring_x, long TC) {
+  constexpr int G = Cell::G, S = Cell::S;
+  const long T = a.T, B = a.B, D = a.D, H = a.H, GH = G * H;
+  const Split s = split_units(H, p, n), sd = split_units(D, p, n);
+  const long nu = s.n(), np = s.padded(), cols = G * np, nd = sd.n(), ndp = sd.padded();
+  // A thread's own buffers, each a std::vector that aligned_floats fills and aligns.
+  struct {
+    std::vector<float> whT, wiT, rec, direct, ph, px, gwh, gwi, gb, gbh, dxc, hT, xT;
+  } own;
+  // W_hh's rows of this thread's units, transposed into panels [GH, np]: dh(t-1) = dgh · W_hhᵀ.
+  float* whT = aligned_floats(own.whT, static_cast<size_t>(GH) * np);
+  // W_ih's rows of its input features, [GH, ndp]: dx = dgx · W_ihᵀ.
+  float* wiT = aligned_floats(own.wiT, static_cast<size_t>(GH) * ndp);
+  for (long u = 0; u < nu; ++u)
+    for (long k = 0; k < GH; ++k) whT[(u / NC) * GH * NC + k * NC + u % NC] = a.w_hh[(s.lo + u) * GH + k];
+  for (long d = 0; d < nd; ++d)
+    for (long k = 0; k < GH; ++k) wiT[(d / NC) * GH * NC + k * NC + d % NC] = a.w_ih[(sd.lo + d) * GH + k];
+  const size_t chunk_cols = static_cast<size_t>(TC) * B * cols;
+  float* rec = aligned_floats(own.rec, static_cast<size_t>(B) * np);  // dh(t-1) of its units through W_hh
+  float* direct = aligned_floats(own.direct, Cell::kSplit ? static_cast<size_t>(B) * np : 0);  // the GRU's dh ∗ z
+  float* ph = aligned_floats(own.ph, chunk_cols);                             // its dgh columns, as panels
+  float* px = Cell::kSplit ? aligned_floats(own.px, chunk_cols) : ph;         // its dgx columns
+  float* gwh = aligned_floats(own.gwh, static_cast<size_t>(H) * cols);        // dW_hh of its columns
+  float* gwi = aligned_floats(own.gwi, static_cast<size_t>(D) * cols);        // dW_ih of its columns
+  float* gb = aligned_floats(own.gb, cols);                                   // db of its columns
+  float* gbh = aligned_floats(own.gbh, cols);                                 // Σ dgh (the GRU's db_hn)
+  float* dxc = aligned_floats(own.dxc, static_cast<size_t>(TC) * B * ndp);    // dx of its features, a chunk
+  float* hT = aligned_floats(own.hT, static_cast<size_t>(TC) * B * H);        // a chunk of h_in, transposed
+  float* xT = aligned_floats(own.xT, static_cast<size_t>(TC) * B * D);        // and of x
+  for (long b = 0; b < B; ++b)
+    for (long u = s.lo; u < s.hi; ++u) {
+      const long i = b * H + u;
+      dh[i] = a.dhT[i];
+      a.dhr[i] = 0.0f;
+      if constexpr (Cell::kHasC) {
+        dc[i] = a.dcT[i];
+        a.dcr[i] = 0.0f;
+      }
+    }
+  // The chunk of t: steps [t0, t0 + TC); its rows k = (t - t0) * B + b.
+  for (long t = T - 1; t >= 0; --t) {
+    const long t0 = t / TC * TC, rows = std::min(TC, T - t0) * B;
+    const long chunk = ((t / TC) & 1) * TC * B * GH;
+    float* dgh_t = ring + chunk + (t - t0) * B * GH;
+    float* dgx_t = ring_x + chunk + (t - t0) * B * GH;
+    for (long b = 0; b < B && nu > 0; ++b) {
+      const long row = t * B + b, k = (t - t0) * B + b;
+      // The cotangents of gate g, units u...u+m: vx of x·W_ih + b, vh of h·W_hh.
+      auto put = [&](long g, long u, vf vx, vf vh, int m) {
+        const long c = g * np + u;  // VW divides NC: a vector never straddles two panels
+        const long at = k * NC + (c / NC) * TC * B * NC + c % NC;
+        store_n(dgh_t + b * GH + g * H + s.lo + u, vh, m);
+        store_n(ph + at, vh, m);
+        store_n(gb + c, load_n(gb + c, m) + vx, m);
+        if constexpr (Cell::kSplit) {
+          store_n(dgx_t + b * GH + g * H + s.lo + u, vx, m);
+          store_n(px + at, vx, m);
+          store_n(gbh + c, load_n(gbh + c, m) + vh, m);
+        }
+      };
+      if (!a.valid[row]) {
+        for (long g = 0; g < G; ++g)
+          for (long u = 0; u < nu; u += VW) put(g, u, vf{}, vf{}, static_cast<int>(std::min<long>(VW, nu - u)));
+        continue;
+      }
+      GradIn in{};
+      in.act = a.acts + row * S * H + s.lo;
+      in.H = H;
+      if constexpr (Cell::kHasC) {
+        in.c = a.cs + row * H + s.lo;
+        in.c_in = (a.reset[row] ? a.cr + b * H : (t > 0 ? a.cs + (row - B) * H : a.c0 + b * H)) + s.lo;
+        in.dc = dc + b * H + s.lo;  // routed below, with dh
+      }
+      if constexpr (Cell::kSplit) {
+        in.h_in = a.h_in + row * H + s.lo;
+        in.direct = direct + b * np;
+      }
+      const float* dy = a.dys + a.io.row(t, b) * H + s.lo;
+      const float* dhb = dh + b * H + s.lo;
+      for (long u = 0; u < nu; u += VW) {
+        in.u = u;
+        in.m = static_cast<int>(std::min<long>(VW, nu - u));
+        in.dh_tot = load_n(dy + u, in.m) + load_n(dhb + u, in.m);
+        cell_grad<Cell>(in, [&](long g, vf vx, vf vh) { put(g, u, vx, vh, in.m); });
+      }
+    }
+    barrier.wait();  // all of the step's gate cotangents are written
+    if (nu > 0) {
+      gemm(dgh_t, GH, 1, B, whT, GH, np, rec, np, false);
+      for (long b = 0; b < B; ++b) {
+        const long row = t * B + b;
+        if (!a.valid[row]) continue;  // the state's cotangent passes through
+        float* dhb = dh + b * H + s.lo;
+        float* recb = rec + b * np;
+        if constexpr (Cell::kSplit)
+          for (long u = 0; u < nu; ++u) recb[u] += direct[b * np + u];
+        if (a.reset[row]) {  // the step started from the reset state
+          for (long u = 0; u < nu; ++u) {
+            a.dhr[b * H + s.lo + u] += recb[u];
+            dhb[u] = 0.0f;
+            if constexpr (Cell::kHasC) {
+              a.dcr[b * H + s.lo + u] += dc[b * H + s.lo + u];
+              dc[b * H + s.lo + u] = 0.0f;
+            }
+          }
+        } else {
+          std::memcpy(dhb, recb, 4 * nu);
+        }
+      }
+    }
+    if (t != t0) continue;
+    // The chunk is complete (it ran from its last step down to t0).
+    if (nu > 0) {
+      // dW_hh += h_inᵀ · dgh and dW_ih += xᵀ · dgx over the chunk's rows. A = h_inᵀ, xᵀ,
+      // transposed into row-major copies first: read in place, each step of the GEMM's
+      // k loop would jump a row of h_in (a page at H=1024).
+      transpose([&](long k) { return a.h_in + (t0 * B + k) * H; }, rows, H, hT);
+      transpose([&](long k) { return a.xs + a.io.row(t0 + k / B, k % B) * D; }, rows, D, xT);
+      for (long j = 0; j < cols / NC; ++j) {
+        gemm(hT, rows, 1, H, ph + j * TC * B * NC, rows, NC, gwh + j * NC, cols, true);
+        gemm(xT, rows, 1, D, px + j * TC * B * NC, rows, NC, gwi + j * NC, cols, true);
+      }
+    }
+    if (nd > 0) {
+      gemm(ring_x + chunk, GH, 1, rows, wiT, GH, ndp, dxc, ndp, false);
+      for (long k = 0; k < rows; ++k)
+        std::memcpy(a.dxs + a.io.row(t0 + k / B, k % B) * D + sd.lo, dxc + k * ndp, 4 * nd);
+    }
+  }
+  for (long b = 0; b < B; ++b) {
+    std::memcpy(a.dh0 + b * H + s.lo, dh + b * H + s.lo, 4 * nu);
+    if constexpr (Cell::kHasC) std::memcpy(a.dc0 + b * H + s.lo, dc + b * H + s.lo, 4 * nu);
+  }
+  for (long g = 0; g < G && nu > 0; ++g) {
+    for (long k = 0; k < H; ++k) std::memcpy(a.dw_hh + k * GH + g * H + s.lo, gwh + k * cols + g * np, 4 * nu);
+    for (long k = 0; k < D; ++k) std::memcpy(a.dw_ih + k * GH + g * H + s.lo, gwi + k * cols + g * np, 4 * nu);
+    std::memcpy(a.db + g * H + s.lo, gb + g * np, 4 * nu);
+  }
+  if (Cell::kSplit && nu > 0) std::memcpy(a.db_hn + s.lo, gbh + (G - 1) * np, 4 * nu);
+}
+
+// Runs the forward loop of a decoded call: saves for the backward pass where a.acts is set.
+template <class Cell>
+void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
+  const bool save = a.acts != nullptr;
+  const size_t bh = static_cast<size_t>(a.B * a.H), tbh = static_cast<size_t>(a.T) * bh;
+  prefer_huge_pages(a.ys, 4 * tbh);
+  if (save) {
+    prefer_huge_pages(a.acts, 4 * Cell::S * tbh);
+    prefer_huge_pages(a.hin, 4 * tbh);
+    if (Cell::kHasC) prefer_huge_pages(a.cs, 4 * tbh);
+  }
+  std::vector<float> h_state(bh), c_state(Cell::kHasC ? bh : 0), hbuf(save ? 0 : 2 * bh);
+  const long step_work = a.B * Cell::G * a.H * (a.D + a.H);
+  run_team(pool, thread_count(a.H, VW, step_work), static_cast<double>(a.T) * step_work,
+           [&](int p, int n, SpinBarrier& barrier) {
+             forward_thread<Cell>(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data());
+           });
+}
+
+// Runs the backward loop of a decoded call.
+template <class Cell>
+void run_backward(ffi::ThreadPool& pool, BackwardArgs& a) {
+  prefer_huge_pages(a.dxs, 4 * static_cast<size_t>(a.T * a.B * a.D));
+  // About 256 rows per chunk: the weight-gradient GEMMs run with K = 256.
+  const long TC = std::max<long>(1, std::min<long>(a.T, 256 / std::max<long>(1, a.B)));
+  const size_t bh = static_cast<size_t>(a.B * a.H), ring_size = static_cast<size_t>(2 * TC) * a.B * Cell::G * a.H;
+  std::vector<float> dh(bh), dc(Cell::kHasC ? bh : 0), ring_store, ring_x_store;
+  float* ring = aligned_floats(ring_store, ring_size);
+  float* ring_x = Cell::kSplit ? aligned_floats(ring_x_store, ring_size) : ring;
+  const long step_work = a.B * 2 * Cell::G * a.H * (a.D + a.H);
+  run_team(pool, thread_count(std::max(a.H, a.D), VW, step_work), static_cast<double>(a.T) * step_work,
+           [&](int p, int n, SpinBarrier& barrier) {
+             backward_thread<Cell>(a, p, n, barrier, dh.data(), dc.data(), ring, ring_x, TC);
+           });
+}
+
+}  // namespace jaxlstm

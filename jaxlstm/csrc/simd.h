@@ -1,0 +1,75 @@
+// Vectors and the pointwise maths of the gates, for the ISA level this file is compiled for.
+//
+// Each level (setup.py: avx, avx2, avx512 on x86-64, generic elsewhere) compiles the whole
+// kernel once with its own flags into a library of its own; jaxlstm/_kernel.py loads the best
+// one the CPU supports. So VW and MR follow the compiler's target macros here, and nothing in
+// one library ever runs an instruction of another level.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace jaxlstm {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;  // floats per vector
+constexpr int MR = 12;  // rows per register tile (MR x 2 accumulators of 32 registers)
+#elif defined(__AVX__)
+constexpr int VW = 8;
+constexpr int MR = 6;
+#else
+constexpr int VW = 4;
+constexpr int MR = 4;
+#endif
+constexpr int NV = 2;        // vectors per column tile
+constexpr int NC = NV * VW;  // columns per tile
+constexpr int ALIGN = 64;
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+
+// The first n (<= VW) lanes; the others zero.
+inline vf load_n(const float* p, int n) {
+  if (n == VW) return load(p);
+  alignas(ALIGN) float tmp[VW] = {};
+  std::memcpy(tmp, p, sizeof(float) * n);
+  return *reinterpret_cast<const vf*>(tmp);
+}
+
+inline void store_n(float* p, vf v, int n) {
+  if (n == VW) return store(p, v);
+  alignas(ALIGN) float tmp[VW];
+  *reinterpret_cast<vf*>(tmp) = v;
+  std::memcpy(p, tmp, sizeof(float) * n);
+}
+
+inline vf splat(float x) { return vf{} + x; }
+
+// exp with Cephes' polynomial on [-ln2/2, ln2/2]: relative error ~2e-7 on [-87, 88].
+inline vf vexp(vf x) {
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf t = x * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  const vi ni = (vi)t - (vi)magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return (vf)((vi)p + (ni << 23));
+}
+
+inline vf sigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+inline vf vtanh(vf x) { return 2.0f / (1.0f + vexp(x * -2.0f)) - 1.0f; }
+
+}  // namespace jaxlstm
