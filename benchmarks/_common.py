@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -77,6 +78,8 @@ def machine_info() -> dict:
             info[mod] = __import__(mod).__version__
         except ImportError:
             info[mod] = None
+    # The compiled CPU kernel as this process runs it: its ISA level, the levels built, the CPU.
+    info["native"] = dataclasses.asdict(jaxlstm.native_info())
     return info
 
 

@@ -113,6 +113,9 @@ def main(argv=None):
         kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(
             tuning.get("kernel"), "not recorded (a run before it)"
         )
+        native = m.get("native") or {}
+        if tuning.get("kernel") and native.get("isa"):
+            kernel += f", ISA level {native['isa']} (levels built: {', '.join(native.get('isa_built', []))})"
         gpu = m.get("platform") == "gpu"
         parts.append(
             "## Regimes (`benchmarks.throughput`, the main job)\n\n"

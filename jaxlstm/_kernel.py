@@ -244,6 +244,7 @@ def native_info() -> NativeInfo:
     the ISA level in use (the best one built that the CPU supports; ``JAXLSTM_KERNEL_ISA``
     forces a lower one), the levels built and supported, the threads per call and the CPU.
 
+    >>> import jaxlstm
     >>> info = jaxlstm.native_info()
     >>> info.isa in info.isa_built if info.available else info.error is not None
     True

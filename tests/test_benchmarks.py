@@ -65,6 +65,7 @@ def test_regimes_quick(tmp_path):
     throughput.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "regimes.json").read_text())
     assert data["machine"]["cpu_family"] is not None and data["machine"]["cores"] >= 1
+    assert data["machine"]["native"]["isa"] == jaxlstm.native_info().isa  # the kernel's ISA level, recorded
     rows = regimes.rows(data)
     assert {(r["regime"], r["cell"], r["mode"]) for r in rows} == {
         (g, c, m) for g in regimes.QUICK for c in ("lstm", "gru") for m in ("forward", "train")
@@ -85,6 +86,23 @@ def test_regimes_quick(tmp_path):
     assert [r["vs_cudnn"] for r in regimes.rows(on_gpu) if r["cell"] == "lstm"] == [2.0] * 4
     header, sep, first = regimes.table(on_gpu).splitlines()[:3]
     assert header.count("|") == sep.count("|") == first.count("|") == 13
+
+
+def test_isa_quick(tmp_path):
+    """benchmarks.isa times the kernel at every level this machine runs, each row at each level."""
+    from benchmarks import isa
+    from jaxlstm import _kernel
+
+    if not _kernel.available():
+        pytest.skip(str(_kernel.load_error()))
+    isa.main(["--quick", "--regimes", "tiny", "--repeats", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "isa.json").read_text())
+    runnable = [lv for lv in _kernel.levels_built() if lv in _kernel.levels_supported()]
+    assert data["levels"] == runnable
+    rows = {(r["regime"], r["cell"], r["mode"], r["level"]) for r in data["records"]}
+    assert rows == {("tiny", c, m, lv) for c in ("lstm", "gru") for m in ("forward", "train") for lv in runnable}
+    assert all(r["median_s"] > 0 for r in data["records"])
+    assert "| tiny | lstm | forward |" in isa.table(data)
 
 
 def C_torch():

@@ -1,0 +1,151 @@
+"""The compiled CPU kernel at each ISA level, A/B in one process, over the main job's regimes.
+
+    python -m benchmarks.isa              # every level built that this CPU runs
+    python -m benchmarks.isa --native     # and the same sources built with -march=native
+    python -m benchmarks.isa --quick      # tiny shapes, seconds
+
+``pip install`` builds one library per level with portable flags (``setup.py``), and jaxlstm
+runs the best one the CPU supports (``jaxlstm.native_info()``). This times ``jaxlstm.lstm`` and
+``jaxlstm.gru`` (forward; train = value and grad w.r.t. params and inputs, as the main job) at
+each level, forced with ``JAXLSTM_KERNEL_ISA`` while each program is traced, interleaved round
+by round in this one process (medians after a warm-up, ``block_until_ready``). ``--native``
+compiles ``jaxlstm/csrc/ffi.cc`` with ``-march=native`` (g++, the same other flags as
+``setup.py``) into a temporary library and times it beside them: what a build for this very
+machine would gain over the portable default. The tuner is off (every row runs the kernel).
+Writes ``isa.json`` to ``--out`` (default ``benchmarks/runs/<device>/``, untracked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ["JAXLSTM_AUTOTUNE"] = "0"  # before jaxlstm reads it: the kernel in every row
+
+import jax  # noqa: E402
+
+from jaxlstm import _kernel  # noqa: E402
+
+from . import _common as C  # noqa: E402
+from .regimes import QUICK, REGIMES  # noqa: E402
+
+# setup.py's flags but -march (the portable levels' own there).
+FLAGS = ["-std=c++17", "-O3", "-g0", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden", "-pthread"]
+IMPLS = {"lstm": "jaxlstm", "gru": "jaxlstm-gru"}
+
+
+def build_native(folder: str) -> str:
+    """``jaxlstm/csrc/ffi.cc`` built with ``-march=native`` into ``folder``, registered with XLA
+    as the level ``native``."""
+    import jaxlib
+
+    include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
+    source = os.path.join(os.path.dirname(_kernel.__file__), "csrc", "ffi.cc")
+    path = os.path.join(folder, "native.so")
+    cmd = ["g++", *FLAGS, "-march=native", '-DJAXLSTM_ISA="native"', f"-I{include}", "-fPIC", "-shared", source]
+    done = subprocess.run([*cmd, "-o", path], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the -march=native build failed:\n{done.stderr[-3000:]}")
+    lib = ctypes.CDLL(path)
+    for direction, fn in (("forward", lib.JaxlstmForward), ("backward", lib.JaxlstmBackward)):
+        jax.ffi.register_ffi_target(f"jaxlstm_native_{direction}", jax.ffi.pycapsule(fn), platform="cpu")
+    return path
+
+
+@contextlib.contextmanager
+def at_level(level: str):
+    """Traces jaxlstm's kernel calls at ``level`` (a built level, or ``native``)."""
+    if level == "native":
+        real = _kernel.level
+        _kernel.level = lambda: "native"  # the calls' target names; loading stays with the default level
+        try:
+            yield
+        finally:
+            _kernel.level = real
+        return
+    old = os.environ.get(_kernel.ISA_VARIABLE)
+    os.environ[_kernel.ISA_VARIABLE] = level
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[_kernel.ISA_VARIABLE]
+        else:
+            os.environ[_kernel.ISA_VARIABLE] = old
+
+
+def run(grid: dict, levels: list[str], repeats: int, budget_s: float) -> dict:
+    records = []
+    for name, (B, D, H, T) in grid.items():
+        for cell, impl in IMPLS.items():
+            built = {}
+            for level in levels:
+                with at_level(level):
+                    built[level] = C.build(impl, B, T, D, H, "float32")
+            for mode in ("forward", "train"):
+                times = C.time_interleaved({lv: b[mode] for lv, b in built.items()}, repeats, budget_s=budget_s)
+                for level, ts in times.items():
+                    records.append(dict(regime=name, cell=cell, mode=mode, level=level, **C.summarize(ts)))
+                print(_row(records[-len(levels) :], levels), flush=True)
+    return {"machine": C.machine_info(), "regimes": grid, "levels": levels, "records": records}
+
+
+def _row(recs: list, levels: list[str]) -> str:
+    r0 = recs[0]
+    ms = {r["level"]: r["median_s"] * 1e3 for r in recs}
+    default = _kernel.level() or levels[-1]
+    ratio = f"{ms['native'] / ms[default]:.3f}" if "native" in ms and default in ms else ""
+    cells = " | ".join(f"{ms[lv]:.2f}" for lv in levels)
+    return f"| {r0['regime']} | {r0['cell']} | {r0['mode']} | {cells} | {ratio} |"
+
+
+def table(result: dict) -> str:
+    levels = result["levels"]
+    default = _kernel.level()
+    head = "| regime | cell | mode | " + " | ".join(f"{lv} ms" for lv in levels)
+    head += f" | native / {default} (>1: the default faster) |\n"
+    head += "|---" * (len(levels) + 4) + "|\n"
+    recs = result["records"]
+    return head + "\n".join(_row(recs[i : i + len(levels)], levels) for i in range(0, len(recs), len(levels)))
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--native", action="store_true", help="also time a -march=native build of the same sources")
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 15; 3 with --quick)")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds per row before stopping early")
+    p.add_argument("--regimes", default=None, help="comma-separated regimes of the grid (default: all)")
+    p.add_argument("--out", default=None, help="folder for isa.json (default benchmarks/runs/<device>/)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if _kernel.load_error() is not None:
+        sys.exit(f"the compiled kernel does not run here: {_kernel.load_error()}")
+    levels = [lv for lv in _kernel.levels_built() if lv in _kernel.levels_supported()]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.native:
+            build_native(tmp)
+            levels.append("native")
+        grid = QUICK if args.quick else REGIMES
+        if args.regimes:
+            unknown = set(args.regimes.split(",")) - set(grid)
+            if unknown:
+                sys.exit(f"--regimes: unknown {sorted(unknown)}; the grid has {', '.join(grid)}")
+            grid = {k: v for k, v in grid.items() if k in args.regimes.split(",")}
+        result = run(grid, levels, args.repeats or (3 if args.quick else 15), args.budget)
+    out = args.out or C.results_dir()
+    C.write_json(os.path.join(out, "isa.json"), result)
+    print(f"\n{jax.numpy.zeros(0).device} — {result['machine']['native']['cpu']}\n\n" + table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
