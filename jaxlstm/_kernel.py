@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._engine import Steps, counted_steps, mesh_active
+from ._engine import Steps, counted_steps, mesh_active, scan_masked
+from ._fused_gru import elman_step, gru_step
+from ._step import lstm_scan_core
 from .params import LSTMParams
 
 __all__ = [
@@ -389,12 +391,78 @@ def _run_backward(kind: str, batch_major: bool, params, xs, c0, cr, saved, dys, 
     return grads, dh0, (dc0 if lstm else None), dxs, dh_reset, (dc_reset if lstm else None)
 
 
+def _xla_reference(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr):
+    """The pure-XLA scan of a kernel call, differentiated by plain autodiff: ``(ys, h, c)``
+    (``c`` ``None`` but for the LSTM). Its derivatives are the kernel's derivatives of second
+    order (the rules of :func:`_forward_saving` and :func:`_backward`)."""
+    xs_tm = jnp.swapaxes(xs, 0, 1) if batch_major else xs
+    dtype = params.w_hh.dtype  # float32 for the kernel's calls (float64 where a test checks the rules)
+    if kind == "lstm":
+        core = lstm_scan_core(params, dtype, dtype, feature_major=False)
+        ys, (h, c) = core(xs_tm, ((h0, c0), (hr, cr), None), steps)
+    else:
+        step = (gru_step if kind == "gru" else elman_step)(params, dtype, dtype)
+        h, ys, _ = scan_masked(step, h0, xs_tm, steps, reset_to=hr)
+        c = None
+    return (jnp.swapaxes(ys, 0, 1) if batch_major else ys), h, c
+
+
+def _zero_tangent(a):
+    return jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact) else np.zeros(a.shape, jax.dtypes.float0)
+
+
+# The kernel's forward (saving) and backward calls, each with a JVP rule through the XLA
+# reference, so that the first-order pass runs on the kernel and whatever differentiates
+# it again (grad of grad, jax.hessian, jvp of grad) runs on XLA. The JVP rules treat the
+# saved activations as what they are, functions of the primal inputs: their tangents are
+# zeros, and the backward call's tangent is taken from the primal inputs alone.
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _forward_saving(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr):
+    """``(ys, h, c, saved)``: the kernel's forward call, saving for :func:`_backward`."""
+    return _run_forward(kind, batch_major, params, h0, c0, xs, steps, hr, cr, save=True)
+
+
+@_forward_saving.defjvp
+def _forward_saving_jvp(kind, batch_major, primals, tangents):
+    params, h0, c0, xs, steps, hr, cr = primals
+    out = _forward_saving(kind, batch_major, *primals)
+    ref = lambda p, h0, c0, x, hr, cr: _xla_reference(kind, batch_major, p, h0, c0, x, steps, hr, cr)
+    dp, dh0, dc0, dx, _, dhr, dcr = tangents
+    _, (dys, dh, dc) = jax.jvp(ref, (params, h0, c0, xs, hr, cr), (dp, dh0, dc0, dx, dhr, dcr))
+    return out, (dys, dh, dc, jax.tree.map(_zero_tangent, out[3]))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _backward(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr, saved, cts):
+    """The kernel's backward call: ``cts = (dys, dh, dc)`` to ``(grads, dh0, dc0, dxs, dhr, dcr)``."""
+    del h0, hr  # its JVP rule's: the call reads what the forward call saved
+    return _run_backward(kind, batch_major, params, xs, c0, cr, saved, *cts)
+
+
+@_backward.defjvp
+def _backward_jvp(kind, batch_major, primals, tangents):
+    params, h0, c0, xs, steps, hr, cr, saved, cts = primals
+    out = _backward(kind, batch_major, *primals)
+
+    def pullback(p, h0, c0, x, hr, cr, cts):
+        ref = lambda p, h0, c0, x, hr, cr: _xla_reference(kind, batch_major, p, h0, c0, x, steps, hr, cr)
+        grads, dh0, dc0, dxs, dhr, dcr = jax.vjp(ref, p, h0, c0, x, hr, cr)[1](cts)
+        return grads, dh0, dc0, dxs, dhr, dcr
+
+    dp, dh0, dc0, dx, _, dhr, dcr, _, dcts = tangents
+    _, t_out = jax.jvp(pullback, (params, h0, c0, xs, hr, cr, cts), (dp, dh0, dc0, dx, dhr, dcr, dcts))
+    return out, t_out
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def kernel_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry):
     """:func:`jaxlstm._fused.fused_lstm`'s contract on the kernel: ``xs [T, B, D]``
     (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
     ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
-    (``[B, T, H]``)."""
+    (``[B, T, H]``). Reverse mode runs the kernel's backward call; differentiated again
+    (grad of grad, ``jax.hessian``, ``jax.jvp`` of ``jax.grad``), the XLA scan's derivatives."""
     (h0, c0), (hr, cr) = carry0, reset_carry
     ys, h, c, _ = _run_forward("lstm", batch_major, params, h0, c0, xs, steps, hr, cr, save=False)
     return ys, (h, c)
@@ -402,17 +470,16 @@ def kernel_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps 
 
 def _kernel_fwd(batch_major, params, carry0, xs, steps, reset_carry):
     (h0, c0), (hr, cr) = carry0, reset_carry
-    ys, h, c, saved = _run_forward("lstm", batch_major, params, h0, c0, xs, steps, hr, cr, save=True)
-    return (ys, (h, c)), (params, carry0[1], reset_carry[1], xs, saved)
+    ys, h, c, saved = _forward_saving("lstm", batch_major, params, h0, c0, xs, steps, hr, cr)
+    return (ys, (h, c)), (params, carry0, reset_carry, xs, steps, saved)
 
 
 def _kernel_bwd(batch_major, res, cotangents):
-    params, c0, c_reset, xs, saved = res
+    params, (h0, c0), (hr, cr), xs, steps, saved = res
     dys, (dh, dc) = cotangents
-    grads, dh0, dc0, dxs, dh_reset, dc_reset = _run_backward(
-        "lstm", batch_major, params, xs, c0, c_reset, saved, dys, dh, dc
-    )
-    return grads, (dh0, dc0), dxs, None, (dh_reset, dc_reset)
+    grads, dh0, dc0, dxs, dhr, dcr = _backward("lstm", batch_major, params, h0, c0, xs, steps, hr, cr, saved,
+                                               (dys, dh, dc))  # fmt: skip
+    return grads, (dh0, dc0), dxs, None, (dhr, dcr)
 
 
 kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
@@ -423,21 +490,22 @@ def kernel_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | Non
     """:func:`jaxlstm._fused_gru.fused_cell`'s contract on the kernel, for ``kind`` ``"gru"``
     (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
     ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
-    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``)."""
+    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). Derivatives as :func:`kernel_lstm`'s."""
     ys, h, _, _ = _run_forward(kind, batch_major, params, h0, None, xs, steps, h_reset, None, save=False)
     return ys, h
 
 
 def _cell_fwd(kind, batch_major, params, h0, xs, steps, h_reset):
-    ys, h, _, saved = _run_forward(kind, batch_major, params, h0, None, xs, steps, h_reset, None, save=True)
-    return (ys, h), (params, xs, saved)
+    ys, h, _, saved = _forward_saving(kind, batch_major, params, h0, None, xs, steps, h_reset, None)
+    return (ys, h), (params, h0, h_reset, xs, steps, saved)
 
 
 def _cell_bwd(kind, batch_major, res, cotangents):
-    params, xs, saved = res
+    params, h0, h_reset, xs, steps, saved = res
     dys, dh = cotangents
-    grads, dh0, _, dxs, dh_reset, _ = _run_backward(kind, batch_major, params, xs, None, None, saved, dys, dh, None)
-    return grads, dh0, dxs, None, dh_reset
+    grads, dh0, _, dxs, dhr, _ = _backward(kind, batch_major, params, h0, None, xs, steps, h_reset, None, saved,
+                                           (dys, dh, None))  # fmt: skip
+    return grads, dh0, dxs, None, dhr
 
 
 kernel_cell.defvjp(_cell_fwd, _cell_bwd)

@@ -44,6 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): the cache is written without a lock
+    fcntl = None
+
 __all__ = [
     "CANDIDATES",
     "DEFAULT",
@@ -70,6 +75,29 @@ _memory: dict[str, str] = {}
 _forced: list[str] = []
 
 
+def _forced_key():
+    """A JAX configuration state that ``jax.jit`` keys its traces and compilations on, set
+    by :func:`forced`. JAX's ``State`` class is internal: where it is not there (another
+    JAX), ``None``."""
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.State(
+            "jaxlstm_forced_path",
+            "",
+            "jaxlstm.tuning.forced's path: part of jit's cache key",
+            include_in_jit_key=True,
+            include_in_trace_context=True,
+        )
+    except Exception:  # noqa: BLE001 - any failure of an internal API leaves forced unkeyed
+        return None
+
+
+_FORCED_KEY = _forced_key()
+# Whether a function jax.jit already traced is traced afresh inside a forced block.
+KEYED = _FORCED_KEY is not None
+
+
 def enabled() -> bool:
     """Autotuning is on unless ``JAXLSTM_AUTOTUNE=0``."""
     return os.environ.get("JAXLSTM_AUTOTUNE", "1") != "0"
@@ -88,15 +116,17 @@ def forced(layout: str) -> Iterator[None]:
     ``"feature"`` or ``"batch"`` forward steps. :func:`jaxlstm.gru` and :func:`jaxlstm.rnn`
     take the kernel under ``"kernel"`` (where it applies) and the pure-XLA path under the others.
 
-    The choice is made when a call is traced: a function that ``jax.jit`` (or
-    ``make_jaxpr``) has already traced for these shapes keeps the program it traced,
-    inside the block or out of it (JAX's trace cache does not see this context); wrap
-    a fresh function, or trace inside the block first."""
+    The choice is made when a call is traced, and the block is part of what ``jax.jit`` keys
+    its caches on: a function it traced outside the block is traced afresh inside it (and
+    the other way round), so that a comparison of two paths never compares one with itself.
+    (Where JAX lacks the configuration state this relies on, :data:`KEYED` is false and a
+    function already traced keeps its program.)"""
     if layout not in FORCEABLE:
         raise ValueError(f"layout must be one of {FORCEABLE}, got {layout!r}")
     _forced.append(layout)
     try:
-        yield
+        with _FORCED_KEY("/".join(_forced)) if _FORCED_KEY is not None else contextlib.nullcontext():
+            yield
     finally:
         _forced.pop()
 
@@ -205,16 +235,29 @@ def _read_disk() -> dict:
         return {}
 
 
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on ``path`` (created) across processes: ``fcntl.flock`` where there is
+    one (POSIX); elsewhere none, and concurrent writers may drop each other's keys."""
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def _write_disk(key: str, value: str) -> None:
+    """Adds ``key`` to the cache file: read, merge and replace under a lock, so that processes
+    tuning at once (data-parallel jobs of one host, ``pytest -n``) keep every key."""
     try:
         path = cache_file()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        data = _read_disk()
-        data[key] = value
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        with _file_lock(path + ".lock"):
+            data = _read_disk()
+            data[key] = value
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
     except OSError:
         pass  # a read-only home: the choice still holds for this process
 

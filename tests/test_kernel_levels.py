@@ -75,7 +75,7 @@ def _loss(run, options, p, x, s, r, **kw):
 
 
 @pytest.mark.parametrize("kind", CELLS)
-@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("isa", RUNNABLE[:-1])  # the best one: the whole kernel suite runs at it
 def test_every_level_matches_the_references(isa, kind, monkeypatch):
     """Values against the NumPy loop (float64), every gradient (the reset state's too, non-zero)
     against autodiff of the XLA scan; batch-major, reversed, time-major in turn."""
@@ -129,19 +129,24 @@ def test_every_level_with_three_threads():
         from jaxlstm import tuning
         cells = [(jaxlstm.init_lstm, jaxlstm.lstm), (jaxlstm.init_gru, jaxlstm.gru), (jaxlstm.init_rnn, jaxlstm.rnn)]
         shapes = [(5, 3, 40, 6), (13, 4, 72, 3), (2, 3, 100, 4)]
+        cases = dict()  # the XLA path's numbers: computed once, compared at every level
+        for (init, run), (B, D, H, T) in itertools.product(cells, shapes):
+            p = init(jax.random.key(H), D, H)
+            xs = jax.random.normal(jax.random.key(1), (B, T, D))
+            lengths = jnp.arange(B, dtype=jnp.int32) % (T + 1)
+            f = lambda p, x, run=run, lengths=lengths: run(p, x, seq_lengths=lengths)
+            loss = lambda p, x, f=f: sum(jnp.sin(a).sum() for a in jax.tree.leaves(f(p, x)))
+            with tuning.forced("xla"):
+                want = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
+            cases[run, B] = f, loss, p, xs, want
         for isa in {RUNNABLE!r}:
             os.environ["JAXLSTM_KERNEL_ISA"] = isa
             here = shapes if isa == {RUNNABLE[-1]!r} else shapes[1:2]
-            for (init, run), (B, D, H, T) in itertools.product(cells, here):
-                p = init(jax.random.key(H), D, H)
-                xs = jax.random.normal(jax.random.key(1), (B, T, D))
-                lengths = jnp.arange(B, dtype=jnp.int32) % (T + 1)
-                f = lambda p, x: run(p, x, seq_lengths=lengths)
-                assert f"jaxlstm_{{isa}}_forward" in str(jax.make_jaxpr(f)(p, xs))
-                loss = lambda p, x: sum(jnp.sin(a).sum() for a in jax.tree.leaves(f(p, x)))
-                got = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
-                with tuning.forced("xla"):
-                    want = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
+            for (_, run), (B, D, H, T) in itertools.product(cells, here):
+                f, loss, p, xs, want = cases[run, B]
+                # a fresh function: make_jaxpr would replay f's trace from another level
+                assert f"jaxlstm_{{isa}}_forward" in str(jax.make_jaxpr(lambda p, x: f(p, x))(p, xs))
+                got = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)  # eager: traced afresh
                 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
                     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         print("ok")

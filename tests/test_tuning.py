@@ -1,6 +1,10 @@
 """Both forward layouts against the reference, and the autotuner that picks one."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +178,47 @@ def test_default_unroll_per_backend(monkeypatch):
         assert unrolls(lambda x: jaxlstm.lstm(p, x, unroll=2)) == {2}
     with pytest.raises(ValueError, match="unroll must be a positive int"):
         jaxlstm.lstm(p, xs, unroll=0)
+
+
+_WRITER = """
+import sys, time
+from jaxlstm import tuning
+worker, start = int(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every writer starts at once
+for i in range(60):
+    tuning._write_disk(f"writer {worker} key {i}", "kernel")
+"""
+
+
+def test_processes_tuning_at_once_keep_every_key(tmp_path):
+    """Four processes write 60 choices each into one cache file at the same time: the file
+    lock serialises the read-merge-replace, so that none overwrites another's new keys."""
+    env = dict(os.environ, JAXLSTM_CACHE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    start = str(time.time() + 8.0)  # after every interpreter has imported jaxlstm
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(w), start], env=env) for w in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0, 0]
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    assert set(data) == {f"writer {w} key {i}" for w in range(4) for i in range(60)}
+
+
+def test_forced_retraces_what_jit_already_traced():
+    """A function jax.jit traced on the kernel runs the XLA path inside forced("xla") (and the
+    kernel again after): the forced path is part of jit's cache key."""
+    from jaxlstm import _kernel
+
+    if not (_kernel.available() and tuning.KEYED):
+        pytest.skip("needs the kernel, and JAX's keyed configuration state")
+    params = jaxlstm.init_lstm(jax.random.key(0), 3, 8)
+    xs = jax.random.normal(jax.random.key(1), (2, 4, 3))
+    f = jax.jit(lambda x: jaxlstm.lstm(params, x)[0])
+    on_kernel = lambda: f"jaxlstm_{_kernel.level()}_forward" in f.lower(xs).as_text()
+    ys = f(xs)
+    assert on_kernel()
+    with tuning.forced("xla"):
+        assert not on_kernel()
+        ys_xla = f(xs)
+        with tuning.forced("kernel"):
+            assert on_kernel()
+    assert on_kernel()
+    assert f._cache_size() == 2  # two programs: the kernel's and the XLA path's
+    np.testing.assert_allclose(ys, ys_xla, rtol=1e-5, atol=1e-6)
