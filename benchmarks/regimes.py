@@ -142,11 +142,19 @@ def _platform() -> str:
 
 
 def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
+    """Times the grid; a progress bar on stderr and a line per finished row on stdout."""
+    from tqdm import tqdm
+
     platform = _platform()
+    if C.torch_available():
+        print("timing PyTorch in its own process first ...", flush=True)
+    else:
+        print('PyTorch is not installed: the "vs torch" column stays empty (pip install torch)', flush=True)
     torch_recs = _torch_times(grid, repeats, budget_s, platform)  # before any JAX work here
     info = C.machine_info()
     info["peak_matmul_gflops"] = C.peak_matmul_gflops(512 if quick else 2048)
     records = list(torch_recs)
+    bar = tqdm(total=len(grid) * len(GATES) * 2, desc="regimes", unit="row", file=sys.stderr, leave=False)
     for name, (B, D, H, T) in grid.items():
         for cell in GATES:
             built = {impl: C.build(impl, B, T, D, H, "float32") for impl in IMPLS[cell]}
@@ -166,7 +174,13 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
                     if impl in built:
                         rec["compile_s"] = built[impl][mode + "_compile_s"]
                     records.append(rec)
+                ms = {impl: 1e3 * C.summarize(ts)["median_s"] for impl, ts in times.items()}
+                ours, peer = IMPLS[cell][:2]
+                bar.write(f"{name} {cell} {mode}: jaxlstm {ms[ours]:.2f} ms, {peer} {ms[peer]:.2f} ms "
+                          f"({ms[peer] / ms[ours]:.2f}x)")  # fmt: skip
+                bar.update()
             del built
+    bar.close()
     for r in records:
         B, D, H, T = grid[r["regime"]]
         r.update(batch=B, input_size=D, hidden_size=H, seq_len=T, tokens_per_s=B * T / r["median_s"])

@@ -1,6 +1,24 @@
 """Examples, run from a checkout as ``python -m examples.<name>``."""
 
+import importlib
 import os
+from types import ModuleType
+
+# Which pyproject extra installs each optional library an example imports.
+EXTRAS = {"gymnax": "rl", "aeon": "scale", "orbax": "scale", "optax": "examples", "matplotlib": "examples",
+          "tqdm": "examples", "sklearn": "examples"}  # fmt: skip
+
+
+def optional(module: str) -> ModuleType:
+    """``import module``, or a ``ModuleNotFoundError`` that says which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        extra = EXTRAS[module.split(".")[0]]
+        raise ModuleNotFoundError(
+            f"{module} is not installed: this example needs jaxlstm's {extra!r} extra: "
+            f'pip install -e ".[{extra}]" (from the checkout)'
+        ) from e
 
 
 def cpu_record() -> dict:

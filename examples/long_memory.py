@@ -155,9 +155,14 @@ def plot(result, out):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(r["model"] for r in result["results"]):
+    models = list(dict.fromkeys(r["model"] for r in result["results"]))
+    styles = ["-", "--", ":", "-."]
+    for i, m in enumerate(models):
         rs = [r for r in result["results"] if r["model"] == m]
-        ax.plot([r["seq_len"] for r in rs], [r["metric"] for r in rs], marker="o", label=m)
+        # where two models coincide (both at 1.0) the later one is drawn thinner and dashed over the
+        # earlier, with another marker, so that neither line hides the other
+        ax.plot([r["seq_len"] for r in rs], [r["metric"] for r in rs], marker="osD^"[i % 4], ms=8 - 2 * i,
+                lw=2.5 - 0.7 * i, ls=styles[i % 4], label=m, zorder=2 + i)  # fmt: skip
     ax.axhline(SOLVED, ls="--", c="gray", lw=1, label=f"solved ({SOLVED})")
     ax.axhline(result["config"]["chance"], ls=":", c="gray", lw=1, label="chance")
     ax.set(
@@ -167,6 +172,9 @@ def plot(result, out):
         title="recall the first token after T-1 distractors",
         ylim=(0, 1.05),
     )
+    lens = sorted({r["seq_len"] for r in result["results"]})
+    ax.set_xticks(lens, [str(t) for t in lens])  # every length measured is labelled (a log axis skips 30)
+    ax.minorticks_off()
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "long_memory_accuracy.png"), dpi=110)

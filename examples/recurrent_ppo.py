@@ -42,7 +42,7 @@ import optax
 
 import jaxlstm
 import jaxlstm.linen as jl
-from examples import cpu_record
+from examples import cpu_record, optional
 
 VISIBLE = jnp.array([0, 2])  # CartPole's (x, x_dot, theta, theta_dot): keep x and theta
 
@@ -106,8 +106,7 @@ class Transition(NamedTuple):
 
 def make_train(cfg: Config, recurrent: bool):
     """``train(key) -> metrics``, to be jitted: ``cfg.num_updates`` PPO updates."""
-    import gymnax
-
+    gymnax = optional("gymnax")
     env, env_params = gymnax.make("CartPole-v1")
     net = ActorCritic(env.num_actions, cfg.hidden, recurrent)
     observe = lambda o: o[..., VISIBLE]
@@ -244,7 +243,8 @@ def plot(result: dict, out: str) -> None:
         seen = np.isfinite(y).any(axis=0)  # updates in which some seed finished an episode
         mean = np.full(len(x), np.nan)
         mean[seen] = np.nanmean(y[:, seen], axis=0)
-        ax.plot(x, mean, label=f"{r['agent']} (mean of {len(y)} seeds)")
+        label = f"{r['agent']} (mean of {len(y)} seeds)" if len(y) > 1 else f"{r['agent']} (1 seed)"
+        ax.plot(x, mean, marker="o" if len(x) <= 30 else None, label=label)  # a few updates: points to see
         if len(y) > 1 and seen.any():
             ax.fill_between(x[seen], np.nanmin(y[:, seen], axis=0), np.nanmax(y[:, seen], axis=0), alpha=0.2)
     ax.set(
@@ -273,16 +273,22 @@ def main(argv=None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     cfg = Config(total_steps=args.total_steps)
     if args.quick:
-        cfg = Config(num_envs=4, num_steps=8, total_steps=4 * 8 * 3, num_minibatches=2, update_epochs=2, hidden=8)
+        # rollouts long enough that episodes end (a random CartPole episode lasts ~20 steps): a return to show
+        cfg = Config(num_envs=4, num_steps=32, total_steps=4 * 32 * 6, num_minibatches=2, update_epochs=2, hidden=8)
         args.seeds = 1
     os.makedirs(args.out, exist_ok=True)
     agents = []
     for agent in args.agents:
         r = run(cfg, agent, args.seeds, args.seed)
         agents.append(r)
+        if r["final_return"] is None:
+            final = "no episode ended in the last tenth of training (a longer run: --total-steps)"
+        else:
+            per_seed = ", ".join("-" if v is None else f"{v:.1f}" for v in r["final_return_per_seed"])
+            final = f"final return {r['final_return']:.1f} (per seed: {per_seed})"
         print(
-            f"{agent:4s} final return {r['final_return']} (per seed {r['final_return_per_seed']}), "
-            f"{r['wall_s']:.0f} s, {r['env_steps_per_s']:.0f} env steps/s (compile {r['compile_s']:.0f} s)"
+            f"{agent:4s} {final}, {r['wall_s']:.1f} s, {r['env_steps_per_s']:.0f} env steps/s "
+            f"(compile {r['compile_s']:.0f} s)"
         )
     result = {"agents": agents, "config": {**cfg._asdict(), "seeds": args.seeds}, "cpu": cpu_record()}
     with open(os.path.join(args.out, "recurrent_ppo.json"), "w") as f:

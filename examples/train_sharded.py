@@ -51,7 +51,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlstm.linen as jl
-from examples import cpu_record, uea
+from examples import cpu_record, optional, uea
 
 
 class Classifier(nn.Module):
@@ -157,8 +157,7 @@ def train(args, data: uea.Dataset, mesh: Mesh) -> dict[str, Any]:
 
 def _checkpoint_roundtrip(state, path: str):
     """Saves ``state`` with Orbax and restores it into the same shapes, dtypes and shardings."""
-    import orbax.checkpoint as ocp
-
+    ocp = optional("orbax.checkpoint")
     if os.path.exists(path) and jax.process_index() == 0:
         shutil.rmtree(path)
     ckpt = ocp.StandardCheckpointer()

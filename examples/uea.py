@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from examples import optional
+
 # name -> aeon loader; these are the multivariate classification sets in aeon's package data.
 LOADERS = {"JapaneseVowels": "load_japanese_vowels", "BasicMotions": "load_basic_motions"}
 
@@ -48,9 +50,7 @@ def load(name: str) -> Dataset:
     """One of :data:`LOADERS`, both splits, padded with lengths and standardised."""
     if name not in LOADERS:
         raise ValueError(f"name must be one of {sorted(LOADERS)} (bundled with aeon), got {name!r}")
-    import aeon.datasets
-
-    loader = getattr(aeon.datasets, LOADERS[name])
+    loader = getattr(optional("aeon.datasets"), LOADERS[name])
     raw = {split: loader(split=split) for split in ("train", "test")}
     series = {split: _series(X) for split, (X, _) in raw.items()}
     classes = tuple(sorted({str(y) for _, ys in raw.values() for y in ys}))

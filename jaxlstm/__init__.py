@@ -19,6 +19,16 @@ from .stack import init_lstm_stack, lstm_stack
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """Names a PyTorch or Flax user may look for here: where they are."""
+    from ._hints import MODULES
+
+    if name in MODULES:
+        raise AttributeError(f"module 'jaxlstm' has no attribute {name!r}: use {MODULES[name]}")
+    raise AttributeError(f"module 'jaxlstm' has no attribute {name!r}")
+
+
 __all__ = [
     "GRUParams",
     "LSTMParams",

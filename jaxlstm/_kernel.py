@@ -27,8 +27,9 @@ chose it: lengths, masks, resets and ``reverse`` are supported. :func:`jaxlstm.g
 :func:`jaxlstm.rnn` run :func:`kernel_cell` in place of :func:`jaxlstm._fused_gru.fused_cell`
 on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_KERNEL=0``
 turns it off (the XLA path, which is the reference it is tested against);
-``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step,
-at most one per CPU this process may run on).
+``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step; either way at
+most one per CPU this process may run on: a larger ``n`` is capped, one that is no positive integer is
+a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -160,8 +161,23 @@ def _library(lv: str) -> ctypes.CDLL:
     return lib
 
 
+THREADS_VARIABLE = "JAXLSTM_KERNEL_THREADS"
+
+
+def _check_threads() -> None:
+    """``JAXLSTM_KERNEL_THREADS``, where set, is a positive integer (the kernel caps it at the
+    CPUs this process may run on)."""
+    value = os.environ.get(THREADS_VARIABLE)
+    if value is not None and value.strip() and not (value.strip().isdigit() and int(value) > 0):
+        raise ValueError(
+            f"{THREADS_VARIABLE} must be a positive integer (threads per kernel call, at most one per CPU "
+            f"this process may run on); got {value!r}"
+        )
+
+
 def _load() -> str | None:
     """Loads and registers the kernel at :func:`level`; ``None`` on success, else why not."""
+    _check_threads()
     lv, error = _choose(os.environ.get(ISA_VARIABLE) or None)
     if lv is None:
         return error
@@ -214,7 +230,7 @@ class NativeInfo:
     isa_built: tuple[str, ...]  # the levels this installation holds
     isa_supported: tuple[str, ...]  # the levels this CPU runs
     isa_forced: str | None  # JAXLSTM_KERNEL_ISA, where set
-    threads: int | None  # the most threads a call uses (one per CPU, or JAXLSTM_KERNEL_THREADS)
+    threads: int | None  # the most threads a call uses (one per CPU; JAXLSTM_KERNEL_THREADS, capped there)
     cpu: str  # the CPU's name, family and model, as cpuid gives them
     build_id: str  # the level and a hash of its library
     error: str | None  # why it is unavailable
@@ -254,7 +270,7 @@ def native_info() -> NativeInfo:
     forced = os.environ.get(ISA_VARIABLE) or None
     try:
         error = _load()
-    except ValueError as e:  # a JAXLSTM_KERNEL_ISA that names no level: jaxlstm.lstm raises it
+    except ValueError as e:  # a JAXLSTM_KERNEL_ISA or _THREADS jaxlstm.lstm would reject: it raises it
         error = str(e)
     lv = level() if error is None else None
     threads = None

@@ -149,7 +149,13 @@ def to_torch(params, *, as_numpy: bool = False) -> dict[str, Any]:
     out = {k: np.ascontiguousarray(v) for k, v in out.items()}
     if as_numpy:
         return out
-    import torch  # pyright: ignore[reportMissingImports]  (the optional torch extra)
+    try:
+        import torch  # pyright: ignore[reportMissingImports]  (the optional torch extra)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            'to_torch needs PyTorch: pip install "jaxlstm[torch]" (or pip install torch); '
+            "to_torch(..., as_numpy=True) gives the same weights as NumPy arrays without it"
+        ) from e
 
     def tensor(v):  # torch reads no numpy bfloat16: go through float32
         if v.dtype == jnp.bfloat16:

@@ -63,10 +63,17 @@ def _layer_params(
 ) -> LSTMParams:
     """One layer-direction's params; ``variants``: ``(("peephole", True), ...)`` for
     :func:`jaxlstm.params.lstm_param_shapes`."""
-    arrays = {
-        name: module.param(name, inits[role], shape, module.param_dtype)
-        for name, (shape, role) in lstm_param_shapes(d_in, H, proj_size, bias, **dict(variants)).items()
-    }
+    shapes = lstm_param_shapes(d_in, H, proj_size, bias, **dict(variants))
+    if not module.is_initializing():
+        have = set(module.variables.get("params", {}))
+        if have and not have & set(shapes):  # someone else's names: flax's cells have ii, if, ... or i, h
+            raise ValueError(
+                f"{type(module).__name__} expects params {sorted(shapes)} (jaxlstm's layout), got {sorted(have)}: "
+                "params of flax.linen.LSTMCell / OptimizedLSTMCell convert with "
+                "jaxlstm.convert.from_flax(params, as_variables=True)"
+            )
+    dtype = module.param_dtype
+    arrays = {name: module.param(name, inits[role], shape, dtype) for name, (shape, role) in shapes.items()}
     return _from_arrays(arrays)
 
 

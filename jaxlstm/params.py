@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _hints
+from ._hints import hints
+
 __all__ = [
     "GATE_ORDER",
     "LSTMParams",
@@ -192,6 +195,7 @@ def lstm_bias_init(forget_bias: float = 1.0):
     return init
 
 
+@hints(_hints.INIT)
 def init_lstm(
     key: jax.Array,
     input_size: int,

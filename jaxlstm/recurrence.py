@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _kernel, tuning
+from . import _checks, _hints, _kernel, tuning
 from ._engine import accum_dtype, apply_sequence, batch_size, matmul_dtype
 from ._fused import FusedConfig, fused_lstm
+from ._hints import hints
 from ._kernel import kernel_lstm
 from ._step import lstm_scan_core, lstm_step, regularisation, zoneout_rates
 from ._variant import fused_variant, variant_scan_core, variant_step
@@ -86,6 +87,7 @@ def _dtypes(params: LSTMParams, x_dtype, compute_dtype):
     return matmul_dtype(compute_dtype, x_dtype, *weights), accum_dtype(x_dtype, *weights)
 
 
+@hints(_hints.SEQUENCE)
 def lstm(
     params: LSTMParams,
     xs: Array,
@@ -109,6 +111,9 @@ def lstm(
     backward: str = "fused",
 ) -> tuple[Array, LSTMState]:
     """Runs an LSTM layer over a sequence.
+
+    Inputs are batch-major, ``[..., T, D]`` (PyTorch's ``batch_first=True``); PyTorch's
+    default ``[T, B, D]`` needs ``time_major=True``, or it is read as ``[B, T, D]``.
 
     Per step (gate order i, f, g, o; ``g`` is the candidate C̃)::
 

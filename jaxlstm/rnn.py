@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _checks, _kernel, tuning
+from . import _checks, _hints, _kernel, tuning
 from ._engine import (
     accum_dtype,
     apply_sequence,
@@ -40,6 +40,7 @@ from ._engine import (
 )
 from ._fused import FusedConfig
 from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
+from ._hints import hints
 from ._kernel import kernel_cell
 from ._step import regularisation, zoneout_rates
 from .params import _check_size, kernel_init, recurrent_init
@@ -64,6 +65,7 @@ class GRUParams(NamedTuple):
     b_hn: jax.Array
 
 
+@hints(_hints.INIT_CELL)
 def init_rnn(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> RNNParams:
     """Glorot-uniform ``w_ih``, orthogonal ``w_hh``, zero bias."""
     D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
@@ -73,6 +75,7 @@ def init_rnn(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> RN
     )
 
 
+@hints(_hints.INIT_CELL)
 def init_gru(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> GRUParams:
     """Glorot-uniform ``w_ih``, orthogonal ``w_hh`` per gate block, zero biases."""
     D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
@@ -231,6 +234,7 @@ def gru_cell(params: GRUParams, h: jax.Array, x: jax.Array, *, compute_dtype=Non
     return _cell("gru", _gru_step, params, h, x, compute_dtype, zoneout_h)
 
 
+@hints(_hints.SEQUENCE)
 def rnn(
     params: RNNParams,
     xs,
@@ -284,6 +288,7 @@ def rnn(
     )
 
 
+@hints(_hints.SEQUENCE)
 def gru(
     params: GRUParams,
     xs,

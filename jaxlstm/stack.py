@@ -15,8 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import _checks
+from . import _checks, _hints
 from ._engine import reverse_sequences
+from ._hints import hints
 from .params import LSTMParams, LSTMState, init_lstm, stack_layout
 from .recurrence import lstm
 
@@ -118,6 +119,7 @@ def check_stack(params) -> tuple[int, int, int, int, int]:
     return len(params), dirs, D, H, R
 
 
+@hints(_hints.STACK)
 def lstm_stack(
     params: StackParams,
     xs: jax.Array,

@@ -57,12 +57,19 @@ def test_throughput_quick_schema(tmp_path):
 
 
 @pytest.mark.usefixtures("standard_promotion")
-def test_regimes_quick(tmp_path):
+def test_regimes_quick(tmp_path, capsys):
     """The main job's grid: every (regime, cell, mode) row, torch only when installed
-    (timed in its own process), the bare dot, and ratios that follow from the medians."""
+    (timed in its own process), the bare dot, and ratios that follow from the medians; a line
+    per row as it finishes, and a word on torch either way."""
     from benchmarks import regimes
 
     throughput.main(["--quick", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert ("PyTorch is not installed" in printed) != C_torch()
+    for g in regimes.QUICK:
+        for c, peer in (("lstm", "flax-optimized"), ("gru", "flax-gru")):
+            for m in ("forward", "train"):
+                assert f"{g} {c} {m}: jaxlstm " in printed and f" ms, {peer} " in printed, printed
     data = json.loads((tmp_path / "regimes.json").read_text())
     assert data["machine"]["cpu_family"] is not None and data["machine"]["cores"] >= 1
     assert data["machine"]["native"]["isa"] == jaxlstm.native_info().isa  # the kernel's ISA level, recorded

@@ -3,6 +3,10 @@ NumPy reference loop and the pure-XLA path: values, gradients, masks, resets, re
 layouts, vmap, and the threads' split of the hidden units."""
 
 import os
+import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -192,3 +196,33 @@ def test_kernel_core_direct_with_flags():
 
 
 # Three threads, and every ISA level: tests/test_kernel_levels.py.
+
+
+def test_the_thread_setting_is_checked_and_capped(monkeypatch):
+    """JAXLSTM_KERNEL_THREADS: no positive integer is a ValueError naming it; a huge value is
+    capped at the CPUs the process may use (here one, under taskset), so a call starts no
+    pile of threads (it once started a thousand per call)."""
+    params, xs, _, _ = _case(0, 2, 3, 16, 4)
+    for bad in ("abc", "0", "-3", "2.5"):
+        monkeypatch.setenv("JAXLSTM_KERNEL_THREADS", bad)
+        with pytest.raises(ValueError, match=f"JAXLSTM_KERNEL_THREADS must be a positive integer.*got '{bad}'"):
+            jaxlstm.lstm(params, xs)
+    monkeypatch.delenv("JAXLSTM_KERNEL_THREADS")
+    if shutil.which("taskset") is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs taskset (Linux)")
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, jaxlstm
+        p = jaxlstm.init_lstm(jax.random.key(0), 64, 256)
+        xs = jax.random.normal(jax.random.key(1), (32, 8, 64))
+        jax.block_until_ready(jax.grad(lambda p: jnp.sum(jaxlstm.lstm(p, xs)[0]))(p))
+        threads = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("Threads:"))
+        print(jaxlstm.native_info().threads, threads)
+        """
+    )
+    env = dict(os.environ, JAXLSTM_KERNEL_THREADS="100000", JAX_PLATFORMS="cpu")
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    team, threads = map(int, out.stdout.split())
+    assert team == 1 and threads < 64, out.stdout

@@ -119,9 +119,9 @@ def test_every_level_matches_the_references(isa, kind, monkeypatch):
 
 
 def test_every_level_with_three_threads():
-    """Forced to 3 threads (uneven splits of H, in multiples of each level's vector width; more
-    threads than this machine's cores), in a fresh process: the XLA path's numbers, values and
-    gradients, every cell, every level (three shapes at the best one)."""
+    """Forced to 3 threads (capped at the machine's CPUs: 2 on a 2-core machine), uneven splits
+    of H in multiples of each level's vector width, in a fresh process: the XLA path's numbers,
+    values and gradients, every cell, every level (three shapes at the best one)."""
     code = textwrap.dedent(
         f"""
         import itertools, os

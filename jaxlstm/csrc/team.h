@@ -77,12 +77,6 @@ class SpinBarrier {
   alignas(64) std::atomic<int> gen_{0};
 };
 
-// JAXLSTM_KERNEL_THREADS, or 0 where it is unset.
-inline int requested_threads() {
-  const char* env = std::getenv("JAXLSTM_KERNEL_THREADS");
-  return env ? std::max(0, std::atoi(env)) : 0;
-}
-
 // The CPUs this process may run on.
 inline int cpu_count() {
 #if JAXLSTM_AFFINITY
@@ -92,13 +86,23 @@ inline int cpu_count() {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
+// JAXLSTM_KERNEL_THREADS, or 0 where it is unset, at most one per CPU this process may run
+// on: more threads than CPUs only wait on each other at the barriers, and a large value once
+// started a thousand threads per call (jaxlstm/_kernel.py rejects a value that is no positive
+// integer before any call).
+inline int requested_threads() {
+  const char* env = std::getenv("JAXLSTM_KERNEL_THREADS");
+  const long asked = env ? std::strtol(env, nullptr, 10) : 0;
+  return asked > 0 ? static_cast<int>(std::min<long>(asked, cpu_count())) : 0;
+}
+
 // Threads worth using: one per CPU at most (the calling thread is one more than XLA's
 // pool holds: a third thread on 2 cores made a 1.3 ms call take 14 ms, measured), at
 // least `width` units each (a vector's), and per step at least kMinWork
 // multiply-adds each. A smaller step (B=1, H=64: 25k) is over before a second thread
 // has crossed its barrier, and on this project's 2-core machines a second thread made
 // such steps 2x slower in some processes and 30x in others (measured).
-// JAXLSTM_KERNEL_THREADS=n asks for n threads whatever the work (the tests use it).
+// JAXLSTM_KERNEL_THREADS=n asks for n threads (up to the CPUs) whatever the work (the tests use it).
 constexpr long kMinWork = 128 * 1024;
 
 inline int thread_count(long units, long width, long work_per_step) {
@@ -158,7 +162,7 @@ class Pool {
  public:
   static Pool& get() {
     // Never destroyed: its workers outlive static teardown.
-    static Pool* pool = new Pool(std::max(cpu_count(), requested_threads()));
+    static Pool* pool = new Pool(cpu_count());
     return *pool;
   }
   int size() const { return static_cast<int>(workers_.size()) + 1; }
