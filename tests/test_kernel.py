@@ -220,9 +220,11 @@ def test_the_thread_setting_is_checked_and_capped(monkeypatch):
         print(jaxlstm.native_info().threads, threads)
         """
     )
-    env = dict(os.environ, JAXLSTM_KERNEL_THREADS="100000", JAX_PLATFORMS="cpu")
+    # 1000, not more: were the cap gone, the process would start a thousand threads (and fail the
+    # assertion below) rather than exhaust the machine's for every other test running beside it
+    env = dict(os.environ, JAXLSTM_KERNEL_THREADS="1000", JAX_PLATFORMS="cpu")
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+                         timeout=180)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     team, threads = map(int, out.stdout.split())
     assert team == 1 and threads < 64, out.stdout
