@@ -161,8 +161,8 @@ def plot(result, out):
         rs = [r for r in result["results"] if r["model"] == m]
         # where two models coincide (both at 1.0) the later one is drawn thinner and dashed over the
         # earlier, with another marker, so that neither line hides the other
-        ax.plot([r["seq_len"] for r in rs], [r["metric"] for r in rs], marker="osD^"[i % 4], ms=8 - 2 * i,
-                lw=2.5 - 0.7 * i, ls=styles[i % 4], label=m, zorder=2 + i)  # fmt: skip
+        ax.plot([r["seq_len"] for r in rs], [r["metric"] for r in rs], marker="osD^"[i % 4], ms=max(3, 8 - 2 * i),
+                lw=max(0.8, 2.5 - 0.7 * i), ls=styles[i % 4], label=m, zorder=2 + i)  # fmt: skip
     ax.axhline(SOLVED, ls="--", c="gray", lw=1, label=f"solved ({SOLVED})")
     ax.axhline(result["config"]["chance"], ls=":", c="gray", lw=1, label="chance")
     ax.set(

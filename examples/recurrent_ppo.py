@@ -247,8 +247,8 @@ def plot(result: dict, out: str) -> None:
         # a few updates: points to see; where the agents' curves coincide (a quick run) the later one is
         # drawn dashed and thinner over the earlier, so that neither hides the other
         few = len(x) <= 30
-        ax.plot(x, mean, marker="os"[i % 2] if few else None, ms=7 - 3 * i, lw=2.2 - 0.9 * i, ls=("-", "--")[i % 2],
-                label=label, zorder=2 + i)  # fmt: skip
+        style = dict(ms=max(3, 7 - 3 * i), lw=max(0.8, 2.2 - 0.9 * i), ls=("-", "--")[i % 2], zorder=2 + i)
+        ax.plot(x, mean, marker="os"[i % 2] if few else None, label=label, **style)
         if len(y) > 1 and seen.any():
             ax.fill_between(x[seen], np.nanmin(y[:, seen], axis=0), np.nanmax(y[:, seen], axis=0), alpha=0.2)
     ax.set(

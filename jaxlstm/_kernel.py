@@ -353,7 +353,9 @@ def _out(*shape: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, _F32)
 
 
-_NONE = jnp.zeros((0,), _F32)  # a buffer the cell does not have (the c of a GRU, ...)
+# A buffer the cell does not have (the c of a GRU, ...). NumPy, not jnp: a jnp array here would
+# start JAX's backend when jaxlstm is imported, before a user's jax.config / jax.distributed setup.
+_NONE = np.zeros((0,), np.float32)
 
 
 def _run_forward(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr, save: bool):

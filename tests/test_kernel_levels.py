@@ -48,6 +48,19 @@ def test_the_best_level_the_cpu_runs_is_chosen(monkeypatch):
     assert f"ISA level in use: {info.isa}" in str(info)
 
 
+def test_importing_jaxlstm_starts_no_backend():
+    """Loading is lazy: after ``import jaxlstm`` a user can still configure JAX's devices (a
+    module-level jnp array in the loader once started the backend at import)."""
+    code = (
+        "import jax, jaxlstm; jax.config.update('jax_num_cpu_devices', 3); "
+        "print(len(jax.devices()), jaxlstm.native_info().available)"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["3", "True"]
+
+
 def test_forcing_a_level(monkeypatch):
     monkeypatch.setenv(_kernel.ISA_VARIABLE, RUNNABLE[0])
     info = jaxlstm.native_info()
