@@ -4,7 +4,8 @@ Everything else about the package is in ``pyproject.toml``. The kernel is built 
 machine's C++ compiler against the XLA FFI headers that jaxlib ships (jaxlib is a build
 requirement), once per ISA level, each into a library of its own (``jaxlstm/_native_<level>``),
 with portable flags: on x86-64 ``avx`` (x86-64-v2 + AVX, the least jaxlib runs on), ``avx2``
-(x86-64-v3) and ``avx512`` (x86-64-v4); elsewhere ``generic`` (the compiler's baseline).
+(x86-64-v3), ``avx512`` (x86-64-v4) and ``avx512_bf16`` (x86-64-v4 and AVX512_BF16: the
+bfloat16 GEMMs of ``jaxlstm/csrc/bf16.h``); elsewhere ``generic`` (the compiler's baseline).
 ``jaxlstm/_native_cpu`` (baseline flags) asks the CPU which levels it runs, and jaxlstm loads
 the best of those, so a wheel built on one machine runs on any other that runs JAX. Where a
 level cannot be built the package installs without it; where none can, ``jaxlstm.lstm`` runs the
@@ -23,9 +24,10 @@ X86_LEVELS = {
     "avx": ["-march=x86-64-v2", "-mavx"],
     "avx2": ["-march=x86-64-v3"],
     "avx512": ["-march=x86-64-v4"],
+    "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16"],
 }
 FLAGS = ["-std=c++17", "-O3", "-g0", "-ffp-contract=fast", "-fno-math-errno", "-fvisibility=hidden", "-pthread"]
-SOURCES = ["simd.h", "gemm.h", "cells.h", "loops.h", "team.h"]
+SOURCES = ["simd.h", "gemm.h", "bf16.h", "cells.h", "loops.h", "team.h"]
 
 
 def _ffi_include() -> str | None:

@@ -69,12 +69,13 @@ __all__ = [
 
 # The ISA levels the kernel is compiled for (setup.py), lowest first: on x86-64 each needs the
 # ones before it; "generic" is the compiler's baseline of any other architecture.
-LEVELS = ("avx", "avx2", "avx512", "generic")
+LEVELS = ("avx", "avx2", "avx512", "avx512_bf16", "generic")
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 ISA_VARIABLE = "JAXLSTM_KERNEL_ISA"
 # The FFI calls' ``cell`` attribute (jaxlstm/csrc/cells.h) and the floats each saves per unit and step.
 _CELLS = {"lstm": (0, 4), "gru": (1, 4), "rnn": (2, 1)}
 _F32 = jnp.dtype(jnp.float32)
+_BF16 = jnp.dtype(jnp.bfloat16)
 
 
 def _origin(name: str) -> str | None:
@@ -158,6 +159,7 @@ def _library(lv: str) -> ctypes.CDLL:
         raise OSError(f"jaxlstm/_native_{lv} was compiled for {compiled!r}")
     jax.ffi.register_ffi_target(f"jaxlstm_{lv}_forward", jax.ffi.pycapsule(lib.JaxlstmForward), platform="cpu")
     jax.ffi.register_ffi_target(f"jaxlstm_{lv}_backward", jax.ffi.pycapsule(lib.JaxlstmBackward), platform="cpu")
+    lib.JaxlstmBf16Dot.restype = ctypes.c_int
     return lib
 
 
@@ -220,6 +222,12 @@ def enabled() -> bool:
     return os.environ.get("JAXLSTM_KERNEL", "1") != "0" and available()
 
 
+def bf16_dot() -> bool:
+    """Whether the level in use multiplies bfloat16 operands (``avx512_bf16``: VDPBF16PS); at the
+    other levels a ``compute_dtype=bfloat16`` call runs the float32 GEMMs on the same data."""
+    return available() and bool(_library(level()).JaxlstmBf16Dot())  # pyright: ignore[reportArgumentType]
+
+
 @dataclasses.dataclass(frozen=True)
 class NativeInfo:
     """What :func:`jaxlstm.native_info` reports of the compiled CPU kernel."""
@@ -234,12 +242,14 @@ class NativeInfo:
     cpu: str  # the CPU's name, family and model, as cpuid gives them
     build_id: str  # the level and a hash of its library
     error: str | None  # why it is unavailable
+    bf16_dot: bool = False  # the level multiplies bfloat16 operands (compute_dtype=bfloat16 calls)
 
     def __str__(self) -> str:
         state = "enabled" if self.enabled else ("available, turned off (JAXLSTM_KERNEL=0)" if self.available else "off")
         lines = [
             f"jaxlstm native kernel: {state}" + (f": {self.error}" if self.error else ""),
             f"  ISA level in use: {self.isa or '-'}" + (f" (forced by {ISA_VARIABLE})" if self.isa_forced else ""),
+            f"  bfloat16 GEMMs: {'yes (VDPBF16PS)' if self.bf16_dot else 'no (bf16 calls run the float32 GEMMs)'}",
             f"  levels built: {', '.join(self.isa_built) or 'none'}; this CPU runs: "
             f"{', '.join(self.isa_supported) or 'unknown'}",
             f"  threads per call: at most {self.threads if self.threads else '-'}",
@@ -287,6 +297,7 @@ def native_info() -> NativeInfo:
         cpu=_cpu_name(),
         build_id="" if lv is None else _build_id(lv),
         error=error,
+        bf16_dot=lv is not None and bf16_dot(),
     )
 
 
@@ -298,9 +309,9 @@ def applies(params, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zone
     return (
         enabled()
         and jax.default_backend() == "cpu"
-        and jnp.dtype(mm_dtype) == _F32
+        and jnp.dtype(mm_dtype) in (_F32, _BF16)
         and jnp.dtype(acc_dtype) == _F32
-        and all(w is None or w.dtype == _F32 for w in params)
+        and all(w is None or w.dtype in (_F32, _BF16) for w in params)
         and plain
         and h_mask is None
         and zoneout is None
@@ -331,7 +342,7 @@ def chosen(
             zoneout=zoneout,
             checkpoint_every=checkpoint_every,
         )  # fmt: skip
-        and tuning.kernel_path(batch, params.w_ih.shape[0], params.w_hh.shape[0], steps, cell=cell)
+        and tuning.kernel_path(batch, params.w_ih.shape[0], params.w_hh.shape[0], steps, cell=cell, dtype=mm_dtype)
     )
 
 
@@ -358,9 +369,10 @@ def _out(*shape: int) -> jax.ShapeDtypeStruct:
 _NONE = np.zeros((0,), np.float32)
 
 
-def _run_forward(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr, save: bool):
-    """The forward call for any cell: ``c0``/``cr`` the LSTM's (``None`` for the others).
-    Returns ``ys, h(T), c(T), saved`` (``c(T)`` ``None`` but for the LSTM)."""
+def _run_forward(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr, save: bool):
+    """The forward call for any cell: ``c0``/``cr`` the LSTM's (``None`` for the others); ``bf16``:
+    bfloat16 GEMM operands where the level has them. Returns ``ys, h(T), c(T), saved``
+    (``c(T)`` ``None`` but for the LSTM)."""
     _require()
     cell, saved_per_unit = _CELLS[kind]
     lstm = kind == "lstm"
@@ -376,12 +388,12 @@ def _run_forward(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr
     call = jax.ffi.ffi_call(_target("forward"), outs, vmap_method="sequential")
     ys, h, c, acts, cs, h_in = call(
         xs, params.w_ih, b, b_hn, params.w_hh, h0, _NONE if c0 is None else c0, hr, _NONE if cr is None else cr,
-        valid, reset, batch_major=np.int32(batch_major), cell=np.int32(cell),
+        valid, reset, batch_major=np.int32(batch_major), cell=np.int32(cell), bf16=np.int32(bf16),
     )  # fmt: skip
     return ys, h, (c if lstm else None), (acts, cs, h_in, valid, reset)
 
 
-def _run_backward(kind: str, batch_major: bool, params, xs, c0, cr, saved, dys, dh, dc):
+def _run_backward(kind: str, batch_major: bool, bf16: bool, params, xs, c0, cr, saved, dys, dh, dc):
     """The backward call for any cell. Returns ``grads, dh0, dc0, dxs, dh_reset, dc_reset``
     (``dc0``, ``dc_reset`` ``None`` but for the LSTM)."""
     cell, _ = _CELLS[kind]
@@ -398,7 +410,7 @@ def _run_backward(kind: str, batch_major: bool, params, xs, c0, cr, saved, dys, 
     none = lambda a: _NONE if a is None else a
     dxs, dw_ih, dw_hh, db, db_hn, dh0, dc0, dh_reset, dc_reset = call(
         xs, params.w_ih, params.w_hh, acts, cs, h_in, none(c0), none(cr), valid, reset, dys, dh, none(dc),
-        batch_major=np.int32(batch_major), cell=np.int32(cell),
+        batch_major=np.int32(batch_major), cell=np.int32(cell), bf16=np.int32(bf16),
     )  # fmt: skip
     if kind == "lstm":
         grads = LSTMParams(dw_ih, dw_hh, None if params.b is None else db, None)
@@ -409,17 +421,18 @@ def _run_backward(kind: str, batch_major: bool, params, xs, c0, cr, saved, dys, 
     return grads, dh0, (dc0 if lstm else None), dxs, dh_reset, (dc_reset if lstm else None)
 
 
-def _xla_reference(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr):
+def _xla_reference(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr):
     """The pure-XLA scan of a kernel call, differentiated by plain autodiff: ``(ys, h, c)``
     (``c`` ``None`` but for the LSTM). Its derivatives are the kernel's derivatives of second
     order (the rules of :func:`_forward_saving` and :func:`_backward`)."""
     xs_tm = jnp.swapaxes(xs, 0, 1) if batch_major else xs
-    dtype = params.w_hh.dtype  # float32 for the kernel's calls (float64 where a test checks the rules)
+    acc = params.w_hh.dtype  # float32 for the kernel's calls (float64 where a test checks the rules)
+    mm = _BF16 if bf16 else acc
     if kind == "lstm":
-        core = lstm_scan_core(params, dtype, dtype, feature_major=False)
+        core = lstm_scan_core(params, mm, acc, feature_major=False)
         ys, (h, c) = core(xs_tm, ((h0, c0), (hr, cr), None), steps)
     else:
-        step = (gru_step if kind == "gru" else elman_step)(params, dtype, dtype)
+        step = (gru_step if kind == "gru" else elman_step)(params, mm, acc)
         h, ys, _ = scan_masked(step, h0, xs_tm, steps, reset_to=hr)
         c = None
     return (jnp.swapaxes(ys, 0, 1) if batch_major else ys), h, c
@@ -436,36 +449,36 @@ def _zero_tangent(a):
 # zeros, and the backward call's tangent is taken from the primal inputs alone.
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _forward_saving(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr):
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _forward_saving(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr):
     """``(ys, h, c, saved)``: the kernel's forward call, saving for :func:`_backward`."""
-    return _run_forward(kind, batch_major, params, h0, c0, xs, steps, hr, cr, save=True)
+    return _run_forward(kind, batch_major, bf16, params, h0, c0, xs, steps, hr, cr, save=True)
 
 
 @_forward_saving.defjvp
-def _forward_saving_jvp(kind, batch_major, primals, tangents):
+def _forward_saving_jvp(kind, batch_major, bf16, primals, tangents):
     params, h0, c0, xs, steps, hr, cr = primals
-    out = _forward_saving(kind, batch_major, *primals)
-    ref = lambda p, h0, c0, x, hr, cr: _xla_reference(kind, batch_major, p, h0, c0, x, steps, hr, cr)
+    out = _forward_saving(kind, batch_major, bf16, *primals)
+    ref = lambda p, h0, c0, x, hr, cr: _xla_reference(kind, batch_major, bf16, p, h0, c0, x, steps, hr, cr)
     dp, dh0, dc0, dx, _, dhr, dcr = tangents
     _, (dys, dh, dc) = jax.jvp(ref, (params, h0, c0, xs, hr, cr), (dp, dh0, dc0, dx, dhr, dcr))
     return out, (dys, dh, dc, jax.tree.map(_zero_tangent, out[3]))
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _backward(kind: str, batch_major: bool, params, h0, c0, xs, steps, hr, cr, saved, cts):
+@partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _backward(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr, saved, cts):
     """The kernel's backward call: ``cts = (dys, dh, dc)`` to ``(grads, dh0, dc0, dxs, dhr, dcr)``."""
     del h0, hr  # its JVP rule's: the call reads what the forward call saved
-    return _run_backward(kind, batch_major, params, xs, c0, cr, saved, *cts)
+    return _run_backward(kind, batch_major, bf16, params, xs, c0, cr, saved, *cts)
 
 
 @_backward.defjvp
-def _backward_jvp(kind, batch_major, primals, tangents):
+def _backward_jvp(kind, batch_major, bf16, primals, tangents):
     params, h0, c0, xs, steps, hr, cr, saved, cts = primals
-    out = _backward(kind, batch_major, *primals)
+    out = _backward(kind, batch_major, bf16, *primals)
 
     def pullback(p, h0, c0, x, hr, cr, cts):
-        ref = lambda p, h0, c0, x, hr, cr: _xla_reference(kind, batch_major, p, h0, c0, x, steps, hr, cr)
+        ref = lambda p, h0, c0, x, hr, cr: _xla_reference(kind, batch_major, bf16, p, h0, c0, x, steps, hr, cr)
         grads, dh0, dc0, dxs, dhr, dcr = jax.vjp(ref, p, h0, c0, x, hr, cr)[1](cts)
         return grads, dh0, dc0, dxs, dhr, dcr
 
@@ -474,56 +487,72 @@ def _backward_jvp(kind, batch_major, primals, tangents):
     return out, t_out
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def kernel_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry):
+def _as_f32(params):
+    """The kernel's calls read float32 (bfloat16 params are cast here, outside the custom VJPs,
+    so that autodiff casts their gradients back)."""
+    return jax.tree.map(lambda w: w.astype(_F32), params)
+
+
+def kernel_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, bf16=False):
     """:func:`jaxlstm._fused.fused_lstm`'s contract on the kernel: ``xs [T, B, D]``
     (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
     ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
-    (``[B, T, H]``). Reverse mode runs the kernel's backward call; differentiated again
-    (grad of grad, ``jax.hessian``, ``jax.jvp`` of ``jax.grad``), the XLA scan's derivatives."""
+    (``[B, T, H]``), float32. ``bf16``: the GEMMs take bfloat16 operands (weights, x, h and the
+    gate cotangents rounded; float32 accumulation) where the level has them (:func:`bf16_dot`).
+    Reverse mode runs the kernel's backward call; differentiated again (grad of grad,
+    ``jax.hessian``, ``jax.jvp`` of ``jax.grad``), the XLA scan's derivatives."""
+    return _kernel_lstm(batch_major, bool(bf16), _as_f32(params), carry0, xs.astype(_F32), steps, reset_carry)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_lstm(batch_major: bool, bf16: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry):
     (h0, c0), (hr, cr) = carry0, reset_carry
-    ys, h, c, _ = _run_forward("lstm", batch_major, params, h0, c0, xs, steps, hr, cr, save=False)
+    ys, h, c, _ = _run_forward("lstm", batch_major, bf16, params, h0, c0, xs, steps, hr, cr, save=False)
     return ys, (h, c)
 
 
-def _kernel_fwd(batch_major, params, carry0, xs, steps, reset_carry):
+def _kernel_fwd(batch_major, bf16, params, carry0, xs, steps, reset_carry):
     (h0, c0), (hr, cr) = carry0, reset_carry
-    ys, h, c, saved = _forward_saving("lstm", batch_major, params, h0, c0, xs, steps, hr, cr)
+    ys, h, c, saved = _forward_saving("lstm", batch_major, bf16, params, h0, c0, xs, steps, hr, cr)
     return (ys, (h, c)), (params, carry0, reset_carry, xs, steps, saved)
 
 
-def _kernel_bwd(batch_major, res, cotangents):
+def _kernel_bwd(batch_major, bf16, res, cotangents):
     params, (h0, c0), (hr, cr), xs, steps, saved = res
     dys, (dh, dc) = cotangents
-    grads, dh0, dc0, dxs, dhr, dcr = _backward("lstm", batch_major, params, h0, c0, xs, steps, hr, cr, saved,
+    grads, dh0, dc0, dxs, dhr, dcr = _backward("lstm", batch_major, bf16, params, h0, c0, xs, steps, hr, cr, saved,
                                                (dys, dh, dc))  # fmt: skip
     return grads, (dh0, dc0), dxs, None, (dhr, dcr)
 
 
-kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
+_kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def kernel_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | None, h_reset):
+def kernel_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | None, h_reset, bf16=False):
     """:func:`jaxlstm._fused_gru.fused_cell`'s contract on the kernel, for ``kind`` ``"gru"``
     (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
     ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
-    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). Derivatives as :func:`kernel_lstm`'s."""
-    ys, h, _, _ = _run_forward(kind, batch_major, params, h0, None, xs, steps, h_reset, None, save=False)
+    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). ``bf16`` and derivatives as :func:`kernel_lstm`'s."""
+    return _kernel_cell(kind, batch_major, bool(bf16), _as_f32(params), h0, xs.astype(_F32), steps, h_reset)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _kernel_cell(kind: str, batch_major: bool, bf16: bool, params, h0, xs, steps: Steps | None, h_reset):
+    ys, h, _, _ = _run_forward(kind, batch_major, bf16, params, h0, None, xs, steps, h_reset, None, save=False)
     return ys, h
 
 
-def _cell_fwd(kind, batch_major, params, h0, xs, steps, h_reset):
-    ys, h, _, saved = _forward_saving(kind, batch_major, params, h0, None, xs, steps, h_reset, None)
+def _cell_fwd(kind, batch_major, bf16, params, h0, xs, steps, h_reset):
+    ys, h, _, saved = _forward_saving(kind, batch_major, bf16, params, h0, None, xs, steps, h_reset, None)
     return (ys, h), (params, h0, h_reset, xs, steps, saved)
 
 
-def _cell_bwd(kind, batch_major, res, cotangents):
+def _cell_bwd(kind, batch_major, bf16, res, cotangents):
     params, h0, h_reset, xs, steps, saved = res
     dys, dh = cotangents
-    grads, dh0, _, dxs, dhr, _ = _backward(kind, batch_major, params, h0, None, xs, steps, h_reset, None, saved,
+    grads, dh0, _, dxs, dhr, _ = _backward(kind, batch_major, bf16, params, h0, None, xs, steps, h_reset, None, saved,
                                            (dys, dh, None))  # fmt: skip
     return grads, dh0, dxs, None, dhr
 
 
-kernel_cell.defvjp(_cell_fwd, _cell_bwd)
+_kernel_cell.defvjp(_cell_fwd, _cell_bwd)

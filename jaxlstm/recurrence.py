@@ -253,8 +253,8 @@ def lstm(
     if kernel:
 
         def kernel_core(inputs, carries, steps, batch_major=False):
-            # float32 throughout (bfloat16 inputs with float32 params, as on the XLA path's dots)
-            return kernel_lstm(batch_major, params, carries[0], inputs.astype(acc), steps, carries[1])
+            # float32 in and out; bfloat16 GEMM operands where mm is bfloat16 (the precision contract)
+            return kernel_lstm(batch_major, params, carries[0], inputs, steps, carries[1], bf16=mm == jnp.bfloat16)
 
         core = kernel_core
     elif backward == "fused":

@@ -195,8 +195,8 @@ def _sequence(
     kernel = _kernel.chosen(kind, params, mm, acc, backward=backward, batch=B, steps=T, h_mask=h_mask, zoneout=zoneout)
 
     def core(inputs, hs, steps, batch_major=False):
-        if kernel:  # float32 throughout (bfloat16 inputs with float32 params, as on the XLA path's dots)
-            return kernel_cell(kind, batch_major, params, hs[0], inputs.astype(acc), steps, hs[1])
+        if kernel:  # float32 in and out; bfloat16 GEMM operands where mm is bfloat16 (the precision contract)
+            return kernel_cell(kind, batch_major, params, hs[0], inputs, steps, hs[1], bf16=mm == jnp.bfloat16)
         if backward == "fused":
             xs_tm, zh = (inputs, None) if per_step is None else inputs
             cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout)

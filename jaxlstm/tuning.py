@@ -171,10 +171,10 @@ def _probe(layout: str, B: int, D: int, H: int, R: int, T: int, mm, acc, unroll:
     return lambda: jax.block_until_ready(compiled(xs, carry))
 
 
-def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm"):
+def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", mm=jnp.float32):
     """A compiled training step (value and gradient of a mean square over all outputs,
     w.r.t. the params and the inputs) of the fused ``cell`` (``"lstm"``, ``"gru"`` or
-    ``"rnn"``) on ``path``, ``"kernel"`` or ``"xla"``."""
+    ``"rnn"``) on ``path``, ``"kernel"`` or ``"xla"``, with GEMM operands of dtype ``mm``."""
     from ._fused import FusedConfig, fused_lstm
     from ._fused_gru import ELMAN, GRU, fused_cell
     from ._kernel import kernel_cell, kernel_lstm
@@ -185,16 +185,17 @@ def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm"):
     params = {"lstm": init_lstm, "gru": init_gru, "rnn": init_rnn}[cell](jax.random.key(0), D, H)
     xs = jax.random.normal(jax.random.key(1), (T, B, D), f32)
     h = jnp.zeros((B, H), f32)
-    cfg = FusedConfig(f32, f32)
+    mm = jnp.dtype(mm)
+    cfg, bf16 = FusedConfig(mm, f32), mm == jnp.bfloat16
     # (custom_vjp functions return an untyped object to pyright: hence the ignores)
     if cell != "lstm":
         kind = GRU if cell == "gru" else ELMAN
         if path == KERNEL:
-            run = lambda p, x: kernel_cell(cell, False, p, h, x, None, h)[0]  # pyright: ignore[reportIndexIssue]
+            run = lambda p, x: kernel_cell(cell, False, p, h, x, None, h, bf16)[0]
         else:
             run = lambda p, x: fused_cell(cfg, kind, p, h, x, None, h)[0]  # pyright: ignore[reportIndexIssue]
     elif path == KERNEL:
-        run = lambda p, x: kernel_lstm(False, p, (h, h), x, None, (h, h))[0]  # pyright: ignore[reportIndexIssue]
+        run = lambda p, x: kernel_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]
     else:
         run = lambda p, x: fused_lstm(cfg, p, (h, h), x, None, (h, h))[0]  # pyright: ignore[reportIndexIssue]
     step = jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(run(p, x))), argnums=(0, 1))
@@ -311,10 +312,10 @@ def forward_layout(B: int, D: int, H: int, R: int, T: int, mm_dtype, acc_dtype, 
     return _cached(key, CANDIDATES, lambda: _measure(B, D, H, R, T, mm_dtype, acc_dtype, unroll), DEFAULT)
 
 
-def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm") -> bool:
-    """Whether a float32 ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) of this shape, which the
-    compiled kernel can run (:func:`jaxlstm._kernel.applies`), runs on it rather than on the
-    pure-XLA fused path.
+def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
+    """Whether a ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) of this shape with GEMM operands
+    of ``dtype`` (float32 or bfloat16), which the compiled kernel can run
+    (:func:`jaxlstm._kernel.applies`), runs on it rather than on the pure-XLA fused path.
 
     The default (autotuning off) is the kernel. With autotuning, the first time a shape is
     seen both training steps are timed on a probe of at most ``PROBE_STEPS`` steps, and XLA
@@ -327,11 +328,14 @@ def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm") -> bool:
         return True
     from ._kernel import build_id
 
-    key = f"{_machine()}|{cell}-kernel {build_id()}|B={B} D={D} H={H} T<={_bucket(T)}|float32"
+    dtype = jnp.dtype(dtype)
+    key = f"{_machine()}|{cell}-kernel {build_id()}|B={B} D={D} H={H} T<={_bucket(T)}|{dtype.name}"
 
     def measure() -> str:
         with jax.ensure_compile_time_eval():
-            probes = {name: _train_probe(name, B, D, H, min(T, PROBE_STEPS), cell) for name in (KERNEL, "xla")}
+            probes = {
+                name: _train_probe(name, B, D, H, min(T, PROBE_STEPS), cell, dtype) for name in (KERNEL, "xla")
+            }
             return _pick(probes, KERNEL)
 
     return _cached(key, (KERNEL, "xla"), measure, KERNEL) == KERNEL

@@ -115,7 +115,7 @@ def test_the_rules_reference_in_float64(kind):
         steps = jaxlstm._engine.Steps(None, None, jnp.asarray([[False, True], [True, False], [False, False]]))
 
         def f(p, x, h0):
-            ys, h, c = _kernel._xla_reference(kind, True, p, h0, c0, x, steps, hr, cr)
+            ys, h, c = _kernel._xla_reference(kind, True, False, p, h0, c0, x, steps, hr, cr)
             w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
             return jnp.sum(jnp.tanh(ys) * w) + jnp.sum(jnp.sin(h))
 

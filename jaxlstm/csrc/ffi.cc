@@ -7,6 +7,7 @@
 // The files, by job:
 //   simd.h   vectors of the level's width, exp, sigmoid, tanh
 //   gemm.h   the register-blocked GEMM tile and the buffers it works on
+//   bf16.h   the same GEMM on bfloat16 operands (the avx512_bf16 level)
 //   cells.h  the LSTM, GRU and Elman cells: a forward step and its gate cotangents
 //   loops.h  the forward and backward loops over time, written once over the cell
 //   team.h   the team of threads a call runs on, and its spin barrier
@@ -65,7 +66,7 @@ struct Expect {
 template <class Cell>
 ffi::Error Forward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& bias, F32& b_hn, F32& w_hh, F32& h0, F32& c0,
                    F32& hr, F32& cr, Flags& valid, Flags& reset, Out& ys, Out& hT, Out& cT, Out& acts, Out& cs,
-                   Out& hin, int32_t batch_major) {
+                   Out& hin, int32_t batch_major, int32_t bf16) {
   ForwardArgs a{};
   if (auto e = decode<Cell>(xs, w_ih, w_hh, batch_major, a); e.failure()) return e;
   const bool save = acts->element_count() != 0;
@@ -103,14 +104,15 @@ ffi::Error Forward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& bias, F32& b_
   a.acts = save ? acts->typed_data() : nullptr;
   a.cs = save && Cell::kHasC ? cs->typed_data() : nullptr;
   a.hin = save ? hin->typed_data() : nullptr;
-  run_forward<Cell>(pool, a);
+  run_forward<Cell>(pool, a, bf16 != 0);
   return ffi::Error::Success();
 }
 
 template <class Cell>
 ffi::Error Backward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& w_hh, F32& acts, F32& cs, F32& h_in, F32& c0,
                     F32& cr, Flags& valid, Flags& reset, F32& dys, F32& dhT, F32& dcT, Out& dxs, Out& dw_ih,
-                    Out& dw_hh, Out& db, Out& db_hn, Out& dh0, Out& dc0, Out& dhr, Out& dcr, int32_t batch_major) {
+                    Out& dw_hh, Out& db, Out& db_hn, Out& dh0, Out& dc0, Out& dhr, Out& dcr, int32_t batch_major,
+                    int32_t bf16) {
   BackwardArgs a{};
   if (auto e = decode<Cell>(xs, w_ih, w_hh, batch_major, a); e.failure()) return e;
   const size_t bh = a.B * a.H, tbh = a.T * bh, c_bh = Cell::kHasC ? bh : 0;
@@ -157,7 +159,7 @@ ffi::Error Backward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& w_hh, F32& a
   a.dc0 = Cell::kHasC ? dc0->typed_data() : nullptr;
   a.dhr = dhr->typed_data();
   a.dcr = Cell::kHasC ? dcr->typed_data() : nullptr;
-  run_backward<Cell>(pool, a);
+  run_backward<Cell>(pool, a, bf16 != 0);
   return ffi::Error::Success();
 }
 
@@ -178,19 +180,20 @@ ffi::Error with_cell(int32_t cell, F&& f) {
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, F32 xs, F32 w_ih, F32 bias, F32 b_hn, F32 w_hh, F32 h0, F32 c0, F32 hr,
                        F32 cr, Flags valid, Flags reset, Out ys, Out hT, Out cT, Out acts, Out cs, Out hin,
-                       int32_t batch_major, int32_t cell) {
+                       int32_t batch_major, int32_t cell, int32_t bf16) {
   return with_cell(cell, [&](auto c) {
     return Forward<decltype(c)>(pool, xs, w_ih, bias, b_hn, w_hh, h0, c0, hr, cr, valid, reset, ys, hT, cT, acts, cs,
-                                hin, batch_major);
+                                hin, batch_major, bf16);
   });
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, F32 xs, F32 w_ih, F32 w_hh, F32 acts, F32 cs, F32 h_in, F32 c0, F32 cr,
                         Flags valid, Flags reset, F32 dys, F32 dhT, F32 dcT, Out dxs, Out dw_ih, Out dw_hh, Out db,
-                        Out db_hn, Out dh0, Out dc0, Out dhr, Out dcr, int32_t batch_major, int32_t cell) {
+                        Out db_hn, Out dh0, Out dc0, Out dhr, Out dcr, int32_t batch_major, int32_t cell,
+                        int32_t bf16) {
   return with_cell(cell, [&](auto c) {
     return Backward<decltype(c)>(pool, xs, w_ih, w_hh, acts, cs, h_in, c0, cr, valid, reset, dys, dhT, dcT, dxs,
-                                 dw_ih, dw_hh, db, db_hn, dh0, dc0, dhr, dcr, batch_major);
+                                 dw_ih, dw_hh, db, db_hn, dh0, dc0, dhr, dcr, batch_major, bf16);
   });
 }
 
@@ -224,7 +227,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmForward, jaxlstm::ForwardImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // cs [T, B, H] (LSTM, saving) or [0]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // h_in [T, B, H] or [0]
                                   .Attr<int32_t>("batch_major")  // xs, ys [B, T, .] rather than [T, B, .]
-                                  .Attr<int32_t>("cell"));
+                                  .Attr<int32_t>("cell")
+                                  .Attr<int32_t>("bf16"));  // bf16 GEMM operands (JaxlstmBf16Dot)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmBackward, jaxlstm::BackwardImpl,
                               xla::ffi::Ffi::Bind()
@@ -252,10 +256,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmBackward, jaxlstm::BackwardImpl,
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // d reset h
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // d reset c (LSTM) or [0]
                                   .Attr<int32_t>("batch_major")  // xs, dys, dxs [B, T, .]
-                                  .Attr<int32_t>("cell"));
+                                  .Attr<int32_t>("cell")
+                                  .Attr<int32_t>("bf16"));
 
 // The ISA level this library was compiled for (setup.py's JAXLSTM_ISA).
 extern "C" const char* JaxlstmIsa() { return JAXLSTM_ISA; }
+
+// 1 where a call with bf16=1 multiplies bf16 operands (VDPBF16PS); 0 where it runs on the
+// float32 GEMMs of the same data.
+extern "C" int JaxlstmBf16Dot() { return JAXLSTM_BF16_DOT; }
 
 // The most threads a call's team may have: one per CPU this process may run on, or
 // JAXLSTM_KERNEL_THREADS where it is set.

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
 #include "cells.h"
 #include "gemm.h"
 #include "simd.h"
@@ -72,33 +73,54 @@ struct ForwardArgs : Dims {
   float *acts, *cs, *hin;  // saved for the backward pass, or nullptr (cs: the LSTM's)
 };
 
-template <class Cell>
+// hpairs: with Bf16 (bf16.h), h(t-1) rounded and paired for the recurrent GEMM, shared by the
+// team: two buffers [B, pairs(H)], step t's at t & 1 (a thread writes step t+1's while another
+// may still read step t's).
+template <class Cell, bool Bf16>
 void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, float* h_state, float* c_state,
-                    float* hbuf) {
+                    float* hbuf, pair16* hpairs) {
   constexpr int G = Cell::G, S = Cell::S;
-  const long T = a.T, B = a.B, H = a.H, GH = G * H;
+  const long T = a.T, B = a.B, H = a.H, GH = G * H, D2 = pairs(a.D), H2 = pairs(H);
   const Split s = split_units(H, p, n);
   const long nu = s.n(), np = s.padded(), cols = G * np;
   // Panels of W_ih's and W_hh's columns for this thread's units, gate-blocked: column
-  // g*np + u is gate g of unit lo + u (zero for the padding units).
+  // g*np + u is gate g of unit lo + u (zero for the padding units); paired with Bf16.
   std::vector<float> wx_store, wh_store, zx_store, zh_store, bias_store;
-  float* wx = aligned_floats(wx_store, static_cast<size_t>(a.D) * cols);
-  float* wh = aligned_floats(wh_store, static_cast<size_t>(H) * cols);
+  std::vector<pair16> wxp_store, whp_store, xp_store;
+  float* wx = nullptr;
+  float* wh = nullptr;
+  pair16 *wxp = nullptr, *whp = nullptr, *xp = nullptr;  // Bf16: the panels, and x(t) paired
   float* zx = aligned_floats(zx_store, static_cast<size_t>(B) * cols);
   float* zh = Cell::kSplit ? aligned_floats(zh_store, static_cast<size_t>(B) * cols) : zx;
   float* bias = aligned_floats(bias_store, cols);
-  // Row by row (read column by column, W_hh took 5 % of the forward pass at H=1024, a
-  // cache miss per float): np is a multiple of NC, so a run of NC units of one gate is
-  // contiguous in w and in one panel.
-  auto pack = [&](float* panel, const float* w, long K) {
-    for (long k = 0; k < K; ++k)
-      for (long g = 0; g < G; ++g)
-        for (long u = 0; u < nu; u += NC)
-          std::memcpy(panel + (g * np + u) / NC * K * NC + k * NC, w + k * GH + g * H + s.lo + u,
-                      4 * std::min<long>(NC, nu - u));
-  };
-  pack(wx, a.w_ih, a.D);
-  pack(wh, a.w_hh, H);
+  if constexpr (Bf16) {
+    auto column = [&](const float* w) {
+      return [&s, w, np, nu, GH, H](long k, long c) {
+        const long g = c / np, u = c % np;
+        return u < nu ? w[k * GH + g * H + s.lo + u] : 0.0f;
+      };
+    };
+    wxp = aligned_pairs(wxp_store, static_cast<size_t>(D2) * cols);
+    whp = aligned_pairs(whp_store, static_cast<size_t>(H2) * cols);
+    xp = aligned_pairs(xp_store, static_cast<size_t>(B) * D2);
+    pack_pairs<true>(wxp, a.D, cols, column(a.w_ih));
+    pack_pairs<true>(whp, H, cols, column(a.w_hh));
+  } else {
+    wx = aligned_floats(wx_store, static_cast<size_t>(a.D) * cols);
+    wh = aligned_floats(wh_store, static_cast<size_t>(H) * cols);
+    // Row by row (read column by column, W_hh took 5 % of the forward pass at H=1024, a
+    // cache miss per float): np is a multiple of NC, so a run of NC units of one gate is
+    // contiguous in w and in one panel.
+    auto pack = [&](float* panel, const float* w, long K) {
+      for (long k = 0; k < K; ++k)
+        for (long g = 0; g < G; ++g)
+          for (long u = 0; u < nu; u += NC)
+            std::memcpy(panel + (g * np + u) / NC * K * NC + k * NC, w + k * GH + g * H + s.lo + u,
+                        4 * std::min<long>(NC, nu - u));
+    };
+    pack(wx, a.w_ih, a.D);
+    pack(wh, a.w_hh, H);
+  }
   for (long g = 0; g < G; ++g) std::memcpy(bias + g * np, a.bias + g * H + s.lo, 4 * nu);
   const float* b_hn = a.b_hn ? a.b_hn + s.lo : nullptr;
   auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * B * H : hbuf + (t & 1) * B * H; };
@@ -115,6 +137,8 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
         }
         hin[i] = h_state[i];
       }
+      // s.lo is even (a multiple of VW): the thread owns whole pairs
+      if constexpr (Bf16) to_pairs(h_state + b * H + s.lo, hpairs + ((t & 1) * B + b) * H2 + s.lo / 2, nu);
     }
   };
   if (nu > 0) {
@@ -129,8 +153,14 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   for (long t = 0; t < T; ++t) {
     if (nu > 0) {
       for (long b = 0; b < B; ++b) std::memcpy(zx + b * cols, bias, 4 * cols);
-      gemm(a.xs + a.io.row(t, 0) * a.D, a.io.batch_stride() * a.D, 1, B, wx, a.D, cols, zx, cols, true);
-      gemm(h_in_at(t), H, 1, B, wh, H, cols, zh, cols, !Cell::kSplit);
+      if constexpr (Bf16) {
+        for (long b = 0; b < B; ++b) to_pairs(a.xs + a.io.row(t, b) * a.D, xp + b * D2, a.D);
+        gemm_bf16(xp, D2, B, wxp, D2, cols, zx, cols, true);
+        gemm_bf16(hpairs + (t & 1) * B * H2, H2, B, whp, H2, cols, zh, cols, !Cell::kSplit);
+      } else {
+        gemm(a.xs + a.io.row(t, 0) * a.D, a.io.batch_stride() * a.D, 1, B, wx, a.D, cols, zx, cols, true);
+        gemm(h_in_at(t), H, 1, B, wh, H, cols, zh, cols, !Cell::kSplit);
+      }
       for (long b = 0; b < B; ++b) {
         const bool valid = a.valid[t * B + b] != 0;
         float* y = a.ys + a.io.row(t, b) * H + s.lo;
@@ -180,25 +210,44 @@ struct BackwardArgs : Dims {
 // features one GEMM; the ring holds two chunks, so a chunk is read while the next is
 // written. dgx is the cotangent of x·W_ih + b, dgh that of h·W_hh (the same but for
 // the GRU's n block, dgh_n = dgx_n ∗ r); with kSplit each has its ring and panels.
-template <class Cell>
+// With Bf16 (bf16.h) every GEMM takes paired bf16 operands: the rings hold the gate
+// cotangents rounded ([2 TC B, pairs(GH)]: ringp, ringp_x), the weights and each chunk's
+// operands are rounded and paired once.
+template <class Cell, bool Bf16>
 void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, float* dh, float* dc, float* ring,
-                     float* ring_x, long TC) {
+                     float* ring_x, pair16* ringp, pair16* ringp_x, long TC) {
   constexpr int G = Cell::G, S = Cell::S;
-  const long T = a.T, B = a.B, D = a.D, H = a.H, GH = G * H;
+  const long T = a.T, B = a.B, D = a.D, H = a.H, GH = G * H, GH2 = pairs(GH), TB2 = pairs(TC * B);
   const Split s = split_units(H, p, n), sd = split_units(D, p, n);
   const long nu = s.n(), np = s.padded(), cols = G * np, nd = sd.n(), ndp = sd.padded();
   // A thread's own buffers, each a std::vector that aligned_floats fills and aligns.
   struct {
     std::vector<float> whT, wiT, rec, direct, ph, px, gwh, gwi, gb, gbh, dxc, hT, xT;
   } own;
-  // W_hh's rows of this thread's units, transposed into panels [GH, np]: dh(t-1) = dgh · W_hhᵀ.
-  float* whT = aligned_floats(own.whT, static_cast<size_t>(GH) * np);
+  struct {
+    std::vector<pair16> whT, wiT, ph, px, hT, xT;
+  } own_p;
+  // W_hh's rows of this thread's units, transposed into panels [GH, np]: dh(t-1) = dgh · W_hhᵀ;
   // W_ih's rows of its input features, [GH, ndp]: dx = dgx · W_ihᵀ.
-  float* wiT = aligned_floats(own.wiT, static_cast<size_t>(GH) * ndp);
-  for (long u = 0; u < nu; ++u)
-    for (long k = 0; k < GH; ++k) whT[(u / NC) * GH * NC + k * NC + u % NC] = a.w_hh[(s.lo + u) * GH + k];
-  for (long d = 0; d < nd; ++d)
-    for (long k = 0; k < GH; ++k) wiT[(d / NC) * GH * NC + k * NC + d % NC] = a.w_ih[(sd.lo + d) * GH + k];
+  float *whT = nullptr, *wiT = nullptr;
+  pair16 *whTp = nullptr, *wiTp = nullptr, *php = nullptr, *pxp = nullptr, *hTp = nullptr, *xTp = nullptr;
+  if constexpr (Bf16) {
+    whTp = aligned_pairs(own_p.whT, static_cast<size_t>(GH2) * np);
+    wiTp = aligned_pairs(own_p.wiT, static_cast<size_t>(GH2) * ndp);
+    pack_pairs<false>(whTp, GH, np, [&](long k, long u) { return u < nu ? a.w_hh[(s.lo + u) * GH + k] : 0.0f; });
+    pack_pairs<false>(wiTp, GH, ndp, [&](long k, long d) { return d < nd ? a.w_ih[(sd.lo + d) * GH + k] : 0.0f; });
+    php = aligned_pairs(own_p.ph, static_cast<size_t>(TB2) * cols);
+    pxp = Cell::kSplit ? aligned_pairs(own_p.px, static_cast<size_t>(TB2) * cols) : php;
+    hTp = aligned_pairs(own_p.hT, static_cast<size_t>(TB2) * H);
+    xTp = aligned_pairs(own_p.xT, static_cast<size_t>(TB2) * D);
+  } else {
+    whT = aligned_floats(own.whT, static_cast<size_t>(GH) * np);
+    wiT = aligned_floats(own.wiT, static_cast<size_t>(GH) * ndp);
+    for (long u = 0; u < nu; ++u)
+      for (long k = 0; k < GH; ++k) whT[(u / NC) * GH * NC + k * NC + u % NC] = a.w_hh[(s.lo + u) * GH + k];
+    for (long d = 0; d < nd; ++d)
+      for (long k = 0; k < GH; ++k) wiT[(d / NC) * GH * NC + k * NC + d % NC] = a.w_ih[(sd.lo + d) * GH + k];
+  }
   const size_t chunk_cols = static_cast<size_t>(TC) * B * cols;
   float* rec = aligned_floats(own.rec, static_cast<size_t>(B) * np);  // dh(t-1) of its units through W_hh
   float* direct = aligned_floats(own.direct, Cell::kSplit ? static_cast<size_t>(B) * np : 0);  // the GRU's dh ∗ z
@@ -209,8 +258,8 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   float* gb = aligned_floats(own.gb, cols);                                   // db of its columns
   float* gbh = aligned_floats(own.gbh, cols);                                 // Σ dgh (the GRU's db_hn)
   float* dxc = aligned_floats(own.dxc, static_cast<size_t>(TC) * B * ndp);    // dx of its features, a chunk
-  float* hT = aligned_floats(own.hT, static_cast<size_t>(TC) * B * H);        // a chunk of h_in, transposed
-  float* xT = aligned_floats(own.xT, static_cast<size_t>(TC) * B * D);        // and of x
+  float* hT = aligned_floats(own.hT, Bf16 ? 0 : static_cast<size_t>(TC) * B * H);  // a chunk of h_in, transposed
+  float* xT = aligned_floats(own.xT, Bf16 ? 0 : static_cast<size_t>(TC) * B * D);  // and of x
   for (long b = 0; b < B; ++b)
     for (long u = s.lo; u < s.hi; ++u) {
       const long i = b * H + u;
@@ -224,20 +273,28 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   // The chunk of t: steps [t0, t0 + TC); its rows k = (t - t0) * B + b.
   for (long t = T - 1; t >= 0; --t) {
     const long t0 = t / TC * TC, rows = std::min(TC, T - t0) * B;
-    const long chunk = ((t / TC) & 1) * TC * B * GH;
+    const long chunk_row = ((t / TC) & 1) * TC * B, chunk = chunk_row * GH;
     float* dgh_t = ring + chunk + (t - t0) * B * GH;
     float* dgx_t = ring_x + chunk + (t - t0) * B * GH;
+    // Bf16: the step's rows of the paired rings, as bf16 (a gate block may start mid-pair)
+    auto* dgh_p = reinterpret_cast<uint16_t*>(ringp + (chunk_row + (t - t0) * B) * GH2);
+    auto* dgx_p = reinterpret_cast<uint16_t*>(ringp_x + (chunk_row + (t - t0) * B) * GH2);
     for (long b = 0; b < B && nu > 0; ++b) {
       const long row = t * B + b, k = (t - t0) * B + b;
       // The cotangents of gate g, units u...u+m: vx of x·W_ih + b, vh of h·W_hh.
       auto put = [&](long g, long u, vf vx, vf vh, int m) {
         const long c = g * np + u;  // VW divides NC: a vector never straddles two panels
         const long at = k * NC + (c / NC) * TC * B * NC + c % NC;
-        store_n(dgh_t + b * GH + g * H + s.lo + u, vh, m);
+        if constexpr (Bf16) {
+          store_bf16(dgh_p + b * 2 * GH2 + g * H + s.lo + u, vh, m);
+          if constexpr (Cell::kSplit) store_bf16(dgx_p + b * 2 * GH2 + g * H + s.lo + u, vx, m);
+        } else {
+          store_n(dgh_t + b * GH + g * H + s.lo + u, vh, m);
+          if constexpr (Cell::kSplit) store_n(dgx_t + b * GH + g * H + s.lo + u, vx, m);
+        }
         store_n(ph + at, vh, m);
         store_n(gb + c, load_n(gb + c, m) + vx, m);
         if constexpr (Cell::kSplit) {
-          store_n(dgx_t + b * GH + g * H + s.lo + u, vx, m);
           store_n(px + at, vx, m);
           store_n(gbh + c, load_n(gbh + c, m) + vh, m);
         }
@@ -270,7 +327,11 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
     }
     barrier.wait();  // all of the step's gate cotangents are written
     if (nu > 0) {
-      gemm(dgh_t, GH, 1, B, whT, GH, np, rec, np, false);
+      if constexpr (Bf16) {
+        gemm_bf16(ringp + (chunk_row + (t - t0) * B) * GH2, GH2, B, whTp, GH2, np, rec, np, false);
+      } else {
+        gemm(dgh_t, GH, 1, B, whT, GH, np, rec, np, false);
+      }
       for (long b = 0; b < B; ++b) {
         const long row = t * B + b;
         if (!a.valid[row]) continue;  // the state's cotangent passes through
@@ -298,15 +359,42 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
       // dW_hh += h_inᵀ · dgh and dW_ih += xᵀ · dgx over the chunk's rows. A = h_inᵀ, xᵀ,
       // transposed into row-major copies first: read in place, each step of the GEMM's
       // k loop would jump a row of h_in (a page at H=1024).
-      transpose([&](long k) { return a.h_in + (t0 * B + k) * H; }, rows, H, hT);
-      transpose([&](long k) { return a.xs + a.io.row(t0 + k / B, k % B) * D; }, rows, D, xT);
-      for (long j = 0; j < cols / NC; ++j) {
-        gemm(hT, rows, 1, H, ph + j * TC * B * NC, rows, NC, gwh + j * NC, cols, true);
-        gemm(xT, rows, 1, D, px + j * TC * B * NC, rows, NC, gwi + j * NC, cols, true);
+      auto h_row = [&](long k) { return a.h_in + (t0 * B + k) * H; };
+      auto x_row = [&](long k) { return a.xs + a.io.row(t0 + k / B, k % B) * D; };
+      if constexpr (Bf16) {
+        const long R2 = pairs(rows);
+        transpose_pairs(h_row, rows, H, hTp);
+        transpose_pairs(x_row, rows, D, xTp);
+        // The chunk's panels paired along its rows (a zero row after the last where rows is odd).
+        auto pair_panels = [&](const float* from, pair16* to) {
+          for (long j = 0; j < cols / NC; ++j)
+            for (long k2 = 0; k2 < R2; ++k2) {
+              const float* lo = from + j * TC * B * NC + 2 * k2 * NC;
+              for (long c = 0; c < NC; ++c)
+                to[j * R2 * NC + k2 * NC + c] = pair(lo[c], 2 * k2 + 1 < rows ? lo[NC + c] : 0.0f);
+            }
+        };
+        pair_panels(ph, php);
+        if constexpr (Cell::kSplit) pair_panels(px, pxp);
+        for (long j = 0; j < cols / NC; ++j) {
+          gemm_bf16(hTp, R2, H, php + j * R2 * NC, R2, NC, gwh + j * NC, cols, true);
+          gemm_bf16(xTp, R2, D, pxp + j * R2 * NC, R2, NC, gwi + j * NC, cols, true);
+        }
+      } else {
+        transpose(h_row, rows, H, hT);
+        transpose(x_row, rows, D, xT);
+        for (long j = 0; j < cols / NC; ++j) {
+          gemm(hT, rows, 1, H, ph + j * TC * B * NC, rows, NC, gwh + j * NC, cols, true);
+          gemm(xT, rows, 1, D, px + j * TC * B * NC, rows, NC, gwi + j * NC, cols, true);
+        }
       }
     }
     if (nd > 0) {
-      gemm(ring_x + chunk, GH, 1, rows, wiT, GH, ndp, dxc, ndp, false);
+      if constexpr (Bf16) {
+        gemm_bf16(ringp_x + chunk_row * GH2, GH2, rows, wiTp, GH2, ndp, dxc, ndp, false);
+      } else {
+        gemm(ring_x + chunk, GH, 1, rows, wiT, GH, ndp, dxc, ndp, false);
+      }
       for (long k = 0; k < rows; ++k)
         std::memcpy(a.dxs + a.io.row(t0 + k / B, k % B) * D + sd.lo, dxc + k * ndp, 4 * nd);
     }
@@ -323,8 +411,9 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   if (Cell::kSplit && nu > 0) std::memcpy(a.db_hn + s.lo, gbh + (G - 1) * np, 4 * nu);
 }
 
-// Runs the forward loop of a decoded call: saves for the backward pass where a.acts is set.
-template <class Cell>
+// Runs the forward loop of a decoded call: saves for the backward pass where a.acts is set;
+// Bf16: on paired bf16 operands (bf16.h).
+template <class Cell, bool Bf16>
 void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
   const bool save = a.acts != nullptr;
   const size_t bh = static_cast<size_t>(a.B * a.H), tbh = static_cast<size_t>(a.T) * bh;
@@ -335,28 +424,54 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
     if (Cell::kHasC) prefer_huge_pages(a.cs, 4 * tbh);
   }
   std::vector<float> h_state(bh), c_state(Cell::kHasC ? bh : 0), hbuf(save ? 0 : 2 * bh);
+  std::vector<pair16> hpairs_store;
+  pair16* hpairs = Bf16 ? aligned_pairs(hpairs_store, static_cast<size_t>(2 * a.B) * pairs(a.H)) : nullptr;
   const long step_work = a.B * Cell::G * a.H * (a.D + a.H);
   run_team(pool, thread_count(a.H, VW, step_work), static_cast<double>(a.T) * step_work,
            [&](int p, int n, SpinBarrier& barrier) {
-             forward_thread<Cell>(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data());
+             forward_thread<Cell, Bf16>(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data(), hpairs);
            });
 }
 
-// Runs the backward loop of a decoded call.
-template <class Cell>
+// Runs the backward loop of a decoded call; Bf16: on paired bf16 operands.
+template <class Cell, bool Bf16>
 void run_backward(ffi::ThreadPool& pool, BackwardArgs& a) {
   prefer_huge_pages(a.dxs, 4 * static_cast<size_t>(a.T * a.B * a.D));
   // About 256 rows per chunk: the weight-gradient GEMMs run with K = 256.
   const long TC = std::max<long>(1, std::min<long>(a.T, 256 / std::max<long>(1, a.B)));
   const size_t bh = static_cast<size_t>(a.B * a.H), ring_size = static_cast<size_t>(2 * TC) * a.B * Cell::G * a.H;
   std::vector<float> dh(bh), dc(Cell::kHasC ? bh : 0), ring_store, ring_x_store;
-  float* ring = aligned_floats(ring_store, ring_size);
-  float* ring_x = Cell::kSplit ? aligned_floats(ring_x_store, ring_size) : ring;
+  std::vector<pair16> ringp_store, ringp_x_store;
+  float* ring = aligned_floats(ring_store, Bf16 ? 0 : ring_size);
+  float* ring_x = Cell::kSplit ? aligned_floats(ring_x_store, Bf16 ? 0 : ring_size) : ring;
+  const size_t ringp_size = Bf16 ? static_cast<size_t>(2 * TC) * a.B * pairs(Cell::G * a.H) : 0;
+  pair16* ringp = aligned_pairs(ringp_store, ringp_size);
+  pair16* ringp_x = Cell::kSplit ? aligned_pairs(ringp_x_store, ringp_size) : ringp;
   const long step_work = a.B * 2 * Cell::G * a.H * (a.D + a.H);
   run_team(pool, thread_count(std::max(a.H, a.D), VW, step_work), static_cast<double>(a.T) * step_work,
            [&](int p, int n, SpinBarrier& barrier) {
-             backward_thread<Cell>(a, p, n, barrier, dh.data(), dc.data(), ring, ring_x, TC);
+             backward_thread<Cell, Bf16>(a, p, n, barrier, dh.data(), dc.data(), ring, ring_x, ringp, ringp_x, TC);
            });
+}
+
+// A bf16 call runs on paired bf16 operands where this level has the instruction (bf16.h);
+// elsewhere on the float32 GEMMs of the same data.
+template <class Cell>
+void run_forward(ffi::ThreadPool& pool, ForwardArgs& a, bool bf16) {
+  if (JAXLSTM_BF16_DOT && bf16) {
+    run_forward<Cell, static_cast<bool>(JAXLSTM_BF16_DOT)>(pool, a);
+  } else {
+    run_forward<Cell, false>(pool, a);
+  }
+}
+
+template <class Cell>
+void run_backward(ffi::ThreadPool& pool, BackwardArgs& a, bool bf16) {
+  if (JAXLSTM_BF16_DOT && bf16) {
+    run_backward<Cell, static_cast<bool>(JAXLSTM_BF16_DOT)>(pool, a);
+  } else {
+    run_backward<Cell, false>(pool, a);
+  }
 }
 
 }  // namespace jaxlstm

@@ -1,0 +1,187 @@
+// bfloat16 operands for the GEMMs of the two loops, on CPUs with AVX512_BF16 (VDPBF16PS:
+// Cooper Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and Zen 5).
+//
+// A bf16 call (jaxlstm's compute_dtype=bfloat16) multiplies bf16 operands and accumulates in
+// float32, as XLA's dot with bf16 operands and preferred_element_type=float32 does: the
+// weights are rounded once per call, x(t) and h(t-1) per step, and in the backward pass the
+// gate cotangents per step; the cell state, the gate maths, the accumulators and the weight
+// gradients stay float32. VDPBF16PS multiplies pairs: each 32-bit lane holds two bf16 of
+// consecutive k, so an operand here is "paired": A [M, K2] row-major (K2 = ceil(K / 2) pairs,
+// the low half the even k, a zero after the last k where K is odd) and a panel [K2, NC], the
+// packed layout of gemm.h with a pair in place of a float.
+//
+// Only the avx512_bf16 level (setup.py) compiles the definitions (JAXLSTM_BF16_DOT); the other
+// levels see the declarations alone, so that the loops compile unchanged, and run a bf16 call
+// on the float32 GEMM of the same (float32) data.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "gemm.h"
+#include "simd.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define JAXLSTM_BF16_DOT 1
+#else
+#define JAXLSTM_BF16_DOT 0
+#endif
+
+namespace jaxlstm {
+
+using pair16 = uint32_t;  // two bf16 of consecutive k: the low half the even k
+
+inline long pairs(long k) { return (k + 1) / 2; }
+
+// float to bf16, rounding to nearest even (NaN stays NaN), as XLA's convert does.
+inline uint16_t bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// n zeroed pairs in v, the first at a multiple of ALIGN bytes.
+inline pair16* aligned_pairs(std::vector<pair16>& v, size_t n) {
+  v.assign(n + ALIGN / sizeof(pair16), 0u);
+  auto p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<pair16*>((p + ALIGN - 1) / ALIGN * ALIGN);
+}
+
+inline pair16 pair(float lo, float hi) { return bf16(lo) | (static_cast<pair16>(bf16(hi)) << 16); }
+
+// Packs K rows of `cols` columns into paired panels [cols / NC][pairs(K)][NC] (cols a multiple
+// of NC): src(k, c) is row k, column c. With rows_outer the source is read row by row (a
+// row-major source), else column by column (a transposed one); either way it is read in order.
+template <bool rows_outer, typename Src>
+void pack_pairs(pair16* panels, long K, long cols, Src&& src) {
+  const long K2 = pairs(K);
+  auto at = [&](long k2, long c) -> pair16& { return panels[(c / NC) * K2 * NC + k2 * NC + c % NC]; };
+  auto value = [&](long k2, long c) { return pair(src(2 * k2, c), 2 * k2 + 1 < K ? src(2 * k2 + 1, c) : 0.0f); };
+  if constexpr (rows_outer) {
+    for (long k2 = 0; k2 < K2; ++k2)
+      for (long c = 0; c < cols; ++c) at(k2, c) = value(k2, c);
+  } else {
+    for (long c = 0; c < cols; ++c)
+      for (long k2 = 0; k2 < K2; ++k2) at(k2, c) = value(k2, c);
+  }
+}
+
+// dst [cols, pairs(rows)] (row-major, paired along rows) = the rows row(0), ..., row(rows - 1)
+// of cols floats, transposed and rounded, in blocks that stay in cache; a zero after the last
+// row where rows is odd.
+template <typename Row>
+void transpose_pairs(Row&& row, long rows, long cols, pair16* dst) {
+  constexpr long kBlock = 32;
+  const long R2 = pairs(rows);
+  for (long r0 = 0; r0 < R2; r0 += kBlock)
+    for (long c0 = 0; c0 < cols; c0 += kBlock)
+      for (long r2 = r0; r2 < std::min(R2, r0 + kBlock); ++r2) {
+        const float* lo = row(2 * r2);
+        const float* hi = 2 * r2 + 1 < rows ? row(2 * r2 + 1) : nullptr;
+        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * R2 + r2] = pair(lo[c], hi ? hi[c] : 0.0f);
+      }
+}
+
+// dst[0 .. pairs(n)) = src[0 .. n) rounded and paired (a zero after the last where n is odd).
+inline void to_pairs(const float* src, pair16* dst, long n);
+
+// The first m (<= VW) lanes of v, rounded, to dst.
+inline void store_bf16(uint16_t* dst, vf v, int m);
+
+// C [M, N] (+)= A · panels with paired operands: A [M, K2] (row stride rs pairs), panel j
+// [K2, NC] for columns j*NC ...; N a multiple of NC.
+inline void gemm_bf16(const pair16* A, long rs, long M, const pair16* panels, long K2, long N, float* C, long ldc,
+               bool accumulate);
+
+#if JAXLSTM_BF16_DOT
+
+inline void to_pairs(const float* src, pair16* dst, long n) {
+  long i = 0;
+  // 32 floats to 16 pairs: the low 16 bf16 from the second operand, in memory order.
+  for (; i + 32 <= n; i += 32)
+    _mm512_storeu_si512(dst + i / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i)));
+  for (; i < n; i += 2) dst[i / 2] = pair(src[i], i + 1 < n ? src[i + 1] : 0.0f);
+}
+
+inline void store_bf16(uint16_t* dst, vf v, int m) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)v);
+  if (m == VW) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+  } else {
+    _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << m) - 1), h);
+  }
+}
+
+// C[r, 0:NC] (+)= Σ_k2 A[r, k2] · P[k2, 0:NC] for r < M, on VDPBF16PS: each instruction
+// multiplies 16 columns by two k and adds both to float32 accumulators.
+template <int M>
+void tile_bf16(const pair16* A, long rs, const pair16* P, long K2, float* C, long ldc, bool accumulate) {
+  constexpr int U = M * NV >= 8 ? 1 : 8 / (M * NV);  // independent sums, as gemm.h's tile
+  __m512 acc[U][M][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+      acc[0][r][j] = accumulate ? _mm512_loadu_ps(C + r * ldc + j * VW) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) acc[u][r][j] = _mm512_setzero_ps();
+    }
+  auto step = [&](long k, __m512(&sum)[M][NV]) {
+    __m512bh b[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) __builtin_prefetch(P + (k + kPrefetch) * NC + j * VW);
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_load_si512(P + k * NC + j * VW);
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      int32_t ak;  // by bytes: the pairs may have been written as bf16 (store_bf16)
+      std::memcpy(&ak, A + r * rs + k, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(ak);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) sum[r][j] = _mm512_dpbf16_ps(sum[r][j], a, b[j]);
+    }
+  };
+  long k = 0;
+  for (; k + U <= K2; k += U)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) step(k + u, acc[u]);
+  for (; k < K2; ++k) step(k, acc[0]);
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) {
+#pragma GCC unroll 8
+      for (int u = 1; u < U; ++u) acc[0][r][j] = _mm512_add_ps(acc[0][r][j], acc[u][r][j]);
+      _mm512_storeu_ps(C + r * ldc + j * VW, acc[0][r][j]);
+    }
+}
+
+using TileBf16Fn = void (*)(const pair16*, long, const pair16*, long, float*, long, bool);
+
+template <int... Ms>
+constexpr auto make_tiles_bf16(std::integer_sequence<int, Ms...>) {
+  return std::array<TileBf16Fn, sizeof...(Ms)>{&tile_bf16<Ms + 1>...};
+}
+
+inline void gemm_bf16(const pair16* A, long rs, long M, const pair16* panels, long K2, long N, float* C, long ldc,
+                      bool accumulate) {
+  static const auto tiles = make_tiles_bf16(std::make_integer_sequence<int, MR>{});
+  for (long j = 0; j < N / NC; ++j) {
+    const pair16* P = panels + j * K2 * NC;
+    for (long r = 0; r < M; r += MR) {
+      const long m = std::min<long>(MR, M - r);
+      tiles[m - 1](A + r * rs, rs, P, K2, C + r * ldc + j * NC, ldc, accumulate);
+    }
+  }
+}
+
+#endif  // JAXLSTM_BF16_DOT
+
+}  // namespace jaxlstm
