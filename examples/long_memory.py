@@ -64,10 +64,10 @@ def make_batch(key, batch: int, seq_len: int, num_classes: int = 4, noise: float
 
 
 MODELS = {
-    # name: (init, run, hidden size used for a similar parameter count)
-    "rnn": (jaxlstm.init_rnn, lambda p, x: jaxlstm.rnn(p, x)[1]),
-    "lstm": (jaxlstm.init_lstm, lambda p, x: jaxlstm.lstm(p, x)[1].h),
-    "gru": (jaxlstm.init_gru, lambda p, x: jaxlstm.gru(p, x)[1]),
+    # name: (init, run(params, xs, compute_dtype) -> the final hidden state)
+    "rnn": (jaxlstm.init_rnn, lambda p, x, dt: jaxlstm.rnn(p, x, compute_dtype=dt)[1]),
+    "lstm": (jaxlstm.init_lstm, lambda p, x, dt: jaxlstm.lstm(p, x, compute_dtype=dt)[1].h),
+    "gru": (jaxlstm.init_gru, lambda p, x, dt: jaxlstm.gru(p, x, compute_dtype=dt)[1]),
 }
 
 
@@ -82,13 +82,16 @@ def init_model(key, model: str, input_size: int, hidden: int, num_classes: int, 
     return {"cell": cell, "w_out": w_out, "b_out": jnp.zeros((num_classes,))}
 
 
-def logits_fn(model: str, params, xs):
-    h = MODELS[model][1](params["cell"], xs)
+def logits_fn(model: str, params, xs, compute_dtype=None):
+    """The read-out of the final hidden state; ``compute_dtype`` (``"bfloat16"``) the cell's
+    GEMM operands (README "Precision"): parameters, state and gradients stay float32."""
+    h = MODELS[model][1](params["cell"], xs, compute_dtype).astype(jnp.float32)
     return h @ params["w_out"] + params["b_out"][None, :]
 
 
-def loss_fn(model, params, xs, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(model, params, xs), labels).mean()
+def loss_fn(model, params, xs, labels, compute_dtype=None):
+    logits = logits_fn(model, params, xs, compute_dtype)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
 def num_params(params) -> int:
@@ -116,7 +119,7 @@ def train(model, seq_len, args, key):
     @jax.jit
     def step(params, state, key):
         xs, labels = make_batch(key, args.batch, seq_len, args.num_classes, args.noise)
-        loss, grads = jax.value_and_grad(partial(loss_fn, model))(params, xs, labels)
+        loss, grads = jax.value_and_grad(partial(loss_fn, model, compute_dtype=args.dtype))(params, xs, labels)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
@@ -124,7 +127,7 @@ def train(model, seq_len, args, key):
     for i in range(args.steps):
         params, state, loss = step(params, state, keys[i])
     xs, labels = make_batch(jax.random.key(12345), 1024, seq_len, args.num_classes, args.noise)
-    acc = float((logits_fn(model, params, xs).argmax(-1) == labels).mean())
+    acc = float((logits_fn(model, params, xs, args.dtype).argmax(-1) == labels).mean())
     return {
         "model": model,
         "seq_len": seq_len,
@@ -196,7 +199,7 @@ def plot(result, out):
     plt.close(fig)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[10, 30, 100, 300, 1000])
     ap.add_argument("--models", nargs="+", default=["rnn", "lstm", "gru"], choices=list(MODELS))
@@ -213,6 +216,9 @@ def main(argv=None):
         help="chrono init: LSTM forget bias +b, input bias -b; GRU update bias +b (default log(T), at least 1)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="the cells' GEMM operands (compute_dtype)"
+    )
     ap.add_argument("--quick", action="store_true", help="3 lengths up to 100, fewer steps")
     ap.add_argument(
         "--out",
@@ -222,6 +228,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.seq_lens, args.steps = [10, 30, 100], 400
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     results = []
     key = jax.random.key(args.seed)

@@ -52,9 +52,22 @@ def add_bias(z: Array, b: Array) -> Array:
     return z + b.astype(z.dtype).reshape((1,) * (z.ndim - 1) + b.shape)
 
 
+def operand(a: Array, mm_dtype, acc_dtype) -> Array:
+    """A matmul operand: ``a`` rounded to ``mm_dtype``. On CPU a narrower ``mm_dtype`` (bfloat16)
+    is then widened to ``acc_dtype`` again: XLA:CPU has no bf16 x bf16 -> float32 GEMM of its
+    own (a dot whose bf16 operands it does not fuse with their converts fails at run time,
+    "Unsupported element type for DotThunk"), and the numbers are the same: a product of two
+    bf16 is exact in float32, and the sums are float32 either way (README "Precision")."""
+    a = a.astype(mm_dtype)
+    if jnp.dtype(mm_dtype).itemsize < jnp.dtype(acc_dtype).itemsize and jax.default_backend() == "cpu":
+        a = a.astype(acc_dtype)
+    return a
+
+
 def dot(a: Array, w: Array, mm_dtype, acc_dtype) -> Array:
     """``a @ w`` with operands in ``mm_dtype`` and accumulation in ``acc_dtype``."""
-    return jnp.matmul(a.astype(mm_dtype), w.astype(mm_dtype), preferred_element_type=acc_dtype)
+    a, w = operand(a, mm_dtype, acc_dtype), operand(w, mm_dtype, acc_dtype)
+    return jnp.matmul(a, w, preferred_element_type=acc_dtype)
 
 
 def mesh_active() -> bool:
@@ -72,7 +85,7 @@ def contract_rows(a: Array, b: Array, mm_dtype, acc_dtype) -> Array:
     """``a [T, B, F1]``, ``b [T, B, F2]`` -> ``[F1, F2]``, summed over all T·B rows:
     a weight gradient as one GEMM (on ``[T*B, F]`` views, or as an einsum under a
     device mesh, see :func:`mesh_active`)."""
-    a, b = a.astype(mm_dtype), b.astype(mm_dtype)
+    a, b = operand(a, mm_dtype, acc_dtype), operand(b, mm_dtype, acc_dtype)
     if mesh_active():
         return jnp.einsum("tbi,tbj->ij", a, b, preferred_element_type=acc_dtype)
     T, B = a.shape[:2]
@@ -83,7 +96,8 @@ def rows_dot_t(g: Array, w: Array, mm_dtype, acc_dtype) -> Array:
     """``g [T, B, G] · wᵀ`` with ``w [D, G]`` -> ``[T, B, D]``: an input gradient as one
     GEMM (on a ``[T*B, G]`` view, or as an einsum under a device mesh)."""
     if mesh_active():
-        return jnp.einsum("tbg,dg->tbd", g.astype(mm_dtype), w.astype(mm_dtype), preferred_element_type=acc_dtype)
+        g, w = operand(g, mm_dtype, acc_dtype), operand(w, mm_dtype, acc_dtype)
+        return jnp.einsum("tbg,dg->tbd", g, w, preferred_element_type=acc_dtype)
     T, B = g.shape[:2]
     return dot(g.reshape((T * B, -1)), w.T, mm_dtype, acc_dtype).reshape((T, B, w.shape[0]))
 

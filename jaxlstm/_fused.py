@@ -31,6 +31,7 @@ import numpy as np
 from ._engine import (
     Steps,
     mesh_active,
+    operand,
     resets_at,
     route_state_cotangent,
     scan_masked,
@@ -195,7 +196,7 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     sharded = mesh_active()
 
     def contract(a, buf):  # a [T, F1, B], buf [F2, T, B] -> [F1, F2]
-        a, buf = a.astype(mm), buf.astype(mm)
+        a, buf = operand(a, mm, acc), operand(buf, mm, acc)
         if sharded:
             return jnp.einsum("tfb,gtb->fg", a, buf, preferred_element_type=acc)
         cols = jnp.swapaxes(a, 0, 1).reshape((a.shape[1], -1))
@@ -208,7 +209,8 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     d_b = None if params.b is None else bufs[0].sum(axis=(1, 2))
     h_in = h_prev if seg.h_mask is None else h_prev * seg.h_mask[None]  # what the recurrent dot read
     grads = LSTMParams(contract(seg.xs, bufs[0]), contract(h_in, bufs[0]), d_b, d_w_hr)
-    dxs = jnp.einsum("dg,gtb->dtb", params.w_ih.astype(mm), bufs[0].astype(mm), preferred_element_type=acc)
+    w_ih, dz = operand(params.w_ih, mm, acc), operand(bufs[0], mm, acc)
+    dxs = jnp.einsum("dg,gtb->dtb", w_ih, dz, preferred_element_type=acc)
     dxs = jnp.swapaxes(dxs, 0, 1)
     return dcarry0, dinit, grads, dxs
 

@@ -37,6 +37,7 @@ from ._engine import (
     contract_rows,
     dot,
     mesh_active,
+    operand,
     resets_at,
     route_state_cotangent,
     rows_dot_t,
@@ -72,7 +73,8 @@ def recurrent_dot(h, w_hh, mm, acc):
         return dot(h, w_hh, mm, acc)
     k, rk, gk = w_hh.shape
     B = h.shape[0]
-    r = jnp.einsum("bkr,krg->bkg", h.reshape(B, k, rk).astype(mm), w_hh.astype(mm), preferred_element_type=acc)
+    hk, w = operand(h.reshape(B, k, rk), mm, acc), operand(w_hh, mm, acc)
+    r = jnp.einsum("bkr,krg->bkg", hk, w, preferred_element_type=acc)
     return jnp.swapaxes(r.reshape(B, k, 4, gk // 4), 1, 2).reshape(B, 4 * (gk // 4) * k)
 
 
@@ -83,7 +85,8 @@ def recurrent_dot_t(dr, w_hh, mm, acc):
     k, rk, gk = w_hh.shape
     B = dr.shape[0]
     d = jnp.swapaxes(dr.reshape(B, 4, k, gk // 4), 1, 2).reshape(B, k, gk)
-    return jnp.einsum("bkg,krg->bkr", d.astype(mm), w_hh.astype(mm), preferred_element_type=acc).reshape(B, k * rk)
+    d, w = operand(d, mm, acc), operand(w_hh, mm, acc)
+    return jnp.einsum("bkg,krg->bkr", d, w, preferred_element_type=acc).reshape(B, k * rk)
 
 
 def recurrent_kernel_grad(h, dr, w_hh, mm, acc):
@@ -92,7 +95,7 @@ def recurrent_kernel_grad(h, dr, w_hh, mm, acc):
     if w_hh.ndim == 2:
         return contract_rows(h, dr, mm, acc)
     T, B = h.shape[:2]
-    h, dr = h.astype(mm), dr.astype(mm)
+    h, dr = operand(h, mm, acc), operand(dr, mm, acc)
     k, rk, gk = w_hh.shape
     hk = h.reshape(T, B, k, rk)
     dk = jnp.swapaxes(dr.reshape(T, B, 4, k, gk // 4), 2, 3).reshape(T, B, k, gk)

@@ -333,9 +333,7 @@ def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.fl
 
     def measure() -> str:
         with jax.ensure_compile_time_eval():
-            probes = {
-                name: _train_probe(name, B, D, H, min(T, PROBE_STEPS), cell, dtype) for name in (KERNEL, "xla")
-            }
+            probes = {name: _train_probe(name, B, D, H, min(T, PROBE_STEPS), cell, dtype) for name in (KERNEL, "xla")}
             return _pick(probes, KERNEL)
 
     return _cached(key, (KERNEL, "xla"), measure, KERNEL) == KERNEL

@@ -11,13 +11,19 @@ def _sigmoid(xp, z):
     return 1.0 / (1.0 + xp.exp(-z))
 
 
-def lstm_step_ref(xp, params, h, c, x):
-    """Textbook step: each gate is σ(W·[h, x] + b) with W = [W_hh; W_ih] for its slice."""
+def _same(a):
+    return a
+
+
+def lstm_step_ref(xp, params, h, c, x, operand=_same):
+    """Textbook step: each gate is σ(W·[h, x] + b) with W = [W_hh; W_ih] for its slice.
+    ``operand`` is applied to every matmul operand (a bfloat16 rounding, say)."""
     H = params["w_ih"].shape[1] // 4
-    hx = xp.concatenate([h, x], axis=-1)
+    hx = operand(xp.concatenate([h, x], axis=-1))
 
     def gate(k):
         w = xp.concatenate([params["w_hh"][:, k * H : (k + 1) * H], params["w_ih"][:, k * H : (k + 1) * H]], axis=0)
+        w = operand(w)
         return hx @ w + params["b"][k * H : (k + 1) * H]
 
     i = _sigmoid(xp, gate(0))
@@ -71,9 +77,9 @@ def run_ref(xp, step, xs, h0, c0, lengths=None, reverse=False, mask=None, resets
     return xp.stack(ys_all), xp.stack(hs), None if c0 is None else xp.stack(cs)
 
 
-def lstm_ref(xp, params, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None):
+def lstm_ref(xp, params, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None, operand=_same):
     def step(h, c, x):
-        return lstm_step_ref(xp, params, h, c, x)
+        return lstm_step_ref(xp, params, h, c, x, operand)
 
     return run_ref(xp, step, xs, h0, c0, lengths, reverse, mask, resets)
 
@@ -82,24 +88,26 @@ def as_dict(params):
     return {k: (None if v is None else np.asarray(v, np.float64)) for k, v in params._asdict().items()}
 
 
-def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None):
+def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None, operand=_same):
     def step(h, _c, x):
-        return xp.tanh(x @ params["w_ih"] + h @ params["w_hh"] + params["b"]), None
+        o = operand
+        return xp.tanh(o(x) @ o(params["w_ih"]) + o(h) @ o(params["w_hh"]) + params["b"]), None
 
     ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse, mask, resets)
     return ys, h
 
 
-def gru_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None):
+def gru_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None, operand=_same):
     """PyTorch's GRU equations, gate by gate (order r, z, n)."""
     H = h0.shape[-1]
-    W = lambda w, k: w[:, k * H : (k + 1) * H]
+    W = lambda w, k: operand(w[:, k * H : (k + 1) * H])
     b = lambda k: params["b"][k * H : (k + 1) * H]
 
     def step(h, _c, x):
-        r = _sigmoid(xp, x @ W(params["w_ih"], 0) + h @ W(params["w_hh"], 0) + b(0))
-        z = _sigmoid(xp, x @ W(params["w_ih"], 1) + h @ W(params["w_hh"], 1) + b(1))
-        n = xp.tanh(x @ W(params["w_ih"], 2) + b(2) + r * (h @ W(params["w_hh"], 2) + params["b_hn"]))
+        hm, xm = operand(h), operand(x)
+        r = _sigmoid(xp, xm @ W(params["w_ih"], 0) + hm @ W(params["w_hh"], 0) + b(0))
+        z = _sigmoid(xp, xm @ W(params["w_ih"], 1) + hm @ W(params["w_hh"], 1) + b(1))
+        n = xp.tanh(xm @ W(params["w_ih"], 2) + b(2) + r * (hm @ W(params["w_hh"], 2) + params["b_hn"]))
         return (1 - z) * n + z * h, None
 
     ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse, mask, resets)
