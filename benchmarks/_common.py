@@ -109,23 +109,26 @@ def input_shape(impl: str, B: int, T: int, D: int) -> tuple:
 
 def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: int | None = None):
     """``(init(key) -> params, apply(params, xs) -> ys)`` of a JAX implementation; ``unroll``
-    None: each library's default (jaxlstm's per backend, flax's 1)."""
+    None: each library's default (jaxlstm's per backend, flax's 1). ``dtype`` is the GEMMs'
+    (flax's ``dtype``, jaxlstm's ``compute_dtype``); the params stay float32 (flax's default
+    ``param_dtype``), as in mixed-precision training."""
     jdtype = jnp.dtype(dtype)
+    mixed = None if jdtype == jnp.float32 else jdtype
     if impl in ("jaxlstm-gru", "jaxlstm-gru-xla"):
-        init = lambda key: jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_gru(key, D, H))
+        init = lambda key: jaxlstm.init_gru(key, D, H)
 
         def apply_gru(p, x):
             with jaxlstm.tuning.forced("xla") if impl.endswith("-xla") else contextlib.nullcontext():
-                return jaxlstm.gru(p, x, unroll=unroll)[0]
+                return jaxlstm.gru(p, x, unroll=unroll, compute_dtype=mixed)[0]
 
         return init, apply_gru
     if impl == "flax-gru":
         import flax.linen as nn
 
-        model = nn.RNN(nn.GRUCell(H, dtype=jdtype, param_dtype=jdtype), unroll=unroll or 1)
+        model = nn.RNN(nn.GRUCell(H, dtype=jdtype), unroll=unroll or 1)
         return lambda key: model.init(key, jnp.zeros((B, 1, D), jdtype)), model.apply
     if impl.startswith("jaxlstm"):
-        kw = {"unroll": unroll}
+        kw = {"unroll": unroll, "compute_dtype": mixed}
         path = None
         for opt in impl.split("-")[1:]:
             if opt == "tm":
@@ -144,7 +147,7 @@ def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: 
                 raise ValueError(f"unknown jaxlstm option {opt!r} in {impl!r}")
 
         def init(key):
-            return jax.tree.map(lambda a: a.astype(jdtype), jaxlstm.init_lstm(key, D, H))
+            return jaxlstm.init_lstm(key, D, H)
 
         def apply(p, x):
             with jaxlstm.tuning.forced(path) if path else contextlib.nullcontext():
@@ -155,7 +158,7 @@ def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: 
         import flax.linen as nn
 
         cell = {"flax-optimized": nn.OptimizedLSTMCell, "flax-lstmcell": nn.LSTMCell}[impl]
-        model = nn.RNN(cell(H, dtype=jdtype, param_dtype=jdtype), unroll=unroll or 1)
+        model = nn.RNN(cell(H, dtype=jdtype), unroll=unroll or 1)
         return lambda key: model.init(key, jnp.zeros((B, 1, D), jdtype)), model.apply
     if impl == "jax-cudnn":
         from jax.experimental import rnn as jrnn
@@ -278,6 +281,20 @@ def summarize(ts: list[float]) -> dict:
 def peak_matmul_gflops(n: int = 2048) -> float:
     """Best of 7 large f32 ``jnp.dot`` s: the machine's attainable matmul rate."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    ts = time_interleaved({"dot": lambda: jax.block_until_ready(f(a))}, 7, pause_s=0.0)["dot"]
+    return 2 * n**3 / min(ts) / 1e9
+
+
+def peak_bf16_gflops(n: int = 2048) -> float:
+    """The attainable bfloat16 matmul rate: jaxlstm's bf16 GEMM (the ``avx512_bf16`` kernel level's,
+    on every core) where it runs; else XLA's ``jnp.dot`` of bf16 operands (XLA:CPU widens them to
+    float32), best of 7."""
+    from jaxlstm import _kernel
+
+    if _kernel.bf16_dot():
+        return _kernel.bf16_gemm_gflops(n)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(jnp.bfloat16)
     f = jax.jit(lambda a: a @ a)
     ts = time_interleaved({"dot": lambda: jax.block_until_ready(f(a))}, 7, pause_s=0.0)["dot"]
     return 2 * n**3 / min(ts) / 1e9

@@ -27,6 +27,11 @@ loss over all outputs w.r.t. params and inputs):
 Also the share of the machine's peak f32 matmul (best of 7 ``jnp.dot`` 2048²). The
 machine record names the CPU model, family and core count. Writes
 ``regimes.json`` to ``--out`` (default ``benchmarks/runs/<device>/``, untracked).
+
+``--dtype bfloat16`` (``regimes-bfloat16.json``): every implementation's params and inputs in
+bf16 (jaxlstm's and flax's GEMMs then take bf16 operands; PyTorch's module in bf16, its own
+process), the share of peak taken of the bf16 peak (jaxlstm's bf16 GEMM on 2048², where the CPU
+has AVX512_BF16: XLA:CPU has no bf16 GEMM of its own). The bare dot stays XLA's float32 one.
 """
 
 from __future__ import annotations
@@ -64,20 +69,23 @@ def flops(cell: str, mode: str, B: int, T: int, D: int, H: int) -> float:
 # PyTorch, in its own process
 
 
-def _torch_worker(grid: dict, repeats: int, budget_s: float, device: str = "cpu") -> list:
-    """PyTorch's timings, on CUDA where ``device`` is ``"gpu"`` and torch sees one (cuDNN)."""
+def _torch_worker(grid: dict, repeats: int, budget_s: float, device: str = "cpu", dtype: str = "float32") -> list:
+    """PyTorch's timings, on CUDA where ``device`` is ``"gpu"`` and torch sees one (cuDNN); in
+    ``dtype`` (module and inputs: PyTorch's bf16 runs oneDNN's bf16 kernels)."""
     import torch
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     gpu = device == "gpu" and torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     sync = torch.cuda.synchronize if gpu else (lambda: None)  # a CUDA call returns before its work ends
     out = []
     for name, (B, D, H, T) in grid.items():
         for cell in GATES:
-            m = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](D, H, batch_first=True).to(dev)
-            x = torch.from_numpy(np.random.default_rng(0).standard_normal((B, T, D), dtype=np.float32)).to(dev)
+            m = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](D, H, batch_first=True).to(dev, tdtype)
+            x = torch.from_numpy(np.random.default_rng(0).standard_normal((B, T, D), dtype=np.float32))
+            x = x.to(dev, tdtype)
             x.requires_grad_(True)
 
             def forward(m=m, x=x):
@@ -89,7 +97,7 @@ def _torch_worker(grid: dict, repeats: int, budget_s: float, device: str = "cpu"
             def train(m=m, x=x):
                 m.zero_grad(set_to_none=True)
                 x.grad = None
-                loss = m(x)[0].square().mean()
+                loss = m(x)[0].float().square().mean()
                 loss.backward()
                 sync()
                 return loss
@@ -101,11 +109,12 @@ def _torch_worker(grid: dict, repeats: int, budget_s: float, device: str = "cpu"
     return out
 
 
-def _torch_times(grid, repeats, budget_s, device="cpu") -> list:
+def _torch_times(grid, repeats, budget_s, device="cpu", dtype="float32") -> list:
     """Runs :func:`_torch_worker` in a fresh interpreter; [] without torch."""
     if not C.torch_available():
         return []
-    cmd = [sys.executable, "-m", "benchmarks.regimes", "--torch-worker", json.dumps([grid, repeats, budget_s, device])]
+    spec = json.dumps([grid, repeats, budget_s, device, dtype])
+    cmd = [sys.executable, "-m", "benchmarks.regimes", "--torch-worker", spec]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -141,8 +150,10 @@ def _platform() -> str:
     return res.stdout.strip().splitlines()[-1]
 
 
-def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
-    """Times the grid; a progress bar on stderr and a line per finished row on stdout."""
+def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: str = "float32") -> dict:
+    """Times the grid in ``dtype`` (bfloat16: every implementation's params and inputs, jaxlstm's
+    and flax's GEMMs in bf16, PyTorch's module); a progress bar on stderr and a line per finished
+    row on stdout."""
     from tqdm import tqdm
 
     platform = _platform()
@@ -150,17 +161,23 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
         print("timing PyTorch in its own process first ...", flush=True)
     else:
         print('PyTorch is not installed: the "vs torch" column stays empty (pip install torch)', flush=True)
-    torch_recs = _torch_times(grid, repeats, budget_s, platform)  # before any JAX work here
+    torch_recs = _torch_times(grid, repeats, budget_s, platform, dtype)  # before any JAX work here
     info = C.machine_info()
     info["peak_matmul_gflops"] = C.peak_matmul_gflops(512 if quick else 2048)
+    info["dtype"] = dtype
+    if dtype == "bfloat16":
+        info["peak_bf16_gflops"] = C.peak_bf16_gflops(512 if quick else 2048)
+    peak = info["peak_bf16_gflops"] if dtype == "bfloat16" else info["peak_matmul_gflops"]
     records = list(torch_recs)
     bar = tqdm(total=len(grid) * len(GATES) * 2, desc="regimes", unit="row", file=sys.stderr, leave=False)
     for name, (B, D, H, T) in grid.items():
         for cell in GATES:
-            built = {impl: C.build(impl, B, T, D, H, "float32") for impl in IMPLS[cell]}
+            built = {impl: C.build(impl, B, T, D, H, dtype) for impl in IMPLS[cell]}
+            if dtype != "float32":  # jaxlstm's own float32 beside it, interleaved: what bf16 gains
+                built[IMPLS[cell][0] + "@float32"] = C.build(IMPLS[cell][0], B, T, D, H, "float32")
             if cell == "lstm" and platform == "gpu":
                 try:  # jax.experimental.rnn's cuDNN LSTM: experimental, its signature may move
-                    built["jax-cudnn"] = C.build("jax-cudnn", B, T, D, H, "float32")
+                    built["jax-cudnn"] = C.build("jax-cudnn", B, T, D, H, dtype)
                 except Exception as e:  # noqa: BLE001 - reported, and the grid goes on without it
                     print(f"jax-cudnn skipped at {name}: {type(e).__name__}: {e}", file=sys.stderr)
             dot = _bare_dot(B, H, GATES[cell], T)
@@ -185,9 +202,7 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False) -> dict:
         B, D, H, T = grid[r["regime"]]
         r.update(batch=B, input_size=D, hidden_size=H, seq_len=T, tokens_per_s=B * T / r["median_s"])
         if r["impl"] != "bare-dot":
-            r["fraction_of_peak"] = (
-                flops(r["cell"], r["mode"], B, T, D, H) / r["median_s"] / 1e9 / (info["peak_matmul_gflops"])
-            )
+            r["fraction_of_peak"] = flops(r["cell"], r["mode"], B, T, D, H) / r["median_s"] / 1e9 / peak
     return {"machine": info, "regimes": grid, "records": records, "tuning": _tuning_choices()}
 
 
@@ -215,7 +230,7 @@ def rows(result: dict) -> list:
             ours_name, flax_name, xla_name = IMPLS[cell]
             for mode in ("forward", "train"):
                 ours, flax = get(reg, cell, mode, ours_name), get(reg, cell, mode, flax_name)
-                xla = get(reg, cell, mode, xla_name)
+                xla, f32 = get(reg, cell, mode, xla_name), get(reg, cell, mode, ours_name + "@float32")
                 torch, dot = get(reg, cell, mode, "torch"), get(reg, cell, "forward", "bare-dot")
                 cudnn = get(reg, cell, mode, "jax-cudnn")
                 if ours is None or flax is None:
@@ -228,6 +243,7 @@ def rows(result: dict) -> list:
                     jaxlstm_tokens_per_s=ours["tokens_per_s"],
                     vs_flax=flax["median_s"] / ours["median_s"],
                     vs_xla_path=None if xla is None else xla["median_s"] / ours["median_s"],
+                    vs_own_float32=None if f32 is None else f32["median_s"] / ours["median_s"],
                     vs_torch=None if torch is None else torch["median_s"] / ours["median_s"],
                     vs_cudnn=None if cudnn is None else cudnn["median_s"] / ours["median_s"],
                     fraction_of_peak=ours["fraction_of_peak"],
@@ -240,27 +256,22 @@ def rows(result: dict) -> list:
 
 
 def table(result: dict) -> str:
-    fmt = lambda v, f: "" if v is None else format(v, f)
-    lines = [
-        "| regime (B, D, H, T) | cell | mode | jaxlstm tok/s | vs flax | vs torch | vs XLA path | % of peak | "
-        "step µs | dot µs | step/dot |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    fmt = lambda v, f=".2f", unit="x": "" if v is None else format(v, f) + unit
     rs = rows(result)
     cudnn = any(r.get("vs_cudnn") for r in rs)  # jax.experimental.rnn, on GPUs only
-    if cudnn:
-        lines = [line.replace(" vs torch |", " vs torch | vs jax cuDNN |", 1) for line in lines[:1]]
-        lines.append("|---" * 12 + "|")
+    own = any(r.get("vs_own_float32") for r in rs)  # the bf16 grid: jaxlstm's float32 beside it
+    head = ["regime (B, D, H, T)", "cell", "mode", "jaxlstm tok/s", "vs flax", "vs torch"]
+    head += ["vs jax cuDNN"] * cudnn + ["vs XLA path"] + ["vs own f32"] * own
+    head += ["% of peak", "step µs", "dot µs", "step/dot"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rs:
         shape = ", ".join(map(str, result["regimes"][r["regime"]]))
-        extra = (fmt(r.get("vs_cudnn"), ".2f") + ("x" if r.get("vs_cudnn") else "") + " | ") if cudnn else ""
-        step_dot = fmt(r["step_over_dot"], ".2f") + "x" if r["mode"] == "forward" and r["step_over_dot"] else ""
-        lines.append(
-            f"| {r['regime']} ({shape}) | {r['cell']} | {r['mode']} | {r['jaxlstm_tokens_per_s']:.0f} | "
-            f"{r['vs_flax']:.2f}x | {fmt(r['vs_torch'], '.2f')}{'x' if r['vs_torch'] else ''} | {extra}"
-            f"{fmt(r['vs_xla_path'], '.2f')}{'x' if r['vs_xla_path'] else ''} | "
-            f"{100 * r['fraction_of_peak']:.0f}% | {r['step_us']:.1f} | {fmt(r['dot_us'], '.1f')} | {step_dot} |"
-        )
+        step_dot = fmt(r["step_over_dot"]) if r["mode"] == "forward" else ""
+        cells = [f"{r['regime']} ({shape})", r["cell"], r["mode"], f"{r['jaxlstm_tokens_per_s']:.0f}"]
+        cells += [fmt(r["vs_flax"]), fmt(r["vs_torch"])] + [fmt(r.get("vs_cudnn"))] * cudnn
+        cells += [fmt(r["vs_xla_path"])] + [fmt(r.get("vs_own_float32"))] * own
+        cells += [f"{100 * r['fraction_of_peak']:.0f}%", f"{r['step_us']:.1f}", fmt(r["dot_us"], ".1f", ""), step_dot]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -270,6 +281,12 @@ def parse(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--budget-s", type=float, default=4.0, help="per timing group: stop after this, min 3 rounds")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16: params and inputs in bf16 for every implementation (README 'Precision')",
+    )
     ap.add_argument("--thp", action="store_true", help=f"restart with GLIBC_TUNABLES={C.THP_TUNABLE}")
     ap.add_argument("--out", default=None, help="default benchmarks/runs/<device>/ (untracked)")
     ap.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
@@ -286,15 +303,19 @@ def main(argv=None) -> dict:
     grid = QUICK if args.quick else {k: REGIMES[k] for k in args.regimes}
     repeats, budget = (3, 0.3) if args.quick else (args.repeats, args.budget_s)
     t0 = time.perf_counter()
-    result = run(grid, repeats, budget, quick=args.quick)
+    result = run(grid, repeats, budget, quick=args.quick, dtype=args.dtype)
     result["wall_s"] = time.perf_counter() - t0
     m = result["machine"]
-    print(f"{m['cpu']} (family {m.get('cpu_family')}, {m['cores']} cores), peak {m['peak_matmul_gflops']:.0f} GFLOP/s")
+    peaks = f"peak f32 {m['peak_matmul_gflops']:.0f} GFLOP/s"
+    if "peak_bf16_gflops" in m:
+        peaks += f", bf16 {m['peak_bf16_gflops']:.0f} GFLOP/s (the % of peak column: of bf16's)"
+    print(f"{m['cpu']} (family {m.get('cpu_family')}, {m['cores']} cores), {args.dtype}; {peaks}")
     print(table(result))
     out = args.out or C.results_dir()
     os.makedirs(out, exist_ok=True)
-    C.write_json(os.path.join(out, "regimes.json"), result)
-    print(f"wrote {out}/regimes.json ({result['wall_s']:.0f} s)")
+    name = "regimes.json" if args.dtype == "float32" else f"regimes-{args.dtype}.json"
+    C.write_json(os.path.join(out, name), result)
+    print(f"wrote {out}/{name} ({result['wall_s']:.0f} s)")
     return result
 
 

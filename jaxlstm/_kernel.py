@@ -3,8 +3,8 @@
 ``jaxlstm/csrc/`` is built by the package's own build (``pip install`` compiles it with
 the machine's C++ compiler against the XLA FFI headers that jaxlib ships; where that fails
 the package installs without it), once per ISA level with portable flags (``setup.py``):
-``avx``, ``avx2`` and ``avx512`` on x86-64, ``generic`` elsewhere, each a library of its
-own (``jaxlstm/_native_<level>``). When a call first needs it, :func:`level` asks the CPU
+``avx``, ``avx2``, ``avx512`` and ``avx512_bf16`` on x86-64, ``generic`` elsewhere, each a
+library of its own (``jaxlstm/_native_<level>``). When a call first needs it, :func:`level` asks the CPU
 (``jaxlstm/_native_cpu``, built for the baseline) which levels it runs and loads the best
 one built; ``JAXLSTM_KERNEL_ISA=<level>`` forces another (one the CPU runs). No library is
 loaded that the CPU cannot run, so no instruction runs that it lacks. Each level registers
@@ -21,8 +21,9 @@ touch (fresh pages on every call) than its GEMM took. One forward and one backwa
 serve every cell (the ``cell`` attribute).
 
 :func:`jaxlstm.lstm` runs :func:`kernel_lstm` in place of :func:`jaxlstm._fused.fused_lstm`
-where :func:`applies` (float32 on CPU, no projection or variant, no recurrent
-dropout or zoneout, no checkpointing, no device mesh) and :func:`jaxlstm.tuning.kernel_path`
+where :func:`applies` (float32 or bfloat16 GEMMs on CPU, no projection or variant, no recurrent
+dropout or zoneout, no checkpointing, no device mesh; with ``compute_dtype=bfloat16`` the
+``avx512_bf16`` level multiplies bf16 operands, :func:`bf16_dot`, the others the float32 ones) and :func:`jaxlstm.tuning.kernel_path`
 chose it: lengths, masks, resets and ``reverse`` are supported. :func:`jaxlstm.gru` and
 :func:`jaxlstm.rnn` run :func:`kernel_cell` in place of :func:`jaxlstm._fused_gru.fused_cell`
 on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_KERNEL=0``
@@ -220,6 +221,18 @@ def available() -> bool:
 def enabled() -> bool:
     """Available and not turned off with ``JAXLSTM_KERNEL=0``."""
     return os.environ.get("JAXLSTM_KERNEL", "1") != "0" and available()
+
+
+def bf16_gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The attainable bfloat16 matmul rate: the level's bf16 GEMM on ``[n, n]·[n, n]`` on every
+    core the kernel may use, best of ``repeats`` (GFLOP/s; 0.0 where the level has none). XLA:CPU
+    has no bf16 GEMM of its own to probe: it widens bf16 operands to float32."""
+    if not bf16_dot():
+        return 0.0
+    lib = _library(level())  # pyright: ignore[reportArgumentType]
+    lib.JaxlstmBf16GemmGflops.restype = ctypes.c_double
+    lib.JaxlstmBf16GemmGflops.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_int]
+    return float(lib.JaxlstmBf16GemmGflops(n, int(lib.JaxlstmMaxThreads()), repeats))
 
 
 def bf16_dot() -> bool:

@@ -66,7 +66,8 @@ def test_forcing_a_level(monkeypatch):
     info = jaxlstm.native_info()
     assert info.isa == RUNNABLE[0] and info.isa_forced == RUNNABLE[0]
     monkeypatch.setenv(_kernel.ISA_VARIABLE, "avx1024")
-    with pytest.raises(ValueError, match="JAXLSTM_KERNEL_ISA must be one of avx, avx2, avx512, generic; got 'avx1024'"):
+    match = "JAXLSTM_KERNEL_ISA must be one of avx, avx2, avx512, avx512_bf16, generic; got 'avx1024'"
+    with pytest.raises(ValueError, match=match):
         jaxlstm.lstm(jaxlstm.init_lstm(jax.random.key(0), 2, 4), jnp.zeros((1, 3, 2)))
     assert "avx1024" in (jaxlstm.native_info().error or "")
     for lv in [lv for lv in _kernel.LEVELS if lv not in RUNNABLE]:  # never loaded: the XLA path runs, and says why

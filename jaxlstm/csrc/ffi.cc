@@ -17,8 +17,12 @@
 // setup.py compiles this file once per ISA level (JAXLSTM_ISA names it), each into a library
 // of its own with that level's flags; jaxlstm/_kernel.py loads the best level the CPU supports.
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "cells.h"
 #include "loops.h"
@@ -271,6 +275,43 @@ extern "C" int JaxlstmBf16Dot() { return JAXLSTM_BF16_DOT; }
 extern "C" int JaxlstmMaxThreads() {
   const int asked = jaxlstm::requested_threads();
   return asked > 0 ? asked : jaxlstm::cpu_count();
+}
+
+// The rate (GFLOP/s) of this level's bf16 GEMM (bf16.h) on [n, n] · [n, n], its columns split
+// over `threads` threads: the attainable bf16 matmul rate that the benchmarks' share of peak is
+// taken of (XLA:CPU has no bf16 GEMM of its own to probe). Best of `repeats`; 0 where the level
+// has no bf16 GEMM.
+extern "C" double JaxlstmBf16GemmGflops(long n, int threads, int repeats) {
+#if JAXLSTM_BF16_DOT
+  using namespace jaxlstm;
+  n = std::max<long>(NC, n / NC * NC);
+  threads = std::max(1, std::min(threads, static_cast<int>(n / NC)));
+  const long n2 = pairs(n);
+  std::vector<pair16> a_store, p_store;
+  std::vector<float> c_store;
+  pair16* A = aligned_pairs(a_store, static_cast<size_t>(n) * n2);
+  pair16* P = aligned_pairs(p_store, static_cast<size_t>(n2) * n);
+  float* C = aligned_floats(c_store, static_cast<size_t>(n) * n);
+  for (long i = 0; i < n * n2; ++i) A[i] = P[i] = pair(1.0f / (1 + i % 7), 0.5f);
+  double best = 0.0;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> team;
+    const long panels = n / NC;
+    for (int p = 0; p < threads; ++p)
+      team.emplace_back([=] {
+        const long lo = panels * p / threads, hi = panels * (p + 1) / threads;
+        gemm_bf16(A, n2, n, P + lo * n2 * NC, n2, (hi - lo) * NC, C + lo * NC, n, false);
+      });
+    for (auto& t : team) t.join();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * n * n * n / s / 1e9);
+  }
+  return best;
+#else
+  (void)n, (void)threads, (void)repeats;
+  return 0.0;
+#endif
 }
 
 #pragma GCC visibility pop
