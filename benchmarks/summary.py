@@ -87,6 +87,38 @@ def compile_table(ct) -> str:
     return "\n".join(lines)
 
 
+def _regimes_section(rg) -> str:
+    from . import regimes
+
+    m = rg["machine"]
+    tuning = rg.get("tuning", {})
+    layouts = sorted(set(tuning.get("choices", {}).values()))
+    kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(
+        tuning.get("kernel"), "not recorded (a run before it)"
+    )
+    native = m.get("native") or {}
+    if tuning.get("kernel") and native.get("isa"):
+        kernel += f", ISA level {native['isa']} (levels built: {', '.join(native.get('isa_built', []))})"
+    gpu = m.get("platform") == "gpu"
+    bf16 = m.get("dtype", "float32") != "float32"
+    flag, peak = "", ""
+    if bf16:
+        flag, peak = f" --dtype {m['dtype']}", f", bf16 {m.get('peak_bf16_gflops', 0):.0f} (the share of peak: of it)"
+    return (
+        f"## Regimes (`benchmarks.throughput{flag}`, the main job)\n\n"
+        + (f"Device: {m['device']} (JAX on the GPU; PyTorch on CUDA, cuDNN), host " if gpu else "Machine: ")
+        + f"{m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores, jax {m['jax']}, "
+        f"flax {m['flax']}, torch {m.get('torch')}; peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s{peak}. "
+        "Ratios are speed-ups of jaxlstm (>1: jaxlstm faster); torch timed in its own process; "
+        "step/dot: jaxlstm's forward step over the bare recurrent dot of the shape; vs XLA path: jaxlstm's "
+        "default (the compiled CPU kernel where it runs) over its pure-XLA path"
+        + ("; vs jax cuDNN: over `jax.experimental.rnn.lstm`. " if gpu else ". ")
+        + f"Compiled kernel: {kernel}. Choices of jaxlstm.tuning: {layouts}.\n\n"
+        + regimes.table(rg)
+        + "\n"
+    )
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     folder = argv[0] if argv else os.path.join("benchmarks", "results", "cpu")
@@ -103,31 +135,20 @@ def main(argv=None):
             f"{tp['records'][0]['dtype']}; medians of interleaved rounds.\n"
         )
         parts.append("## Throughput (`benchmarks.throughput`)\n" + throughput_table(tp) + "\n")
-    rg = _load(folder, "regimes.json")
-    if rg:
-        from . import regimes
+    for name in ("regimes.json", "regimes-bfloat16.json"):
+        rg = _load(folder, name)
+        if rg:
+            parts.append(_regimes_section(rg))
+    pr = _load(folder, "precision.json")
+    if pr:
+        from . import precision
 
-        m = rg["machine"]
-        tuning = rg.get("tuning", {})
-        layouts = sorted(set(tuning.get("choices", {}).values()))
-        kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(
-            tuning.get("kernel"), "not recorded (a run before it)"
-        )
-        native = m.get("native") or {}
-        if tuning.get("kernel") and native.get("isa"):
-            kernel += f", ISA level {native['isa']} (levels built: {', '.join(native.get('isa_built', []))})"
-        gpu = m.get("platform") == "gpu"
+        m = pr["machine"]
         parts.append(
-            "## Regimes (`benchmarks.throughput`, the main job)\n\n"
-            + (f"Device: {m['device']} (JAX on the GPU; PyTorch on CUDA, cuDNN), host " if gpu else "Machine: ")
-            + f"{m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores, jax {m['jax']}, "
-            f"flax {m['flax']}, torch {m.get('torch')}; peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s. "
-            "Ratios are speed-ups of jaxlstm (>1: jaxlstm faster); torch timed in its own process; "
-            "step/dot: jaxlstm's forward step over the bare recurrent dot of the shape; vs XLA path: jaxlstm's "
-            "default (the compiled CPU kernel where it runs) over its pure-XLA path"
-            + ("; vs jax cuDNN: over `jax.experimental.rnn.lstm`. " if gpu else ". ")
-            + f"Compiled kernel: {kernel}. Choices of jaxlstm.tuning: {layouts}.\n\n"
-            + regimes.table(rg)
+            "## Error against float64 (`benchmarks.precision`)\n\n"
+            f"Machine: {m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores; each error is "
+            "max |a - ref| / max |ref| over the array (weight grads: the worst of them).\n\n"
+            + precision.table(pr)
             + "\n"
         )
     mem = _load(folder, "memory.json")

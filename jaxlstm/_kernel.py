@@ -23,9 +23,9 @@ serve every cell (the ``cell`` attribute).
 :func:`jaxlstm.lstm` runs :func:`kernel_lstm` in place of :func:`jaxlstm._fused.fused_lstm`
 where :func:`applies` (float32 or bfloat16 GEMMs on CPU, no projection or variant, no recurrent
 dropout or zoneout, no checkpointing, no device mesh; with ``compute_dtype=bfloat16`` the
-``avx512_bf16`` level multiplies bf16 operands, :func:`bf16_dot`, the others the float32 ones) and :func:`jaxlstm.tuning.kernel_path`
-chose it: lengths, masks, resets and ``reverse`` are supported. :func:`jaxlstm.gru` and
-:func:`jaxlstm.rnn` run :func:`kernel_cell` in place of :func:`jaxlstm._fused_gru.fused_cell`
+``avx512_bf16`` level multiplies bf16 operands, :func:`bf16_dot`, the others the float32 ones)
+and :func:`jaxlstm.tuning.kernel_path` chose it: lengths, masks, resets and ``reverse`` are supported.
+:func:`jaxlstm.gru` and :func:`jaxlstm.rnn` run :func:`kernel_cell` in place of :func:`jaxlstm._fused_gru.fused_cell`
 on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_KERNEL=0``
 turns it off (the XLA path, which is the reference it is tested against);
 ``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step; either way at

@@ -5,9 +5,9 @@ feature-major ``[4H, B]`` steps were faster on a Zen 4 at every T, batch-major
 ``[B, 4H]`` steps faster on a Zen 5 from T=256 on). Two choices are made per
 machine and shape:
 
-* :func:`kernel_path`: whether a float32 LSTM, GRU or Elman RNN on CPU runs on the
-  compiled kernel (:mod:`jaxlstm._kernel`) or on the pure-XLA fused path (timed on
-  training steps, per cell); the kernel is the default.
+* :func:`kernel_path`: whether an LSTM, GRU or Elman RNN on CPU (float32 or bfloat16
+  GEMMs, each timed apart) runs on the compiled kernel (:mod:`jaxlstm._kernel`) or on the
+  pure-XLA fused path (timed on training steps, per cell); the kernel is the default.
 * :func:`forward_layout`: on the pure-XLA path, the forward scan that
   :func:`jaxlstm.lstm` runs outside training (the primal of the fused path, and the
   whole ``backward="autodiff"`` path): ``"feature"``, feature-major steps, one dot
@@ -191,11 +191,11 @@ def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", 
     if cell != "lstm":
         kind = GRU if cell == "gru" else ELMAN
         if path == KERNEL:
-            run = lambda p, x: kernel_cell(cell, False, p, h, x, None, h, bf16)[0]
+            run = lambda p, x: kernel_cell(cell, False, p, h, x, None, h, bf16)[0]  # pyright: ignore[reportIndexIssue]
         else:
             run = lambda p, x: fused_cell(cfg, kind, p, h, x, None, h)[0]  # pyright: ignore[reportIndexIssue]
     elif path == KERNEL:
-        run = lambda p, x: kernel_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]
+        run = lambda p, x: kernel_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]  # pyright: ignore[reportIndexIssue]
     else:
         run = lambda p, x: fused_lstm(cfg, p, (h, h), x, None, (h, h))[0]  # pyright: ignore[reportIndexIssue]
     step = jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(run(p, x))), argnums=(0, 1))

@@ -153,6 +153,7 @@ def test_input_dropout_and_bfloat16_inputs(case):
 def test_where_the_kernel_does_not_apply_the_xla_path_runs():
     params, xs, state, _ = _case(2, 2, 3, 16, 4)
     assert _uses_kernel(lambda x: jaxlstm.lstm(params, x), xs)
+    assert _uses_kernel(lambda x: jaxlstm.lstm(params, x, compute_dtype=jnp.bfloat16), xs)  # tests/test_bf16.py
     proj = jaxlstm.init_lstm(jax.random.key(0), 3, 16, proj_size=8)
     key = jax.random.key(1)
     others = [
@@ -160,7 +161,7 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs():
         lambda x: jaxlstm.lstm(params, x, recurrent_dropout=0.2, key=key),
         lambda x: jaxlstm.lstm(params, x, zoneout_c=0.1, deterministic=True),
         lambda x: jaxlstm.lstm(params, x, checkpoint_every=2),
-        lambda x: jaxlstm.lstm(params, x, compute_dtype=jnp.bfloat16),
+        lambda x: jaxlstm.lstm(params, x, compute_dtype=jnp.float16),  # neither float32 nor bfloat16
         lambda x: jaxlstm.lstm(params, x, backward="autodiff"),
         lambda x: jaxlstm.lstm(params, x[:, :0]),  # no step
     ]

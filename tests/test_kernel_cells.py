@@ -139,13 +139,15 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs(kind):
     params, xs, _, _ = _case(kind, 2, 2, 3, 16, 4)
     run = CELLS[kind][1]
     assert _uses_kernel(lambda x: run(params, x), xs)
+    # bfloat16 GEMMs run on it too (tests/test_bf16.py)
+    assert _uses_kernel(lambda x: run(params, x, compute_dtype=jnp.bfloat16), xs)
+    assert _uses_kernel(lambda x: run(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), x), xs)
     key = jax.random.key(1)
     others = [
         lambda x: run(params, x, recurrent_dropout=0.2, key=key),
         lambda x: run(params, x, zoneout_h=0.1, deterministic=True),
-        lambda x: run(params, x, compute_dtype=jnp.bfloat16),
+        lambda x: run(params, x, compute_dtype=jnp.float16),  # neither float32 nor bfloat16
         lambda x: run(params, x, backward="autodiff"),
-        lambda x: run(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), x),
         lambda x: run(params, x[:, :0]),  # no step
     ]
     for f in others:
