@@ -15,6 +15,7 @@ pure-XLA path. ``JAXLSTM_BUILD_KERNEL=0`` skips the build.
 import importlib.util
 import os
 import platform
+import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -75,11 +76,28 @@ def _extensions() -> list[Extension]:
 class BuildNative(build_ext):
     """Every level from ``jaxlstm/csrc/ffi.cc`` with its own flags, in a build folder of its
     own, and always afresh: a library or object left from another build (other flags, other
-    sources) is never packaged or linked again."""
+    sources) is never packaged or linked again. Says so where no level was built (``pip``
+    shows it with ``-v``; at run time jaxlstm warns on its first call on CPU)."""
 
     def finalize_options(self):
         super().finalize_options()
         self.force = True
+
+    def run(self):
+        super().run()
+        levels = [
+            e.name for e in self.extensions if e.name.startswith("jaxlstm._native_") and e.name != "jaxlstm._native_cpu"
+        ]
+        built = [n for n in levels if os.path.exists(self.get_ext_fullpath(n))]
+        if os.environ.get("JAXLSTM_BUILD_KERNEL", "1") == "0":
+            return
+        if not levels or not built:
+            why = "no XLA FFI headers in jaxlib" if not levels else "every level failed to compile (is g++ there?)"
+            print(f"WARNING: jaxlstm's compiled CPU kernel was not built ({why}): jaxlstm runs its pure-XLA path",
+                  file=sys.stderr)  # fmt: skip
+        elif len(built) < len(levels):
+            missing = sorted(set(levels) - set(built))
+            print(f"WARNING: jaxlstm kernel levels not built: {', '.join(missing)}", file=sys.stderr)
 
     def build_extension(self, ext):
         base = self.build_temp

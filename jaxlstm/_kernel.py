@@ -42,6 +42,7 @@ import hashlib
 import importlib.util
 import os
 import platform
+import warnings
 from functools import partial
 
 import jax
@@ -314,10 +315,26 @@ def native_info() -> NativeInfo:
     )
 
 
+@functools.cache
+def _warn_not_built() -> None:
+    """Once per process: on CPU without the kernel, a user sees why it is slower than it could be
+    (``pip`` shows a build's messages only with ``-v``)."""
+    warnings.warn(
+        "jaxlstm: the compiled CPU kernel is not built in this installation (no C++ compiler, or no XLA FFI "
+        "headers in jaxlib, when it was installed), so jaxlstm.lstm/gru/rnn run the pure-XLA path, about "
+        "1.3-2.5x slower on CPU. Reinstall with g++ available (pip install -v --force-reinstall --no-deps "
+        "<jaxlstm>); jaxlstm.native_info() says what this process sees.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def applies(params, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zoneout, checkpoint_every=None) -> bool:
     """Whether the kernel can run this :func:`jaxlstm.lstm` (``LSTMParams``), :func:`jaxlstm.gru`
     or :func:`jaxlstm.rnn` call (its fused path); :func:`jaxlstm.tuning.kernel_path` then says
     whether it should."""
+    if not levels_built() and os.environ.get("JAXLSTM_KERNEL", "1") != "0" and jax.default_backend() == "cpu":
+        _warn_not_built()
     plain = not isinstance(params, LSTMParams) or (not params.is_variant and params.w_hr is None)
     return (
         enabled()

@@ -16,11 +16,20 @@ machine and shape:
   training runs feature-major steps.
 
 The first time a (machine, shape, dtype) is seen, the candidates are compiled on a
-probe of at most 128 steps of that shape and timed interleaved (medians of 9 rounds
-after a warm-up; the other candidate must be 5 % faster than the default to be
-chosen; the kernel's choices are keyed on a hash of its build, so a rebuilt kernel is timed
-afresh); the choice is cached in memory and on disk (``$JAXLSTM_CACHE_DIR/tuning.json``,
-default ``~/.cache/jaxlstm``); from then on it costs a dictionary look-up at trace time.
+probe of at most ``PROBE_STEPS`` (512) steps of that shape and timed interleaved, in rounds
+of 9 after a warm-up, until the decision is clear: the other candidate is chosen when its
+median is ``MARGIN`` (5 %) faster than the default's and it won at least 70 % of the rounds;
+the default is kept when it is within half the margin or won half the rounds; after
+``MAX_ROUNDS`` (27) rounds without a clear answer, the default. The kernel's choices are
+keyed on a hash of its build, so a rebuilt kernel is timed afresh. The choice is cached in
+memory and, with its margin, rounds and the machine's load, on disk
+(``$JAXLSTM_CACHE_DIR/tuning.json``, default ``~/.cache/jaxlstm``), unless other processes
+kept more than ``BUSY`` (25 %) of the CPUs busy while it was timed and it was a close call
+(no clear answer, or within twice the margin): then it holds for this process only (a
+warning says so), and the next process times it again. From then on it
+costs a dictionary look-up at trace time. ``python -m jaxlstm.tuning show`` lists the
+cached choices, ``retune`` times this machine's again (a choice that now measures
+otherwise is replaced), ``clear`` deletes them.
 
 Turn it off with ``JAXLSTM_AUTOTUNE=0`` (then the defaults are used, deterministically);
 force a path with ``with jaxlstm.tuning.forced("batch"): ...`` (``"kernel"``;
@@ -38,6 +47,7 @@ import platform
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import jax
@@ -54,21 +64,27 @@ __all__ = [
     "DEFAULT",
     "KERNEL",
     "cache_file",
+    "clear",
     "cpu_info",
     "default_unroll",
     "enabled",
     "forced",
     "forward_layout",
     "kernel_path",
+    "other_load",
+    "retune",
+    "show",
 ]
 
 CANDIDATES = ("feature", "batch")
 DEFAULT = "feature"
 KERNEL = "kernel"
 FORCEABLE = CANDIDATES + (KERNEL, "xla")
-PROBE_STEPS = 128
+PROBE_STEPS = 512
 ROUNDS = 9
+MAX_ROUNDS = 27
 MARGIN = 0.05
+BUSY = 0.25
 
 _lock = threading.Lock()
 _memory: dict[str, str] = {}
@@ -203,28 +219,87 @@ def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", 
     return lambda: jax.block_until_ready(compiled(params, xs))
 
 
-def _measure(B, D, H, R, T, mm, acc, unroll) -> str:
+class _Load:
+    """The share of the machine's CPU time that other processes used between ``__enter__``
+    and ``__exit__`` (Linux: ``/proc/stat`` against this process's own CPU time); ``share``
+    is ``None`` where it cannot be read."""
+
+    share: float | None = None
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            hz = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, AttributeError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        own = os.times()
+        return sum(fields), idle, (own.user + own.system) * hz
+
+    def __enter__(self):
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        end = self._read()
+        if self._start is not None and end is not None:
+            total, idle, own = (e - s for e, s in zip(end, self._start, strict=True))
+            if total > 0:
+                self.share = min(1.0, max(0.0, (total - idle - own) / total))
+        return False
+
+
+def other_load(seconds: float = 0.5) -> float | None:
+    """The share of the CPUs that other processes keep busy, measured over ``seconds``
+    (``None`` where ``/proc/stat`` cannot be read)."""
+    with _Load() as load:
+        time.sleep(seconds)
+    return load.share
+
+
+def _measure(B, D, H, R, T, mm, acc, unroll) -> dict:
     # Usually called while jax.jit traces the user's function: the probes run eagerly.
     with jax.ensure_compile_time_eval():
         probes = {name: _probe(name, B, D, H, R, min(T, PROBE_STEPS), mm, acc, unroll) for name in CANDIDATES}
         return _pick(probes, DEFAULT)
 
 
-def _pick(probes: dict[str, Callable[[], object]], default: str) -> str:
-    """Times the probes interleaved (medians of ``ROUNDS`` after a warm-up); the other
-    candidate must beat ``default`` by ``MARGIN``: the two are often within the machine's noise."""
+def _pick(probes: dict[str, Callable[[], object]], default: str) -> dict:
+    """Times the probes interleaved, ``ROUNDS`` at a time after a warm-up, until the decision is
+    clear (see the module docstring; at most ``MAX_ROUNDS``): the two are often within the
+    machine's noise, and then the default stays. Returns the decision: ``choice``, ``ratio``
+    (the other's median time over the default's), ``rounds``, ``clear`` (False: the default
+    kept for want of a clear answer), ``load`` (other processes' share of the CPUs meanwhile)
+    and ``when``."""
     names = list(probes)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for f in probes.values():
-        f()
-    for r in range(ROUNDS):
-        for name in names[r % 2 :] + names[: r % 2]:
-            t0 = time.perf_counter()
-            probes[name]()
-            times[name].append(time.perf_counter() - t0)
-    median = {n: statistics.median(ts) for n, ts in times.items()}
     other = next(n for n in names if n != default)
-    return other if median[other] < (1 - MARGIN) * median[default] else default
+    ratios: list[float] = []
+    choice, clear = default, False
+    with _Load() as load:
+        for f in probes.values():
+            f()
+        for r in range(MAX_ROUNDS):
+            t = {}
+            for name in names[r % 2 :] + names[: r % 2]:
+                t0 = time.perf_counter()
+                probes[name]()
+                t[name] = time.perf_counter() - t0
+            ratios.append(t[other] / t[default])
+            if (r + 1) % ROUNDS:
+                continue
+            ratio, wins = statistics.median(ratios), sum(x < 1 for x in ratios) / len(ratios)
+            if ratio < 1 - MARGIN and wins >= 0.7:
+                choice, clear = other, True
+                break
+            if ratio > 1 - MARGIN / 2 or wins <= 0.5:
+                clear = True
+                break
+    return dict(
+        choice=choice, ratio=statistics.median(ratios), rounds=len(ratios), clear=clear, load=load.share,
+        when=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )  # fmt: skip
 
 
 def _read_disk() -> dict:
@@ -246,15 +321,15 @@ def _file_lock(path: str) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-def _write_disk(key: str, value: str) -> None:
-    """Adds ``key`` to the cache file: read, merge and replace under a lock, so that processes
-    tuning at once (data-parallel jobs of one host, ``pytest -n``) keep every key."""
+def _update_disk(update: Callable[[dict], object]) -> None:
+    """Applies ``update`` to the cache file's dict: read, change and replace under a lock, so
+    that processes tuning at once (data-parallel jobs of one host, ``pytest -n``) keep every key."""
     try:
         path = cache_file()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _file_lock(path + ".lock"):
             data = _read_disk()
-            data[key] = value
+            update(data)
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
@@ -263,15 +338,43 @@ def _write_disk(key: str, value: str) -> None:
         pass  # a read-only home: the choice still holds for this process
 
 
-def _cached(key: str, candidates: tuple, measure: Callable[[], str], default: str) -> str:
+def _write_disk(key: str, record: dict) -> None:
+    """Adds ``key`` to the cache file (merged under the lock: :func:`_update_disk`)."""
+    _update_disk(lambda data: data.__setitem__(key, record))
+
+
+def _choice(record) -> str | None:
+    """The choice a cache entry holds (a decision record; a bare string from before them)."""
+    return record.get("choice") if isinstance(record, dict) else record if isinstance(record, str) else None
+
+
+def _busy(decision: dict) -> bool:
+    """A decision not to keep: other processes kept more than ``BUSY`` of the CPUs busy while it
+    was timed, and it was a close call (no clear answer, or within twice the margin). A clear
+    one stands even then: the candidates were timed interleaved, so load slows both alike."""
+    close = not decision.get("clear", True) or abs(decision.get("ratio", 1.0) - 1) < 2 * MARGIN
+    return decision.get("load") is not None and decision["load"] > BUSY and close
+
+
+def _cached(key: str, candidates: tuple, measure: Callable[[], dict], default: str, args: dict) -> str:
     with _lock:
         if key in _memory:
             return _memory[key]
-        choice = _read_disk().get(key)
-        if not isinstance(choice, str) or choice not in candidates:
+        choice = _choice(_read_disk().get(key))
+        if choice is None or choice not in candidates:
             try:
-                choice = measure()
-                _write_disk(key, choice)
+                decision = measure()
+                choice = str(decision["choice"])
+                if _busy(decision):
+                    warnings.warn(
+                        f"jaxlstm.tuning: other processes kept {100 * decision['load']:.0f} % of the CPUs busy "
+                        f"while {key.split('|', 1)[1]} was timed; its choice ({choice!r}) holds for this process "
+                        "only and is timed again in the next one",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                else:
+                    _write_disk(key, {**decision, "args": args})
             except Exception:  # timing impossible here (out of memory, say): the default, not cached on disk
                 choice = default
         _memory[key] = choice
@@ -309,7 +412,8 @@ def forward_layout(B: int, D: int, H: int, R: int, T: int, mm_dtype, acc_dtype, 
         return DEFAULT
     mm, acc = jnp.dtype(mm_dtype).name, jnp.dtype(acc_dtype).name
     key = f"{_machine()}|lstm-forward|B={B} D={D} H={H} R={R} T<={_bucket(T)} unroll={unroll}|{mm}/{acc}"
-    return _cached(key, CANDIDATES, lambda: _measure(B, D, H, R, T, mm_dtype, acc_dtype, unroll), DEFAULT)
+    args = dict(kind="forward", B=B, D=D, H=H, R=R, T=T, mm=mm, acc=acc, unroll=unroll)
+    return _cached(key, CANDIDATES, lambda: _measure(B, D, H, R, T, mm_dtype, acc_dtype, unroll), DEFAULT, args)
 
 
 def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
@@ -331,9 +435,96 @@ def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.fl
     dtype = jnp.dtype(dtype)
     key = f"{_machine()}|{cell}-kernel {build_id()}|B={B} D={D} H={H} T<={_bucket(T)}|{dtype.name}"
 
-    def measure() -> str:
-        with jax.ensure_compile_time_eval():
-            probes = {name: _train_probe(name, B, D, H, min(T, PROBE_STEPS), cell, dtype) for name in (KERNEL, "xla")}
-            return _pick(probes, KERNEL)
+    args = dict(kind="kernel", B=B, D=D, H=H, T=T, cell=cell, dtype=dtype.name)
+    return _cached(key, (KERNEL, "xla"), lambda: _measure_kernel(B, D, H, T, cell, dtype), KERNEL, args) == KERNEL
 
-    return _cached(key, (KERNEL, "xla"), measure, KERNEL) == KERNEL
+
+def _measure_kernel(B, D, H, T, cell, dtype) -> dict:
+    with jax.ensure_compile_time_eval():
+        probes = {name: _train_probe(name, B, D, H, min(T, PROBE_STEPS), cell, dtype) for name in (KERNEL, "xla")}
+        return _pick(probes, KERNEL)
+
+
+# ---------------------------------------------------------------------------
+# python -m jaxlstm.tuning show | clear | retune
+
+
+def _describe(key: str, record) -> str:
+    where = key.split("|", 1)[1] if "|" in key else key
+    if not isinstance(record, dict):
+        return f"{where}: {record!r} (no record of how it was chosen)"
+    load = "?" if record.get("load") is None else f"{100 * record['load']:.0f} %"
+    clear = "" if record.get("clear", True) else ", no clear answer: the default"
+    return (
+        f"{where}: {record.get('choice')!r} (other/default time {record.get('ratio', float('nan')):.3f} "
+        f"over {record.get('rounds')} rounds{clear}; other processes' load {load}; {record.get('when')})"
+    )
+
+
+def show() -> list[str]:
+    """One line per cached choice (of every machine that shares the cache file)."""
+    return [_describe(k, v) for k, v in sorted(_read_disk().items())]
+
+
+def clear() -> None:
+    """Deletes the cache file and this process's choices: every shape is timed afresh."""
+    with _lock:
+        _memory.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(cache_file())
+
+
+def retune() -> list[str]:
+    """Times this machine's cached choices again (the kernel's: those of the build in use) and
+    replaces those that now measure otherwise; a choice timed while the machine was busy is left
+    as it was. One line per choice: what it was, what it is."""
+    from ._kernel import build_id
+
+    lines = []
+    prefix = _machine() + "|"
+    for key, record in sorted(_read_disk().items()):
+        args = record.get("args") if isinstance(record, dict) else None
+        if not key.startswith(prefix):
+            continue
+        if args is None:
+            lines.append(f"{key.split('|', 1)[1]}: kept (recorded without its shape: `clear` to time it afresh)")
+            continue
+        if args["kind"] == "kernel" and f"-kernel {build_id()}|" not in key:
+            lines.append(f"{key.split('|', 1)[1]}: skipped (another build of the kernel)")
+            continue
+        if args["kind"] == "kernel":
+            decision = _measure_kernel(args["B"], args["D"], args["H"], args["T"], args["cell"], args["dtype"])
+        else:
+            a = args
+            decision = _measure(a["B"], a["D"], a["H"], a["R"], a["T"], a["mm"], a["acc"], a["unroll"])
+        old = _choice(record)
+        if _busy(decision):
+            lines.append(f"{_describe(key, record)}: kept, the machine was busy ({_describe(key, decision)})")
+            continue
+        _write_disk(key, {**decision, "args": args})
+        with _lock:
+            _memory.pop(key, None)
+        change = "unchanged" if decision["choice"] == old else f"was {old!r}"
+        lines.append(f"{_describe(key, decision)} [{change}]")
+    return lines
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m jaxlstm.tuning", description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("command", choices=["show", "clear", "retune"])
+    args = ap.parse_args(argv)
+    print(f"jaxlstm tuning cache: {cache_file()}")
+    if args.command == "clear":
+        clear()
+        print("cleared")
+        return
+    lines = show() if args.command == "show" else retune()
+    print("\n".join(lines) if lines else "(no choices)")
+
+
+if __name__ == "__main__":
+    from jaxlstm import tuning as _tuning  # the package's module, not this __main__ copy
+
+    _tuning.main()

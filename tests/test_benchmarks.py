@@ -93,6 +93,29 @@ def test_regimes_quick(tmp_path, capsys):
     assert [r["vs_cudnn"] for r in regimes.rows(on_gpu) if r["cell"] == "lstm"] == [2.0] * 4
     header, sep, first = regimes.table(on_gpu).splitlines()[:3]
     assert header.count("|") == sep.count("|") == first.count("|") == 13
+    # the peak: probed after every regime, the best kept; no share of peak above 100 %
+    m = data["machine"]
+    assert len(m["peak_matmul_probes_gflops"]) == len(regimes.QUICK) + 1
+    assert m["peak_matmul_gflops"] >= max(m["peak_matmul_probes_gflops"])
+    assert all(0 < r["fraction_of_peak"] <= 1 for r in data["records"] if "fraction_of_peak" in r)
+    assert m["other_load"] is None or 0 <= m["other_load"] <= 1
+
+
+def test_regimes_peak_is_the_best_probe_and_never_below_a_row(capsys):
+    """A busy moment during the probes: a warning, and a row faster than every probe becomes
+    the peak (said), so that no share of peak exceeds 100 %."""
+    from benchmarks import regimes
+
+    info = {}
+    recs = [dict(regime="base", cell="gru", mode="forward", impl="jaxlstm-gru", gflops=g) for g in (50.0, 80.0)]
+    assert regimes._peak(info, [100.0, 60.0], recs, "float32") == 100.0
+    assert "peak probes ranged 60-100 GFLOP/s" in capsys.readouterr().out
+    assert info["peak_matmul_probes_gflops"] == [100.0, 60.0] and info["peak_matmul_gflops"] == 100.0
+    recs[1]["gflops"] = 120.0
+    assert regimes._peak(info, [100.0, 95.0], recs, "bfloat16") == 120.0
+    out = capsys.readouterr().out
+    assert "base gru forward (jaxlstm-gru) ran at 120 GFLOP/s, above every peak probe (100)" in out
+    assert info["peak_bf16_gflops"] == 120.0 and info["peak_bf16_from_row"] == "base gru forward"
 
 
 def test_isa_quick(tmp_path):

@@ -57,6 +57,7 @@ def autotune(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXLSTM_AUTOTUNE", "1")
     monkeypatch.setenv("JAXLSTM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setattr(tuning, "BUSY", 1.0)  # pytest -n keeps the other core busy: tests/test_tuning.py's busy test
     return tmp_path
 
 
@@ -70,8 +71,11 @@ def test_autotuner_measures_once_then_reads_its_cache(autotune, monkeypatch):
     ys = jax.jit(lambda p, x: jaxlstm.lstm(p, x)[0])(params, xs)  # tuned while jit traces
     assert len(calls) == 1
     cache = json.loads((autotune / "tuning.json").read_text())
-    (key, choice), *rest = cache.items()
-    assert not rest and choice in tuning.CANDIDATES and "B=2 D=3 H=4 R=4 T<=16" in key
+    (key, record), *rest = cache.items()
+    assert not rest and record["choice"] in tuning.CANDIDATES and "B=2 D=3 H=4 R=4 T<=16" in key
+    assert record["args"] == dict(kind="forward", B=2, D=3, H=4, R=4, T=9, mm="float32", acc="float32", unroll=1)
+    assert record["rounds"] >= tuning.ROUNDS and record["ratio"] > 0
+    assert record["load"] is None or 0 <= record["load"] <= 1  # None: too short a timing to tell
     # the same shape again, in a new process (memory cleared): the disk cache answers
     monkeypatch.setattr(tuning, "_memory", {})
     jaxlstm.lstm(params, xs * 2)
@@ -98,7 +102,8 @@ def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch, c
     ys = jax.jit(lambda p, x: run(p, x)[0])(params, xs)
     assert sorted(calls) == ["kernel", "xla"]
     cache = json.loads((autotune / "tuning.json").read_text())
-    (key, choice), *rest = [kv for kv in cache.items() if f"|{cell}-kernel {_kernel.build_id()}|" in kv[0]]
+    (key, record), *rest = [kv for kv in cache.items() if f"|{cell}-kernel {_kernel.build_id()}|" in kv[0]]
+    choice = record["choice"]
     assert not rest and choice in ("kernel", "xla") and "B=2 D=3 H=4 T<=16" in key
     monkeypatch.setattr(tuning, "_memory", {})
     assert tuning.kernel_path(2, 3, 4, 9, cell=cell) == (choice == "kernel")  # from the disk cache
@@ -186,7 +191,7 @@ from jaxlstm import tuning
 worker, start = int(sys.argv[1]), float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))  # every writer starts at once
 for i in range(60):
-    tuning._write_disk(f"writer {worker} key {i}", "kernel")
+    tuning._write_disk(f"writer {worker} key {i}", dict(choice="kernel"))
 """
 
 
@@ -222,3 +227,81 @@ def test_forced_retraces_what_jit_already_traced():
     assert on_kernel()
     assert f._cache_size() == 2  # two programs: the kernel's and the XLA path's
     np.testing.assert_allclose(ys, ys_xla, rtol=1e-5, atol=1e-6)
+
+
+def _sleeper(seconds):
+    return lambda: time.sleep(seconds)
+
+
+def test_pick_times_until_the_decision_is_clear(monkeypatch):
+    """A candidate 2x faster wins after the first rounds; a tie keeps the default; a noisy,
+    narrow lead runs up to MAX_ROUNDS and keeps the default."""
+    fast = tuning._pick({"feature": _sleeper(0.004), "batch": _sleeper(0.002)}, "feature")
+    assert fast["choice"] == "batch" and fast["clear"] and fast["rounds"] == tuning.ROUNDS and fast["ratio"] < 0.8
+    tie = tuning._pick({"feature": _sleeper(0.002), "batch": _sleeper(0.002)}, "feature")
+    assert tie["choice"] == "feature" and tie["rounds"] == tuning.ROUNDS
+    # 3.5 % faster (between half the margin and the margin) every round: never clear
+    narrow = tuning._pick({"feature": _sleeper(0.0100), "batch": _sleeper(0.00965)}, "feature")
+    assert narrow["choice"] == "feature" and not narrow["clear"] and narrow["rounds"] == tuning.MAX_ROUNDS
+
+
+def test_a_close_call_on_a_busy_machine_is_not_kept(autotune, monkeypatch):
+    """Other processes busy and no clear answer: the choice holds for this process, a warning
+    says so, and nothing is written; a clear answer is kept even then, with the load."""
+    monkeypatch.setattr(tuning, "BUSY", 0.25)
+    decision = dict(choice="batch", ratio=0.97, rounds=27, clear=False, load=0.6, when="now")
+    monkeypatch.setattr(tuning, "_measure", lambda *a: dict(decision))
+    with pytest.warns(RuntimeWarning, match="60 % of the CPUs busy"):
+        assert tuning.forward_layout(2, 3, 4, 4, 9, jnp.float32, jnp.float32) == "batch"
+    assert not (autotune / "tuning.json").exists()
+    assert tuning.forward_layout(2, 3, 4, 4, 9, jnp.float32, jnp.float32) == "batch"  # this process: in memory
+    decision.update(ratio=0.5, clear=True)
+    assert tuning.forward_layout(3, 3, 4, 4, 9, jnp.float32, jnp.float32) == "batch"
+    (record,) = json.loads((autotune / "tuning.json").read_text()).values()
+    assert record["load"] == 0.6 and record["ratio"] == 0.5
+
+
+def test_other_load_reads_the_machine():
+    load = tuning.other_load(0.05)
+    assert load is None or 0.0 <= load <= 1.0
+    if os.path.exists("/proc/stat"):
+        assert load is not None
+
+
+def test_the_command_line_shows_retunes_and_clears(autotune, monkeypatch, capsys):
+    monkeypatch.setenv("JAXLSTM_KERNEL", "0")
+    answers = iter(["batch", "feature"])
+    monkeypatch.setattr(
+        tuning,
+        "_measure",
+        lambda *a: dict(choice=next(answers), ratio=0.5, rounds=9, clear=True, load=0.0, when="then"),
+    )
+    assert tuning.forward_layout(2, 3, 4, 4, 9, jnp.float32, jnp.float32) == "batch"
+    tuning.main(["show"])
+    out = capsys.readouterr().out
+    assert str(autotune / "tuning.json") in out and "'batch' (other/default time 0.500 over 9 rounds" in out
+    tuning.main(["retune"])  # measures 'feature' now: replaced, and this process forgets 'batch'
+    out = capsys.readouterr().out
+    assert "'feature'" in out and "[was 'batch']" in out
+    assert tuning.forward_layout(2, 3, 4, 4, 9, jnp.float32, jnp.float32) == "feature"
+    tuning.main(["clear"])
+    assert not (autotune / "tuning.json").exists() and "cleared" in capsys.readouterr().out
+    run = subprocess.run([sys.executable, "-m", "jaxlstm.tuning", "show"], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=120)  # fmt: skip
+    assert run.returncode == 0 and "(no choices)" in run.stdout, run.stderr[-2000:]
+
+
+def test_a_missing_kernel_says_so_once(monkeypatch):
+    from jaxlstm import _kernel
+
+    monkeypatch.setattr(_kernel, "levels_built", lambda: ())
+    _kernel._warn_not_built.cache_clear()
+    params = jaxlstm.init_lstm(jax.random.key(0), 3, 4)
+    with pytest.warns(RuntimeWarning, match="compiled CPU kernel is not built"):
+        _kernel.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _kernel.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
+    _kernel._warn_not_built.cache_clear()
