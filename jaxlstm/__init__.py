@@ -20,6 +20,23 @@ from .stack import init_lstm_stack, lstm_stack
 __version__ = "0.1.0"
 
 
+def _register_for_export() -> None:
+    """The params and state types, named for ``jax.export``'s serialization, so that a function
+    taking them can be exported (README "Export")."""
+    try:
+        from jax import export
+    except ImportError:  # a JAX without jax.export
+        return
+    for cls in (LSTMParams, LSTMState, GRUParams, RNNParams):
+        try:
+            export.register_namedtuple_serialization(cls, serialized_name=f"jaxlstm.{cls.__name__}")
+        except ValueError:  # registered already (importlib.reload)
+            pass
+
+
+_register_for_export()
+
+
 def __getattr__(name: str):
     """Names a PyTorch or Flax user may look for here: where they are."""
     from ._hints import MODULES

@@ -229,3 +229,58 @@ def test_the_thread_setting_is_checked_and_capped(monkeypatch):
     assert out.returncode == 0, out.stderr[-3000:]
     team, threads = map(int, out.stdout.split())
     assert team == 1 and threads < 64, out.stdout
+
+
+def test_export_runs_on_the_xla_path():
+    """``jax.export`` refuses custom calls without a compatibility guarantee, and the kernel's
+    calls have none (their ABI is this build's, their names its ISA level's): exported under
+    ``tuning.forced("xla")`` a model serializes, and its round trip gives the kernel's numbers,
+    values and (``vjp_order=1``) gradients. README "Export"."""
+    params, xs, _, _ = _case(4, 3, 5, 16, 6)
+    f = lambda p, x: jnp.tanh(jaxlstm.lstm(p, x)[0]).sum()
+    with pytest.raises(ValueError, match="custom calls whose targets have no compatibility guarantees"):
+        jax.export.export(jax.jit(f))(params, xs)
+    with tuning.forced("xla"):
+        exported = jax.export.export(jax.jit(lambda p, x: f(p, x)))(params, xs)
+        assert "jaxlstm_" not in exported.mlir_module()
+    restored = jax.export.deserialize(exported.serialize(vjp_order=1))
+    np.testing.assert_allclose(restored.call(params, xs), f(params, xs), rtol=1e-5)
+    grads = jax.grad(restored.call, argnums=(0, 1))(params, xs)
+    assert_trees_close(grads, jax.grad(f, argnums=(0, 1))(params, xs), rtol=1e-4)
+
+
+_BUSY = """
+import ctypes, os, subprocess, sys, time
+import jax, jax.numpy as jnp, jaxlstm
+from jaxlstm import _kernel
+lib = _kernel._library(_kernel.level())
+lib.JaxlstmOthersBusyCpus.restype = ctypes.c_double
+p = jaxlstm.init_lstm(jax.random.key(0), 64, 128)
+xs = jnp.ones((16, 64, 64))
+f = jax.jit(lambda p, x: jaxlstm.lstm(p, x)[0])
+f(p, xs).block_until_ready()
+hogs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(os.cpu_count() - 1)]
+try:
+    time.sleep(0.3)
+    for _ in range(4):  # windows of 60 ms between calls: the kernel reads the load at most every 50 ms
+        f(p, xs).block_until_ready()
+        time.sleep(0.06)
+    print(lib.JaxlstmLastThreads(), lib.JaxlstmOthersBusyCpus())
+finally:
+    for h in hogs:
+        h.kill()
+"""
+
+
+def test_a_busy_machine_gets_a_smaller_team():
+    """With other processes busy on all CPUs but one, the kernel's calls ask for one thread (a
+    team thread sharing its CPU waits for its time slice at every barrier), and say how many
+    CPUs the others kept busy."""
+    if not os.path.exists("/proc/stat") or (os.cpu_count() or 1) < 2:
+        pytest.skip("reads Linux's /proc/stat; needs 2 CPUs")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLSTM_AUTOTUNE="0")
+    env.pop("JAXLSTM_KERNEL_THREADS", None)
+    out = subprocess.run([sys.executable, "-c", _BUSY], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    threads, busy = out.stdout.split()[-2:]
+    assert int(threads) == 1 and float(busy) >= 0.7 * ((os.cpu_count() or 2) - 1), out.stdout

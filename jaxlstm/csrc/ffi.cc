@@ -277,6 +277,11 @@ extern "C" int JaxlstmMaxThreads() {
   return asked > 0 ? asked : jaxlstm::cpu_count();
 }
 
+// The team size the last call asked for, and the CPUs other processes kept busy meanwhile
+// (team.h: a busy machine gets a smaller team).
+extern "C" int JaxlstmLastThreads() { return jaxlstm::last_threads().load(std::memory_order_relaxed); }
+extern "C" double JaxlstmOthersBusyCpus() { return jaxlstm::others_busy_cpus(); }
+
 // The rate (GFLOP/s) of this level's bf16 GEMM (bf16.h) on [n, n] · [n, n], its columns split
 // over `threads` threads: the attainable bf16 matmul rate that the benchmarks' share of peak is
 // taken of (XLA:CPU has no bf16 GEMM of its own to probe). Best of `repeats`; 0 where the level

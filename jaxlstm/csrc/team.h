@@ -9,8 +9,11 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -20,6 +23,7 @@
 #if defined(__linux__)
 #include <pthread.h>
 #include <sched.h>
+#include <unistd.h>
 #define JAXLSTM_AFFINITY 1
 #else
 #define JAXLSTM_AFFINITY 0
@@ -105,12 +109,60 @@ inline int requested_threads() {
 // JAXLSTM_KERNEL_THREADS=n asks for n threads (up to the CPUs) whatever the work (the tests use it).
 constexpr long kMinWork = 128 * 1024;
 
+// How many CPUs other processes kept busy since an earlier call (Linux: /proc/stat's CPU time
+// against this process's own, read at most every 50 ms; 0 elsewhere or before a first
+// window). A team thread that shares its CPU with another process waits for its time slice at
+// every barrier: with one busy process beside it on 2 cores, a 2-thread call at B=16, H=128,
+// T=4096 took 16x its idle time (measured), where one thread would have lost only half.
+inline double others_busy_cpus() {
+#if defined(__linux__)
+  struct Sample {
+    double total = 0, idle = 0, own = 0;
+  };
+  static std::mutex mu;
+  static Sample last;
+  static double busy = 0.0;
+  static auto last_time = std::chrono::steady_clock::time_point{};
+  std::lock_guard<std::mutex> lock(mu);
+  const auto now = std::chrono::steady_clock::now();
+  if (now - last_time < std::chrono::milliseconds(50)) return busy;
+  Sample cur;
+  if (FILE* f = std::fopen("/proc/stat", "r")) {
+    unsigned long long v[8] = {};
+    const int got = std::fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4],
+                                &v[5], &v[6], &v[7]);
+    std::fclose(f);
+    if (got < 5) return busy;
+    for (int i = 0; i < 8; ++i) cur.total += static_cast<double>(v[i]);
+    cur.idle = static_cast<double>(v[3] + v[4]);  // idle + iowait
+  } else {
+    return busy;
+  }
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  cur.own = (ts.tv_sec + ts.tv_nsec * 1e-9) * static_cast<double>(sysconf(_SC_CLK_TCK));
+  const double total = cur.total - last.total;
+  if (last_time != std::chrono::steady_clock::time_point{} && total > 0) {
+    const long cpus = std::max(1L, sysconf(_SC_NPROCESSORS_ONLN));
+    const double others = (total - (cur.idle - last.idle) - (cur.own - last.own)) / total;
+    busy = std::max(0.0, others) * static_cast<double>(cpus);
+  }
+  last = cur;
+  last_time = now;
+  return busy;
+#else
+  return 0.0;
+#endif
+}
+
 inline int thread_count(long units, long width, long work_per_step) {
   const long by_units = std::max<long>(1, units / width);
   const int asked = requested_threads();
   if (asked > 0) return static_cast<int>(std::min<long>(asked, by_units));
   const long by_work = std::max<long>(1, work_per_step / kMinWork);
-  return static_cast<int>(std::min<long>(cpu_count(), std::min(by_units, by_work)));
+  // CPUs left free by other processes (rounded: a sliver of background work costs no thread)
+  const long free_cpus = std::max(1L, cpu_count() - std::lround(others_busy_cpus()));
+  return static_cast<int>(std::min<long>(free_cpus, std::min(by_units, by_work)));
 }
 
 // A team for one call: the calling thread and up to want-1 helpers from XLA's own
@@ -240,8 +292,15 @@ inline void end_call(Team& team) {
   team.over_cv.notify_all();
 }
 
+// The team size the last call asked for (JaxlstmLastThreads: what a test can see).
+inline std::atomic<int>& last_threads() {
+  static std::atomic<int> n{0};
+  return n;
+}
+
 template <typename F>
 void run_team(ffi::ThreadPool& pool, int want, double work, F&& body) {
+  last_threads().store(want, std::memory_order_relaxed);
   const int pool_threads = static_cast<int>(std::max<int64_t>(0, pool.num_threads()));
   const int helpers = std::min(want - 1, pool_threads);
   if (helpers <= 0) {
