@@ -12,7 +12,10 @@ import sys
 
 def _load(folder, name):
     path = os.path.join(folder, name)
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def throughput_table(tp) -> str:
@@ -92,7 +95,8 @@ def _regimes_section(rg) -> str:
 
     m = rg["machine"]
     tuning = rg.get("tuning", {})
-    layouts = sorted(set(tuning.get("choices", {}).values()))
+    # each choice a record (its margin, rounds, load), or a bare string from before records
+    layouts = sorted({v.get("choice") if isinstance(v, dict) else v for v in tuning.get("choices", {}).values()})
     kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(
         tuning.get("kernel"), "not recorded (a run before it)"
     )

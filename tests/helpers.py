@@ -63,3 +63,25 @@ def reference_outputs(params, xs, state, seq_lengths, reverse):
     L = None if seq_lengths is None else np.asarray(seq_lengths).reshape(B)
     ys, h, c = lstm_ref(np, as_dict(params), x, h0, c0, L, reverse)
     return ys.reshape(xs.shape[:-1] + (R,)), h.reshape(batch_shape + (R,)), c.reshape(batch_shape + (Hh,))
+
+
+def cell_case(init, kind, i, B, D, H, T):
+    """A cell's case ``i`` (tests/test_kernel_levels.py, tests/test_bf16.py): params with a random
+    bias (the GRU's b_hn a ramp), inputs ``[B, T, D]``, a random start state, random step flags,
+    and the call's layout: batch-major, reversed (``i == 1``), time-major (``i == 2``: inputs and
+    flags transposed). Returns ``params, xs, x, state, flags, options`` (``xs`` batch-major, ``x``
+    as called)."""
+    k = jax.random.split(jax.random.key(i), 4)
+    params = init(k[0], D, H)
+    params = params._replace(b=jax.random.normal(k[1], params.b.shape) * 0.5)
+    if kind == "gru":
+        params = params._replace(b_hn=jnp.linspace(-0.5, 0.5, H))
+    xs = jax.random.normal(k[2], (B, T, D))
+    h0 = jax.random.normal(k[3], (B, H)) * 0.5
+    state = jaxlstm.LSTMState(h0, -h0) if kind == "lstm" else h0
+    flags = random_step_flags(i, B, T)  # [B, T]
+    x, options = xs, dict(flags, reverse=i == 1)
+    if i == 2:  # time-major: [T, B, ...] inputs and flags
+        x, options = jnp.swapaxes(xs, 0, 1), dict(options, time_major=True)
+        options.update((key, v.T) for key, v in flags.items() if v.ndim == 2)
+    return params, xs, x, state, flags, options

@@ -99,6 +99,11 @@ def test_regimes_quick(tmp_path, capsys):
     assert m["peak_matmul_gflops"] >= max(m["peak_matmul_probes_gflops"])
     assert all(0 < r["fraction_of_peak"] <= 1 for r in data["records"] if "fraction_of_peak" in r)
     assert m["other_load"] is None or 0 <= m["other_load"] <= 1
+    from benchmarks import summary  # the committed SUMMARY.md files are generated from such a folder
+
+    summary.main([str(tmp_path)])
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "## Regimes (`benchmarks.throughput`, the main job)" in text and "| tiny (2, 4, 8, 16) | lstm |" in text
 
 
 def test_regimes_peak_is_the_best_probe_and_never_below_a_row(capsys):

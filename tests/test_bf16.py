@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxlstm
-from helpers import assert_trees_close, random_step_flags
+from helpers import assert_trees_close, cell_case
 from jaxlstm import _kernel, tuning
 from reference import as_dict, gru_ref, lstm_ref, rnn_ref
 
@@ -36,21 +36,8 @@ def _round(a):
 
 def _case(kind, i, B, D, H, T):
     init, run, ref = CELLS[kind]
-    k = jax.random.split(jax.random.key(i), 4)
-    params = init(k[0], D, H)
-    params = params._replace(b=jax.random.normal(k[1], params.b.shape) * 0.5)
-    if kind == "gru":
-        params = params._replace(b_hn=jnp.linspace(-0.5, 0.5, H))
-    xs = jax.random.normal(k[2], (B, T, D))
-    h0 = jax.random.normal(k[3], (B, H)) * 0.5
-    state = jaxlstm.LSTMState(h0, -h0) if kind == "lstm" else h0
-    flags = random_step_flags(i, B, T)
-    options = dict(flags, reverse=i == 1, compute_dtype=BF16)
-    x = xs
-    if i == 2:
-        x, options = jnp.swapaxes(xs, 0, 1), dict(options, time_major=True)
-        options.update((key, v.T) for key, v in flags.items() if v.ndim == 2)
-    return run, ref, params, xs, x, state, flags, options
+    params, xs, x, state, flags, options = cell_case(init, kind, i, B, D, H, T)
+    return run, ref, params, xs, x, state, flags, dict(options, compute_dtype=BF16)
 
 
 def _loss(run, options, p, x, s, r, **kw):

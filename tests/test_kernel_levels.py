@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import jaxlstm
-from helpers import assert_trees_close, random_step_flags
+from helpers import assert_trees_close, cell_case
 from jaxlstm import _kernel
 from reference import as_dict, gru_ref, lstm_ref, rnn_ref
 
@@ -96,19 +96,7 @@ def test_every_level_matches_the_references(isa, kind, monkeypatch):
     monkeypatch.setenv(_kernel.ISA_VARIABLE, isa)
     init, run, ref = CELLS[kind]
     for i, (B, D, H, T) in enumerate(SHAPES):
-        k = jax.random.split(jax.random.key(i), 4)
-        params = init(k[0], D, H)
-        params = params._replace(b=jax.random.normal(k[1], params.b.shape) * 0.5)
-        if kind == "gru":
-            params = params._replace(b_hn=jnp.linspace(-0.5, 0.5, H))
-        xs = jax.random.normal(k[2], (B, T, D))
-        h0 = jax.random.normal(k[3], (B, H)) * 0.5
-        state = jaxlstm.LSTMState(h0, -h0) if kind == "lstm" else h0
-        flags = random_step_flags(i, B, T)  # [B, T]
-        x, options = xs, dict(flags, reverse=i == 1)
-        if i == 2:  # time-major: [T, B, ...] inputs and flags
-            x, options = jnp.swapaxes(xs, 0, 1), dict(options, time_major=True)
-            options.update((k, v.T) for k, v in flags.items() if v.ndim == 2)
+        params, xs, x, state, flags, options = cell_case(init, kind, i, B, D, H, T)
         f = jax.jit(partial(run, **options))
         assert f"jaxlstm_{isa}_forward" in str(jax.make_jaxpr(f)(params, x, state))
         ys, final = f(params, x, state)
