@@ -296,16 +296,21 @@ def test_the_command_line_shows_retunes_and_clears(autotune, monkeypatch, capsys
 
 
 def test_a_missing_kernel_says_so_once(monkeypatch):
-    from jaxlstm import _kernel
-
-    monkeypatch.setattr(_kernel, "levels_built", lambda: ())
-    _kernel._warn_not_built.cache_clear()
-    params = jaxlstm.init_lstm(jax.random.key(0), 3, 4)
-    with pytest.warns(RuntimeWarning, match="compiled CPU kernel is not built"):
-        _kernel.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _kernel.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
+    from jaxlstm import _kernel
+
+    params = jaxlstm.init_lstm(jax.random.key(0), 3, 4)
+    monkeypatch.setattr(_kernel, "levels_built", lambda: ())
     _kernel._warn_not_built.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled CPU kernel is not built"):
+            _kernel.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _kernel.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
+    finally:  # the loader's caches saw "nothing built": forget that, or the kernel stays off in this process
+        monkeypatch.undo()
+        _kernel._choose.cache_clear()
+        _kernel._warn_not_built.cache_clear()
+    assert _kernel.available() == bool(_kernel.levels_built() and _kernel.levels_supported())
