@@ -229,19 +229,21 @@ def test_forced_retraces_what_jit_already_traced():
     np.testing.assert_allclose(ys, ys_xla, rtol=1e-5, atol=1e-6)
 
 
-def _sleeper(seconds):
-    return lambda: time.sleep(seconds)
-
-
 def test_pick_times_until_the_decision_is_clear(monkeypatch):
-    """A candidate 2x faster wins after the first rounds; a tie keeps the default; a noisy,
-    narrow lead runs up to MAX_ROUNDS and keeps the default."""
-    fast = tuning._pick({"feature": _sleeper(0.004), "batch": _sleeper(0.002)}, "feature")
-    assert fast["choice"] == "batch" and fast["clear"] and fast["rounds"] == tuning.ROUNDS and fast["ratio"] < 0.8
-    tie = tuning._pick({"feature": _sleeper(0.002), "batch": _sleeper(0.002)}, "feature")
-    assert tie["choice"] == "feature" and tie["rounds"] == tuning.ROUNDS
-    # 3.5 % faster (between half the margin and the margin) every round: never clear
-    narrow = tuning._pick({"feature": _sleeper(0.0100), "batch": _sleeper(0.00965)}, "feature")
+    """A candidate 2x faster wins after the first rounds; a tie keeps the default; a narrow lead
+    (3.5 %: between half the margin and the margin) runs up to MAX_ROUNDS and keeps the default.
+    On a clock the probes advance (deterministic: the suite's machine is busy)."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock[0])
+
+    def probe(seconds):
+        return lambda: clock.__setitem__(0, clock[0] + seconds)
+
+    fast = tuning._pick({"feature": probe(4.0), "batch": probe(2.0)}, "feature")
+    assert fast["choice"] == "batch" and fast["clear"] and fast["rounds"] == tuning.ROUNDS and fast["ratio"] == 0.5
+    tie = tuning._pick({"feature": probe(2.0), "batch": probe(2.0)}, "feature")
+    assert tie["choice"] == "feature" and tie["clear"] and tie["rounds"] == tuning.ROUNDS
+    narrow = tuning._pick({"feature": probe(1.0), "batch": probe(0.965)}, "feature")
     assert narrow["choice"] == "feature" and not narrow["clear"] and narrow["rounds"] == tuning.MAX_ROUNDS
 
 
