@@ -113,7 +113,7 @@ constexpr long kMinWork = 128 * 1024;
 // against this process's own, read at most every 50 ms; 0 elsewhere or before a first
 // window). A team thread that shares its CPU with another process waits for its time slice at
 // every barrier: with one busy process beside it on 2 cores, a 2-thread call at B=16, H=128,
-// T=4096 took 16x its idle time (measured), where one thread would have lost only half.
+// T=4096 took 2.8 s against 0.10 s idle (measured, Zen 4); one thread took 0.16 s.
 inline double others_busy_cpus() {
 #if defined(__linux__)
   struct Sample {
