@@ -108,7 +108,7 @@ ffi::Error Forward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& bias, F32& b_
   a.acts = save ? acts->typed_data() : nullptr;
   a.cs = save && Cell::kHasC ? cs->typed_data() : nullptr;
   a.hin = save ? hin->typed_data() : nullptr;
-  run_forward<Cell>(pool, a, bf16 != 0);
+  with_precision(bf16 != 0, [&](auto b) { run_forward<Cell, decltype(b)::value>(pool, a); });
   return ffi::Error::Success();
 }
 
@@ -163,7 +163,7 @@ ffi::Error Backward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& w_hh, F32& a
   a.dc0 = Cell::kHasC ? dc0->typed_data() : nullptr;
   a.dhr = dhr->typed_data();
   a.dcr = Cell::kHasC ? dcr->typed_data() : nullptr;
-  run_backward<Cell>(pool, a, bf16 != 0);
+  with_precision(bf16 != 0, [&](auto b) { run_backward<Cell, decltype(b)::value>(pool, a); });
   return ffi::Error::Success();
 }
 

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "bf16.h"
@@ -454,23 +455,14 @@ void run_backward(ffi::ThreadPool& pool, BackwardArgs& a) {
            });
 }
 
-// A bf16 call runs on paired bf16 operands where this level has the instruction (bf16.h);
-// elsewhere on the float32 GEMMs of the same data.
-template <class Cell>
-void run_forward(ffi::ThreadPool& pool, ForwardArgs& a, bool bf16) {
+// Calls f(std::bool_constant<Bf16>{}): a bf16 call runs on paired bf16 operands where this level
+// has the instruction (bf16.h), elsewhere (and every float32 call) on the float32 GEMMs.
+template <typename F>
+void with_precision(bool bf16, F&& f) {
   if (JAXLSTM_BF16_DOT && bf16) {
-    run_forward<Cell, static_cast<bool>(JAXLSTM_BF16_DOT)>(pool, a);
+    f(std::bool_constant<static_cast<bool>(JAXLSTM_BF16_DOT)>{});
   } else {
-    run_forward<Cell, false>(pool, a);
-  }
-}
-
-template <class Cell>
-void run_backward(ffi::ThreadPool& pool, BackwardArgs& a, bool bf16) {
-  if (JAXLSTM_BF16_DOT && bf16) {
-    run_backward<Cell, static_cast<bool>(JAXLSTM_BF16_DOT)>(pool, a);
-  } else {
-    run_backward<Cell, false>(pool, a);
+    f(std::false_type{});
   }
 }
 
