@@ -220,6 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="the cells' GEMM operands (compute_dtype)"
     )
     ap.add_argument("--quick", action="store_true", help="3 lengths up to 100, fewer steps")
+    ap.add_argument("--replot", metavar="JSON", help="redraw the plots of a saved long_memory.json, train nothing")
     ap.add_argument(
         "--out",
         default=os.path.join("examples", "runs"),
@@ -234,6 +235,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.replot:
+        with open(args.replot) as f:
+            result = json.load(f)
+        plot(result, args.out)
+        return result
     results = []
     key = jax.random.key(args.seed)
     t0 = time.time()
