@@ -390,13 +390,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def merge(paths: list[str]) -> dict:
-    """The rows of several saved runs (run side by side, one experiment each) as one result."""
+    """Several saved runs (run side by side, a part of the table each) as one result: the trials of a
+    task from every run, under one row per task, in the order first seen."""
     runs = []
     for p in paths:
         with open(p) as f:
             runs.append(json.load(f))
+    rows: dict[str, dict] = {}
+    for row in (row for run in runs for row in run["rows"]):
+        merged = rows.setdefault(row["task"], {**row, "trials": {}})
+        for model, trials in row["trials"].items():
+            merged["trials"].setdefault(model, []).extend(trials)
+    for row in rows.values():
+        row["summary"] = {m: summarize(t) for m, t in row["trials"].items()}
     return {
-        "rows": [row for run in runs for row in run["rows"]],
+        "rows": list(rows.values()),
         "config": [run["config"] for run in runs],
         "machine": runs[0]["machine"],
         "wall_s": sum(run["wall_s"] for run in runs),

@@ -11,6 +11,7 @@ internal.
 """
 
 from . import convert, gates
+from ._hints import MODULES as _MOVED
 from ._kernel import NativeInfo, native_info
 from .params import LSTMParams, LSTMState, init_lstm, zero_state
 from .recurrence import lstm, lstm_cell
@@ -39,10 +40,8 @@ _register_for_export()
 
 def __getattr__(name: str):
     """Names a PyTorch or Flax user may look for here: where they are."""
-    from ._hints import MODULES
-
-    if name in MODULES:
-        raise AttributeError(f"module 'jaxlstm' has no attribute {name!r}: use {MODULES[name]}")
+    if name in _MOVED:
+        raise AttributeError(f"module 'jaxlstm' has no attribute {name!r}: use {_MOVED[name]}")
     raise AttributeError(f"module 'jaxlstm' has no attribute {name!r}")
 
 

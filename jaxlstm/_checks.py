@@ -27,7 +27,7 @@ def float_array(name: str, x) -> None:
 
 
 def as_float_array(name: str, x):
-    """:func:`float_array`, and a NumPy array becomes a JAX array in its canonical
+    """``float_array``, and a NumPy array becomes a JAX array in its canonical
     dtype (float64 NumPy input with x64 off becomes float32 once, here, instead of
     warning at every cast inside)."""
     float_array(name, x)

@@ -1,15 +1,15 @@
 """The recurrence engine: it knows scans, layouts, masking and reversal, and no cell.
 
-Every recurrent layer (LSTM, GRU, Elman RNN) runs through :func:`apply_sequence`
-with its own ``core``; the core usually calls :func:`scan_masked` with its step.
+Every recurrent layer (LSTM, GRU, Elman RNN) runs through ``apply_sequence``
+with its own ``core``; the core usually calls ``scan_masked`` with its step.
 
 Words used here with one meaning each:
 
 * *reverse*: read a sequence in reverse time order (``reverse=True``); padding
   never enters, so only each sequence's valid prefix is reversed
-  (:func:`reverse_time`).
+  (``reverse_time``).
 * *transpose*: swap the batch and feature axes of a step, batch-major
-  ``[B, F]`` <-> feature-major ``[F, B]`` (:func:`transpose_features`).
+  ``[B, F]`` <-> feature-major ``[F, B]`` (``transpose_features``).
 * *time-major*: ``[T, B, F]``, the layout every scan runs in.
 """
 
@@ -84,7 +84,7 @@ def mesh_active() -> bool:
 def contract_rows(a: Array, b: Array, mm_dtype, acc_dtype) -> Array:
     """``a [T, B, F1]``, ``b [T, B, F2]`` -> ``[F1, F2]``, summed over all T·B rows:
     a weight gradient as one GEMM (on ``[T*B, F]`` views, or as an einsum under a
-    device mesh, see :func:`mesh_active`)."""
+    device mesh, see ``mesh_active``)."""
     a, b = operand(a, mm_dtype, acc_dtype), operand(b, mm_dtype, acc_dtype)
     if mesh_active():
         return jnp.einsum("tbi,tbj->ij", a, b, preferred_element_type=acc_dtype)
@@ -188,7 +188,7 @@ def scan_masked(
 ) -> tuple[Any, Any, Any]:
     """Scans ``step(carry, x) -> (carry, y, aux)`` over the leading axis of ``xs``.
 
-    ``steps`` (a :class:`Steps`, or bare ``lengths [B]``): steps that do not count
+    ``steps`` (a ``Steps``, or bare ``lengths [B]``): steps that do not count
     (``t_offset + t >= lengths``, or masked) keep the carry and emit ``y = 0``;
     where ``resets`` is true the carry entering a counted step is ``reset_to``
     (default ``carry0``). ``steps.mask`` and ``steps.resets`` are aligned with
@@ -286,7 +286,7 @@ def to_time_major(xs: Array, batch_shape: tuple, time_major: bool) -> Array:
 
 
 def from_time_major(ys_tm: Array, batch_shape: tuple, time_major: bool) -> Array:
-    """Inverse of :func:`to_time_major`."""
+    """Inverse of ``to_time_major``."""
     ys = ys_tm.reshape((ys_tm.shape[0],) + tuple(batch_shape) + ys_tm.shape[2:])
     return ys if time_major else jnp.moveaxis(ys, 0, -2)
 
@@ -301,7 +301,7 @@ def flat_lengths(seq_lengths: Array | None, batch_shape: tuple, T: int) -> Array
 def reverse_sequences(
     xs: Array, seq_lengths: Array | None, *, time_major: bool = False, supports_jvp: bool = True
 ) -> Array:
-    """:func:`reverse_time` on ``xs [..., T, F]`` (``[T, ..., F]`` if ``time_major``)."""
+    """``reverse_time`` on ``xs [..., T, F]`` (``[T, ..., F]`` if ``time_major``)."""
     if seq_lengths is None:
         return jnp.flip(xs, axis=0 if time_major else -2)
     batch_shape = xs.shape[1:-1] if time_major else xs.shape[:-2]
@@ -336,7 +336,7 @@ def _segment_ends(resets: Array, lengths: Array | None, mask: Array | None) -> A
 
 def feature_major_core(core_fm: Callable) -> Callable:
     """Adapts ``core_fm(xs [T, D, B], carry [F, B], steps)`` to the time-major
-    ``core`` of :func:`apply_sequence`. XLA fuses the transposes with the
+    ``core`` of ``apply_sequence``. XLA fuses the transposes with the
     batch <-> time-major ones around them."""
 
     def core(xs_tm, carry, steps):

@@ -1,14 +1,14 @@
 """The training fast path: a ``custom_vjp`` over a whole LSTM sequence.
 
-:func:`fused_lstm` is the time-major core ``xs [T, B, D]`` that
-:func:`jaxlstm.lstm` runs by default. Inside, both scans run feature-major
-(``[F, B]`` per step, see :mod:`jaxlstm._step`).
+``fused_lstm`` is the time-major core ``xs [T, B, D]`` that
+``jaxlstm.lstm`` runs by default. Inside, both scans run feature-major
+(``[F, B]`` per step, see ``jaxlstm._step``).
 
 * The forward pass saves the activated gates ``a [4H, B]`` and ``c`` of every
-  step (:class:`Saved`), or, with ``checkpoint_every=k``, only the state at each
-  chunk start (:class:`Checkpoints`): stored activations O(T/k + k).
+  step (``Saved``), or, with ``checkpoint_every=k``, only the state at each
+  chunk start (``Checkpoints``): stored activations O(T/k + k).
 * The backward pass is a reverse ``lax.scan`` that carries ``(dh, dc)`` and
-  applies :func:`jaxlstm._step.lstm_step_vjp` per step, writing ``dz`` into a
+  applies ``jaxlstm._step.lstm_step_vjp`` per step, writing ``dz`` into a
   ``[4H, T, B]`` buffer. After the loop ``dW_ih = Xᵀ·dZ``, ``dW_hh = H_prevᵀ·dZ``,
   ``db = ΣdZ``, ``dX = dZ·W_ihᵀ`` (and ``dW_hr = Mᵀ·dH``) are each one GEMM over
   all T·B columns, where autodiff of a scan leaves T small GEMMs in the loop.
@@ -45,7 +45,7 @@ from .params import LSTMParams
 
 
 class FusedConfig(NamedTuple):
-    """Static settings of :func:`fused_lstm` (hashable: it is a ``nondiff_argnum``)."""
+    """Static settings of ``fused_lstm`` (hashable: it is a ``nondiff_argnum``)."""
 
     mm_dtype: np.dtype
     acc_dtype: np.dtype
@@ -133,7 +133,7 @@ def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: 
     return carry, ys, aux
 
 
-def _shift(first: jax.Array, seq: jax.Array) -> jax.Array:
+def shift(first: jax.Array, seq: jax.Array) -> jax.Array:
     """``[first, seq[0], ..., seq[T-2]]``: the value entering each step."""
     return jnp.concatenate([first[None], seq[:-1]], axis=0)
 
@@ -152,7 +152,7 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
         return dcarry, dinit, zeros, jnp.zeros((0, D, B), acc)
     proj = params.w_hr is not None
     if carry_in is None:
-        h_prev, c_prev = _shift(seg.carry0[0], ys.astype(acc)), _shift(seg.carry0[1], cs)
+        h_prev, c_prev = shift(seg.carry0[0], ys.astype(acc)), shift(seg.carry0[1], cs)
     else:
         h_prev, c_prev = carry_in[0].astype(acc), carry_in[1]
 
@@ -215,7 +215,7 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
     return dcarry0, dinit, grads, dxs
 
 
-def _flags(steps: Steps | None):
+def flags(steps: Steps | None):
     return (None, None, None) if steps is None else tuple(steps)
 
 
@@ -235,7 +235,7 @@ def fused_lstm(
     checkpointing, so that a checkpointed step keeps no O(T) transposed copies.
     Outside differentiation (this primal) ``cfg.forward_layout`` may pick
     batch-major steps instead."""
-    lengths, mask, resets = _flags(steps)
+    lengths, mask, resets = flags(steps)
     zc, zh = zs or (None, None)
     if cfg.forward_layout == "batch":
         step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask=h_mask, zoneout=cfg.zoneout)
@@ -252,11 +252,11 @@ def fused_lstm(
     return _t(ys), _t(carry)
 
 
-def _chunked(x, n, k) -> Any:  # [n * k, ...] -> [n, k, ...]; None stays None
+def chunked(x, n, k) -> Any:  # [n * k, ...] -> [n, k, ...]; None stays None
     return None if x is None else x.reshape((n, k) + x.shape[1:])
 
 
-def _pad_time(x, total) -> Any:
+def pad_time(x, total) -> Any:
     if x is None:
         return None
     pad = total - x.shape[0]
@@ -264,7 +264,7 @@ def _pad_time(x, total) -> Any:
 
 
 def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry, h_mask=None, zs=None):
-    lengths, mask, resets = _flags(steps)
+    lengths, mask, resets = flags(steps)
     zc, zh = zs or (None, None)
     k = cfg.checkpoint_every
     T, B = xs.shape[:2]
@@ -277,7 +277,7 @@ def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry
     n = -(-T // k)
     if lengths is None and n * k != T:
         lengths = jnp.full((B,), T, jnp.int32)  # mask the padding steps
-    xs_c, mask_c, resets_c, zc_c, zh_c = (_chunked(_pad_time(a, n * k), n, k) for a in (xs, mask, resets, zc, zh))
+    xs_c, mask_c, resets_c, zc_c, zh_c = (chunked(pad_time(a, n * k), n, k) for a in (xs, mask, resets, zc, zh))
 
     def chunk(carry, inp):
         j, x, m, r, zc, zh = inp
@@ -292,7 +292,7 @@ def _fused_forward_pass(cfg: FusedConfig, params, carry0, xs, steps, reset_carry
     return (ys, _t(carry)), checkpoints
 
 
-def _cast_like(tree, like):
+def cast_like(tree, like):
     return jax.tree_util.tree_map(
         lambda g, p: None if p is None else g.astype(p.dtype), tree, like, is_leaf=lambda x: x is None
     )
@@ -308,11 +308,11 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
         saved = (res.ys, (res.acts, res.cs), res.carry_in)
         dcarry0, dinit, grads, dxs = _backward(cfg, params, res.segment, saved, _t(dys), dcarry, res.lengths)
         dxs = _t(dxs).astype(res.segment.xs.dtype)
-        return _cast_like(grads, params), _t(dcarry0), dxs, None, _t(dinit), None, None
+        return cast_like(grads, params), _t(dcarry0), dxs, None, _t(dinit), None, None
 
     n, k = res.xs_chunks.shape[:2]
     T = dys.shape[0]
-    dys_c = _chunked(_pad_time(dys, n * k), n, k)
+    dys_c = chunked(pad_time(dys, n * k), n, k)
     zero_grads = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
 
     def chunk(carry, inp):
@@ -336,7 +336,7 @@ def _fused_backward_pass(cfg: FusedConfig, res, cotangents):
     zero_init = jax.tree_util.tree_map(jnp.zeros_like, dcarry)
     (dcarry0, dinit, grads), dxs_c = jax.lax.scan(chunk, (dcarry, zero_init, zero_grads), ins, reverse=True)
     dxs = dxs_c.reshape((n * k,) + dxs_c.shape[2:])[:T]
-    return _cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None, _t(dinit), None, None
+    return cast_like(grads, params), _t(dcarry0), dxs.astype(res.xs_chunks.dtype), None, _t(dinit), None, None
 
 
 fused_lstm.defvjp(_fused_forward_pass, _fused_backward_pass)

@@ -1,14 +1,14 @@
 """The training fast path of the single-state cells, the GRU and the Elman RNN: a
-``custom_vjp`` over a whole sequence, as :mod:`jaxlstm._fused` is for the LSTM
-(batch-major ``[B, F]`` steps). A :class:`Cell` gives the step, its per-step VJP
-and what its recurrent-kernel gradient reads; :func:`fused_cell` is the rest.
+``custom_vjp`` over a whole sequence, as ``jaxlstm._fused`` is for the LSTM
+(batch-major ``[B, F]`` steps). A ``Cell`` gives the step, its per-step VJP
+and what its recurrent-kernel gradient reads; ``fused_cell`` is the rest.
 
 With ``gx = x @ w_ih + b``, ``gh = h @ w_hh`` (gate order r, z, n) the step is::
 
     r = σ(gx_r + gh_r),  z = σ(gx_z + gh_z),  hn = gh_n + b_hn
     n = tanh(gx_n + r ∗ hn),  h(t) = (1 - z) ∗ n + z ∗ h(t-1)
 
-The forward pass saves ``(r, z, n, hn)`` per step. The backward pass (:func:`gru_step_vjp`
+The forward pass saves ``(r, z, n, hn)`` per step. The backward pass (``gru_step_vjp``
 per step, in a reverse ``lax.scan`` carrying ``dh``)::
 
     dn' = dh ∗ (1 - z) ∗ (1 - n²)                     = d gx_n
@@ -45,7 +45,7 @@ from ._engine import (
     valid_steps,
     where_valid,
 )
-from ._fused import FusedConfig, _cast_like, _shift
+from ._fused import FusedConfig, cast_like, shift
 from ._step import keep_weight, zoneout_mix
 
 
@@ -107,7 +107,7 @@ def _gru_finish(params, dgx, res):
 
 def elman_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None):
     """The Elman step ``(h, x) -> (h, h, (h̃,))``, batch-major, with recurrent dropout
-    and zoneout as :func:`gru_step`."""
+    and zoneout as ``gru_step``."""
 
     def step(h, x):
         if zoneout is not None:
@@ -129,7 +129,7 @@ def _elman_vjp(params, res, h_prev, dh, mm, acc, h_mask):
 
 
 class Cell(NamedTuple):
-    """A single-state cell for :func:`fused_cell` (hashable: a static argument).
+    """A single-state cell for ``fused_cell`` (hashable: a static argument).
 
     * ``step(params, mm, acc, h_mask, zoneout)`` -> ``(h, x) -> (h, h, residuals)``;
     * ``vjp(params, residuals, h_prev, dh, mm, acc, h_mask)`` -> ``(dgx, dh_prev)``:
@@ -189,8 +189,8 @@ def _backward_pass(cfg, cell: Cell, res: SavedCell, cotangents):
     if T == 0:  # no step: the state's cotangent passes straight through
         zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
         dxs = jnp.zeros(xs.shape, xs.dtype)
-        return _cast_like(zeros, params), dh.astype(acc), dxs, None, jnp.zeros_like(dh), None, None
-    h_prev = _shift(res.h0, res.ys.astype(acc)) if res.h_in is None else res.h_in
+        return cast_like(zeros, params), dh.astype(acc), dxs, None, jnp.zeros_like(dh), None, None
+    h_prev = shift(res.h0, res.ys.astype(acc)) if res.h_in is None else res.h_in
     steps = res.steps or Steps()
     rate = 0.0 if cfg.zoneout is None else cfg.zoneout.h
 
@@ -218,7 +218,7 @@ def _backward_pass(cfg, cell: Cell, res: SavedCell, cotangents):
         contract_rows(xs, dgx, mm, acc), contract_rows(h_rec, dgh, mm, acc), dgx.sum(axis=(0, 1)), *extra
     )
     dxs = rows_dot_t(dgx, params.w_ih, mm, acc)
-    return _cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit, None, None
+    return cast_like(grads, params), dh0, dxs.astype(xs.dtype), None, dinit, None, None
 
 
 fused_cell.defvjp(_forward_pass, _backward_pass)

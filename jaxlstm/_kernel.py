@@ -4,12 +4,12 @@
 the machine's C++ compiler against the XLA FFI headers that jaxlib ships; where that fails
 the package installs without it), once per ISA level with portable flags (``setup.py``):
 ``avx``, ``avx2``, ``avx512`` and ``avx512_bf16`` on x86-64, ``generic`` elsewhere, each a
-library of its own (``jaxlstm/_native_<level>``). When a call first needs it, :func:`level` asks the CPU
+library of its own (``jaxlstm/_native_<level>``). When a call first needs it, ``level`` asks the CPU
 (``jaxlstm/_native_cpu``, built for the baseline) which levels it runs and loads the best
 one built; ``JAXLSTM_KERNEL_ISA=<level>`` forces another (one the CPU runs). No library is
 loaded that the CPU cannot run, so no instruction runs that it lacks. Each level registers
 its calls under names of its own (``jaxlstm_<level>_forward``), so levels can be compared
-in one process. :func:`native_info` (``jaxlstm.native_info``) reports it all.
+in one process. ``native_info`` (``jaxlstm.native_info``) reports it all.
 
 The library holds the two loops over time, forward and backward, with the hidden units
 split over the machine's cores: each core keeps its slice of ``W_hh`` in its cache and
@@ -20,12 +20,12 @@ project's machines a ``[T, B, 4H]`` buffer between the loop and XLA cost more to
 touch (fresh pages on every call) than its GEMM took. One forward and one backward call
 serve every cell (the ``cell`` attribute).
 
-:func:`jaxlstm.lstm` runs :func:`kernel_lstm` in place of :func:`jaxlstm._fused.fused_lstm`
-where :func:`applies` (float32 or bfloat16 GEMMs on CPU, no projection or variant, no recurrent
+``jaxlstm.lstm`` runs ``kernel_lstm`` in place of ``jaxlstm._fused.fused_lstm``
+where ``applies`` (float32 or bfloat16 GEMMs on CPU, no projection or variant, no recurrent
 dropout or zoneout, no checkpointing, no device mesh; with ``compute_dtype=bfloat16`` the
-``avx512_bf16`` level multiplies bf16 operands, :func:`bf16_dot`, the others the float32 ones)
-and :func:`jaxlstm.tuning.kernel_path` chose it: lengths, masks, resets and ``reverse`` are supported.
-:func:`jaxlstm.gru` and :func:`jaxlstm.rnn` run :func:`kernel_cell` in place of :func:`jaxlstm._fused_gru.fused_cell`
+``avx512_bf16`` level multiplies bf16 operands, ``bf16_dot``, the others the float32 ones)
+and ``jaxlstm.tuning.kernel_path`` chose it: lengths, masks, resets and ``reverse`` are supported.
+``jaxlstm.gru`` and ``jaxlstm.rnn`` run ``kernel_cell`` in place of ``jaxlstm._fused_gru.fused_cell``
 on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_KERNEL=0``
 turns it off (the XLA path, which is the reference it is tested against);
 ``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step; either way at
@@ -49,10 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import tuning
 from ._engine import Steps, counted_steps, mesh_active, scan_masked
-from ._fused_gru import elman_step, gru_step
+from ._fused import FusedConfig, fused_lstm
+from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
 from ._step import lstm_scan_core
-from .params import LSTMParams
+from .params import LSTMParams, init_gru, init_lstm, init_rnn
 
 __all__ = [
     "LEVELS",
@@ -108,7 +110,7 @@ def levels_built() -> tuple[str, ...]:
 
 @functools.cache
 def levels_supported() -> tuple[str, ...]:
-    """The levels this CPU (and its OS) can run, of :data:`LEVELS`, asked of the CPU itself
+    """The levels this CPU (and its OS) can run, of ``LEVELS``, asked of the CPU itself
     (cpuid, through the probe; an emulated CPU answers for itself). Without the probe, none."""
     cpu = _cpu()
     if cpu is None:
@@ -152,7 +154,7 @@ def _target(direction: str) -> str:
 
 @functools.cache
 def _library(lv: str) -> ctypes.CDLL:
-    """Loads level ``lv`` (one the CPU supports: :func:`_choose` checked) and registers its
+    """Loads level ``lv`` (one the CPU supports: ``_choose`` checked) and registers its
     calls with XLA under names of its own, so that levels can be compared in one process."""
     lib = ctypes.CDLL(_origin(f"_native_{lv}"))
     lib.JaxlstmIsa.restype = ctypes.c_char_p
@@ -180,7 +182,7 @@ def _check_threads() -> None:
 
 
 def _load() -> str | None:
-    """Loads and registers the kernel at :func:`level`; ``None`` on success, else why not."""
+    """Loads and registers the kernel at ``level``; ``None`` on success, else why not."""
     _check_threads()
     lv, error = _choose(os.environ.get(ISA_VARIABLE) or None)
     if lv is None:
@@ -244,7 +246,7 @@ def bf16_dot() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class NativeInfo:
-    """What :func:`jaxlstm.native_info` reports of the compiled CPU kernel."""
+    """What ``jaxlstm.native_info`` reports of the compiled CPU kernel."""
 
     available: bool  # built, runs on this CPU, registered with XLA
     enabled: bool  # available and not turned off with JAXLSTM_KERNEL=0
@@ -286,10 +288,11 @@ def native_info() -> NativeInfo:
     the ISA level in use (the best one built that the CPU supports; ``JAXLSTM_KERNEL_ISA``
     forces a lower one), the levels built and supported, the threads per call and the CPU.
 
-    >>> import jaxlstm
-    >>> info = jaxlstm.native_info()
-    >>> info.isa in info.isa_built if info.available else info.error is not None
-    True
+    Examples:
+      >>> import jaxlstm
+      >>> info = jaxlstm.native_info()
+      >>> info.isa in info.isa_built if info.available else info.error is not None
+      True
     """
     forced = os.environ.get(ISA_VARIABLE) or None
     try:
@@ -330,8 +333,8 @@ def _warn_not_built() -> None:
 
 
 def applies(params, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zoneout, checkpoint_every=None) -> bool:
-    """Whether the kernel can run this :func:`jaxlstm.lstm` (``LSTMParams``), :func:`jaxlstm.gru`
-    or :func:`jaxlstm.rnn` call (its fused path); :func:`jaxlstm.tuning.kernel_path` then says
+    """Whether the kernel can run this ``jaxlstm.lstm`` (``LSTMParams``), ``jaxlstm.gru``
+    or ``jaxlstm.rnn`` call (its fused path); ``jaxlstm.tuning.kernel_path`` then says
     whether it should."""
     if not levels_built() and os.environ.get("JAXLSTM_KERNEL", "1") != "0" and jax.default_backend() == "cpu":
         _warn_not_built()
@@ -356,10 +359,8 @@ def chosen(
     checkpoint_every=None,
 ) -> bool:  # fmt: skip
     """Whether a ``cell`` (``"lstm"``, ``"gru"``, ``"rnn"``) call runs on the kernel: on its fused
-    path (``backward="fused"``) where the kernel :func:`applies` and :func:`jaxlstm.tuning.kernel_path`
+    path (``backward="fused"``) where the kernel ``applies`` and ``jaxlstm.tuning.kernel_path``
     chose it for the shape."""
-    from . import tuning
-
     return (
         backward == "fused"
         and applies(
@@ -454,7 +455,7 @@ def _run_backward(kind: str, batch_major: bool, bf16: bool, params, xs, c0, cr, 
 def _xla_reference(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr):
     """The pure-XLA scan of a kernel call, differentiated by plain autodiff: ``(ys, h, c)``
     (``c`` ``None`` but for the LSTM). Its derivatives are the kernel's derivatives of second
-    order (the rules of :func:`_forward_saving` and :func:`_backward`)."""
+    order (the rules of ``_forward_saving`` and ``_backward``)."""
     xs_tm = jnp.swapaxes(xs, 0, 1) if batch_major else xs
     acc = params.w_hh.dtype  # float32 for the kernel's calls (float64 where a test checks the rules)
     mm = _BF16 if bf16 else acc
@@ -481,7 +482,7 @@ def _zero_tangent(a):
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _forward_saving(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr):
-    """``(ys, h, c, saved)``: the kernel's forward call, saving for :func:`_backward`."""
+    """``(ys, h, c, saved)``: the kernel's forward call, saving for ``_backward``."""
     return _run_forward(kind, batch_major, bf16, params, h0, c0, xs, steps, hr, cr, save=True)
 
 
@@ -524,11 +525,11 @@ def _as_f32(params):
 
 
 def kernel_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, bf16=False):
-    """:func:`jaxlstm._fused.fused_lstm`'s contract on the kernel: ``xs [T, B, D]``
+    """``jaxlstm._fused.fused_lstm``'s contract on the kernel: ``xs [T, B, D]``
     (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
     ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
     (``[B, T, H]``), float32. ``bf16``: the GEMMs take bfloat16 operands (weights, x, h and the
-    gate cotangents rounded; float32 accumulation) where the level has them (:func:`bf16_dot`).
+    gate cotangents rounded; float32 accumulation) where the level has them (``bf16_dot``).
     Reverse mode runs the kernel's backward call; differentiated again (grad of grad,
     ``jax.hessian``, ``jax.jvp`` of ``jax.grad``), the XLA scan's derivatives."""
     return _kernel_lstm(batch_major, bool(bf16), _as_f32(params), carry0, xs.astype(_F32), steps, reset_carry)
@@ -559,10 +560,10 @@ _kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def kernel_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | None, h_reset, bf16=False):
-    """:func:`jaxlstm._fused_gru.fused_cell`'s contract on the kernel, for ``kind`` ``"gru"``
+    """``jaxlstm._fused_gru.fused_cell``'s contract on the kernel, for ``kind`` ``"gru"``
     (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
     ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
-    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). ``bf16`` and derivatives as :func:`kernel_lstm`'s."""
+    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). ``bf16`` and derivatives as ``kernel_lstm``'s."""
     return _kernel_cell(kind, batch_major, bool(bf16), _as_f32(params), h0, xs.astype(_F32), steps, h_reset)
 
 
@@ -586,3 +587,40 @@ def _cell_bwd(kind, batch_major, bf16, res, cotangents):
 
 
 _kernel_cell.defvjp(_cell_fwd, _cell_bwd)
+
+
+def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", mm=jnp.float32):
+    """A compiled training step (value and gradient of a mean square over all outputs,
+    w.r.t. the params and the inputs) of the fused ``cell`` (``"lstm"``, ``"gru"`` or
+    ``"rnn"``) on ``path``, ``"kernel"`` or ``"xla"``, with GEMM operands of dtype ``mm``."""
+    f32 = jnp.dtype(jnp.float32)
+    params = {"lstm": init_lstm, "gru": init_gru, "rnn": init_rnn}[cell](jax.random.key(0), D, H)
+    xs = jax.random.normal(jax.random.key(1), (T, B, D), f32)
+    h = jnp.zeros((B, H), f32)
+    mm = jnp.dtype(mm)
+    cfg, bf16 = FusedConfig(mm, f32), mm == jnp.bfloat16
+    # (custom_vjp functions return an untyped object to pyright: hence the ignores)
+    if cell != "lstm":
+        kind = GRU if cell == "gru" else ELMAN
+        if path == tuning.KERNEL:
+            run = lambda p, x: kernel_cell(cell, False, p, h, x, None, h, bf16)[0]  # pyright: ignore[reportIndexIssue]
+        else:
+            run = lambda p, x: fused_cell(cfg, kind, p, h, x, None, h)[0]  # pyright: ignore[reportIndexIssue]
+    elif path == tuning.KERNEL:
+        run = lambda p, x: kernel_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]  # pyright: ignore[reportIndexIssue]
+    else:
+        run = lambda p, x: fused_lstm(cfg, p, (h, h), x, None, (h, h))[0]  # pyright: ignore[reportIndexIssue]
+    step = jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(run(p, x))), argnums=(0, 1))
+    compiled = jax.jit(step).lower(params, xs).compile()
+    return lambda: jax.block_until_ready(compiled(params, xs))
+
+
+def _time_paths(B, D, H, T, cell, dtype) -> dict:
+    """``jaxlstm.tuning.kernel_path``'s timing: training steps on the kernel and on the XLA path."""
+    with jax.ensure_compile_time_eval():
+        steps = min(T, tuning.PROBE_STEPS)
+        probes = {name: _train_probe(name, B, D, H, steps, cell, dtype) for name in (tuning.KERNEL, "xla")}
+        return tuning.decide(probes, tuning.KERNEL)
+
+
+tuning.register("kernel", _time_paths, tag=build_id)

@@ -1,12 +1,12 @@
 """One LSTM step and its pure VJP: what the sequence paths scan.
 
-:func:`lstm_step` builds the forward step ``(carry, x) -> (carry, h, (a, c))``,
+``lstm_step`` builds the forward step ``(carry, x) -> (carry, h, (a, c))``,
 batch-major (``[B, F]`` per step, the maths as written) or feature-major
 (``[F, B]``, what the sequence scans use: the gate blocks are contiguous rows
 and the step is one dot ``z = [w_ih; w_hh]ᵀ·[x; h] + b``; the choice and its
 evidence: ``python -m benchmarks.layout``).
 
-:func:`lstm_step_vjp` is the backward of one feature-major step, in terms of
+``lstm_step_vjp`` is the backward of one feature-major step, in terms of
 what the forward saved (the activated gates ``a`` and the cell states): with
 ``m = o ∗ tanh(c)`` and ``h = m`` (or ``m @ w_hr`` with a projection)::
 
@@ -17,8 +17,8 @@ what the forward saved (the activated gates ``a`` and the cell states): with
 
 The weight and input gradients of a step follow from ``dz`` (``dW_ih = x·dzᵀ``,
 ``dW_hh = h(t-1)·dzᵀ``, ``db = Σ dz``, ``dx = w_ih·dz``, ``dW_hr = m·dhᵀ``);
-:mod:`jaxlstm._fused` does them once for the whole sequence, as GEMMs.
-``tests/test_step.py`` holds this VJP against ``jax.vjp`` of :func:`lstm_step`.
+``jaxlstm._fused`` does them once for the whole sequence, as GEMMs.
+``tests/test_step.py`` holds this VJP against ``jax.vjp`` of ``lstm_step``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _checks
+from . import _checks, tuning
 from ._engine import add_bias, dot, dropout_masks, feature_major_core, scan_masked, zoneout_masks
 from .gates import lstm_pointwise, split_gates
-from .params import LSTMParams
+from .params import LSTMParams, init_lstm
 
 # Feature-major: the gate axis is the row axis of ``[4H, B]``.
 GATE_AXIS_FM = -2
@@ -46,7 +46,7 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
     ``c [H, B]``, ``a [4H, B]``. ``h_mask`` (like ``h``, or ``None``) multiplies
     ``h(t-1)`` where it enters the recurrent dot: variational recurrent dropout.
 
-    ``zoneout`` (a :class:`Zoneout`, or ``None``): the step's input is then
+    ``zoneout`` (a ``Zoneout``, or ``None``): the step's input is then
     ``(x, zc, zh)``, the per-step keep masks (or ``None``), and the new state is
     ``c = k_c ∗ c(t-1) + (1 - k_c) ∗ c̃`` (and so ``h``) with ``k`` the mask, or
     the static rate where no mask is given (evaluation: the expectation). The
@@ -105,7 +105,7 @@ class Zoneout(NamedTuple):
 
 
 def zoneout_rates(zoneout_c: float = 0.0, zoneout_h: float = 0.0) -> Zoneout | None:
-    """Validated rates as a :class:`Zoneout`, or ``None`` when both are 0."""
+    """Validated rates as a ``Zoneout``, or ``None`` when both are 0."""
     zo = Zoneout(_checks.rate("zoneout_c", zoneout_c), _checks.rate("zoneout_h", zoneout_h))
     return None if zo == Zoneout() else zo
 
@@ -116,7 +116,7 @@ def regularisation(
     """The regularisers of a sequence call, checked and drawn: ``(xs, h_mask,
     per_step)`` with the input dropout applied to ``xs``, ``h_mask`` the recurrent
     dropout mask (or ``None``) and ``per_step`` the zoneout keep masks ``(zc, zh)``
-    for :func:`jaxlstm._engine.apply_sequence` (``(None, None)`` in evaluation,
+    for ``jaxlstm._engine.apply_sequence`` (``(None, None)`` in evaluation,
     where the rates mix; ``None`` without zoneout). ``deterministic`` turns dropout off."""
     p_in = _checks.rate("input_dropout", input_dropout)
     p_rec = _checks.rate("recurrent_dropout", recurrent_dropout)
@@ -143,7 +143,7 @@ def zoneout_mix(k, prev, new):
 
 
 class StepGrads(NamedTuple):
-    """Cotangents of one feature-major step (see :func:`lstm_step_vjp`)."""
+    """Cotangents of one feature-major step (see ``lstm_step_vjp``)."""
 
     dz: jax.Array  # pre-activations [4H, B]
     dh_prev: jax.Array  # h(t-1) [R, B]
@@ -154,7 +154,7 @@ def gate_grads(a: jax.Array, dc: jax.Array, c_prev: jax.Array, do: jax.Array) ->
     """``dz = [dc∗g, dc∗c(t-1), dc∗i, do] ∗ act'(a)`` ``[4H, B]``, feature-major.
 
     The gate blocks are contiguous rows, so one concatenate fuses into one loop;
-    the derivatives are :func:`jaxlstm.gates.activation_derivative` written per
+    the derivatives are ``jaxlstm.gates.activation_derivative`` written per
     block, which XLA:CPU fused better than multiplying by it
     (``python -m benchmarks.layout``, backward rows)."""
     i, f, g, o = split_gates(a, GATE_AXIS_FM)
@@ -202,7 +202,7 @@ def lstm_scan_core(params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bo
     """The plain (autodiff) LSTM scan as an engine core:
     ``core(xs [T, B, D], (carry0, reset_carry, h_mask), steps) -> (ys [T, B, R], carry)``,
     with feature- or batch-major steps inside (``h_mask``: ``[B, R]`` or ``None``).
-    With ``zoneout`` (:class:`Zoneout`), ``xs`` is ``(xs, zc, zh)`` as the step reads it."""
+    With ``zoneout`` (``Zoneout``), ``xs`` is ``(xs, zc, zh)`` as the step reads it."""
 
     def core(xs, carries, steps):
         step = lstm_step(params, mm_dtype, acc_dtype, feature_major=feature_major, h_mask=carries[2], zoneout=zoneout)
@@ -217,3 +217,25 @@ def lstm_scan_core(params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bo
         return ys, carry
 
     return feature_major_core(core) if feature_major else core
+
+
+def _layout_probe(layout: str, B: int, D: int, H: int, R: int, T: int, mm, acc, unroll: int):
+    """A compiled forward scan of ``layout`` on random inputs, as a no-argument callable."""
+    params = init_lstm(jax.random.key(0), D, H, proj_size=None if R == H else R)
+    run = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll)
+    xs = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float32).astype(mm)
+    carry = (jnp.zeros((B, R), acc), jnp.zeros((B, H), acc))
+    compiled = jax.jit(lambda x, c: run(x, (c, c, None), None)).lower(xs, carry).compile()
+    return lambda: jax.block_until_ready(compiled(xs, carry))
+
+
+def _time_layouts(B, D, H, R, T, mm, acc, unroll) -> dict:
+    """``jaxlstm.tuning.forward_layout``'s timing: the candidate layouts' forward scans."""
+    # Usually called while jax.jit traces the user's function: the probes run eagerly.
+    with jax.ensure_compile_time_eval():
+        steps = min(T, tuning.PROBE_STEPS)
+        probes = {name: _layout_probe(name, B, D, H, R, steps, mm, acc, unroll) for name in tuning.CANDIDATES}
+        return tuning.decide(probes, tuning.DEFAULT)
+
+
+tuning.register("forward", _time_layouts)

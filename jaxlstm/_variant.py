@@ -9,15 +9,15 @@ The step, batch-major (``[B, F]``), with ``a = x·W_ih`` and ``r = h(t-1)·W_hh`
     h(t) = o ∗ tanh(LN(c(t); γ_c, β_c))                (layer norm; else tanh(c(t)))
 
 and with ``k`` heads ``W_hh`` is block-diagonal: head j's gates read only head j's
-hidden units (:func:`jaxlstm.params.block_diagonal` gives the dense matrix), so
+hidden units (``jaxlstm.params.block_diagonal`` gives the dense matrix), so
 ``r`` costs ``1/k`` of the dense dot. Projection (``w_hr``), zoneout and recurrent
 dropout apply as in the plain LSTM.
 
-:func:`fused_variant` is the training fast path, a ``custom_vjp`` over the
-sequence in the manner of :mod:`jaxlstm._fused`: the forward pass saves ``a``,
+``fused_variant`` is the training fast path, a ``custom_vjp`` over the
+sequence in the manner of ``jaxlstm._fused``: the forward pass saves ``a``,
 ``r`` and the state entering each step (or, with ``checkpoint_every``, the state
 at chunk starts); the reverse scan takes the VJP of the step's pointwise part
-(everything after the two projections: ``jax.vjp`` of :func:`pointwise`, elementwise
+(everything after the two projections: ``jax.vjp`` of ``pointwise``, elementwise
 and per-row reductions only), maps ``dr`` back through ``W_hhᵀ`` for ``dh(t-1)``,
 and after the loop ``dW_ih = Xᵀ·dA``, ``dX = dA·W_ihᵀ`` and ``dW_hh`` (per head)
 are each one GEMM over all T·B rows.
@@ -45,7 +45,7 @@ from ._engine import (
     valid_steps,
     where_valid,
 )
-from ._fused import FusedConfig, _cast_like, _chunked, _flags, _pad_time
+from ._fused import FusedConfig, cast_like, chunked, flags, pad_time
 from ._step import keep_weight, zoneout_mix
 from .gates import cell_update, hidden_output, split_gates
 from .params import LSTMParams
@@ -79,7 +79,7 @@ def recurrent_dot(h, w_hh, mm, acc):
 
 
 def recurrent_dot_t(dr, w_hh, mm, acc):
-    """The transpose of :func:`recurrent_dot`: ``dr [B, 4H] -> [B, R]``."""
+    """The transpose of ``recurrent_dot``: ``dr [B, 4H] -> [B, R]``."""
     if w_hh.ndim == 2:
         return dot(dr, w_hh.T, mm, acc)
     k, rk, gk = w_hh.shape
@@ -140,7 +140,7 @@ def pointwise(a, r, h_prev, c_prev, th: Theta, kc, kh, mm, acc):
 
 def variant_step(params: LSTMParams, mm, acc, h_mask=None, zoneout=None):
     """The batch-major step ``(carry, x) -> (carry, h, (a, r))``; with ``zoneout`` it
-    reads ``(x, zc, zh)`` as :func:`jaxlstm._step.lstm_step` does."""
+    reads ``(x, zc, zh)`` as ``jaxlstm._step.lstm_step`` does."""
     th = theta_of(params)
 
     def step(carry, x):
@@ -160,7 +160,7 @@ def variant_step(params: LSTMParams, mm, acc, h_mask=None, zoneout=None):
 
 def variant_scan_core(params: LSTMParams, mm, acc, *, unroll: int = 1, zoneout=None):
     """The plain (autodiff) scan of the variant step as an engine core (see
-    :func:`jaxlstm._step.lstm_scan_core`)."""
+    ``jaxlstm._step.lstm_scan_core``)."""
 
     def core(xs, carries, steps):
         step = variant_step(params, mm, acc, carries[2], zoneout)
@@ -268,8 +268,8 @@ class _Checkpoints(NamedTuple):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def fused_variant(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps, reset_carry, h_mask=None, zs=None):
-    """Time-major core, arguments as :func:`jaxlstm._fused.fused_lstm` (batch-major steps)."""
-    lengths, mask, resets = _flags(steps)
+    """Time-major core, arguments as ``jaxlstm._fused.fused_lstm`` (batch-major steps)."""
+    lengths, mask, resets = flags(steps)
     zc, zh = zs or (None, None)
     seg = _Segment(carry0, xs, mask, resets, zc, zh)
     carry, ys, _ = _forward(cfg, params, seg, lengths, reset_carry, h_mask, save=False)
@@ -277,7 +277,7 @@ def fused_variant(cfg: FusedConfig, params: LSTMParams, carry0, xs, steps, reset
 
 
 def _fwd(cfg, params, carry0, xs, steps, reset_carry, h_mask=None, zs=None):
-    lengths, mask, resets = _flags(steps)
+    lengths, mask, resets = flags(steps)
     zc, zh = zs or (None, None)
     seg = _Segment(carry0, xs, mask, resets, zc, zh)
     k, T, B = cfg.checkpoint_every, xs.shape[0], xs.shape[1]
@@ -287,7 +287,7 @@ def _fwd(cfg, params, carry0, xs, steps, reset_carry, h_mask=None, zs=None):
     n = -(-T // k)
     if lengths is None and n * k != T:
         lengths = jnp.full((B,), T, jnp.int32)  # mask the padding steps
-    chunks = _Segment(None, *(_chunked(_pad_time(a, n * k), n, k) for a in seg[1:]))
+    chunks = _Segment(None, *(chunked(pad_time(a, n * k), n, k) for a in seg[1:]))
 
     def chunk(carry, inp):
         j, part = inp
@@ -309,13 +309,13 @@ def _bwd(cfg, res, cotangents):
         if xs.shape[0] == 0:
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, acc), params)
             dinit = jax.tree_util.tree_map(jnp.zeros_like, dcarry)
-            return _cast_like(zeros, params), dcarry, jnp.zeros(xs.shape, xs.dtype), None, dinit, None, None
+            return cast_like(zeros, params), dcarry, jnp.zeros(xs.shape, xs.dtype), None, dinit, None, None
         dcarry0, dinit, grads, dxs = _backward(cfg, params, res.seg, res.saved, dys, dcarry, res.lengths, res.h_mask)
-        return _cast_like(grads, params), dcarry0, dxs.astype(xs.dtype), None, dinit, None, None
+        return cast_like(grads, params), dcarry0, dxs.astype(xs.dtype), None, dinit, None, None
 
     n, k = res.chunks.xs.shape[:2]
     T = dys.shape[0]
-    dys_c = _chunked(_pad_time(dys, n * k), n, k)
+    dys_c = chunked(pad_time(dys, n * k), n, k)
     add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
 
     def chunk(carry, inp):
@@ -331,7 +331,7 @@ def _bwd(cfg, res, cotangents):
     ins = (jnp.arange(n, dtype=jnp.int32), res.starts, res.chunks, dys_c)
     (dcarry0, dinit, grads), dxs_c = jax.lax.scan(chunk, (dcarry, zero_init, zeros), ins, reverse=True)
     dxs = dxs_c.reshape((n * k,) + dxs_c.shape[2:])[:T]
-    return _cast_like(grads, params), dcarry0, dxs.astype(res.chunks.xs.dtype), None, dinit, None, None
+    return cast_like(grads, params), dcarry0, dxs.astype(res.chunks.xs.dtype), None, dinit, None, None
 
 
 fused_variant.defvjp(_fwd, _bwd)

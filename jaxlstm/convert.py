@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .params import GATE_ORDER, LSTMParams
-from .rnn import GRUParams, RNNParams
+from .params import GATE_ORDER, GRUParams, LSTMParams, RNNParams
 
 __all__ = ["from_cudnn", "from_flax", "from_torch", "to_cudnn", "to_flax", "to_torch"]
 
@@ -107,8 +106,8 @@ def from_torch(module_or_state_dict, *, dtype=jnp.float32):
     (and the kind from the module's class, or from the shape of ``weight_hh_l0``);
     an LSTM built with ``bias=False`` gives ``b=None`` (a layer without bias), a
     GRU or RNN zero biases. LSTM params feed
-    :func:`jaxlstm.lstm_stack`; each ``params[l][d]`` feeds :func:`jaxlstm.lstm`,
-    :func:`jaxlstm.gru` or :func:`jaxlstm.rnn`. nn.RNN's ``nonlinearity='relu'``
+    ``jaxlstm.lstm_stack``; each ``params[l][d]`` feeds ``jaxlstm.lstm``,
+    ``jaxlstm.gru`` or ``jaxlstm.rnn``. nn.RNN's ``nonlinearity='relu'``
     is not supported (jaxlstm's Elman RNN is tanh).
     """
     sd = _state_dict(module_or_state_dict)

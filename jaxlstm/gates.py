@@ -12,7 +12,7 @@ The textbook form, one function per gate, each reading the concatenation
 
 The engine does not call these one by one: it computes all four pre-activations
 ``z = x @ w_ih + h @ w_hh + b`` (gate order i, f, g, o along the last axis) in one
-matmul and calls :func:`lstm_pointwise`, the fused form of the same equations.
+matmul and calls ``lstm_pointwise``, the fused form of the same equations.
 ``tests/test_gates.py`` checks that the two agree.
 """
 
@@ -98,7 +98,7 @@ def activate_gates(z: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def activation_derivative(a: jax.Array, axis: int = -1) -> jax.Array:
-    """Derivative of :func:`activate_gates` in terms of its output ``a``:
+    """Derivative of ``activate_gates`` in terms of its output ``a``:
     ``σ' = a(1-a)`` on i, f, o and ``tanh' = 1 - a²`` on g."""
     return jnp.where(_candidate_mask(a.shape, axis), 1 - a * a, a * (1 - a))
 

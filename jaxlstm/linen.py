@@ -1,18 +1,18 @@
 """flax.linen modules: thin shells over the functional core, no maths here.
 
-* :class:`LSTMCell` is a ``flax.linen.RNNCellBase`` with Flax's ``(c, h)`` carry,
+* ``LSTMCell`` is a ``flax.linen.RNNCellBase`` with Flax's ``(c, h)`` carry,
   so ``flax.linen.RNN(jaxlstm.linen.LSTMCell(H))`` works wherever
   ``OptimizedLSTMCell`` does (``seq_lengths``, ``reverse``, ``Bidirectional``).
-  Its step is :func:`jaxlstm.lstm_cell`; its params are ``w_ih [D, 4H]``,
-  ``w_hh [H, 4H]``, ``b [4H]`` (:func:`jaxlstm.convert.from_flax` maps flax's
+  Its step is ``jaxlstm.lstm_cell``; its params are ``w_ih [D, 4H]``,
+  ``w_hh [H, 4H]``, ``b [4H]`` (``jaxlstm.convert.from_flax`` maps flax's
   own cells to them).
-* :class:`LSTM` is a whole (multi-layer, bidirectional, projected) LSTM that calls
-  :func:`jaxlstm.lstm_stack`, so it gets the fused backward pass; it does not
+* ``LSTM`` is a whole (multi-layer, bidirectional, projected) LSTM that calls
+  ``jaxlstm.lstm_stack``, so it gets the fused backward pass; it does not
   use ``nn.RNN``. Its params are nested per layer and direction::
 
       {"layer_0": {"forward": {"w_ih", "w_hh", "b"[, "w_hr"]}, "reverse": {...}}, "layer_1": ...}
 
-  :func:`stack_params` and :func:`stack_variables` convert between that tree and
+  ``stack_params`` and ``stack_variables`` convert between that tree and
   the functional ``params[layer][direction]``.
 
 Sizes are ``features`` (the hidden size H), as in flax.linen; the input size
@@ -62,7 +62,7 @@ def _layer_params(
     module: nn.Module, inits: dict, d_in: int, H: int, proj_size: int | None, bias: bool, variants=()
 ) -> LSTMParams:
     """One layer-direction's params; ``variants``: ``(("peephole", True), ...)`` for
-    :func:`jaxlstm.params.lstm_param_shapes`."""
+    ``jaxlstm.params.lstm_param_shapes``."""
     shapes = lstm_param_shapes(d_in, H, proj_size, bias, **dict(variants))
     if not module.is_initializing():
         have = set(module.variables.get("params", {}))
@@ -162,10 +162,10 @@ class _Layer(nn.Module):
 
 
 class LSTM(nn.Module):
-    """A multi-layer, optionally bidirectional and projected LSTM on :func:`jaxlstm.lstm_stack`.
+    """A multi-layer, optionally bidirectional and projected LSTM on ``jaxlstm.lstm_stack``.
 
     Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=None, *,
-    mask=None, resets=None, reset_state=None)`` (as :func:`jaxlstm.lstm_stack`);
+    mask=None, resets=None, reset_state=None)`` (as ``jaxlstm.lstm_stack``);
     returns ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
 
     Dropout (between layers, ``dropout > 0``; variational dropout on ``h(t-1)``
@@ -177,14 +177,14 @@ class LSTM(nn.Module):
     Attributes:
       features: hidden size H. num_layers, bidirectional, proj_size, dropout,
         recurrent_dropout, zoneout_c, zoneout_h, unroll, checkpoint_every,
-        backward, time_major: as in :func:`jaxlstm.lstm_stack`. peephole,
-        layer_norm, num_heads: the variants, as in :func:`jaxlstm.init_lstm`
+        backward, time_major: as in ``jaxlstm.lstm_stack``. peephole,
+        layer_norm, num_heads: the variants, as in ``jaxlstm.init_lstm``
         (the params gain ``peephole``, ``ln_gates``, ``ln_cell``; with heads
         ``w_hh`` is ``[k, R/k, 4H/k]``). deterministic: see above. dtype: computation
         dtype (also the matmul ``compute_dtype``); param_dtype; initialisers and
-        ``use_bias`` as :class:`LSTMCell`.
+        ``use_bias`` as ``LSTMCell``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxlstm.linen as jl
       >>> model = jl.LSTM(32, num_layers=2, bidirectional=True)
       >>> variables = model.init(jax.random.key(0), jnp.ones((4, 10, 8)))
@@ -252,8 +252,8 @@ class LSTM(nn.Module):
 
 
 def stack_params(variables: Mapping) -> StackParams:
-    """:class:`LSTM` variables (or their ``"params"``) -> ``params[layer][direction]``
-    for :func:`jaxlstm.lstm_stack`."""
+    """``LSTM`` variables (or their ``"params"``) -> ``params[layer][direction]``
+    for ``jaxlstm.lstm_stack``."""
     p = variables.get("params", variables) if isinstance(variables, Mapping) else variables
     if not isinstance(p, Mapping) or layer_key(0) not in p:
         raise TypeError(
@@ -268,7 +268,7 @@ def stack_params(variables: Mapping) -> StackParams:
 
 
 def stack_variables(params: StackParams) -> dict:
-    """``params[layer][direction]`` -> ``{"params": ...}`` for :class:`LSTM`'s ``apply``."""
+    """``params[layer][direction]`` -> ``{"params": ...}`` for ``LSTM``'s ``apply``."""
     return {
         "params": {
             layer_key(l): {

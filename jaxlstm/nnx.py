@@ -1,19 +1,19 @@
 """flax.nnx modules: thin shells over the functional core, no maths here.
 
-* :class:`LSTMCell`: one step, Flax's ``(c, h)`` carry, for ``nnx.RNN``; params
+* ``LSTMCell``: one step, Flax's ``(c, h)`` carry, for ``nnx.RNN``; params
   ``w_ih``, ``w_hh``, ``b``.
-* :class:`LSTM`: multi-layer / bidirectional / projected, on
-  :func:`jaxlstm.lstm_stack` (fused backward pass). Its params are nested per
-  layer and direction as in :class:`jaxlstm.linen.LSTM`
+* ``LSTM``: multi-layer / bidirectional / projected, on
+  ``jaxlstm.lstm_stack`` (fused backward pass). Its params are nested per
+  layer and direction as in ``jaxlstm.linen.LSTM``
   (``layer_0.forward.w_ih``, ``layer_0.reverse.w_ih``, ...);
-  :func:`stack_params` and :func:`set_stack_params` read and write them as the
+  ``stack_params`` and ``set_stack_params`` read and write them as the
   functional ``params[layer][direction]``.
 
 Sizes are ``in_features`` and ``hidden_features``, as in flax.nnx. Dropout
 between layers (``dropout``), inside them (``recurrent_dropout``) and zoneout follow
 ``nnx.Dropout``: the ``deterministic`` attribute, which ``model.train()`` /
 ``model.eval()`` switch, unless the call passes ``deterministic``. Shapes and
-initialisers come from :mod:`jaxlstm.params`.
+initialisers come from ``jaxlstm.params``.
 """
 
 from __future__ import annotations
@@ -114,14 +114,14 @@ class LSTMCell(_Weights):
 
 
 class LSTM(nnx.Module):
-    """Multi-layer, optionally bidirectional and projected LSTM on :func:`jaxlstm.lstm_stack`.
+    """Multi-layer, optionally bidirectional and projected LSTM on ``jaxlstm.lstm_stack``.
 
     Called as ``(xs, initial_state=None, seq_lengths=None, deterministic=None, *,
-    mask=None, resets=None, reset_state=None)`` (as :func:`jaxlstm.lstm_stack`);
+    mask=None, resets=None, reset_state=None)`` (as ``jaxlstm.lstm_stack``);
     returns ``(ys [..., T, dirs*R], LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H]))``.
-    Other arguments as :class:`jaxlstm.linen.LSTM`.
+    Other arguments as ``jaxlstm.linen.LSTM``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jaxlstm.nnx as jn
       >>> from flax import nnx
       >>> model = jn.LSTM(8, 32, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
@@ -203,14 +203,14 @@ def _layers(module: LSTM):
 
 
 def stack_params(module: LSTM) -> StackParams:
-    """The weights of a :class:`LSTM` as ``params[layer][direction]`` for :func:`jaxlstm.lstm_stack`."""
+    """The weights of a ``LSTM`` as ``params[layer][direction]`` for ``jaxlstm.lstm_stack``."""
     return tuple(
         tuple(getattr(layer, d).lstm_params() for d in DIRECTIONS if hasattr(layer, d)) for layer in _layers(module)
     )
 
 
 def set_stack_params(module: LSTM, params: StackParams) -> None:
-    """Writes ``params[layer][direction]`` (same shapes) into a :class:`LSTM`, in place."""
+    """Writes ``params[layer][direction]`` (same shapes) into a ``LSTM``, in place."""
     want = jax.tree.map(jnp.shape, stack_params(module))
     check_stack(params)
     if jax.tree.map(jnp.shape, params) != want:

@@ -34,6 +34,10 @@ __all__ = [
     "kernel_init",
     "recurrent_init",
     "lstm_bias_init",
+    "GRUParams",
+    "RNNParams",
+    "init_gru",
+    "init_rnn",
 ]
 
 GATE_ORDER = ("i", "f", "g", "o")
@@ -49,7 +53,7 @@ class LSTMParams(NamedTuple):
         ``k`` heads (multi-head recurrence) the block-diagonal kernel's blocks
         ``[k, R/k, 4H/k]``: ``w_hh[j]`` maps head j's ``R/k`` units of ``h`` to head
         j's gate columns, in the order ``i, f, g, o`` of its ``H/k`` units each
-        (:func:`block_diagonal` gives the dense ``[R, 4H]`` matrix).
+        (``block_diagonal`` gives the dense ``[R, 4H]`` matrix).
       b: bias ``[4H]``, or ``None`` for a layer without bias (PyTorch's
         ``bias=False``).
       w_hr: projection kernel ``[H, P]``, or ``None`` without projection.
@@ -59,7 +63,7 @@ class LSTMParams(NamedTuple):
       ln_cell: layer-norm gain and bias of the cell state ``[2, H]``, or ``None``.
 
     The last three (and multi-head ``w_hh``) are the variants of
-    :mod:`jaxlstm._variant`; a plain LSTM has them ``None``.
+    ``jaxlstm._variant``; a plain LSTM has them ``None``.
     """
 
     w_ih: jax.Array
@@ -77,7 +81,7 @@ class LSTMParams(NamedTuple):
 
     @property
     def is_variant(self) -> bool:
-        """Peepholes, layer norm or several heads: runs on :mod:`jaxlstm._variant`."""
+        """Peepholes, layer norm or several heads: runs on ``jaxlstm._variant``."""
         return self.num_heads > 1 or any(v is not None for v in (self.peephole, self.ln_gates, self.ln_cell))
 
 
@@ -231,7 +235,7 @@ def init_lstm(
     Returns:
       ``LSTMParams``.
 
-    Example:
+    Examples:
       >>> import jax, jaxlstm
       >>> params = jaxlstm.init_lstm(jax.random.key(0), 8, 16)
       >>> params.w_ih.shape, params.w_hh.shape
@@ -279,3 +283,43 @@ def zero_state(
     R = H if proj_size is None else _check_size("proj_size", proj_size)
     batch_shape = tuple(batch_shape)
     return LSTMState(jnp.zeros(batch_shape + (R,), dtype), jnp.zeros(batch_shape + (H,), dtype))
+
+
+class RNNParams(NamedTuple):
+    """Elman RNN weights: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``."""
+
+    w_ih: jax.Array
+    w_hh: jax.Array
+    b: jax.Array
+
+
+class GRUParams(NamedTuple):
+    """GRU weights, gate order r, z, n: ``w_ih [D, 3H]``, ``w_hh [H, 3H]``, ``b [3H]``, ``b_hn [H]``."""
+
+    w_ih: jax.Array
+    w_hh: jax.Array
+    b: jax.Array
+    b_hn: jax.Array
+
+
+@hints(_hints.INIT_CELL)
+def init_rnn(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> RNNParams:
+    """Glorot-uniform ``w_ih``, orthogonal ``w_hh``, zero bias."""
+    D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
+    k1, k2 = jax.random.split(key)
+    return RNNParams(
+        kernel_init(k1, (D, H), dtype), recurrent_init(k2, (H, H), dtype, n_gates=1), jnp.zeros((H,), dtype)
+    )
+
+
+@hints(_hints.INIT_CELL)
+def init_gru(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> GRUParams:
+    """Glorot-uniform ``w_ih``, orthogonal ``w_hh`` per gate block, zero biases."""
+    D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
+    k1, k2 = jax.random.split(key)
+    return GRUParams(
+        kernel_init(k1, (D, 3 * H), dtype),
+        recurrent_init(k2, (H, 3 * H), dtype, n_gates=3),
+        jnp.zeros((3 * H,), dtype),
+        jnp.zeros((H,), dtype),
+    )

@@ -1,10 +1,10 @@
-"""The LSTM layer: :func:`lstm` over a sequence and :func:`lstm_cell` for one step.
+"""The LSTM layer: ``lstm`` over a sequence and ``lstm_cell`` for one step.
 
-Both are thin: arguments are validated (:mod:`jaxlstm._checks`), the step comes
-from :mod:`jaxlstm._step`, the scan, layouts, masking and reversal from
-:mod:`jaxlstm._engine`, and the default path is the fused custom VJP: on CPU the
-compiled kernel of :mod:`jaxlstm._kernel` where it applies, else the pure-XLA one
-of :mod:`jaxlstm._fused` (chosen per machine and shape by :mod:`jaxlstm.tuning`).
+Both are thin: arguments are validated (``jaxlstm._checks``), the step comes
+from ``jaxlstm._step``, the scan, layouts, masking and reversal from
+``jaxlstm._engine``, and the default path is the fused custom VJP: on CPU the
+compiled kernel of ``jaxlstm._kernel`` where it applies, else the pure-XLA one
+of ``jaxlstm._fused`` (chosen per machine and shape by ``jaxlstm.tuning``).
 Inputs and outputs keep the caller's layout.
 """
 
@@ -47,14 +47,14 @@ def lstm_cell(
       x: input ``[..., D]`` with the same leading dims as the state.
       compute_dtype: optional matmul dtype (e.g. ``jnp.bfloat16``).
       zoneout_c, zoneout_h: the zoneout rates a model was trained with: the step
-        mixes by them as :func:`lstm` does with ``deterministic=True`` (evaluation),
+        mixes by them as ``lstm`` does with ``deterministic=True`` (evaluation),
         so stepping a sequence gives its outputs.
 
     Returns:
       ``(new_state, h)``: ``h`` in the dtype of ``x``; the new state's ``h`` too,
       its ``c`` in float32 (the cell state is accumulated in float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxlstm
       >>> params = jaxlstm.init_lstm(jax.random.key(0), 8, 16)
       >>> state = jaxlstm.zero_state(4, 16)
@@ -173,7 +173,7 @@ def lstm(
         Outputs stay aligned with input positions; padding never enters.
       time_major: ``xs`` is ``[T, ..., D]`` (and so are the outputs).
       unroll: ``lax.scan`` unroll factor of the forward scan; ``None``:
-        :func:`jaxlstm.tuning.default_unroll` (16 on GPUs, 1 elsewhere).
+        ``jaxlstm.tuning.default_unroll`` (16 on GPUs, 1 elsewhere).
       checkpoint_every: with the fused backward pass, keep only the state every
         ``k`` steps and recompute each chunk in the backward pass: the stored
         activations are O(T/k + k) instead of O(T).
@@ -181,7 +181,7 @@ def lstm(
         gate maths, the cell state and the weight gradients stay in float32.
       backward: how gradients are computed. ``"fused"`` (default): a
         hand-written backward pass for the whole sequence
-        (:mod:`jaxlstm._fused`). ``"autodiff"``: plain JAX autodiff of the
+        (``jaxlstm._fused``). ``"autodiff"``: plain JAX autodiff of the
         scan; use it for forward-mode AD (``jax.jvp``, ``jax.jacfwd``,
         ``jax.hessian``), which a ``custom_vjp`` does not support.
 
@@ -195,7 +195,7 @@ def lstm(
       ``LSTMState(h [..., R], c [..., H])`` (h in the dtype of ``xs``, c in
       float32).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxlstm
       >>> params = jaxlstm.init_lstm(jax.random.key(0), 8, 16)
       >>> ys, state = jaxlstm.lstm(params, jnp.ones((4, 10, 8)))

@@ -1,11 +1,11 @@
 """Vanilla (Elman) RNN and GRU on the same engine as the LSTM.
 
 Both go through the engine's ``apply_sequence`` and ``scan_masked``
-(:mod:`jaxlstm._engine`), so ``seq_lengths``, ``reverse``,
+(``jaxlstm._engine``), so ``seq_lengths``, ``reverse``,
 ``time_major``, leading batch dims and the argument checks behave exactly as in
-:func:`jaxlstm.lstm`. Both have a fused backward pass (:mod:`jaxlstm._fused_gru`), and
+``jaxlstm.lstm``. Both have a fused backward pass (``jaxlstm._fused_gru``), and
 ``backward="autodiff"`` is plain JAX autodiff of the scan. In float32 on CPU the fused
-path runs on the compiled kernel (:mod:`jaxlstm._kernel`) where it applies, as the LSTM's does.
+path runs on the compiled kernel (``jaxlstm._kernel``) where it applies, as the LSTM's does.
 
 Elman RNN (``RNNParams``: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``)::
 
@@ -25,8 +25,6 @@ slice; ``b_hn`` stays separate because r multiplies it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
@@ -43,49 +41,9 @@ from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
 from ._hints import hints
 from ._kernel import kernel_cell
 from ._step import regularisation, zoneout_rates
-from .params import _check_size, kernel_init, recurrent_init
+from .params import GRUParams, RNNParams, init_gru, init_rnn
 
 __all__ = ["GRUParams", "RNNParams", "gru", "gru_cell", "init_gru", "init_rnn", "rnn", "rnn_cell"]
-
-
-class RNNParams(NamedTuple):
-    """Elman RNN weights: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``."""
-
-    w_ih: jax.Array
-    w_hh: jax.Array
-    b: jax.Array
-
-
-class GRUParams(NamedTuple):
-    """GRU weights, gate order r, z, n: ``w_ih [D, 3H]``, ``w_hh [H, 3H]``, ``b [3H]``, ``b_hn [H]``."""
-
-    w_ih: jax.Array
-    w_hh: jax.Array
-    b: jax.Array
-    b_hn: jax.Array
-
-
-@hints(_hints.INIT_CELL)
-def init_rnn(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> RNNParams:
-    """Glorot-uniform ``w_ih``, orthogonal ``w_hh``, zero bias."""
-    D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
-    k1, k2 = jax.random.split(key)
-    return RNNParams(
-        kernel_init(k1, (D, H), dtype), recurrent_init(k2, (H, H), dtype, n_gates=1), jnp.zeros((H,), dtype)
-    )
-
-
-@hints(_hints.INIT_CELL)
-def init_gru(key, input_size: int, hidden_size: int, *, dtype=jnp.float32) -> GRUParams:
-    """Glorot-uniform ``w_ih``, orthogonal ``w_hh`` per gate block, zero biases."""
-    D, H = _check_size("input_size", input_size), _check_size("hidden_size", hidden_size)
-    k1, k2 = jax.random.split(key)
-    return GRUParams(
-        kernel_init(k1, (D, 3 * H), dtype),
-        recurrent_init(k2, (H, 3 * H), dtype, n_gates=3),
-        jnp.zeros((3 * H,), dtype),
-        jnp.zeros((H,), dtype),
-    )
 
 
 def _without_residuals(make_step):
@@ -224,13 +182,13 @@ def _sequence(
 
 def rnn_cell(params: RNNParams, h: jax.Array, x: jax.Array, *, compute_dtype=None, zoneout_h: float = 0.0):
     """One Elman step. Returns ``(h, h)`` (new state and output). ``zoneout_h``: the
-    training rate, mixed in as :func:`rnn` does with ``deterministic=True``."""
+    training rate, mixed in as ``rnn`` does with ``deterministic=True``."""
     return _cell("rnn", _rnn_step, params, h, x, compute_dtype, zoneout_h)
 
 
 def gru_cell(params: GRUParams, h: jax.Array, x: jax.Array, *, compute_dtype=None, zoneout_h: float = 0.0):
     """One GRU step. Returns ``(h, h)`` (new state and output). ``zoneout_h``: the
-    training rate, mixed in as :func:`gru` does with ``deterministic=True``."""
+    training rate, mixed in as ``gru`` does with ``deterministic=True``."""
     return _cell("gru", _gru_step, params, h, x, compute_dtype, zoneout_h)
 
 
@@ -255,12 +213,12 @@ def rnn(
     compute_dtype=None,
     backward: str = "fused",
 ):
-    """Elman RNN over a sequence; arguments as :func:`jaxlstm.lstm` (``mask``,
+    """Elman RNN over a sequence; arguments as ``jaxlstm.lstm`` (``mask``,
     ``resets``, ``reset_state``, the dropouts, ``zoneout_h`` and ``deterministic``
     included), the state is ``h [..., H]``.
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
-    sequence (:mod:`jaxlstm._fused_gru`, the GRU's engine); ``"autodiff"``: plain
+    sequence (``jaxlstm._fused_gru``, the GRU's engine); ``"autodiff"``: plain
     JAX autodiff of the scan, for forward-mode AD.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
@@ -309,12 +267,12 @@ def gru(
     compute_dtype=None,
     backward: str = "fused",
 ):
-    """GRU over a sequence; arguments as :func:`jaxlstm.lstm` (``mask``, ``resets``,
+    """GRU over a sequence; arguments as ``jaxlstm.lstm`` (``mask``, ``resets``,
     ``reset_state``, the dropouts, ``zoneout_h`` and ``deterministic`` included), the
     state is ``h [..., H]``.
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
-    sequence (:mod:`jaxlstm._fused_gru`); ``"autodiff"``: plain JAX autodiff of the
+    sequence (``jaxlstm._fused_gru``); ``"autodiff"``: plain JAX autodiff of the
     scan, for forward-mode AD.
 
     Returns ``(ys [..., T, H], h_final [..., H])``.

@@ -4,7 +4,7 @@
 layer) of tuples (``(forward,)`` or ``(forward, backward)``) of ``LSTMParams``.
 Layer ``l + 1`` reads layer ``l``'s outputs, the two directions concatenated on
 features (forward first), as PyTorch's ``nn.LSTM`` does. Every layer calls the
-core :func:`jaxlstm.lstm`, so it gets the fused backward; nothing is re-derived.
+core ``jaxlstm.lstm``, so it gets the fused backward; nothing is re-derived.
 
 States are stacked ``[num_layers * num_directions, ..., features]`` with index
 ``layer * num_directions + direction``: PyTorch's ``h_n``/``c_n`` order.
@@ -42,9 +42,9 @@ def init_lstm_stack(
     dtype=jnp.float32,
 ) -> StackParams:
     """Initialise a stack; layer ``l > 0`` has input size ``num_directions * R``.
-    ``peephole``, ``layer_norm`` and ``num_heads`` as in :func:`jaxlstm.init_lstm`, in every layer.
+    ``peephole``, ``layer_norm`` and ``num_heads`` as in ``jaxlstm.init_lstm``, in every layer.
 
-    Example:
+    Examples:
       >>> import jax, jaxlstm
       >>> params = jaxlstm.init_lstm_stack(jax.random.key(0), 8, 16, num_layers=2, bidirectional=True)
       >>> params[1][0].w_ih.shape        # reads both directions of layer 0
@@ -145,20 +145,20 @@ def lstm_stack(
     """Runs a multi-layer, optionally bidirectional LSTM.
 
     Args:
-      params: from :func:`init_lstm_stack` (``params[layer][direction]``).
+      params: from ``init_lstm_stack`` (``params[layer][direction]``).
       xs: ``[..., T, D]`` (or ``[T, ..., D]`` with ``time_major``).
       initial_state: ``LSTMState(h [L*dirs, ..., R], c [L*dirs, ..., H])``; zeros if ``None``.
       seq_lengths: integer ``[...]``; the reverse direction reads each sequence's
         valid part backwards, as PyTorch's packed sequences do.
       mask, resets: boolean ``[..., T]``, applied in every layer as in
-        :func:`jaxlstm.lstm` (the reverse direction reads each segment backwards).
+        ``jaxlstm.lstm`` (the reverse direction reads each segment backwards).
       reset_state: ``LSTMState`` shaped like ``initial_state``: what ``resets``
         restore in each layer-direction; zeros if ``None``.
       dropout: drop probability on the outputs of every layer but the last.
       recurrent_dropout: variational dropout on ``h(t-1)`` inside every
-        layer-direction (:func:`jaxlstm.lstm`), each with its own mask.
+        layer-direction (``jaxlstm.lstm``), each with its own mask.
       zoneout_c, zoneout_h: zoneout of ``c`` and ``h`` inside every
-        layer-direction (:func:`jaxlstm.lstm`), each with its own masks.
+        layer-direction (``jaxlstm.lstm``), each with its own masks.
       key: PRNG key, required in training when a dropout or zoneout rate is > 0.
         With ``recurrent_dropout`` or zoneout, layer-direction ``i`` (``layer *
         dirs + direction``) draws its masks from ``jax.random.split(key, L *
@@ -166,7 +166,7 @@ def lstm_stack(
         L * dirs)``.
       deterministic: evaluation: no dropout, zoneout by its expectation, no key needed.
       time_major, unroll, checkpoint_every, compute_dtype, backward: passed to
-        every layer's :func:`jaxlstm.lstm`.
+        every layer's ``jaxlstm.lstm``.
       fuse_directions: run the two directions of a bidirectional layer as one
         scan, ``vmap`` ped over a direction axis (batched matmuls), instead of two
         calls. Same numbers; on by default, as it paid where it was measured
@@ -277,7 +277,7 @@ def draws_masks(module) -> bool:
 def module_call(module, params: StackParams, xs, initial_state, seq_lengths, mask, resets, reset_state, key):
     """The call the linen and nnx ``LSTM`` modules share: their attributes (``dtype``,
     ``dropout``, ``recurrent_dropout``, ``zoneout_c``, ``zoneout_h``, ``time_major``,
-    ``unroll``, ``checkpoint_every``, ``backward``) to :func:`lstm_stack`.
+    ``unroll``, ``checkpoint_every``, ``backward``) to ``lstm_stack``.
     ``key=None`` means deterministic (evaluation)."""
     return lstm_stack(
         params,

@@ -5,11 +5,11 @@ feature-major ``[4H, B]`` steps were faster on a Zen 4 at every T, batch-major
 ``[B, 4H]`` steps faster on a Zen 5 from T=256 on). Two choices are made per
 machine and shape:
 
-* :func:`kernel_path`: whether an LSTM, GRU or Elman RNN on CPU (float32 or bfloat16
-  GEMMs, each timed apart) runs on the compiled kernel (:mod:`jaxlstm._kernel`) or on the
+* ``kernel_path``: whether an LSTM, GRU or Elman RNN on CPU (float32 or bfloat16
+  GEMMs, each timed apart) runs on the compiled kernel (``jaxlstm._kernel``) or on the
   pure-XLA fused path (timed on training steps, per cell); the kernel is the default.
-* :func:`forward_layout`: on the pure-XLA path, the forward scan that
-  :func:`jaxlstm.lstm` runs outside training (the primal of the fused path, and the
+* ``forward_layout``: on the pure-XLA path, the forward scan that
+  ``jaxlstm.lstm`` runs outside training (the primal of the fused path, and the
   whole ``backward="autodiff"`` path): ``"feature"``, feature-major steps, one dot
   ``[w_ih; w_hh]ᵀ·[x; h]`` (the default), or ``"batch"``, batch-major steps,
   ``x @ w_ih + h @ w_hh``. The XLA fused backward pass is feature-major, so its
@@ -65,12 +65,14 @@ __all__ = [
     "cache_file",
     "clear",
     "cpu_info",
+    "decide",
     "default_unroll",
     "enabled",
     "forced",
     "forward_layout",
     "kernel_path",
     "other_load",
+    "register",
     "retune",
     "show",
 ]
@@ -92,7 +94,7 @@ _forced: list[str] = []
 
 def _forced_key():
     """A JAX configuration state that ``jax.jit`` keys its traces and compilations on, set
-    by :func:`forced`. JAX's ``State`` class is internal: where it is not there (another
+    by ``forced``. JAX's ``State`` class is internal: where it is not there (another
     JAX), ``None``."""
     try:
         from jax._src import config as jax_config
@@ -125,16 +127,16 @@ def cache_file() -> str:
 
 @contextlib.contextmanager
 def forced(layout: str) -> Iterator[None]:
-    """Within the block, every trace of :func:`jaxlstm.lstm` uses ``layout``: ``"kernel"``
+    """Within the block, every trace of ``jaxlstm.lstm`` uses ``layout``: ``"kernel"``
     (the compiled kernel where it applies, else the pure-XLA path with its forward
     layout tuned as usual), ``"xla"`` (the pure-XLA path, its layout tuned), or the pure-XLA path with
-    ``"feature"`` or ``"batch"`` forward steps. :func:`jaxlstm.gru` and :func:`jaxlstm.rnn`
+    ``"feature"`` or ``"batch"`` forward steps. ``jaxlstm.gru`` and ``jaxlstm.rnn``
     take the kernel under ``"kernel"`` (where it applies) and the pure-XLA path under the others.
 
     The choice is made when a call is traced, and the block is part of what ``jax.jit`` keys
     its caches on: a function it traced outside the block is traced afresh inside it (and
     the other way round), so that a comparison of two paths never compares one with itself.
-    (Where JAX lacks the configuration state this relies on, :data:`KEYED` is false and a
+    (Where JAX lacks the configuration state this relies on, ``KEYED`` is false and a
     function already traced keeps its program.)"""
     if layout not in FORCEABLE:
         raise ValueError(f"layout must be one of {FORCEABLE}, got {layout!r}")
@@ -171,51 +173,6 @@ def _machine() -> str:
         name = f"{cpu.get('model name', platform.processor())} family {cpu.get('cpu family')} model {cpu.get('model')}"
         name += f" x{os.cpu_count()}"
     return f"{dev.platform}:{name}:jax {jax.__version__}"
-
-
-def _probe(layout: str, B: int, D: int, H: int, R: int, T: int, mm, acc, unroll: int):
-    """A compiled forward scan of ``layout`` on random inputs, as a no-argument callable."""
-    from ._step import lstm_scan_core
-    from .params import init_lstm
-
-    params = init_lstm(jax.random.key(0), D, H, proj_size=None if R == H else R)
-    run = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll)
-    xs = jax.random.normal(jax.random.key(1), (T, B, D), jnp.float32).astype(mm)
-    carry = (jnp.zeros((B, R), acc), jnp.zeros((B, H), acc))
-    compiled = jax.jit(lambda x, c: run(x, (c, c, None), None)).lower(xs, carry).compile()
-    return lambda: jax.block_until_ready(compiled(xs, carry))
-
-
-def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", mm=jnp.float32):
-    """A compiled training step (value and gradient of a mean square over all outputs,
-    w.r.t. the params and the inputs) of the fused ``cell`` (``"lstm"``, ``"gru"`` or
-    ``"rnn"``) on ``path``, ``"kernel"`` or ``"xla"``, with GEMM operands of dtype ``mm``."""
-    from ._fused import FusedConfig, fused_lstm
-    from ._fused_gru import ELMAN, GRU, fused_cell
-    from ._kernel import kernel_cell, kernel_lstm
-    from .params import init_lstm
-    from .rnn import init_gru, init_rnn
-
-    f32 = jnp.dtype(jnp.float32)
-    params = {"lstm": init_lstm, "gru": init_gru, "rnn": init_rnn}[cell](jax.random.key(0), D, H)
-    xs = jax.random.normal(jax.random.key(1), (T, B, D), f32)
-    h = jnp.zeros((B, H), f32)
-    mm = jnp.dtype(mm)
-    cfg, bf16 = FusedConfig(mm, f32), mm == jnp.bfloat16
-    # (custom_vjp functions return an untyped object to pyright: hence the ignores)
-    if cell != "lstm":
-        kind = GRU if cell == "gru" else ELMAN
-        if path == KERNEL:
-            run = lambda p, x: kernel_cell(cell, False, p, h, x, None, h, bf16)[0]  # pyright: ignore[reportIndexIssue]
-        else:
-            run = lambda p, x: fused_cell(cfg, kind, p, h, x, None, h)[0]  # pyright: ignore[reportIndexIssue]
-    elif path == KERNEL:
-        run = lambda p, x: kernel_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]  # pyright: ignore[reportIndexIssue]
-    else:
-        run = lambda p, x: fused_lstm(cfg, p, (h, h), x, None, (h, h))[0]  # pyright: ignore[reportIndexIssue]
-    step = jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(run(p, x))), argnums=(0, 1))
-    compiled = jax.jit(step).lower(params, xs).compile()
-    return lambda: jax.block_until_ready(compiled(params, xs))
 
 
 class _Load:
@@ -258,14 +215,34 @@ def other_load(seconds: float = 0.5) -> float | None:
     return load.share
 
 
-def _measure(B, D, H, R, T, mm, acc, unroll) -> dict:
-    # Usually called while jax.jit traces the user's function: the probes run eagerly.
-    with jax.ensure_compile_time_eval():
-        probes = {name: _probe(name, B, D, H, R, min(T, PROBE_STEPS), mm, acc, unroll) for name in CANDIDATES}
-        return _pick(probes, DEFAULT)
+# What times each kind of choice, registered by the module that owns the probe (``jaxlstm._step``:
+# the forward layout; ``jaxlstm._kernel``: native code or XLA), so that this module imports no other
+# module of jaxlstm: ``register(kind, measure, tag)``; ``measure(*shape) -> decision`` (``decide``'s
+# record), ``tag()`` a string the cache key carries (the kernel's build).
+_PROBES: dict[str, tuple[Callable[..., dict], Callable[[], str]]] = {}
 
 
-def _pick(probes: dict[str, Callable[[], object]], default: str) -> dict:
+def register(kind: str, measure: Callable[..., dict], tag: Callable[[], str] = lambda: "") -> None:
+    """Makes ``measure`` the timing of the choices of ``kind`` (``"forward"``, ``"kernel"``)."""
+    _PROBES[kind] = (measure, tag)
+
+
+def _probe(kind: str) -> tuple[Callable[..., dict], Callable[[], str]]:
+    try:
+        return _PROBES[kind]
+    except KeyError:
+        raise RuntimeError(f"jaxlstm.tuning: nothing registered to time {kind!r} choices (import jaxlstm)") from None
+
+
+def _measure(B, D, H, R, T, mm_dtype, acc_dtype, unroll) -> dict:
+    return _probe("forward")[0](B, D, H, R, T, mm_dtype, acc_dtype, unroll)
+
+
+def _measure_kernel(B, D, H, T, cell, dtype) -> dict:
+    return _probe("kernel")[0](B, D, H, T, cell, dtype)
+
+
+def decide(probes: dict[str, Callable[[], object]], default: str) -> dict:
     """Times the probes interleaved, ``ROUNDS`` at a time after a warm-up, until the decision is
     clear (see the module docstring; at most ``MAX_ROUNDS``): the two are often within the
     machine's noise, and then the default stays. Returns the decision: ``choice``, ``ratio``
@@ -338,7 +315,7 @@ def _update_disk(update: Callable[[dict], object]) -> None:
 
 
 def _write_disk(key: str, record: dict) -> None:
-    """Adds ``key`` to the cache file (merged under the lock: :func:`_update_disk`)."""
+    """Adds ``key`` to the cache file (merged under the lock: ``_update_disk``)."""
     _update_disk(lambda data: data.__setitem__(key, record))
 
 
@@ -398,7 +375,7 @@ def _backend() -> str:
 
 def default_unroll() -> int:
     """The forward scan's unroll when a caller passes ``unroll=None`` (the default):
-    :data:`GPU_UNROLL` where JAX's default backend is a GPU, else 1 (on CPUs the
+    ``GPU_UNROLL`` where JAX's default backend is a GPU, else 1 (on CPUs the
     compiled kernel runs where it applies, and ``benchmarks.layout`` measured the XLA
     path's unrolled scans no faster there)."""
     return GPU_UNROLL if _backend() == "gpu" else 1
@@ -419,7 +396,7 @@ def forward_layout(B: int, D: int, H: int, R: int, T: int, mm_dtype, acc_dtype, 
 def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
     """Whether a ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) of this shape with GEMM operands
     of ``dtype`` (float32 or bfloat16), which the compiled kernel can run
-    (:func:`jaxlstm._kernel.applies`), runs on it rather than on the pure-XLA fused path.
+    (``jaxlstm._kernel.applies``), runs on it rather than on the pure-XLA fused path.
 
     The default (autotuning off) is the kernel. With autotuning, the first time a shape is
     seen both training steps are timed on a probe of at most ``PROBE_STEPS`` steps, and XLA
@@ -430,19 +407,11 @@ def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.fl
         return _forced[-1] == KERNEL
     if not enabled():
         return True
-    from ._kernel import build_id
-
     dtype = jnp.dtype(dtype)
-    key = f"{_machine()}|{cell}-kernel {build_id()}|B={B} D={D} H={H} T<={_bucket(T)}|{dtype.name}"
+    key = f"{_machine()}|{cell}-kernel {_probe('kernel')[1]()}|B={B} D={D} H={H} T<={_bucket(T)}|{dtype.name}"
 
     args = dict(kind="kernel", B=B, D=D, H=H, T=T, cell=cell, dtype=dtype.name)
     return _cached(key, (KERNEL, "xla"), lambda: _measure_kernel(B, D, H, T, cell, dtype), KERNEL, args) == KERNEL
-
-
-def _measure_kernel(B, D, H, T, cell, dtype) -> dict:
-    with jax.ensure_compile_time_eval():
-        probes = {name: _train_probe(name, B, D, H, min(T, PROBE_STEPS), cell, dtype) for name in (KERNEL, "xla")}
-        return _pick(probes, KERNEL)
 
 
 # ---------------------------------------------------------------------------
@@ -478,8 +447,7 @@ def retune() -> list[str]:
     """Times this machine's cached choices again (the kernel's: those of the build in use) and
     replaces those that now measure otherwise; a choice timed while the machine was busy is left
     as it was. One line per choice: what it was, what it is."""
-    from ._kernel import build_id
-
+    build = _probe("kernel")[1]() if "kernel" in _PROBES else None
     lines = []
     prefix = _machine() + "|"
     for key, record in sorted(_read_disk().items()):
@@ -489,7 +457,7 @@ def retune() -> list[str]:
         if args is None:
             lines.append(f"{key.split('|', 1)[1]}: kept (recorded without its shape: `clear` to time it afresh)")
             continue
-        if args["kind"] == "kernel" and f"-kernel {build_id()}|" not in key:
+        if args["kind"] == "kernel" and f"-kernel {build}|" not in key:
             lines.append(f"{key.split('|', 1)[1]}: skipped (another build of the kernel)")
             continue
         if args["kind"] == "kernel":

@@ -119,10 +119,14 @@ def test_quick_run_writes_the_table(tmp_path):
 
 @pytest.mark.usefixtures("standard_promotion")
 def test_runs_side_by_side_merge(tmp_path):
-    for only in ("adding", "order"):
-        L.main(["--quick", "--only", only, "--models", "lstm", "--trials", "1", "--budget", "64",
-                "--out", str(tmp_path / only)])  # fmt: skip
-    merged = L.main(["--merge", str(tmp_path / "adding" / "lstm1997.json"), str(tmp_path / "order" / "lstm1997.json"),
-                     "--out", str(tmp_path)])  # fmt: skip
-    assert [r["task"] for r in merged["rows"]] == ["adding T=30", "temporal order 6a"]
+    parts = {
+        "a": ["adding", "--models", "lstm"],
+        "b": ["order", "--models", "lstm"],
+        "c": ["adding", "--models", "rnn"],
+    }
+    for name, (only, *models) in parts.items():
+        L.main(["--quick", "--only", only, *models, "--trials", "1", "--budget", "64", "--out", str(tmp_path / name)])
+    merged = L.main(["--merge", *(str(tmp_path / name / "lstm1997.json") for name in parts), "--out", str(tmp_path)])
+    assert [r["task"] for r in merged["rows"]] == ["adding T=30", "temporal order 6a"]  # one row per task
+    assert set(merged["rows"][0]["trials"]) == {"lstm", "rnn"}
     assert json.loads((tmp_path / "lstm1997.json").read_text())["rows"][1]["summary"]["lstm"]["trials"] == 1

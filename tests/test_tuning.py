@@ -97,8 +97,8 @@ def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch, c
     params = init(jax.random.key(0), 3, 4)
     xs = jnp.ones((2, 9, 3))
     calls = []
-    probe = tuning._train_probe
-    monkeypatch.setattr(tuning, "_train_probe", lambda *a: calls.append(a[0]) or probe(*a))
+    probe = _kernel._train_probe
+    monkeypatch.setattr(_kernel, "_train_probe", lambda *a: calls.append(a[0]) or probe(*a))
     ys = jax.jit(lambda p, x: run(p, x)[0])(params, xs)
     assert sorted(calls) == ["kernel", "xla"]
     cache = json.loads((autotune / "tuning.json").read_text())
@@ -239,11 +239,11 @@ def test_pick_times_until_the_decision_is_clear(monkeypatch):
     def probe(seconds):
         return lambda: clock.__setitem__(0, clock[0] + seconds)
 
-    fast = tuning._pick({"feature": probe(4.0), "batch": probe(2.0)}, "feature")
+    fast = tuning.decide({"feature": probe(4.0), "batch": probe(2.0)}, "feature")
     assert fast["choice"] == "batch" and fast["clear"] and fast["rounds"] == tuning.ROUNDS and fast["ratio"] == 0.5
-    tie = tuning._pick({"feature": probe(2.0), "batch": probe(2.0)}, "feature")
+    tie = tuning.decide({"feature": probe(2.0), "batch": probe(2.0)}, "feature")
     assert tie["choice"] == "feature" and tie["clear"] and tie["rounds"] == tuning.ROUNDS
-    narrow = tuning._pick({"feature": probe(1.0), "batch": probe(0.965)}, "feature")
+    narrow = tuning.decide({"feature": probe(1.0), "batch": probe(0.965)}, "feature")
     assert narrow["choice"] == "feature" and not narrow["clear"] and narrow["rounds"] == tuning.MAX_ROUNDS
 
 
