@@ -189,6 +189,14 @@ def _jax_pair(apply: Callable, params, xs):
     return out
 
 
+def jaxlstm_path(cell: str, B: int, T: int, D: int, H: int, dtype: str) -> str:
+    """The path (``jaxlstm.PATHS``) that ``jaxlstm.lstm`` / ``gru`` take by default for this row."""
+    init = {"lstm": jaxlstm.init_lstm, "gru": jaxlstm.init_gru}[cell]
+    jdtype = jnp.dtype(dtype)
+    mixed = None if jdtype == jnp.float32 else jdtype
+    return jaxlstm.path_of(cell, init(jax.random.key(0), D, H), jnp.zeros((B, T, D), jdtype), compute_dtype=mixed)
+
+
 def build(impl: str, B: int, T: int, D: int, H: int, dtype: str):
     """``{"forward": fn, "train": fn, "<mode>_compile_s": s}``, fns of no arguments."""
     key = jax.random.key(0)

@@ -194,6 +194,7 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
                 except Exception as e:  # noqa: BLE001 - reported, and the grid goes on without it
                     print(f"jax-cudnn skipped at {name}: {type(e).__name__}: {e}", file=sys.stderr)
             dot = _bare_dot(B, H, GATES[cell], T)
+            path = C.jaxlstm_path(cell, B, T, D, H, dtype)
             for mode in ("forward", "train"):
                 fns = {impl: b[mode] for impl, b in built.items()}
                 if mode == "forward":
@@ -203,11 +204,13 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
                     rec = dict(regime=name, cell=cell, mode=mode, impl=impl, **C.summarize(ts))
                     if impl in built:
                         rec["compile_s"] = built[impl][mode + "_compile_s"]
+                    if impl == IMPLS[cell][0]:
+                        rec["path"] = path
                     records.append(rec)
                 ms = {impl: 1e3 * C.summarize(ts)["median_s"] for impl, ts in times.items()}
                 ours, peer = IMPLS[cell][:2]
                 bar.write(f"{name} {cell} {mode}: jaxlstm {ms[ours]:.2f} ms, {peer} {ms[peer]:.2f} ms "
-                          f"({ms[peer] / ms[ours]:.2f}x)")  # fmt: skip
+                          f"({ms[peer] / ms[ours]:.2f}x; jaxlstm on {path})")  # fmt: skip
                 bar.update()
             del built
         peaks.append(probe(n))
@@ -287,6 +290,7 @@ def rows(result: dict) -> list:
                     cell=cell,
                     mode=mode,
                     jaxlstm_tokens_per_s=ours["tokens_per_s"],
+                    path=ours.get("path"),
                     vs_flax=flax["median_s"] / ours["median_s"],
                     vs_xla_path=None if xla is None else xla["median_s"] / ours["median_s"],
                     vs_own_float32=None if f32 is None else f32["median_s"] / ours["median_s"],

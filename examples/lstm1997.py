@@ -336,6 +336,28 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def compact_table(result: dict) -> str:
+    """One line per task: the paper's LSTM beside jaxlstm's LSTM, GRU and RNN (trials that reached the
+    criterion / trials, mean sequences over those that did, mean wrong of 2,560)."""
+
+    def cell(s):
+        if s is None:
+            return "-"
+        seqs = "" if s["sequences_mean"] is None else f", {_fmt(s['sequences_mean'])} seq."
+        return f"{s['reached']}/{s['trials']}{seqs}, {s['test_wrong_mean']:.1f} wrong"
+
+    lines = [
+        "| task | paper's LSTM (1997): sequences, wrong | jaxlstm LSTM | GRU | Elman RNN |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        p, s = row["paper"], row["summary"]
+        paper = "-" if not p else f"{_fmt(p['sequences'])}, {p['wrong']} wrong ({p['trials']} trials)"
+        models = " | ".join(cell(s.get(m)) for m in ("lstm", "gru", "rnn"))
+        lines.append(f"| {row['task']} | {paper} | {models} |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, out: str) -> None:
     matplotlib = optional("matplotlib")
     matplotlib.use("Agg")
@@ -416,6 +438,8 @@ def _write(result: dict, out: str) -> None:
         json.dump(result, f, indent=1)
     plot(result, out)
     print(table(result))
+    print()
+    print(compact_table(result))
     print(f"wrote {out}/lstm1997.json and lstm1997.png ({result['wall_s']:.0f}s of training and testing)")
 
 

@@ -13,10 +13,12 @@ internal.
 from . import convert, gates
 from ._hints import MODULES as _MOVED
 from ._kernel import NativeInfo, native_info
+from ._path import PATHS, path_of
 from .params import LSTMParams, LSTMState, init_lstm, zero_state
 from .recurrence import lstm, lstm_cell
 from .rnn import GRUParams, RNNParams, gru, gru_cell, init_gru, init_rnn, rnn, rnn_cell
 from .stack import init_lstm_stack, lstm_stack
+from .streaming import step
 
 __version__ = "0.1.0"
 
@@ -50,6 +52,7 @@ __all__ = [
     "LSTMParams",
     "LSTMState",
     "NativeInfo",
+    "PATHS",
     "RNNParams",
     "convert",
     "gates",
@@ -63,7 +66,9 @@ __all__ = [
     "lstm_cell",
     "lstm_stack",
     "native_info",
+    "path_of",
     "rnn",
     "rnn_cell",
+    "step",
     "zero_state",
 ]

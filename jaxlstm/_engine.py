@@ -452,3 +452,9 @@ def zoneout_masks(T: int, batch_shape: tuple, H: int, R: int, rates, key):
         None if p == 0.0 else jax.random.bernoulli(k, p, (T,) + batch_shape + (F,)).reshape((T, B, F))
     )
     return draw(k_c, rates[0], H), draw(k_h, rates[1], R)
+
+
+def without_residuals(step: Callable) -> Callable:
+    """A step ``(carry, x) -> (carry, y, residuals)`` of a fused backward pass, with ``None`` for its
+    residuals: the same step for a forward-only scan or autodiff."""
+    return lambda carry, x: step(carry, x)[:2] + (None,)

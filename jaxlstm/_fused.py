@@ -37,6 +37,7 @@ from ._engine import (
     scan_masked,
     valid_steps,
     where_valid,
+    without_residuals,
 )
 from ._engine import transpose_features as _t
 from ._step import GATE_AXIS_FM, Zoneout, keep_weight, lstm_step, lstm_step_vjp
@@ -109,16 +110,11 @@ class Checkpoints(NamedTuple):
 def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: bool = True):
     """``(carry, ys, residuals)``; residuals ``((acts, cs), carry_in or None)``."""
     step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True, h_mask=seg.h_mask, zoneout=cfg.zoneout)
-
-    def without_residuals(carry, x):
-        carry, y, _ = step(carry, x)
-        return carry, y, None
-
     steps = Steps(lengths, seg.mask, seg.resets)
     # With zoneout the state entering a step is no shift of the outputs either.
     carry_in = steps.per_step or cfg.zoneout is not None
     carry, ys, aux = scan_masked(
-        step if save else without_residuals,
+        step if save else without_residuals(step),
         seg.carry0,
         seg.xs if cfg.zoneout is None else (seg.xs, seg.zc, seg.zh),  # what the step reads
         steps,
@@ -238,14 +234,9 @@ def fused_lstm(
     lengths, mask, resets = flags(steps)
     zc, zh = zs or (None, None)
     if cfg.forward_layout == "batch":
-        step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask=h_mask, zoneout=cfg.zoneout)
-
-        def without_residuals(carry, x):
-            carry, y, _ = step(carry, x)
-            return carry, y, None
-
+        step = without_residuals(lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask=h_mask, zoneout=cfg.zoneout))
         inputs = xs if cfg.zoneout is None else (xs, zc, zh)
-        carry, ys, _ = scan_masked(without_residuals, carry0, inputs, steps, unroll=cfg.unroll, reset_to=reset_carry)
+        carry, ys, _ = scan_masked(step, carry0, inputs, steps, unroll=cfg.unroll, reset_to=reset_carry)
         return ys, carry
     seg = Segment(_t(carry0), _t(xs), _t(reset_carry), mask, resets, _t(h_mask), _t(zc), _t(zh))
     carry, ys, _ = _forward(cfg, params, seg, lengths, save=False)

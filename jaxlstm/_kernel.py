@@ -62,7 +62,6 @@ __all__ = [
     "applies",
     "available",
     "build_id",
-    "chosen",
     "enabled",
     "kernel_cell",
     "kernel_lstm",
@@ -351,29 +350,6 @@ def applies(params, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zone
         and checkpoint_every is None
         and batch * steps > 0
         and not mesh_active()
-    )
-
-
-def chosen(
-    cell: str, params, mm_dtype, acc_dtype, *, backward: str, batch: int, steps: int, h_mask, zoneout,
-    checkpoint_every=None,
-) -> bool:  # fmt: skip
-    """Whether a ``cell`` (``"lstm"``, ``"gru"``, ``"rnn"``) call runs on the kernel: on its fused
-    path (``backward="fused"``) where the kernel ``applies`` and ``jaxlstm.tuning.kernel_path``
-    chose it for the shape."""
-    return (
-        backward == "fused"
-        and applies(
-            params,
-            mm_dtype,
-            acc_dtype,
-            batch=batch,
-            steps=steps,
-            h_mask=h_mask,
-            zoneout=zoneout,
-            checkpoint_every=checkpoint_every,
-        )  # fmt: skip
-        and tuning.kernel_path(batch, params.w_ih.shape[0], params.w_hh.shape[0], steps, cell=cell, dtype=mm_dtype)
     )
 
 

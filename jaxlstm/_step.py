@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, tuning
-from ._engine import add_bias, dot, dropout_masks, feature_major_core, scan_masked, zoneout_masks
+from ._engine import add_bias, dot, dropout_masks, feature_major_core, scan_masked, without_residuals, zoneout_masks
 from .gates import lstm_pointwise, split_gates
 from .params import LSTMParams, init_lstm
 
@@ -206,14 +206,10 @@ def lstm_scan_core(params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bo
 
     def core(xs, carries, steps):
         step = lstm_step(params, mm_dtype, acc_dtype, feature_major=feature_major, h_mask=carries[2], zoneout=zoneout)
-
-        def no_residuals(carry, x):
-            carry, y, _ = step(carry, x)
-            return carry, y, None
-
         carry, ys, _ = scan_masked(
-            no_residuals, carries[0], xs, steps, unroll=unroll, feature_major=feature_major, reset_to=carries[1]
-        )
+            without_residuals(step), carries[0], xs, steps, unroll=unroll, feature_major=feature_major,
+            reset_to=carries[1],
+        )  # fmt: skip
         return ys, carry
 
     return feature_major_core(core) if feature_major else core

@@ -44,6 +44,7 @@ from ._engine import (
     scan_masked,
     valid_steps,
     where_valid,
+    without_residuals,
 )
 from ._fused import FusedConfig, cast_like, chunked, flags, pad_time
 from ._step import keep_weight, zoneout_mix
@@ -164,8 +165,7 @@ def variant_scan_core(params: LSTMParams, mm, acc, *, unroll: int = 1, zoneout=N
 
     def core(xs, carries, steps):
         step = variant_step(params, mm, acc, carries[2], zoneout)
-        no_residuals = lambda carry, x: step(carry, x)[:2] + (None,)
-        carry, ys, _ = scan_masked(no_residuals, carries[0], xs, steps, unroll=unroll, reset_to=carries[1])
+        carry, ys, _ = scan_masked(without_residuals(step), carries[0], xs, steps, unroll=unroll, reset_to=carries[1])
         return ys, carry
 
     return core

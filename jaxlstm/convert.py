@@ -27,7 +27,18 @@ import numpy as np
 
 from .params import GATE_ORDER, GRUParams, LSTMParams, RNNParams
 
-__all__ = ["from_cudnn", "from_flax", "from_torch", "to_cudnn", "to_flax", "to_torch"]
+__all__ = [
+    "from_cudnn",
+    "from_flax",
+    "from_haiku",
+    "from_keras",
+    "from_torch",
+    "to_cudnn",
+    "to_flax",
+    "to_haiku",
+    "to_keras",
+    "to_torch",
+]
 
 _KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
 
@@ -263,3 +274,147 @@ def to_cudnn(params) -> jax.Array:
     zeros = [jnp.zeros(p.w_ih.shape[-1:], p.w_ih.dtype) for p in flat]
     bs = [b for p, z in zip(flat, zeros, strict=True) for b in (z if p.b is None else p.b, z)]
     return jnp.concatenate(ws + bs)
+
+
+# ---------------------------------------------------------------------------
+# Keras 3 (keras.layers.LSTM / GRU, any backend): get_weights() / set_weights() lists.
+#   LSTM: kernel [D, 4H], recurrent_kernel [H, 4H], bias [4H]; gate order i, f, c, o: jaxlstm's i, f, g, o.
+#   GRU (reset_after=True, the default): kernel [D, 3H], recurrent_kernel [H, 3H], bias [2, 3H] (input and
+#   recurrent biases); gate order z, r, h, against jaxlstm's r, z, n. Both compute
+#   h = z * h(t-1) + (1 - z) * tanh(x W_h + b_ih_h + r * (h U_h + b_hh_h)).
+# Keras' defaults (activation tanh, recurrent_activation sigmoid) are jaxlstm's gates.
+
+_KERAS_TO_GRU = (1, 0, 2)  # jaxlstm's block j is Keras' block _KERAS_TO_GRU[j] (and back: the same swap)
+
+
+def _blocks(a, order, n):
+    parts = jnp.split(jnp.asarray(a), n, axis=-1)
+    return jnp.concatenate([parts[j] for j in order], axis=-1)
+
+
+def _keras_weights(layer_or_weights) -> tuple[list, str | None, bool | None]:
+    """The weight list, the layer's class name and its ``reset_after`` (``None`` for a bare list)."""
+    if hasattr(layer_or_weights, "get_weights"):
+        layer = layer_or_weights
+        cell = getattr(layer, "cell", layer)
+        for attr, want in (("activation", "tanh"), ("recurrent_activation", "sigmoid")):
+            fn = getattr(cell, attr, None)
+            if fn is not None and getattr(fn, "__name__", want) != want:
+                raise ValueError(
+                    f"the Keras layer's {attr} is {fn.__name__}, jaxlstm's gates are {want}: only the defaults convert"
+                )
+        return list(layer.get_weights()), type(layer).__name__, getattr(cell, "reset_after", None)
+    if isinstance(layer_or_weights, (list, tuple)):
+        return list(layer_or_weights), None, None
+    raise TypeError(
+        f"expected a keras.layers.LSTM / GRU (or its get_weights() list), got {type(layer_or_weights).__name__}"
+    )
+
+
+def from_keras(layer_or_weights, *, dtype=jnp.float32):
+    """A Keras 3 ``keras.layers.LSTM`` or ``GRU`` (or its ``get_weights()`` list) -> ``LSTMParams`` or
+    ``GRUParams``. The GRU must be ``reset_after=True`` (Keras' default and cuDNN's form; the other form
+    applies the reset gate before the recurrent matmul, which jaxlstm's GRU does not compute). A layer
+    built with ``use_bias=False`` gives an LSTM without bias, a GRU with zero biases."""
+    weights, name, reset_after = _keras_weights(layer_or_weights)
+    if len(weights) not in (2, 3):
+        raise ValueError(f"expected [kernel, recurrent_kernel(, bias)] from Keras, got {len(weights)} arrays")
+    kernel, rec = (jnp.asarray(_to_numpy(w), dtype) for w in weights[:2])
+    bias = None if len(weights) == 2 else jnp.asarray(_to_numpy(weights[2]), dtype)
+    if kernel.ndim != 2 or rec.ndim != 2 or rec.shape[1] != kernel.shape[1] or rec.shape[1] % rec.shape[0]:
+        raise ValueError(f"Keras kernel / recurrent_kernel shapes {kernel.shape} / {rec.shape} do not match")
+    H, gates = rec.shape[0], rec.shape[1] // rec.shape[0]
+    if gates == 4 and name in (None, "LSTM", "LSTMCell"):
+        return LSTMParams(kernel, rec, bias)
+    if gates != 3 or name not in (None, "GRU", "GRUCell"):
+        raise ValueError(f"a Keras {name or 'layer'} with recurrent_kernel {rec.shape} is neither an LSTM nor a GRU")
+    if reset_after is False or (bias is not None and bias.shape == (3 * H,)):
+        raise ValueError(
+            "the Keras GRU has reset_after=False: its candidate is tanh(x W + (r * h) U + b), and jaxlstm's GRU "
+            "computes tanh(x W + b + r * (h U + b_hn)) (reset_after=True, Keras' default); convert a GRU built "
+            "with reset_after=True"
+        )
+    if bias is None:
+        bias = jnp.zeros((2, 3 * H), dtype)
+    if bias.shape != (2, 3 * H):
+        raise ValueError(f"a Keras GRU bias must have shape (2, {3 * H}), got {bias.shape}")
+    b_in, b_rec = _blocks(bias[0], _KERAS_TO_GRU, 3), _blocks(bias[1], _KERAS_TO_GRU, 3)
+    b = jnp.concatenate([b_in[: 2 * H] + b_rec[: 2 * H], b_in[2 * H :]])
+    return GRUParams(_blocks(kernel, _KERAS_TO_GRU, 3), _blocks(rec, _KERAS_TO_GRU, 3), b, b_rec[2 * H :])
+
+
+def to_keras(params) -> list[np.ndarray]:
+    """``LSTMParams`` (plain, no projection) or ``GRUParams`` -> the list for a Keras 3 ``LSTM`` / ``GRU``
+    layer's ``set_weights`` (an LSTM without bias: a layer built with ``use_bias=False``; the GRU:
+    ``reset_after=True``, the r and z biases in the input half of ``bias``)."""
+    if isinstance(params, GRUParams):
+        H = params.w_hh.shape[0]
+        b_rec = jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])  # r, z: all in the input half
+        bias = jnp.stack([_blocks(params.b, _KERAS_TO_GRU, 3), _blocks(b_rec, _KERAS_TO_GRU, 3)])
+        ws = [_blocks(params.w_ih, _KERAS_TO_GRU, 3), _blocks(params.w_hh, _KERAS_TO_GRU, 3), bias]
+        return [np.asarray(w) for w in ws]
+    if not isinstance(params, LSTMParams):
+        raise TypeError(f"expected LSTMParams or GRUParams, got {type(params).__name__}")
+    _plain(params, "params", "Keras' LSTM")
+    if params.w_hr is not None:
+        raise ValueError("Keras' LSTM has no projection: params.w_hr must be None")
+    ws = [params.w_ih, params.w_hh] + ([] if params.b is None else [params.b])
+    return [np.asarray(w) for w in ws]
+
+
+# ---------------------------------------------------------------------------
+# Haiku (dm-haiku): hk.LSTM is one hk.Linear over [x, h] ("<module>/linear": w [D + H, 4H], b [4H]) with
+# gate order i, g, f, o and 1 added to the forget gate's pre-activation inside the cell (sonnet's forget
+# bias); jaxlstm's bias carries that 1. hk.GRU ("<module>": w_i [D, 3H], w_h [H, 3H], b [3H]) applies the
+# reset gate before its recurrent matmul (tanh(x W_a + (r * h) U_a + b_a)), a GRU that jaxlstm's
+# (reset-after, as cuDNN, PyTorch and Keras compute it) is not: it does not convert.
+
+_HAIKU_TO_LSTM = (0, 2, 1, 3)  # jaxlstm's i, f, g, o from Haiku's i, g, f, o (and back: the same swap)
+HAIKU_FORGET_BIAS = 1.0
+
+
+def _haiku_module(params, suffix: str, name: str | None) -> tuple[str, Mapping]:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"expected Haiku params (a dict of modules), got {type(params).__name__}")
+    if {"w", "b"} <= set(params):
+        return suffix, params
+    keys = [k for k in params if (k == name if name is not None else k == suffix or k.endswith("/" + suffix))]
+    if len(keys) != 1:
+        which = f"name={name!r}" if name is not None else f"a module ending in {suffix!r}"
+        raise ValueError(f"expected one Haiku module with {which} (pass name=), found {sorted(params)}")
+    return keys[0], params[keys[0]]
+
+
+def from_haiku(params, *, name: str | None = None) -> LSTMParams:
+    """The params of ``hk.LSTM`` (the whole Haiku params dict, with one ``.../lstm/linear`` module or the
+    one named ``name``; or that module's ``{"w", "b"}``) -> ``LSTMParams``. Haiku's cell adds 1 to the
+    forget gate inside; jaxlstm's ``b`` holds it, so the two compute the same function. ``hk.GRU``
+    does not convert: it applies the reset gate before the recurrent matmul (see the module notes)."""
+    if isinstance(params, Mapping) and any(k == "gru" or k.endswith("/gru") for k in params) and name is None:
+        raise ValueError(
+            "hk.GRU computes tanh(x W_a + (r * h) U_a + b_a), the reset gate before the recurrent matmul; "
+            "jaxlstm's GRU applies it after (cuDNN's, PyTorch's and Keras' default form): no exact conversion"
+        )
+    _, m = _haiku_module(params, "lstm/linear", name)
+    w, b = jnp.asarray(m["w"]), jnp.asarray(m["b"])
+    H = w.shape[1] // 4
+    if w.ndim != 2 or w.shape[1] != 4 * H or b.shape != (4 * H,) or w.shape[0] <= H:
+        raise ValueError(f"hk.LSTM's linear must be w [D + H, 4H], b [4H]; got {w.shape}, {b.shape}")
+    D = w.shape[0] - H
+    w = _blocks(w, _HAIKU_TO_LSTM, 4)
+    b = _blocks(b, _HAIKU_TO_LSTM, 4).at[H : 2 * H].add(HAIKU_FORGET_BIAS)
+    return LSTMParams(w[:D], w[D:], b)
+
+
+def to_haiku(params: LSTMParams, *, name: str = "lstm/linear") -> dict:
+    """``LSTMParams`` (plain, no projection) -> ``{name: {"w", "b"}}``, the params of ``hk.LSTM`` named
+    ``name`` (its default module name) for ``transform(...).apply``."""
+    if not isinstance(params, LSTMParams):
+        raise TypeError(f"expected LSTMParams (hk.GRU does not convert, see from_haiku), got {type(params).__name__}")
+    _plain(params, "params", "hk.LSTM")
+    if params.w_hr is not None:
+        raise ValueError("hk.LSTM has no projection: params.w_hr must be None")
+    H = params.w_hh.shape[0]
+    b = jnp.zeros((4 * H,), params.w_ih.dtype) if params.b is None else params.b
+    w = _blocks(jnp.concatenate([params.w_ih, params.w_hh]), _HAIKU_TO_LSTM, 4)
+    return {name: {"w": w, "b": _blocks(b.at[H : 2 * H].add(-HAIKU_FORGET_BIAS), _HAIKU_TO_LSTM, 4)}}

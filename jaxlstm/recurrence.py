@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _hints, _kernel, tuning
-from ._engine import accum_dtype, apply_sequence, batch_size, matmul_dtype
+from . import _checks, _hints, _path, tuning
 from ._fused import FusedConfig, fused_lstm
 from ._hints import hints
 from ._kernel import kernel_lstm
-from ._step import lstm_scan_core, lstm_step, regularisation, zoneout_rates
+from ._step import lstm_scan_core, lstm_step, zoneout_rates
 from ._variant import fused_variant, variant_scan_core, variant_step
 from .params import LSTMParams, LSTMState
 
@@ -62,13 +61,8 @@ def lstm_cell(
       >>> h.shape
       (4, 16)
     """
-    D, H, R = _checks.lstm_params(params)
-    if not isinstance(state, LSTMState):
-        _checks.lstm_state("state", state, (), H, R)  # raises the TypeError
-    x = _checks.as_float_array("x", x)
-    _checks.step_input("x", x, D, batch_shape=np.shape(state.h)[:-1])
-    _checks.lstm_state("state", state, x.shape[:-1], H, R)
-    mm, acc = _dtypes(params, x.dtype, compute_dtype)
+    x = check_cell(params, state, x)
+    mm, acc = _path.dtypes("lstm", params, x.dtype, compute_dtype)
     zoneout = zoneout_rates(zoneout_c, zoneout_h)
     make_step = variant_step if params.is_variant else lstm_step
     step = make_step(params, mm, acc, h_mask=None, zoneout=zoneout)
@@ -81,10 +75,15 @@ def lstm_cell(
     return LSTMState(y, c), y
 
 
-def _dtypes(params: LSTMParams, x_dtype, compute_dtype):
-    compute_dtype = _checks.compute_dtype(compute_dtype)
-    weights = [w.dtype for w in params if w is not None]
-    return matmul_dtype(compute_dtype, x_dtype, *weights), accum_dtype(x_dtype, *weights)
+def check_cell(params: LSTMParams, state: LSTMState, x) -> Array:
+    """Validates a one-step call (``lstm_cell``, ``jaxlstm.step``); returns ``x`` as a float array."""
+    D, H, R = _checks.lstm_params(params)
+    if not isinstance(state, LSTMState):
+        _checks.lstm_state("state", state, (), H, R)  # raises the TypeError
+    x = _checks.as_float_array("x", x)
+    _checks.step_input("x", x, D, batch_shape=np.shape(state.h)[:-1])
+    _checks.lstm_state("state", state, x.shape[:-1], H, R)
+    return x
 
 
 @hints(_hints.SEQUENCE)
@@ -202,67 +201,28 @@ def lstm(
       >>> ys.shape, state.c.shape
       ((4, 10, 16), (4, 16))
     """
-    D, H, R = _checks.lstm_params(params)
-    xs = _checks.as_float_array("xs", xs)
-    batch_shape, T = _checks.sequence("xs", xs, D, time_major)
-    seq_lengths = _checks.seq_lengths(seq_lengths, batch_shape, T)
-    mask = _checks.step_flags("mask", mask, batch_shape, T, time_major)
-    resets = _checks.step_flags("resets", resets, batch_shape, T, time_major)
-    _checks.static_bool("reverse", reverse)
-    _checks.static_bool("time_major", time_major)
-    _checks.one_of("backward", backward, ("fused", "autodiff"))
-    unroll = tuning.default_unroll() if unroll is None else _checks.positive_int("unroll", unroll)
-    if checkpoint_every is not None:
-        checkpoint_every = _checks.positive_int("checkpoint_every", checkpoint_every)
-        if backward != "fused":
-            raise ValueError("checkpoint_every requires backward='fused', got backward='autodiff'")
-    mm, acc = _dtypes(params, xs.dtype, compute_dtype)
-    zeros = (jnp.zeros(batch_shape + (R,), acc), jnp.zeros(batch_shape + (H,), acc))
-    carry0, reset_carry = zeros, zeros
-    if initial_state is not None:
-        _checks.lstm_state("initial_state", initial_state, batch_shape, H, R)
-        carry0 = (initial_state.h.astype(acc), initial_state.c.astype(acc))
-    if reset_state is not None:
-        _checks.lstm_state("reset_state", reset_state, batch_shape, H, R)
-        reset_carry = (reset_state.h.astype(acc), reset_state.c.astype(acc))
-    zoneout = zoneout_rates(zoneout_c, zoneout_h)
-    # The step reads (x, zc, zh) with zoneout: masks in training, none (the rates mix) in evaluation.
-    xs, h_mask, per_step = regularisation(
-        xs,
-        batch_shape,
-        T,
-        H,
-        R,
-        acc,
-        time_major,
-        input_dropout=input_dropout,
-        recurrent_dropout=recurrent_dropout,
-        zoneout=zoneout,
-        key=key,
-        deterministic=deterministic,
-    )
-
-    B = batch_size(batch_shape)
-    # On CPU the compiled kernel (jaxlstm._kernel) runs the plain float32 LSTM where it can
-    # (no recurrent dropout or zoneout then, so no per-step extras) and tuning chose it.
-    kernel = _kernel.chosen(
-        "lstm", params, mm, acc, backward=backward, batch=B, steps=T, h_mask=h_mask, zoneout=zoneout,
-        checkpoint_every=checkpoint_every,
+    call = _path.prepare(
+        "lstm", params, xs, initial_state, seq_lengths=seq_lengths, mask=mask, resets=resets,
+        reset_state=reset_state, input_dropout=input_dropout, recurrent_dropout=recurrent_dropout,
+        zoneout_c=zoneout_c, zoneout_h=zoneout_h, key=key, deterministic=deterministic, reverse=reverse,
+        time_major=time_major, unroll=unroll, checkpoint_every=checkpoint_every, compute_dtype=compute_dtype,
+        backward=backward,
     )  # fmt: skip
+    path = _path.select(call)
+    mm, acc, unroll, zoneout, per_step = call.mm, call.acc, call.unroll, call.zoneout, call.per_step
     core: Callable
-    if kernel:
+    if path == _path.NATIVE:
 
-        def kernel_core(inputs, carries, steps, batch_major=False):
+        def native_core(inputs, carries, steps, batch_major=False):
             # float32 in and out; bfloat16 GEMM operands where mm is bfloat16 (the precision contract)
             return kernel_lstm(batch_major, params, carries[0], inputs, steps, carries[1], bf16=mm == jnp.bfloat16)
 
-        core = kernel_core
-    elif backward == "fused":
-        # Peepholes, layer norm and heads run on jaxlstm._variant (batch-major steps).
-        if params.is_variant:
+        core = native_core
+    elif path in (_path.FUSED, _path.VARIANT):
+        if path == _path.VARIANT:  # peepholes, layer norm and heads: jaxlstm._variant (batch-major steps)
             fused, cfg = fused_variant, FusedConfig(mm, acc, unroll, checkpoint_every, zoneout=zoneout)
         else:
-            layout = tuning.forward_layout(B, D, H, R, T, mm, acc, unroll)
+            layout = tuning.forward_layout(call.batch, call.D, call.H, call.R, call.T, mm, acc, unroll)
             fused = fused_lstm
             cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout, zoneout=zoneout)
 
@@ -274,21 +234,8 @@ def lstm(
     elif params.is_variant:
         core = variant_scan_core(params, mm, acc, unroll=unroll, zoneout=zoneout)
     else:
-        layout = tuning.forward_layout(B, D, H, R, T, mm, acc, unroll)
+        layout = tuning.forward_layout(call.batch, call.D, call.H, call.R, call.T, mm, acc, unroll)
         core = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll, zoneout=zoneout)
 
-    ys, (h, c) = apply_sequence(
-        core,
-        xs,
-        (carry0, reset_carry, h_mask),
-        batch_shape,
-        seq_lengths=seq_lengths,
-        reverse=reverse,
-        time_major=time_major,
-        supports_jvp=backward == "autodiff",
-        mask=mask,
-        resets=resets,
-        per_step=per_step,
-        batch_major_core=kernel,
-    )
-    return ys.astype(xs.dtype), LSTMState(h.astype(xs.dtype), c)
+    ys, (h, c) = _path.run(call, path, core)
+    return ys.astype(call.dtype), LSTMState(h.astype(call.dtype), c)

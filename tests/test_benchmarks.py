@@ -73,6 +73,7 @@ def test_regimes_quick(tmp_path, capsys):
     data = json.loads((tmp_path / "regimes.json").read_text())
     assert data["machine"]["cpu_family"] is not None and data["machine"]["cores"] >= 1
     assert data["machine"]["native"]["isa"] == jaxlstm.native_info().isa  # the kernel's ISA level, recorded
+    assert all(r["path"] in jaxlstm.PATHS for r in regimes.rows(data))  # the path each jaxlstm row ran on
     rows = regimes.rows(data)
     assert {(r["regime"], r["cell"], r["mode"]) for r in rows} == {
         (g, c, m) for g in regimes.QUICK for c in ("lstm", "gru") for m in ("forward", "train")

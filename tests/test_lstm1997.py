@@ -115,6 +115,7 @@ def test_quick_run_writes_the_table(tmp_path):
             assert t["sequences"] == 256 and not t["reached"] and 0 <= t["test_wrong"] <= L.TEST_SIZE
     assert (tmp_path / "lstm1997.png").exists()
     assert "| temporal order 6a | paper (LSTM 1997) | 20 |" in L.table(result)
+    assert "| temporal order 6a | 31,390, 1 wrong (20 trials) | 0/1, " in L.compact_table(result)
 
 
 @pytest.mark.usefixtures("standard_promotion")

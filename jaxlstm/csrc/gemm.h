@@ -91,6 +91,27 @@ inline void gemm(const float* A, long rs, long ks, long M, const float* panels, 
   }
 }
 
+// The streaming step's GEMM (a call of one step, T = 1): C[b, g * ldg + u] += Σ_k A[b * rs + k] ·
+// W[k * ldw + g * H + u] for b < M, g < G, u < nu, on the caller's weights where they lie. A step reads
+// each weight once; laying them out in panels first (gemm's) reads and writes them once more, which
+// made a one-step call at B=1, H=256 cost 7x the XLA step's dispatch. k outer: a row of W is read
+// once for all M rows of A, and C (M x G x ldg floats) stays in cache.
+inline void gemm_unpacked(const float* A, long rs, long M, const float* W, long ldw, long K, int G, long H, long nu,
+                          float* C, long ldc, long ldg) {
+  for (long k = 0; k < K; ++k) {
+    const float* w = W + k * ldw;
+    for (int g = 0; g < G; ++g)
+      for (long u = 0; u < nu; u += VW) {
+        const int m = static_cast<int>(std::min<long>(VW, nu - u));
+        const vf wv = load_n(w + g * H + u, m);
+        for (long b = 0; b < M; ++b) {
+          float* c = C + b * ldc + g * ldg + u;
+          store_n(c, load_n(c, m) + wv * A[b * rs + k], m);
+        }
+      }
+  }
+}
+
 // dst [cols, rows] = the rows row(0), ..., row(rows - 1) of cols floats, transposed,
 // in blocks that stay in cache.
 template <typename Row>

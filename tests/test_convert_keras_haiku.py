@@ -1,0 +1,132 @@
+"""Keras 3 and Haiku weights, both directions, against the real libraries (skipped cleanly without them):
+the same inputs through the peer's layer and through jaxlstm give the same outputs and final states."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # Keras 3 on JAX: before keras is imported anywhere
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxlstm
+from jaxlstm import convert
+
+B, T, D, H = 3, 6, 4, 5
+# Keras' Variable.__array__ predates NumPy 2's copy keyword (Keras' own warning, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+@pytest.fixture(autouse=True)
+def _peer_promotion():
+    """Keras and Haiku are not strict-promotion clean (this suite's default): JAX's defaults here."""
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        yield
+
+
+def _keras():
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"Keras runs on {keras.backend.backend()} here, these tests need KERAS_BACKEND=jax")
+    return keras
+
+
+def _randomize(layer, seed):
+    rng = np.random.default_rng(seed)
+    layer.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in layer.get_weights()])
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_keras_lstm_both_ways(use_bias):
+    keras = _keras()
+    xs = np.random.default_rng(0).normal(size=(B, T, D)).astype(np.float32)
+    layer = keras.layers.LSTM(H, return_sequences=True, return_state=True, use_bias=use_bias)
+    layer(xs)
+    _randomize(layer, 1)
+    ys_k, h_k, c_k = (np.asarray(a) for a in layer(xs))
+    params = convert.from_keras(layer)
+    assert (params.b is None) == (not use_bias)
+    ys, state = jaxlstm.lstm(params, jnp.asarray(xs))
+    np.testing.assert_allclose(ys, ys_k, atol=2e-5)
+    np.testing.assert_allclose(state.h, h_k, atol=2e-5)
+    np.testing.assert_allclose(state.c, c_k, atol=2e-5)
+    # back: a fresh Keras layer with jaxlstm's weights computes jaxlstm's outputs
+    params2 = jaxlstm.init_lstm(jax.random.key(3), D, H, bias=use_bias)
+    fresh = keras.layers.LSTM(H, return_sequences=True, use_bias=use_bias)
+    fresh(xs)
+    fresh.set_weights(convert.to_keras(params2))
+    np.testing.assert_allclose(np.asarray(fresh(xs)), jaxlstm.lstm(params2, jnp.asarray(xs))[0], atol=2e-5)
+
+
+def test_keras_gru_both_ways():
+    keras = _keras()
+    xs = np.random.default_rng(0).normal(size=(B, T, D)).astype(np.float32)
+    layer = keras.layers.GRU(H, return_sequences=True, return_state=True)  # reset_after=True
+    layer(xs)
+    _randomize(layer, 2)
+    ys_k, h_k = (np.asarray(a) for a in layer(xs))
+    params = convert.from_keras(layer.get_weights())  # the bare list converts too
+    assert isinstance(params, jaxlstm.GRUParams)
+    ys, h = jaxlstm.gru(params, jnp.asarray(xs))
+    np.testing.assert_allclose(ys, ys_k, atol=2e-5)
+    np.testing.assert_allclose(h, h_k, atol=2e-5)
+    p2 = jaxlstm.init_gru(jax.random.key(4), D, H)
+    p2 = p2._replace(b=jnp.linspace(-1, 1, 3 * H), b_hn=jnp.linspace(0.5, -0.5, H))  # biases that matter
+    fresh = keras.layers.GRU(H, return_sequences=True)
+    fresh(xs)
+    fresh.set_weights(convert.to_keras(p2))
+    np.testing.assert_allclose(np.asarray(fresh(xs)), jaxlstm.gru(p2, jnp.asarray(xs))[0], atol=2e-5)
+    assert jax.tree.all(jax.tree.map(np.allclose, convert.from_keras(convert.to_keras(p2)), p2))
+
+
+def test_keras_what_does_not_convert_says_why():
+    keras = _keras()
+    xs = np.zeros((1, 2, D), np.float32)
+    old = keras.layers.GRU(H, reset_after=False)
+    old(xs)
+    with pytest.raises(ValueError, match="reset_after=False"):
+        convert.from_keras(old)
+    relu = keras.layers.LSTM(H, activation="relu")
+    relu(xs)
+    with pytest.raises(ValueError, match="activation is relu"):
+        convert.from_keras(relu)
+    with pytest.raises(ValueError, match="no projection"):
+        convert.to_keras(jaxlstm.init_lstm(jax.random.key(0), D, H, proj_size=2))
+    with pytest.raises(TypeError, match="keras.layers.LSTM"):
+        convert.from_keras("lstm")
+
+
+def _haiku_lstm(xs, params=None, name=None):
+    hk = pytest.importorskip("haiku")
+
+    def f(x):
+        core = hk.LSTM(H, name=name)
+        return hk.dynamic_unroll(core, x, core.initial_state(x.shape[0]), time_major=False)
+
+    t = hk.transform(f)
+    if params is None:
+        params = jax.tree.map(lambda a: a + 0.3, t.init(jax.random.key(5), xs))  # nonzero biases too
+    return params, t.apply(params, None, xs)
+
+
+def test_haiku_lstm_both_ways():
+    xs = jax.random.normal(jax.random.key(0), (B, T, D))
+    hparams, (ys_h, state_h) = _haiku_lstm(xs)
+    params = convert.from_haiku(hparams)
+    ys, state = jaxlstm.lstm(params, xs)
+    np.testing.assert_allclose(ys, ys_h, atol=2e-5)
+    np.testing.assert_allclose(state.h, state_h.hidden, atol=2e-5)
+    np.testing.assert_allclose(state.c, state_h.cell, atol=2e-5)
+    # back, into a module named otherwise
+    p2 = jaxlstm.init_lstm(jax.random.key(6), D, H)
+    _, (ys2, _) = _haiku_lstm(xs, convert.to_haiku(p2, name="enc/linear"), name="enc")
+    np.testing.assert_allclose(ys2, jaxlstm.lstm(p2, xs)[0], atol=2e-5)
+    assert jax.tree.all(jax.tree.map(np.allclose, convert.from_haiku(convert.to_haiku(p2)), p2))
+
+
+def test_haiku_gru_says_it_does_not_convert():
+    with pytest.raises(ValueError, match="reset gate before the recurrent matmul"):
+        convert.from_haiku({"gru": {"w_i": np.zeros((D, 3 * H)), "w_h": np.zeros((H, 3 * H)), "b": np.zeros(3 * H)}})
+    with pytest.raises(ValueError, match="pass name="):
+        convert.from_haiku({"a/lstm/linear": {"w": 0, "b": 0}, "b/lstm/linear": {"w": 0, "b": 0}})
