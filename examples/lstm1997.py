@@ -159,6 +159,11 @@ def temporal_order(rng: np.random.Generator, n: int, variant: str):
 # Tasks: their data, what "correct" means, and when training stops
 
 
+def _wrong(abs_err, tol: float) -> int:
+    """Sequences whose error is not below ``tol``: a NaN (a diverged model) is wrong."""
+    return int((~(np.asarray(abs_err) < tol)).sum())
+
+
 class Task:
     """One row of the paper's tables: a data stream and its criteria."""
 
@@ -183,7 +188,7 @@ class Task:
         """The paper's stopping rule on the last ``WINDOW`` training sequences' errors."""
         if len(abs_err) < WINDOW:
             return False
-        wrong = int((abs_err >= self.tol).sum())
+        wrong = _wrong(abs_err, self.tol)
         if self.experiment == "multiplication":
             return wrong < self.n_seq
         return wrong == 0 and float(sq_err.mean()) < (0.1 if self.classify else 0.01)
@@ -251,7 +256,7 @@ def run_trial(task: Task, model: str, args, seed: int) -> dict:
         seen += args.batch
         reached = task.stop(np.asarray(abs_window), np.asarray(sq_window))
         if seen % (args.batch * args.curve_every) == 0 or reached or seen >= args.budget:
-            curve.append([seen, float(np.mean(sq_window)), int((np.asarray(abs_window) >= task.tol).sum())])
+            curve.append([seen, float(np.mean(sq_window)), _wrong(abs_window, task.tol)])
     wall = time.perf_counter() - t0
     test_rng = np.random.default_rng([seed, 2560])
     xs, lengths, targets = task.data(test_rng, TEST_SIZE)
@@ -262,8 +267,9 @@ def run_trial(task: Task, model: str, args, seed: int) -> dict:
         "reached": reached,
         "sequences": seen,
         "wall_s": wall,
-        "test_wrong": int((np.asarray(abs_err) >= task.tol).sum()),
+        "test_wrong": _wrong(abs_err, task.tol),
         "test_mse": float(np.mean(sq_err)),
+        "diverged": not bool(np.isfinite(np.mean(sq_err))),
         "hidden_size": H,
         "num_params": num_params(params),
         "curve": curve,
@@ -281,6 +287,7 @@ def summarize(trials: list[dict]) -> dict:
         "sequences_range": [min(seqs), max(seqs)] if seqs else None,
         "test_wrong_mean": float(np.mean([t["test_wrong"] for t in trials])),
         "test_mse_mean": float(np.mean([t["test_mse"] for t in trials])),
+        "diverged": sum(bool(t.get("diverged")) for t in trials),
         "wall_s_mean": float(np.mean([t["wall_s"] for t in trials])),
     }
 
@@ -364,9 +371,13 @@ def plot(result: dict, out: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4), squeeze=False)
+    ncols = min(4, len(rows))
+    nrows = -(-len(rows) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(rows) :]:
+        ax.set_visible(False)
     colors = {"lstm": "C0", "gru": "C2", "rnn": "C3"}
-    for ax, row in zip(axes[0], rows, strict=True):
+    for ax, row in zip(axes.flat, rows, strict=False):
         for model, trials in row["trials"].items():
             for j, t in enumerate(trials):
                 c = np.asarray(t["curve"], dtype=float).reshape(-1, 3)
@@ -375,7 +386,8 @@ def plot(result: dict, out: str) -> None:
             ax.axvline(row["paper"]["sequences"], color="k", ls=":", lw=1, label="paper (mean)")
         ax.set(xscale="log", yscale="log", title=row["task"], xlabel="training sequences seen")
         ax.title.set_fontsize(9)
-    axes[0][0].set_ylabel(f"MSE of the last {WINDOW:,} sequences")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"MSE of the last {WINDOW:,} sequences")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "lstm1997.png"), dpi=100)
@@ -419,6 +431,10 @@ def merge(paths: list[str]) -> dict:
         with open(p) as f:
             runs.append(json.load(f))
     rows: dict[str, dict] = {}
+    for trial in (t for run in runs for row in run["rows"] for ts in row["trials"].values() for t in ts):
+        # runs saved before a NaN counted as wrong: a diverged model's outputs are all NaN (its weights are)
+        if not np.isfinite(trial["test_mse"]):
+            trial.update(test_wrong=TEST_SIZE, diverged=True)
     for row in (row for run in runs for row in run["rows"]):
         merged = rows.setdefault(row["task"], {**row, "trials": {}})
         for model, trials in row["trials"].items():

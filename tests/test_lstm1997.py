@@ -88,6 +88,7 @@ def test_stopping_rules():
     mul = L.Task("multiplication", 13)
     some_wrong = np.r_[np.full(12, 0.05), ok[12:]]
     assert mul.stop(some_wrong, sq) and not mul.stop(np.r_[np.full(13, 0.05), ok[13:]], sq)
+    assert not add.stop(np.r_[ok[:-1], np.nan], sq)  # a NaN is a wrong sequence, not a right one
     order = L.Task("order", "a")
     assert order.stop(np.full(L.WINDOW, 0.29), np.full(L.WINDOW, 0.09))
     assert not order.stop(np.full(L.WINDOW, 0.3), np.full(L.WINDOW, 0.09))

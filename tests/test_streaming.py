@@ -56,6 +56,19 @@ def test_the_lstm_step_against_the_numpy_loop():
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("rows,hidden", [(1, 40), (5, 40), (2, 64)])
+def test_the_native_step_at_its_gemm_edges(kind, rows, hidden):
+    """One row (the row-streaming loop) and several (the register tile on the weights in place, then
+    the columns past the last whole tile): the cell's numbers."""
+    params = INIT[kind](jax.random.key(1), D, hidden)
+    state = jax.tree.map(
+        lambda a: a + 0.2, jaxlstm.zero_state(rows, hidden) if kind == "lstm" else jnp.zeros((rows, hidden))
+    )
+    x = jax.random.normal(jax.random.key(2), (rows, D))
+    assert_trees_close(jax.jit(jaxlstm.step)(params, state, x), CELL[kind](params, state, x), rtol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 def test_the_step_runs_native_where_it_applies(kind):
     if not _kernel.available():
         pytest.skip(str(_kernel.load_error()))

@@ -91,12 +91,8 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   float* wx = nullptr;
   float* wh = nullptr;
   pair16 *wxp = nullptr, *whp = nullptr, *xp = nullptr;  // Bf16: the panels, and x(t) paired
-  // One step of a few rows (a streaming call): the GEMMs read the weights in place (gemm_unpacked), no
-  // panels. Measured on the Zen 4, one-step calls at H=256 (unpacked / panels, µs): B=1 LSTM 66 / 166-192,
-  // GRU 52 / 128; B=4 LSTM 133-147 / 181-227, GRU 95-106 / 138-140; B=16 the panels win (LSTM 306-329
-  // against 2.7-3.2 ms: gemm_unpacked keeps C in memory, a load and a store per multiply-add per row).
-  constexpr long kStreamMaxRows = 4;
-  const bool stream = !Bf16 && T == 1 && B <= kStreamMaxRows;
+  // One step (a streaming call): the GEMMs read the weights in place (gemm_unpacked), no panels.
+  const bool stream = !Bf16 && T == 1;
   float* zx = aligned_floats(zx_store, static_cast<size_t>(B) * cols);
   float* zh = Cell::kSplit ? aligned_floats(zh_store, static_cast<size_t>(B) * cols) : zx;
   float* bias = aligned_floats(bias_store, cols);
