@@ -435,7 +435,12 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
   std::vector<pair16> hpairs_store;
   pair16* hpairs = Bf16 ? aligned_pairs(hpairs_store, static_cast<size_t>(2 * a.B) * pairs(a.H)) : nullptr;
   const long step_work = a.B * Cell::G * a.H * (a.D + a.H);
-  run_team(pool, thread_count(a.H, VW, step_work), static_cast<double>(a.T) * step_work,
+  // A one-step call (streaming) is a few tens of µs in all: a second thread's hand-over costs what it
+  // saves until the step is large. On the Zen 4, one thread against two (µs): B=1, H=256 LSTM 66 / 115-123,
+  // GRU 52 / 85-111; B=16, H=256 LSTM 204-219 / 180-182 (two win there: 8.4M multiply-adds).
+  constexpr long kStreamSplit = 16;
+  const long team_work = a.T == 1 ? step_work / kStreamSplit : step_work;
+  run_team(pool, thread_count(a.H, VW, team_work), static_cast<double>(a.T) * step_work,
            [&](int p, int n, SpinBarrier& barrier) {
              forward_thread<Cell, Bf16>(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data(), hpairs);
            });
