@@ -202,3 +202,14 @@ def test_variants_quick(tmp_path):
         (v, m) for v in variants.VARIANTS for m in ("forward", "train")
     }
     assert all(r["vs_plain"] == 1.0 for r in rows if r["variant"] == "plain")
+
+
+def test_streaming_quick(tmp_path):
+    """benchmarks/streaming.py: per-call times of the step, the cell, flax (and torch when installed)."""
+    from benchmarks import streaming
+
+    result = streaming.main(["--quick", "--calls", "20", "--out", str(tmp_path)])
+    impls = {r["impl"] for r in result["records"]}
+    assert {"jaxlstm", "jaxlstm-cell", "flax"} <= impls and ("torch" in impls) == C_torch()
+    assert all(r["us"] > 0 for r in result["records"])
+    assert (tmp_path / "streaming.json").exists() and "| lstm | 1, 64, 64 |" in streaming.table(result)
