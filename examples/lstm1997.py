@@ -449,9 +449,34 @@ def merge(paths: list[str]) -> dict:
     }
 
 
+CURVE_POINTS = 100
+
+
+def _thin(curve: list, n: int = CURVE_POINTS) -> list:
+    """At most ``n`` points of a learning curve, spaced evenly on the log axis it is drawn on, the last
+    point (where the run stopped) always kept."""
+    if len(curve) <= n:
+        return curve
+    keep = np.unique(np.geomspace(1, len(curve), n).astype(int) - 1)
+    return [curve[i] for i in keep]
+
+
 def _write(result: dict, out: str) -> None:
-    with open(os.path.join(out, "lstm1997.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    for row in result["rows"]:
+        for trials in row["trials"].values():
+            for t in trials:
+                t["curve"] = _thin(t["curve"])
+    with open(os.path.join(out, "lstm1997.json"), "w") as f:  # a row per trial: the file stays readable
+        f.write(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1)[:-2] + ',\n "rows": [\n')
+        for i, row in enumerate(result["rows"]):
+            head = {k: v for k, v in row.items() if k != "trials"}
+            trials = ",\n".join(
+                f"  {json.dumps(m)}: [\n" + ",\n".join("   " + json.dumps(t) for t in ts) + "\n  ]"
+                for m, ts in row["trials"].items()
+            )
+            f.write(" " + json.dumps(head)[:-1] + ', "trials": {\n' + trials + "\n }}")
+            f.write(",\n" if i + 1 < len(result["rows"]) else "\n")
+        f.write(" ]\n}\n")
     plot(result, out)
     print(table(result))
     print()

@@ -79,6 +79,14 @@ def test_bad_arguments_are_named():
         L.Task("xor", 1)
 
 
+def test_thinned_curves_keep_their_ends():
+    curve = [[32 * (i + 1), 1.0 / (i + 1), 0] for i in range(1000)]
+    thin = L._thin(curve, 50)
+    assert len(thin) <= 50 and thin[0] == curve[0] and thin[-1] == curve[-1]
+    assert [p[0] for p in thin] == sorted({p[0] for p in thin})  # in order, no repeats
+    assert L._thin(curve[:10], 50) == curve[:10]
+
+
 def test_stopping_rules():
     ok, sq = np.full(L.WINDOW, 0.01), np.full(L.WINDOW, 1e-4)
     add = L.Task("adding", 100)
