@@ -11,7 +11,7 @@ inputs, from
 * ``float32``: ``jaxlstm.lstm`` / ``jaxlstm.gru`` as they run by default (the compiled kernel on
   CPU where it is built);
 * ``bfloat16``: the same with ``compute_dtype=bfloat16`` (bf16 GEMM operands, float32 sums, state
-  and gate maths: README "Precision"), on the kernel and on the pure-XLA path;
+  and gate maths: docs/precision.md), on the kernel and on the pure-XLA path;
 
 against the float64 run of the same equations (``jax.enable_x64``, the XLA scan, plain autodiff).
 Each error is ``max |a - ref| / max |ref|`` over the array (the worst element against the array's

@@ -335,7 +335,7 @@ def parse(argv=None):
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16"],
-        help="bfloat16: params and inputs in bf16 for every implementation (README 'Precision')",
+        help="bfloat16: params and inputs in bf16 for every implementation (docs/precision.md)",
     )
     ap.add_argument("--thp", action="store_true", help=f"restart with GLIBC_TUNABLES={C.THP_TUNABLE}")
     ap.add_argument("--out", default=None, help="default benchmarks/runs/<device>/ (untracked)")

@@ -84,7 +84,7 @@ def init_model(key, model: str, input_size: int, hidden: int, num_classes: int, 
 
 def logits_fn(model: str, params, xs, compute_dtype=None):
     """The read-out of the final hidden state; ``compute_dtype`` (``"bfloat16"``) the cell's
-    GEMM operands (README "Precision"): parameters, state and gradients stay float32."""
+    GEMM operands (docs/precision.md): parameters, state and gradients stay float32."""
     h = MODELS[model][1](params["cell"], xs, compute_dtype).astype(jnp.float32)
     return h @ params["w_out"] + params["b_out"][None, :]
 

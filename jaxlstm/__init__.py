@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 def _register_for_export() -> None:
     """The params and state types, named for ``jax.export``'s serialization, so that a function
-    taking them can be exported (README "Export")."""
+    taking them can be exported (docs/export.md)."""
     try:
         from jax import export
     except ImportError:  # a JAX without jax.export

@@ -57,7 +57,7 @@ def operand(a: Array, mm_dtype, acc_dtype) -> Array:
     is then widened to ``acc_dtype`` again: XLA:CPU has no bf16 x bf16 -> float32 GEMM of its
     own (a dot whose bf16 operands it does not fuse with their converts fails at run time,
     "Unsupported element type for DotThunk"), and the numbers are the same: a product of two
-    bf16 is exact in float32, and the sums are float32 either way (README "Precision")."""
+    bf16 is exact in float32, and the sums are float32 either way (docs/precision.md)."""
     a = a.astype(mm_dtype)
     if jnp.dtype(mm_dtype).itemsize < jnp.dtype(acc_dtype).itemsize and jax.default_backend() == "cpu":
         a = a.astype(acc_dtype)

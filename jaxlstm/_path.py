@@ -77,7 +77,7 @@ def cell_params(kind: str, params) -> tuple[int, int, int]:
 
 
 def dtypes(kind: str, params, x_dtype, compute_dtype) -> tuple:
-    """``(matmul dtype, accumulation dtype)`` of a call (README "Precision")."""
+    """``(matmul dtype, accumulation dtype)`` of a call (docs/precision.md)."""
     compute_dtype = _checks.compute_dtype(compute_dtype)
     if kind == "lstm":
         weights = [w.dtype for w in params if w is not None]

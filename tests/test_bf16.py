@@ -1,4 +1,4 @@
-"""bfloat16: the precision contract (README "Precision") on every path, and the compiled
+"""bfloat16: the precision contract (docs/precision.md) on every path, and the compiled
 kernel's bf16 GEMMs (jaxlstm/csrc/bf16.h, the ``avx512_bf16`` level) against a float64 NumPy
 loop whose matmul operands are rounded to bf16, the XLA path and autodiff; a level without
 bf16 GEMMs runs the float32 ones on the same data; training converges as in float32."""

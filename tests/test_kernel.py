@@ -235,7 +235,7 @@ def test_export_runs_on_the_xla_path():
     """``jax.export`` refuses custom calls without a compatibility guarantee, and the kernel's
     calls have none (their ABI is this build's, their names its ISA level's): exported under
     ``tuning.forced("xla")`` a model serializes, and its round trip gives the kernel's numbers,
-    values and (``vjp_order=1``) gradients. README "Export"."""
+    values and (``vjp_order=1``) gradients. docs/export.md."""
     params, xs, _, _ = _case(4, 3, 5, 16, 6)
     f = lambda p, x: jnp.tanh(jaxlstm.lstm(p, x)[0]).sum()
     with pytest.raises(ValueError, match="custom calls whose targets have no compatibility guarantees"):
