@@ -106,7 +106,13 @@ def _layer_params(kind, sd, sfx, has_proj, dtype):
         return LSTMParams(w_ih, w_hh, b_ih + b_hh if has_bias else None, a("weight_hr").T if has_proj else None)
     if kind == "rnn":
         return RNNParams(w_ih, w_hh, b_ih + b_hh)
-    H = G // 3  # GRU: b_hn stays apart because r multiplies it
+    return _gru_params(w_ih, w_hh, b_ih, b_hh)
+
+
+def _gru_params(w_ih, w_hh, b_ih, b_hh) -> GRUParams:
+    """A GRU with input and recurrent biases (gate order r, z, n; PyTorch's and, reordered, Keras'):
+    the r and z biases summed into ``b``, ``b_hn`` apart because r multiplies it."""
+    H = w_hh.shape[0]
     return GRUParams(w_ih, w_hh, b_ih + b_hh.at[2 * H :].set(0), b_hh[2 * H :])
 
 
@@ -325,6 +331,8 @@ def from_keras(layer_or_weights, *, dtype=jnp.float32):
         raise ValueError(f"Keras kernel / recurrent_kernel shapes {kernel.shape} / {rec.shape} do not match")
     H, gates = rec.shape[0], rec.shape[1] // rec.shape[0]
     if gates == 4 and name in (None, "LSTM", "LSTMCell"):
+        if bias is not None and bias.shape != (4 * H,):
+            raise ValueError(f"a Keras LSTM bias must have shape ({4 * H},), got {bias.shape}")
         return LSTMParams(kernel, rec, bias)
     if gates != 3 or name not in (None, "GRU", "GRUCell"):
         raise ValueError(f"a Keras {name or 'layer'} with recurrent_kernel {rec.shape} is neither an LSTM nor a GRU")
@@ -338,9 +346,8 @@ def from_keras(layer_or_weights, *, dtype=jnp.float32):
         bias = jnp.zeros((2, 3 * H), dtype)
     if bias.shape != (2, 3 * H):
         raise ValueError(f"a Keras GRU bias must have shape (2, {3 * H}), got {bias.shape}")
-    b_in, b_rec = _blocks(bias[0], _KERAS_TO_GRU, 3), _blocks(bias[1], _KERAS_TO_GRU, 3)
-    b = jnp.concatenate([b_in[: 2 * H] + b_rec[: 2 * H], b_in[2 * H :]])
-    return GRUParams(_blocks(kernel, _KERAS_TO_GRU, 3), _blocks(rec, _KERAS_TO_GRU, 3), b, b_rec[2 * H :])
+    w_ih, w_hh, b_ih, b_hh = (_blocks(a, _KERAS_TO_GRU, 3) for a in (kernel, rec, bias[0], bias[1]))
+    return _gru_params(w_ih, w_hh, b_ih, b_hh)
 
 
 def to_keras(params) -> list[np.ndarray]:
@@ -397,8 +404,8 @@ def from_haiku(params, *, name: str | None = None) -> LSTMParams:
         )
     _, m = _haiku_module(params, "lstm/linear", name)
     w, b = jnp.asarray(m["w"]), jnp.asarray(m["b"])
-    H = w.shape[1] // 4
-    if w.ndim != 2 or w.shape[1] != 4 * H or b.shape != (4 * H,) or w.shape[0] <= H:
+    H = w.shape[1] // 4 if w.ndim == 2 else 0
+    if H == 0 or w.shape[1] != 4 * H or b.shape != (4 * H,) or w.shape[0] <= H:
         raise ValueError(f"hk.LSTM's linear must be w [D + H, 4H], b [4H]; got {w.shape}, {b.shape}")
     D = w.shape[0] - H
     w = _blocks(w, _HAIKU_TO_LSTM, 4)

@@ -93,9 +93,12 @@ def step(params, state, x, *, compute_dtype=None):
     if dirs != 1:
         raise ValueError("a bidirectional stack cannot run a step at a time: its reverse direction reads the "
                          "whole sequence (use jaxlstm.lstm_stack)")  # fmt: skip
-    if not isinstance(state, LSTMState) or jnp.shape(state.h)[:1] != (num_layers,):
-        got = type(state).__name__ if not isinstance(state, LSTMState) else f"h of shape {jnp.shape(state.h)}"
-        raise ValueError(f"state must be the stack's LSTMState with {num_layers} layers first, got {got}")
+    if not isinstance(state, LSTMState):
+        raise TypeError(f"state must be the stack's LSTMState (layers first), got {type(state).__name__}")
+    for name in ("h", "c"):
+        shape = jnp.shape(getattr(state, name))
+        if shape[:1] != (num_layers,):
+            raise ValueError(f"state.{name} must hold the stack's {num_layers} layers first, got shape {shape}")
     hs, cs = [], []
     for l in range(num_layers):
         layer_state, x = _lstm_step(params[l][0], LSTMState(state.h[l], state.c[l]), x, compute_dtype)

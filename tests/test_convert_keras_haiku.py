@@ -95,6 +95,8 @@ def test_keras_what_does_not_convert_says_why():
         convert.to_keras(jaxlstm.init_lstm(jax.random.key(0), D, H, proj_size=2))
     with pytest.raises(TypeError, match="keras.layers.LSTM"):
         convert.from_keras("lstm")
+    with pytest.raises(ValueError, match=rf"LSTM bias must have shape \({4 * H},\)"):
+        convert.from_keras([np.zeros((D, 4 * H)), np.zeros((H, 4 * H)), np.zeros(3 * H)])
 
 
 def _haiku_lstm(xs, params=None, name=None):
@@ -128,5 +130,7 @@ def test_haiku_lstm_both_ways():
 def test_haiku_gru_says_it_does_not_convert():
     with pytest.raises(ValueError, match="reset gate before the recurrent matmul"):
         convert.from_haiku({"gru": {"w_i": np.zeros((D, 3 * H)), "w_h": np.zeros((H, 3 * H)), "b": np.zeros(3 * H)}})
+    with pytest.raises(ValueError, match=r"w \[D \+ H, 4H\]"):
+        convert.from_haiku({"lstm/linear": {"w": np.zeros(4 * H), "b": np.zeros(4 * H)}})
     with pytest.raises(ValueError, match="pass name="):
         convert.from_haiku({"a/lstm/linear": {"w": 0, "b": 0}, "b/lstm/linear": {"w": 0, "b": 0}})

@@ -33,8 +33,9 @@ CELLS = {
     "rnn": (jaxlstm.init_rnn, jaxlstm.rnn, rnn_ref),
 }
 # Around the tiles of every level (4, 6 and 12 rows; vectors of 4, 8 and 16 floats): B past a
-# tile and a vector, H not a multiple of any vector width, T=1.
-SHAPES = [(13, 6, 33, 4), (7, 5, 20, 1), (2, 3, 40, 5)]
+# tile and a vector, H not a multiple of any vector width, T=1 (the one-step GEMM on the weights in
+# place: several rows, and one row).
+SHAPES = [(13, 6, 33, 4), (7, 5, 20, 1), (2, 3, 40, 5), (1, 3, 40, 1)]
 
 
 def test_the_best_level_the_cpu_runs_is_chosen(monkeypatch):

@@ -124,7 +124,11 @@ def test_what_cannot_stream_says_why():
     with pytest.raises(ValueError, match="bidirectional"):
         jaxlstm.step(bi, state, jnp.ones((B, D)))
     uni = jaxlstm.init_lstm_stack(jax.random.key(0), D, H, num_layers=2)
-    with pytest.raises(ValueError, match="2 layers first"):
+    with pytest.raises(ValueError, match="state.h must hold the stack's 2 layers first"):
         jaxlstm.step(uni, jaxlstm.zero_state(B, H), jnp.ones((B, D)))
+    with pytest.raises(ValueError, match="state.c must hold the stack's 2 layers first"):
+        jaxlstm.step(uni, jaxlstm.LSTMState(jnp.zeros((2, B, H)), jnp.zeros((1, B, H))), jnp.ones((B, D)))
+    with pytest.raises(TypeError, match="LSTMState"):
+        jaxlstm.step(uni, (jnp.zeros((2, B, H)),), jnp.ones((B, D)))
     with pytest.raises(ValueError, match="input size"):
         jaxlstm.step(jaxlstm.init_gru(jax.random.key(0), D, H), jnp.zeros((B, H)), jnp.ones((B, D + 1)))
