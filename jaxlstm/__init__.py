@@ -14,6 +14,7 @@ from . import convert, gates
 from ._hints import MODULES as _MOVED
 from ._kernel import NativeInfo, native_info
 from ._path import PATHS, path_of
+from .conv import ConvLSTMParams, conv_lstm, conv_lstm_cell, conv_zero_state, init_conv_lstm
 from .params import LSTMParams, LSTMState, init_lstm, zero_state
 from .recurrence import lstm, lstm_cell
 from .rnn import GRUParams, RNNParams, gru, gru_cell, init_gru, init_rnn, rnn, rnn_cell
@@ -30,7 +31,7 @@ def _register_for_export() -> None:
         from jax import export
     except ImportError:  # a JAX without jax.export
         return
-    for cls in (LSTMParams, LSTMState, GRUParams, RNNParams):
+    for cls in (LSTMParams, LSTMState, GRUParams, RNNParams, ConvLSTMParams):
         try:
             export.register_namedtuple_serialization(cls, serialized_name=f"jaxlstm.{cls.__name__}")
         except ValueError:  # registered already (importlib.reload)
@@ -48,16 +49,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ConvLSTMParams",
     "GRUParams",
     "LSTMParams",
     "LSTMState",
     "NativeInfo",
     "PATHS",
     "RNNParams",
+    "conv_lstm",
+    "conv_lstm_cell",
+    "conv_zero_state",
     "convert",
     "gates",
     "gru",
     "gru_cell",
+    "init_conv_lstm",
     "init_gru",
     "init_lstm",
     "init_lstm_stack",

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
+from .gates import DEFAULT_ACTIVATIONS, Activations
 from .params import LSTMParams, LSTMState
 
 
@@ -62,6 +63,31 @@ def compute_dtype(dtype):
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(f"compute_dtype must be a floating dtype (float32, bfloat16, ...), got {dt}")
     return dt
+
+
+def _elementwise(name: str, fn) -> None:
+    """``fn`` maps a float32 ``[2, 3]`` array to one of its shape and a floating dtype."""
+    if not callable(fn):
+        raise TypeError(f"{name} must be a JAX function (such as jax.nn.relu), got {fn!r} ({type(fn).__name__})")
+    probe = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    try:
+        out = jax.eval_shape(fn, probe)
+    except Exception as e:  # any failure to trace is the caller's function's
+        raise TypeError(f"{name} must be an elementwise JAX function of one array, got {fn!r}: calling it on a "
+                        f"float32 (2, 3) array failed with {type(e).__name__}: {e}") from e  # fmt: skip
+    if not hasattr(out, "shape") or out.shape != (2, 3) or not jnp.issubdtype(out.dtype, jnp.floating):
+        got = f"shape {out.shape}, dtype {out.dtype}" if hasattr(out, "shape") else type(out).__name__
+        raise ValueError(f"{name} must be elementwise (same shape, floating dtype out): on a float32 (2, 3) "
+                         f"array {fn!r} gave {got}")  # fmt: skip
+
+
+def activations(gate_activation, activation) -> Activations | None:
+    """The nonlinearities of a call, checked: ``None`` for the defaults (σ, tanh), which every path
+    (the native code included) runs; else an ``Activations``, which the XLA paths run."""
+    _elementwise("gate_activation", gate_activation)
+    _elementwise("activation", activation)
+    act = Activations(gate_activation, activation)
+    return None if act == DEFAULT_ACTIVATIONS else act
 
 
 def _what(x) -> str:

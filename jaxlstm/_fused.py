@@ -41,7 +41,7 @@ from ._engine import (
 )
 from ._engine import transpose_features as _t
 from ._step import GATE_AXIS_FM, Zoneout, keep_weight, lstm_step, lstm_step_vjp
-from .gates import split_gates
+from .gates import Activations, split_gates
 from .params import LSTMParams
 
 
@@ -60,6 +60,8 @@ class FusedConfig(NamedTuple):
     # Zoneout rates: with per-step masks (training) the masks decide, without them
     # (evaluation) each step mixes by the rates.
     zoneout: Zoneout | None = None
+    # The nonlinearities (jaxlstm.gates.Activations), or None for σ and tanh.
+    act: Activations | None = None
 
 
 class Segment(NamedTuple):
@@ -109,7 +111,7 @@ class Checkpoints(NamedTuple):
 
 def _forward(cfg: FusedConfig, params, seg: Segment, lengths, t_offset=0, save: bool = True):
     """``(carry, ys, residuals)``; residuals ``((acts, cs), carry_in or None)``."""
-    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, feature_major=True, h_mask=seg.h_mask, zoneout=cfg.zoneout)
+    step = lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, True, seg.h_mask, cfg.zoneout, cfg.act)
     steps = Steps(lengths, seg.mask, seg.resets)
     # With zoneout the state entering a step is no shift of the outputs either.
     carry_in = steps.per_step or cfg.zoneout is not None
@@ -164,7 +166,7 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
         kh, kc = keep_weight(zh, zo.h, acc), keep_weight(zc, zo.c, acc)
         dh_new = dh_tot if kh is None else dh_tot * (1 - kh)
         dc_new = dc if kc is None else dc * (1 - kc)
-        g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_new, dc_new, mm, acc, seg.h_mask)
+        g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, cp, dh_new, dc_new, mm, acc, seg.h_mask, cfg.act)
         d_prev = (
             g.dh_prev if kh is None else g.dh_prev + kh * dh_tot,
             g.dc_prev if kc is None else g.dc_prev + kc * dc,
@@ -200,7 +202,8 @@ def _backward(cfg: FusedConfig, params: LSTMParams, seg: Segment, saved: tuple, 
 
     d_w_hr = None
     if proj:
-        m = split_gates(acts, GATE_AXIS_FM)[3] * jnp.tanh(cs)
+        gates = acts[0] if isinstance(acts, tuple) else acts  # (a, a') with other activations
+        m = split_gates(gates, GATE_AXIS_FM)[3] * (jnp.tanh if cfg.act is None else cfg.act.cell)(cs)
         d_w_hr = contract(m, bufs[1])
     d_b = None if params.b is None else bufs[0].sum(axis=(1, 2))
     h_in = h_prev if seg.h_mask is None else h_prev * seg.h_mask[None]  # what the recurrent dot read
@@ -234,7 +237,7 @@ def fused_lstm(
     lengths, mask, resets = flags(steps)
     zc, zh = zs or (None, None)
     if cfg.forward_layout == "batch":
-        step = without_residuals(lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask=h_mask, zoneout=cfg.zoneout))
+        step = without_residuals(lstm_step(params, cfg.mm_dtype, cfg.acc_dtype, False, h_mask, cfg.zoneout, cfg.act))
         inputs = xs if cfg.zoneout is None else (xs, zc, zh)
         carry, ys, _ = scan_masked(step, carry0, inputs, steps, unroll=cfg.unroll, reset_to=reset_carry)
         return ys, carry

@@ -47,13 +47,16 @@ from ._engine import (
 )
 from ._fused import FusedConfig, cast_like, shift
 from ._step import keep_weight, zoneout_mix
+from .gates import with_derivative
 
 
-def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None):
+def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None):
     """The step ``(h, x) -> (h, h, (r, z, n, hn))``, batch-major; ``h_mask`` (or
     ``None``) multiplies ``h(t-1)`` where it enters ``h @ w_hh`` (recurrent dropout).
     With ``zoneout`` (a ``Zoneout``; its ``h`` rate) the step reads ``(x, zh)`` and
-    keeps ``h(t-1)`` where the mask ``zh`` is true (by the rate without a mask)."""
+    keeps ``h(t-1)`` where the mask ``zh`` is true (by the rate without a mask).
+    With ``act`` (``Activations``: ``gate`` for σ, ``cell`` for tanh) the residuals
+    gain ``(r', z', n')``, the derivatives the backward pass reads."""
 
     def step(h, x):
         if zoneout is not None:
@@ -62,14 +65,20 @@ def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None):
         gh = dot(h if h_mask is None else h * h_mask, params.w_hh, mm_dtype, acc_dtype)
         xr, xz, xn = jnp.split(gx, 3, axis=-1)
         hr, hz, hn = jnp.split(gh, 3, axis=-1)
-        r = jax.nn.sigmoid(xr + hr)
-        z = jax.nn.sigmoid(xz + hz)
         hn = add_bias(hn, params.b_hn)
-        n = jnp.tanh(xn + r * hn)
+        if act is None:
+            r = jax.nn.sigmoid(xr + hr)
+            z = jax.nn.sigmoid(xz + hz)
+            n = jnp.tanh(xn + r * hn)
+            res = (r, z, n, hn)
+        else:
+            (r, dr), (z, dz) = with_derivative(act.gate, xr + hr), with_derivative(act.gate, xz + hz)
+            n, dn = with_derivative(act.cell, xn + r * hn)
+            res = (r, z, n, hn, (dr, dz, dn))
         h_new = (1 - z) * n + z * h
         if zoneout is not None:
             h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
-        return h_new, h_new, (r, z, n, hn)
+        return h_new, h_new, res
 
     return step
 
@@ -79,12 +88,14 @@ class GRUStepGrads(NamedTuple):
     dh_prev: jax.Array  # [B, H]
 
 
-def gru_step_vjp(w_hh, r, z, n, hn, h_prev, dh, mm_dtype, acc_dtype, h_mask=None) -> GRUStepGrads:
+def gru_step_vjp(w_hh, r, z, n, hn, h_prev, dh, mm_dtype, acc_dtype, h_mask=None, derivs=None) -> GRUStepGrads:
     """Backward of one step, given its saved ``(r, z, n, hn)``, the state entering it,
-    the cotangent ``dh`` of its output and the recurrent dropout mask (or ``None``)."""
-    dn = dh * (1 - z) * (1 - n * n)
-    dr = dn * hn * r * (1 - r)
-    dz = dh * (h_prev - n) * z * (1 - z)
+    the cotangent ``dh`` of its output and the recurrent dropout mask (or ``None``);
+    ``derivs``: the saved ``(r', z', n')`` of other activations than σ and tanh."""
+    d_r, d_z, d_n = (r * (1 - r), z * (1 - z), 1 - n * n) if derivs is None else derivs
+    dn = dh * (1 - z) * d_n
+    dr = dn * hn * d_r
+    dz = dh * (h_prev - n) * d_z
     dgh = jnp.concatenate([dr, dz, dn * r], axis=-1)
     dh_rec = dot(dgh, w_hh.T, mm_dtype, acc_dtype)
     dh_prev = dh * z + (dh_rec if h_mask is None else dh_rec * h_mask)
@@ -92,8 +103,8 @@ def gru_step_vjp(w_hh, r, z, n, hn, h_prev, dh, mm_dtype, acc_dtype, h_mask=None
 
 
 def _gru_vjp(params, res, h_prev, dh, mm, acc, h_mask):
-    r, z, n, hn = res
-    g = gru_step_vjp(params.w_hh, r, z, n, hn, h_prev, dh, mm, acc, h_mask)
+    r, z, n, hn = res[:4]
+    g = gru_step_vjp(params.w_hh, r, z, n, hn, h_prev, dh, mm, acc, h_mask, res[4] if len(res) > 4 else None)
     return g.dgx, g.dh_prev
 
 
@@ -105,25 +116,26 @@ def _gru_finish(params, dgx, res):
     return dgh, (dgh[..., 2 * H :].sum(axis=(0, 1)),)
 
 
-def elman_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None):
+def elman_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None):
     """The Elman step ``(h, x) -> (h, h, (h̃,))``, batch-major, with recurrent dropout
-    and zoneout as ``gru_step``."""
+    and zoneout as ``gru_step``; ``act.cell`` in place of tanh (the residuals then
+    ``(h̃, h̃')``)."""
 
     def step(h, x):
         if zoneout is not None:
             x, zh = x
         h_in = h if h_mask is None else h * h_mask
         pre = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype) + dot(h_in, params.w_hh, mm_dtype, acc_dtype), params.b)
-        h_new = jnp.tanh(pre)
+        res = (jnp.tanh(pre),) if act is None else with_derivative(act.cell, pre)
+        h_new = res[0]
         h_out = h_new if zoneout is None else zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
-        return h_out, h_out, (h_new,)
+        return h_out, h_out, res
 
     return step
 
 
 def _elman_vjp(params, res, h_prev, dh, mm, acc, h_mask):
-    (h_new,) = res
-    dpre = dh * (1 - h_new * h_new)
+    dpre = dh * (1 - res[0] * res[0] if len(res) == 1 else res[1])
     dh_rec = dot(dpre, params.w_hh.T, mm, acc)
     return dpre, dh_rec if h_mask is None else dh_rec * h_mask
 
@@ -131,7 +143,7 @@ def _elman_vjp(params, res, h_prev, dh, mm, acc, h_mask):
 class Cell(NamedTuple):
     """A single-state cell for ``fused_cell`` (hashable: a static argument).
 
-    * ``step(params, mm, acc, h_mask, zoneout)`` -> ``(h, x) -> (h, h, residuals)``;
+    * ``step(params, mm, acc, h_mask, zoneout, act)`` -> ``(h, x) -> (h, h, residuals)``;
     * ``vjp(params, residuals, h_prev, dh, mm, acc, h_mask)`` -> ``(dgx, dh_prev)``:
       ``dgx`` the cotangent of the input projection ``x·W_ih + b`` ``[B, G*H]``;
     * ``finish(params, dgx, residuals)`` -> ``(dgh, extra)`` over all steps:
@@ -165,7 +177,7 @@ def fused_cell(cfg: FusedConfig, cell: Cell, params, h0, xs, steps: Steps | None
     the recurrent dropout mask ``[B, H]`` or ``None``, ``zh [T, B, H]`` the zoneout
     keep masks of training or ``None`` (then ``cfg.zoneout.h`` mixes). Returns
     ``(ys [T, B, H], h)``."""
-    step = cell.step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
+    step = cell.step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout, cfg.act)
     without = lambda h, x: step(h, x)[:2] + (None,)
     inputs = xs if cfg.zoneout is None else (xs, zh)
     h, ys, _ = scan_masked(without, h0, inputs, steps, unroll=cfg.unroll, reset_to=h_reset)
@@ -173,7 +185,7 @@ def fused_cell(cfg: FusedConfig, cell: Cell, params, h0, xs, steps: Steps | None
 
 
 def _forward_pass(cfg, cell, params, h0, xs, steps, h_reset, h_mask=None, zh=None):
-    step = cell.step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
+    step = cell.step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout, cfg.act)
     per_step = steps is not None and steps.per_step
     inputs = xs if cfg.zoneout is None else (xs, zh)
     h, ys, aux = scan_masked(step, h0, inputs, steps, unroll=cfg.unroll, save_carry_in=per_step, reset_to=h_reset)

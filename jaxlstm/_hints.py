@@ -16,6 +16,14 @@ _LAYOUT = (
     "for PyTorch's default [T, B, D] pass time_major=True"
 )
 _DROPOUT = "jaxlstm's dropout is input_dropout= / recurrent_dropout= (with key= and deterministic=)"
+# the activations under other libraries' names
+_ACTIVATIONS = {
+    "gate_fn": "the gates' nonlinearity is gate_activation= (flax's gate_fn)",
+    "recurrent_activation": "the gates' nonlinearity is gate_activation= (Keras' recurrent_activation)",
+    "activation_fn": "the candidate's (and tanh(c)'s) nonlinearity is activation= (flax's activation_fn)",
+    "nonlinearity": "the nonlinearity is activation=, a function: PyTorch's nonlinearity='relu' is "
+    "activation=jax.nn.relu",
+}
 
 # keyword -> hint, per kind of entry point
 INIT = {"num_layers": _STACK.format(init="init_lstm"), "bidirectional": _STACK.format(init="init_lstm")}
@@ -27,8 +35,9 @@ SEQUENCE = {
     "bidirectional=True), or reverse=True for one layer's backward-in-time direction",
     "dropout": _DROPOUT,
     "hx": "the initial state is initial_state= (LSTMState(h, c) for the LSTM)",
+    **_ACTIVATIONS,
 }
-STACK = {"batch_first": _LAYOUT}  # lstm_stack has its own dropout= (between layers)
+STACK = {"batch_first": _LAYOUT, **_ACTIVATIONS}  # lstm_stack has its own dropout= (between layers)
 
 
 def hints(table: dict[str, str]) -> Callable[[Callable[P, R]], Callable[P, R]]:

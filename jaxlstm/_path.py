@@ -56,6 +56,7 @@ class Call(NamedTuple):
     carries: tuple
     per_step: Any
     zoneout: Any
+    act: Any  # jaxlstm.gates.Activations, or None for σ and tanh
 
     @property
     def batch(self) -> int:
@@ -116,6 +117,8 @@ def prepare(
     checkpoint_every: int | None = None,
     compute_dtype=None,
     backward: str = "fused",
+    gate_activation: Callable = jax.nn.sigmoid,
+    activation: Callable = jnp.tanh,
 ) -> Call:
     """Validates a ``kind`` (``"lstm"``, ``"gru"``, ``"rnn"``) sequence call, arguments as
     ``jaxlstm.lstm`` takes them (``zoneout_c`` and ``checkpoint_every`` are the LSTM's only)."""
@@ -134,6 +137,7 @@ def prepare(
         if backward != "fused":
             raise ValueError("checkpoint_every requires backward='fused', got backward='autodiff'")
     mm, acc = dtypes(kind, params, xs.dtype, compute_dtype)
+    act = _checks.activations(gate_activation, activation)
     zero_h = jnp.zeros(batch_shape + (R,), acc)
     zeros = (zero_h, jnp.zeros(batch_shape + (H,), acc)) if kind == "lstm" else zero_h
     carry0 = zeros if initial_state is None else _state(kind, "initial_state", initial_state, batch_shape, H, R, acc)
@@ -150,18 +154,19 @@ def prepare(
         per_step = per_step[1:]
     return Call(
         kind, params, xs, dtype, batch_shape, T, D, H, R, seq_lengths, mask, resets, reverse, time_major, unroll,
-        checkpoint_every, backward, mm, acc, (carry0, reset_carry, h_mask), per_step, zoneout,
+        checkpoint_every, backward, mm, acc, (carry0, reset_carry, h_mask), per_step, zoneout, act,
     )  # fmt: skip
 
 
 def select(call: Call) -> str:
     """The path that runs ``call``: ``NATIVE`` on CPU where the compiled code can run it (the fused
-    backward, float32 sums, no recurrent dropout, zoneout, projection, variant or checkpointing:
-    ``jaxlstm._kernel.applies``) and the tuner chose it for the shape (``jaxlstm.tuning.kernel_path``);
+    backward, σ and tanh, float32 sums, no recurrent dropout, zoneout, projection, variant or
+    checkpointing: ``jaxlstm._kernel.applies``) and the tuner chose it for the shape (``jaxlstm.tuning.kernel_path``);
     else the XLA path: ``VARIANT`` for a peephole / layer-norm / multi-head LSTM, ``FUSED``, or
     ``AUTODIFF`` where the caller asked for ``backward="autodiff"``."""
     if (
         call.backward == "fused"
+        and call.act is None
         and _kernel.applies(
             call.params, call.mm, call.acc, batch=call.batch, steps=call.T, h_mask=call.carries[2],
             zoneout=call.zoneout, checkpoint_every=call.checkpoint_every,

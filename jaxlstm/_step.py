@@ -30,14 +30,16 @@ import jax.numpy as jnp
 
 from . import _checks, tuning
 from ._engine import add_bias, dot, dropout_masks, feature_major_core, scan_masked, without_residuals, zoneout_masks
-from .gates import lstm_pointwise, split_gates
+from .gates import Activations, activate_gates, lstm_pointwise, split_gates, with_derivative
 from .params import LSTMParams, init_lstm
 
 # Feature-major: the gate axis is the row axis of ``[4H, B]``.
 GATE_AXIS_FM = -2
 
 
-def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = False, h_mask=None, zoneout=None):
+def lstm_step(
+    params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = False, h_mask=None, zoneout=None, act=None
+):
     """The step ``(carry, x) -> (carry, h, (a, c))`` used by every LSTM path.
 
     ``carry = (h, c)`` in ``acc_dtype``; the activated gates ``a`` ``[B, 4H]``
@@ -51,6 +53,10 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
     ``c = k_c ∗ c(t-1) + (1 - k_c) ∗ c̃`` (and so ``h``) with ``k`` the mask, or
     the static rate where no mask is given (evaluation: the expectation). The
     residual ``c`` is then the candidate ``c̃``, which ``tanh`` reads.
+
+    ``act`` (an ``Activations``, or ``None`` for σ and tanh): the nonlinearities. The
+    residual ``a`` is then ``(a, a')``, the gates and their derivatives at ``z``, which
+    the backward pass reads in place of ``σ' = a(1-a)``, ``tanh' = 1 - a²``.
     """
     if feature_major:
         # Transposed here, outside any scan body: a transpose inside it is folded
@@ -84,7 +90,10 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
         h, c = carry
         if zoneout is not None:
             x, zc, zh = x
-        m, c_new, a = lstm_pointwise(pre(x, h if h_mask is None else h * h_mask), c, axis)
+        z = pre(x, h if h_mask is None else h * h_mask)
+        m, c_new, a = lstm_pointwise(z, c, axis, act)
+        if act is not None:
+            a = (a, gate_derivatives(z, axis, act))
         h_new = m if params.w_hr is None else proj(m)
         if zoneout is not None:
             h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
@@ -94,6 +103,11 @@ def lstm_step(params: LSTMParams, mm_dtype, acc_dtype, feature_major: bool = Fal
         return (h_new, c), h_new, (a, c_new)
 
     return step
+
+
+def gate_derivatives(z: jax.Array, axis: int, act: Activations) -> jax.Array:
+    """``[gate'(z_i), gate'(z_f), cell'(z_g), gate'(z_o)]``, the derivative of the activated gates."""
+    return with_derivative(lambda v: activate_gates(v, axis, act), z)[1]
 
 
 class Zoneout(NamedTuple):
@@ -150,13 +164,18 @@ class StepGrads(NamedTuple):
     dc_prev: jax.Array  # c(t-1) [H, B]
 
 
-def gate_grads(a: jax.Array, dc: jax.Array, c_prev: jax.Array, do: jax.Array) -> jax.Array:
+def gate_grads(a, dc: jax.Array, c_prev: jax.Array, do: jax.Array) -> jax.Array:
     """``dz = [dc∗g, dc∗c(t-1), dc∗i, do] ∗ act'(a)`` ``[4H, B]``, feature-major.
 
     The gate blocks are contiguous rows, so one concatenate fuses into one loop;
     the derivatives are ``jaxlstm.gates.activation_derivative`` written per
     block, which XLA:CPU fused better than multiplying by it
-    (``python -m benchmarks.layout``, backward rows)."""
+    (``python -m benchmarks.layout``, backward rows). With other activations ``a``
+    is ``(a, a')``, the derivatives saved by the step."""
+    if isinstance(a, tuple):
+        a, da = a
+        i, f, g, _ = split_gates(a, GATE_AXIS_FM)
+        return jnp.concatenate([dc * g, dc * c_prev, dc * i, do], axis=GATE_AXIS_FM) * da
     i, f, g, o = split_gates(a, GATE_AXIS_FM)
     return jnp.concatenate(
         [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), do * o * (1 - o)],
@@ -175,6 +194,7 @@ def lstm_step_vjp(
     mm_dtype,
     acc_dtype,
     h_mask: jax.Array | None = None,
+    act: Activations | None = None,
 ) -> StepGrads:
     """Backward of one feature-major step.
 
@@ -185,27 +205,34 @@ def lstm_step_vjp(
       dh: cotangent of the step's output ``h`` ``[R, B]`` (from the loss and
         from step t+1); dc: cotangent of its new cell ``[H, B]``.
       h_mask: the recurrent dropout mask the step applied to ``h(t-1)``, or ``None``.
+      act: the step's ``Activations`` (then ``a`` is ``(a, a')``), or ``None``.
 
     Returns:
       ``StepGrads(dz, dh_prev, dc_prev)``.
     """
     dm = dh if w_hr is None else dot(w_hr, dh, mm_dtype, acc_dtype)
-    f, o = split_gates(a, GATE_AXIS_FM)[1::2]
-    tc = jnp.tanh(c)
-    dc = dc + dm * o * (1 - tc * tc)
+    f, o = split_gates(a[0] if isinstance(a, tuple) else a, GATE_AXIS_FM)[1::2]
+    if act is None:
+        tc = jnp.tanh(c)
+        dc = dc + dm * o * (1 - tc * tc)
+    else:
+        tc, dtc = with_derivative(act.cell, c)
+        dc = dc + dm * o * dtc
     dz = gate_grads(a, dc, c_prev, dm * tc)
     dh_prev = dot(w_hh, dz, mm_dtype, acc_dtype)
     return StepGrads(dz, dh_prev if h_mask is None else dh_prev * h_mask, dc * f)
 
 
-def lstm_scan_core(params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bool, unroll: int = 1, zoneout=None):
+def lstm_scan_core(
+    params: LSTMParams, mm_dtype, acc_dtype, *, feature_major: bool, unroll: int = 1, zoneout=None, act=None
+):
     """The plain (autodiff) LSTM scan as an engine core:
     ``core(xs [T, B, D], (carry0, reset_carry, h_mask), steps) -> (ys [T, B, R], carry)``,
     with feature- or batch-major steps inside (``h_mask``: ``[B, R]`` or ``None``).
     With ``zoneout`` (``Zoneout``), ``xs`` is ``(xs, zc, zh)`` as the step reads it."""
 
     def core(xs, carries, steps):
-        step = lstm_step(params, mm_dtype, acc_dtype, feature_major=feature_major, h_mask=carries[2], zoneout=zoneout)
+        step = lstm_step(params, mm_dtype, acc_dtype, feature_major, carries[2], zoneout, act)
         carry, ys, _ = scan_masked(
             without_residuals(step), carries[0], xs, steps, unroll=unroll, feature_major=feature_major,
             reset_to=carries[1],

@@ -48,7 +48,7 @@ from ._engine import (
 )
 from ._fused import FusedConfig, cast_like, chunked, flags, pad_time
 from ._step import keep_weight, zoneout_mix
-from .gates import cell_update, hidden_output, split_gates
+from .gates import DEFAULT_ACTIVATIONS, Activations, cell_update, hidden_output, split_gates
 from .params import LSTMParams
 
 LN_EPS = 1e-5
@@ -117,9 +117,11 @@ def theta_of(params: LSTMParams) -> Theta:
     return Theta(params.b, params.peephole, params.ln_gates, params.ln_cell, params.w_hr)
 
 
-def pointwise(a, r, h_prev, c_prev, th: Theta, kc, kh, mm, acc):
+def pointwise(a, r, h_prev, c_prev, th: Theta, kc, kh, mm, acc, act: Activations | None = None):
     """Everything after the two projections: ``(h(t), c(t))`` from ``a``, ``r``, the
-    state entering the step and the zoneout weights ``kc``, ``kh`` (or ``None``)."""
+    state entering the step and the zoneout weights ``kc``, ``kh`` (or ``None``);
+    ``act`` the nonlinearities (``None``: σ and tanh)."""
+    act = act or DEFAULT_ACTIVATIONS
     if th.ln_gates is not None:
         g = th.ln_gates.astype(acc)
         z = layer_norm(a, g[0], g[1]) + layer_norm(r, g[2], g[3])
@@ -131,15 +133,16 @@ def pointwise(a, r, h_prev, c_prev, th: Theta, kc, kh, mm, acc):
     p = None if th.peephole is None else th.peephole.astype(acc)
     if p is not None:
         zi, zf = zi + _row(p[0], c_prev) * c_prev, zf + _row(p[1], c_prev) * c_prev
-    c = cell_update(jax.nn.sigmoid(zf), c_prev, jax.nn.sigmoid(zi), jnp.tanh(zg))
-    o = jax.nn.sigmoid(zo if p is None else zo + _row(p[2], c) * c)
-    h = hidden_output(o, c if th.ln_cell is None else layer_norm(c, th.ln_cell[0].astype(acc), th.ln_cell[1]))
+    c = cell_update(act.gate(zf), c_prev, act.gate(zi), act.cell(zg))
+    o = act.gate(zo if p is None else zo + _row(p[2], c) * c)
+    c_out = c if th.ln_cell is None else layer_norm(c, th.ln_cell[0].astype(acc), th.ln_cell[1])
+    h = hidden_output(o, c_out, act.cell)
     if th.w_hr is not None:
         h = dot(h, th.w_hr, mm, acc)
     return zoneout_mix(kh, h_prev, h), zoneout_mix(kc, c_prev, c)
 
 
-def variant_step(params: LSTMParams, mm, acc, h_mask=None, zoneout=None):
+def variant_step(params: LSTMParams, mm, acc, h_mask=None, zoneout=None, act=None):
     """The batch-major step ``(carry, x) -> (carry, h, (a, r))``; with ``zoneout`` it
     reads ``(x, zc, zh)`` as ``jaxlstm._step.lstm_step`` does."""
     th = theta_of(params)
@@ -153,18 +156,18 @@ def variant_step(params: LSTMParams, mm, acc, h_mask=None, zoneout=None):
         r = recurrent_dot(h if h_mask is None else h * h_mask, params.w_hh, mm, acc)
         kc = None if zoneout is None else keep_weight(zc, zoneout.c, acc)
         kh = None if zoneout is None else keep_weight(zh, zoneout.h, acc)
-        h, c = pointwise(a, r, h, c, th, kc, kh, mm, acc)
+        h, c = pointwise(a, r, h, c, th, kc, kh, mm, acc, act)
         return (h, c), h, (a, r)
 
     return step
 
 
-def variant_scan_core(params: LSTMParams, mm, acc, *, unroll: int = 1, zoneout=None):
+def variant_scan_core(params: LSTMParams, mm, acc, *, unroll: int = 1, zoneout=None, act=None):
     """The plain (autodiff) scan of the variant step as an engine core (see
     ``jaxlstm._step.lstm_scan_core``)."""
 
     def core(xs, carries, steps):
-        step = variant_step(params, mm, acc, carries[2], zoneout)
+        step = variant_step(params, mm, acc, carries[2], zoneout, act)
         carry, ys, _ = scan_masked(without_residuals(step), carries[0], xs, steps, unroll=unroll, reset_to=carries[1])
         return ys, carry
 
@@ -185,7 +188,7 @@ def _inputs(cfg, seg: _Segment):
 
 
 def _forward(cfg, params, seg: _Segment, lengths, init, h_mask, t_offset=0, save=True):
-    step = variant_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout)
+    step = variant_step(params, cfg.mm_dtype, cfg.acc_dtype, h_mask, cfg.zoneout, cfg.act)
     body = step if save else (lambda carry, x: step(carry, x)[:2] + (None,))
     steps = Steps(lengths, seg.mask, seg.resets)
     inputs = _inputs(cfg, seg)
@@ -221,7 +224,7 @@ def _backward(cfg, params, seg: _Segment, saved, dys, dcarry, lengths, h_mask, t
         kc = None if zo is None else keep_weight(zc, zo.c, acc)
         kh = None if zo is None else keep_weight(zh, zo.h, acc)
         k_axes = tuple(0 if hasattr(k, "shape") else None for k in (kc, kh))
-        step = lambda a, r, hp, cp, th, kc, kh: pointwise(a, r, hp, cp, th, kc, kh, mm, acc)
+        step = lambda a, r, hp, cp, th, kc, kh: pointwise(a, r, hp, cp, th, kc, kh, mm, acc, cfg.act)
         if sharded:  # one row at a time: per-row parameter cotangents, no sum over the batch
             step = jax.vmap(step, in_axes=(0, 0, 0, 0, th_axes, *k_axes))
         _, vjp = jax.vjp(lambda a, r, hp, cp, th: step(a, r, hp, cp, th, kc, kh), a, r, hp, cp, th_in)

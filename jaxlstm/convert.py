@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .conv import ConvLSTMParams
 from .params import GATE_ORDER, GRUParams, LSTMParams, RNNParams
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "from_haiku",
     "from_keras",
     "from_torch",
+    "keras_activations",
     "to_cudnn",
     "to_flax",
     "to_haiku",
@@ -208,7 +210,8 @@ def _unwrap(params):
 def from_flax(params, *, as_variables: bool = False):
     """Params of ``flax.linen.LSTMCell`` / ``OptimizedLSTMCell`` (or of
     ``jaxlstm.linen.LSTMCell``), optionally wrapped in ``{"params": ...}`` or
-    ``nn.RNN``'s ``{"cell": ...}``, -> ``LSTMParams``.
+    ``nn.RNN``'s ``{"cell": ...}``, -> ``LSTMParams``; of ``flax.linen.ConvLSTMCell``
+    -> ``ConvLSTMParams`` (gate order i, g, f, o and its forget gate's +1 moved into ``b``).
 
     With ``as_variables=True`` it returns the variables of
     ``nn.RNN(jaxlstm.linen.LSTMCell(H))`` instead,
@@ -222,6 +225,8 @@ def from_flax(params, *, as_variables: bool = False):
         raise TypeError(f"expected a flax params dict, got {type(params).__name__}")
     if {"w_ih", "w_hh"} <= set(p):
         return LSTMParams(p["w_ih"], p["w_hh"], p.get("b"), p.get("w_hr"))
+    if set(p) == {"ih", "hh"}:  # flax.linen.ConvLSTMCell
+        return _from_flax_conv(p)
     need = [f"{side}{g}" for side in "ih" for g in GATE_ORDER]
     missing = [k for k in need if k not in p]
     if missing:
@@ -230,9 +235,43 @@ def from_flax(params, *, as_variables: bool = False):
     return LSTMParams(cat(need[:4], "kernel"), cat(need[4:], "kernel"), cat(need[4:], "bias"))
 
 
-def to_flax(params: LSTMParams) -> dict:
+# flax.linen.ConvLSTMCell: two Convs "ih" and "hh" of 4H features, each with a bias, gate order i, g, f, o,
+# and 1 added to the forget gate inside the cell (as Haiku's LSTM); jaxlstm's one bias holds both and the 1.
+_FLAX_CONV_TO_LSTM = (0, 2, 1, 3)
+FLAX_CONV_FORGET_BIAS = 1.0
+
+
+def _from_flax_conv(p) -> ConvLSTMParams:
+    w_ih, w_hh = jnp.asarray(p["ih"]["kernel"]), jnp.asarray(p["hh"]["kernel"])
+    if w_ih.ndim < 3 or w_hh.ndim != w_ih.ndim:
+        raise ValueError(f"flax ConvLSTMCell kernels must be [*kernel_size, in, 4H]; got {w_ih.shape}, {w_hh.shape}")
+    H = w_ih.shape[-1] // 4
+    bias = jnp.zeros((4 * H,), w_ih.dtype)
+    for side in ("ih", "hh"):
+        if p[side].get("bias") is not None:
+            bias = bias + jnp.asarray(p[side]["bias"])
+    b = _blocks(bias, _FLAX_CONV_TO_LSTM, 4).at[H : 2 * H].add(FLAX_CONV_FORGET_BIAS)
+    return ConvLSTMParams(_blocks(w_ih, _FLAX_CONV_TO_LSTM, 4), _blocks(w_hh, _FLAX_CONV_TO_LSTM, 4), b)
+
+
+def _to_flax_conv(params: ConvLSTMParams) -> dict:
+    H = params.w_ih.shape[-1] // 4
+    b = jnp.zeros((4 * H,), params.w_ih.dtype) if params.b is None else params.b
+    b = _blocks(b.at[H : 2 * H].add(-FLAX_CONV_FORGET_BIAS), _FLAX_CONV_TO_LSTM, 4)
+    return {
+        "ih": {"kernel": _blocks(params.w_ih, _FLAX_CONV_TO_LSTM, 4), "bias": b},
+        "hh": {"kernel": _blocks(params.w_hh, _FLAX_CONV_TO_LSTM, 4), "bias": jnp.zeros_like(b)},
+    }
+
+
+def to_flax(params) -> dict:
     """``LSTMParams`` (no projection) -> the param dict of ``flax.linen.LSTMCell`` /
-    ``OptimizedLSTMCell`` (without the ``{"params": ...}`` wrapper)."""
+    ``OptimizedLSTMCell`` (without the ``{"params": ...}`` wrapper); ``ConvLSTMParams`` -> that of
+    ``flax.linen.ConvLSTMCell`` (its gate order i, g, f, o; the bias in ``ih``, less the 1 its cell adds
+    to the forget gate). The recurrent convolution must keep the state's shape, so the flax cell needs
+    ``strides=1`` and ``padding="SAME"``."""
+    if isinstance(params, ConvLSTMParams):
+        return _to_flax_conv(params)
     _plain(params, "params", "flax's LSTM cells")
     if params.w_hr is not None:
         raise ValueError("flax's LSTM cells have no projection: params.w_hr must be None")
@@ -298,17 +337,57 @@ def _blocks(a, order, n):
     return jnp.concatenate([parts[j] for j in order], axis=-1)
 
 
+# Keras' activation names -> the JAX functions that compute the same (Keras 3's definitions).
+_KERAS_ACTIVATIONS = {
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "hard_sigmoid": jax.nn.hard_sigmoid,
+    "linear": lambda z: z,
+    "elu": jax.nn.elu,
+    "selu": jax.nn.selu,
+    "softplus": jax.nn.softplus,
+    "softsign": jax.nn.soft_sign,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "exponential": jnp.exp,
+}
+
+
+def keras_activations(layer) -> dict:
+    """The nonlinearities of a Keras 3 ``LSTM`` / ``GRU`` / ``SimpleRNN`` layer as the keyword arguments
+    of ``jaxlstm.lstm`` / ``gru`` / ``rnn``: ``{"gate_activation": ..., "activation": ...}`` (the Elman
+    RNN: ``activation`` only), from its ``recurrent_activation`` and ``activation``. ``from_keras``
+    converts the weights only: pass these beside them where a layer has other activations than σ and
+    tanh. An activation with no JAX counterpart here raises a ``ValueError`` naming it.
+
+    Examples:
+      >>> from jaxlstm import convert
+      >>> layer = keras.layers.LSTM(32, activation="relu")  # doctest: +SKIP
+      >>> ys, state = jaxlstm.lstm(convert.from_keras(layer), xs, **convert.keras_activations(layer))  # doctest: +SKIP
+    """
+    cell = getattr(layer, "cell", layer)
+    out = {}
+    for attr, key in (("recurrent_activation", "gate_activation"), ("activation", "activation")):
+        fn = getattr(cell, attr, None)
+        if fn is None:
+            continue
+        name = getattr(fn, "__name__", repr(fn))
+        if name not in _KERAS_ACTIVATIONS:
+            raise ValueError(
+                f"the Keras layer's {attr} is {name!r}, which has no JAX counterpart here (known: "
+                f"{sorted(_KERAS_ACTIVATIONS)}): pass the JAX function as {key}= yourself"
+            )
+        out[key] = _KERAS_ACTIVATIONS[name]
+    return out
+
+
 def _keras_weights(layer_or_weights) -> tuple[list, str | None, bool | None]:
     """The weight list, the layer's class name and its ``reset_after`` (``None`` for a bare list)."""
     if hasattr(layer_or_weights, "get_weights"):
         layer = layer_or_weights
         cell = getattr(layer, "cell", layer)
-        for attr, want in (("activation", "tanh"), ("recurrent_activation", "sigmoid")):
-            fn = getattr(cell, attr, None)
-            if fn is not None and getattr(fn, "__name__", want) != want:
-                raise ValueError(
-                    f"the Keras layer's {attr} is {fn.__name__}, jaxlstm's gates are {want}: only the defaults convert"
-                )
         return list(layer.get_weights()), type(layer).__name__, getattr(cell, "reset_after", None)
     if isinstance(layer_or_weights, (list, tuple)):
         return list(layer_or_weights), None, None
@@ -319,14 +398,24 @@ def _keras_weights(layer_or_weights) -> tuple[list, str | None, bool | None]:
 
 def from_keras(layer_or_weights, *, dtype=jnp.float32):
     """A Keras 3 ``keras.layers.LSTM`` or ``GRU`` (or its ``get_weights()`` list) -> ``LSTMParams`` or
-    ``GRUParams``. The GRU must be ``reset_after=True`` (Keras' default and cuDNN's form; the other form
-    applies the reset gate before the recurrent matmul, which jaxlstm's GRU does not compute). A layer
-    built with ``use_bias=False`` gives an LSTM without bias, a GRU with zero biases."""
+    ``GRUParams``; a ``ConvLSTM1D/2D/3D`` -> ``ConvLSTMParams`` (the same layout: call ``conv_lstm`` with
+    the layer's ``strides``, ``padding`` and ``dilation_rate``). The GRU must be ``reset_after=True``
+    (Keras' default and cuDNN's form; the other form applies the reset gate before the recurrent
+    matmul, which jaxlstm's GRU does not compute). A layer built with ``use_bias=False`` gives an LSTM
+    without bias, a GRU with zero biases. The weights only: a layer's other activations than σ and tanh
+    are ``keras_activations(layer)``, to pass to the call."""
     weights, name, reset_after = _keras_weights(layer_or_weights)
     if len(weights) not in (2, 3):
         raise ValueError(f"expected [kernel, recurrent_kernel(, bias)] from Keras, got {len(weights)} arrays")
     kernel, rec = (jnp.asarray(_to_numpy(w), dtype) for w in weights[:2])
     bias = None if len(weights) == 2 else jnp.asarray(_to_numpy(weights[2]), dtype)
+    if kernel.ndim in (3, 4, 5) and name in (None, "ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D", "ConvLSTMCell"):
+        # Keras' ConvLSTM: [*kernel_size, in, 4H] kernels, gate order i, f, c, o: jaxlstm's layout as it is
+        H = kernel.shape[-1] // 4
+        if rec.ndim != kernel.ndim or rec.shape[-2:] != (H, 4 * H) or (bias is not None and bias.shape != (4 * H,)):
+            raise ValueError(f"Keras ConvLSTM kernel / recurrent_kernel / bias shapes {kernel.shape} / {rec.shape} / "
+                             f"{None if bias is None else bias.shape} do not match")  # fmt: skip
+        return ConvLSTMParams(kernel, rec, bias)
     if kernel.ndim != 2 or rec.ndim != 2 or rec.shape[1] != kernel.shape[1] or rec.shape[1] % rec.shape[0]:
         raise ValueError(f"Keras kernel / recurrent_kernel shapes {kernel.shape} / {rec.shape} do not match")
     H, gates = rec.shape[0], rec.shape[1] // rec.shape[0]
@@ -353,7 +442,10 @@ def from_keras(layer_or_weights, *, dtype=jnp.float32):
 def to_keras(params) -> list[np.ndarray]:
     """``LSTMParams`` (plain, no projection) or ``GRUParams`` -> the list for a Keras 3 ``LSTM`` / ``GRU``
     layer's ``set_weights`` (an LSTM without bias: a layer built with ``use_bias=False``; the GRU:
-    ``reset_after=True``, the r and z biases in the input half of ``bias``)."""
+    ``reset_after=True``, the r and z biases in the input half of ``bias``); ``ConvLSTMParams`` -> a
+    ``ConvLSTM1D/2D/3D``'s."""
+    if isinstance(params, ConvLSTMParams):
+        return [np.asarray(w) for w in params if w is not None]
     if isinstance(params, GRUParams):
         H = params.w_hh.shape[0]
         b_rec = jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])  # r, z: all in the input half
@@ -361,7 +453,7 @@ def to_keras(params) -> list[np.ndarray]:
         ws = [_blocks(params.w_ih, _KERAS_TO_GRU, 3), _blocks(params.w_hh, _KERAS_TO_GRU, 3), bias]
         return [np.asarray(w) for w in ws]
     if not isinstance(params, LSTMParams):
-        raise TypeError(f"expected LSTMParams or GRUParams, got {type(params).__name__}")
+        raise TypeError(f"expected LSTMParams, GRUParams or ConvLSTMParams, got {type(params).__name__}")
     _plain(params, "params", "Keras' LSTM")
     if params.w_hr is not None:
         raise ValueError("Keras' LSTM has no projection: params.w_hr must be None")

@@ -14,14 +14,23 @@ The engine does not call these one by one: it computes all four pre-activations
 ``z = x @ w_ih + h @ w_hh + b`` (gate order i, f, g, o along the last axis) in one
 matmul and calls ``lstm_pointwise``, the fused form of the same equations.
 ``tests/test_gates.py`` checks that the two agree.
+
+The nonlinearities can be replaced (``Activations``: flax's ``gate_fn`` / ``activation_fn``, Keras'
+``recurrent_activation`` / ``activation``): ``gate`` stands for σ (i, f, o) and ``cell`` for tanh (the
+candidate and ``tanh(C(t))``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "Activations",
+    "DEFAULT_ACTIVATIONS",
     "forget_gate",
     "input_gate",
     "candidate",
@@ -32,7 +41,27 @@ __all__ = [
     "activate_gates",
     "activation_derivative",
     "lstm_pointwise",
+    "with_derivative",
 ]
+
+
+class Activations(NamedTuple):
+    """A cell's two nonlinearities, any elementwise JAX functions: ``gate`` (σ by default: the LSTM's
+    i, f, o and the GRU's r, z; Keras' ``recurrent_activation``, flax's ``gate_fn``) and ``cell``
+    (tanh: the LSTM's candidate and ``h = o ∗ cell(C)``, the GRU's n, the Elman RNN's state; Keras'
+    ``activation``, flax's ``activation_fn``). Static and hashable: a new lambda per call is a new
+    program under ``jit``, so define the function once."""
+
+    gate: Callable = jax.nn.sigmoid
+    cell: Callable = jnp.tanh
+
+
+DEFAULT_ACTIVATIONS = Activations()
+
+
+def with_derivative(fn: Callable, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(fn(z), fn'(z))`` of an elementwise ``fn``: its value and derivative, by one ``jax.jvp``."""
+    return jax.jvp(fn, (z,), (jnp.ones_like(z),))
 
 
 def _affine(w: jax.Array, b: jax.Array, h_prev: jax.Array, x: jax.Array) -> jax.Array:
@@ -65,9 +94,9 @@ def cell_update(f, c_prev, i, c_tilde):
     return f * c_prev + i * c_tilde
 
 
-def hidden_output(o, c):
-    """``h(t) = o ∗ tanh(C(t))``."""
-    return o * jnp.tanh(c)
+def hidden_output(o, c, activation: Callable = jnp.tanh):
+    """``h(t) = o ∗ tanh(C(t))`` (``activation`` in place of tanh)."""
+    return o * activation(c)
 
 
 def split_gates(a: jax.Array, axis: int = -1):
@@ -85,13 +114,17 @@ def _candidate_mask(shape, axis: int = -1) -> jax.Array:
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis) // H == 2
 
 
-def activate_gates(z: jax.Array, axis: int = -1) -> jax.Array:
+def activate_gates(z: jax.Array, axis: int = -1, act: Activations | None = None) -> jax.Array:
     """``[σ(z_i), σ(z_f), tanh(z_g), σ(z_o)]`` over the whole ``4H`` gate axis.
 
     One elementwise pass with one ``tanh`` per element, using
     ``σ(x) = (1 + tanh(x / 2)) / 2``: XLA:CPU emits one fused loop (and one
-    saved residual) per step instead of four.
+    saved residual) per step instead of four. With ``act`` (other than the
+    defaults) ``[gate(z_i), gate(z_f), cell(z_g), gate(z_o)]``.
     """
+    if act is not None and act != DEFAULT_ACTIVATIONS:
+        i, f, g, o = split_gates(z, axis)
+        return jnp.concatenate([act.gate(i), act.gate(f), act.cell(g), act.gate(o)], axis=axis)
     is_g = _candidate_mask(z.shape, axis)
     t = jnp.tanh(jnp.where(is_g, z, 0.5 * z))
     return jnp.where(is_g, t, 0.5 * t + 0.5)
@@ -103,7 +136,7 @@ def activation_derivative(a: jax.Array, axis: int = -1) -> jax.Array:
     return jnp.where(_candidate_mask(a.shape, axis), 1 - a * a, a * (1 - a))
 
 
-def lstm_pointwise(z: jax.Array, c_prev: jax.Array, axis: int = -1):
+def lstm_pointwise(z: jax.Array, c_prev: jax.Array, axis: int = -1, act: Activations | None = None):
     """Fused LSTM step from pre-activations.
 
     Args:
@@ -111,13 +144,14 @@ def lstm_pointwise(z: jax.Array, c_prev: jax.Array, axis: int = -1):
       c_prev: ``C(t-1)`` ``[..., H]``.
       axis: the gate axis of ``z`` (and the feature axis of ``c_prev``); ``-2``
         for the feature-major ``[4H, B]`` layout.
+      act: the nonlinearities (``Activations``); ``None``: σ and tanh.
 
     Returns:
       ``(m, c, a)``: ``m = o ∗ tanh(C(t))`` (the hidden output before any
       projection), ``c = C(t)`` and the activated gates ``a = [i, f, g, o]``
       ``[..., 4H]``.
     """
-    a = activate_gates(z, axis)
+    a = activate_gates(z, axis, act)
     i, f, g, o = split_gates(a, axis)
     c = cell_update(f, c_prev, i, g)
-    return hidden_output(o, c), c, a
+    return hidden_output(o, c, jnp.tanh if act is None else act.cell), c, a

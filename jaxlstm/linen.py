@@ -30,7 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import _checks
+from . import _checks, conv
+from .conv import ConvLSTMParams, conv_kernel_init, conv_lstm_param_shapes, conv_recurrent_init
 from .params import (
     VARIANT_INITS,
     LSTMParams,
@@ -44,7 +45,7 @@ from .params import (
 from .recurrence import lstm_cell
 from .stack import DIRECTIONS, StackParams, draws_masks, layer_key, module_call
 
-__all__ = ["LSTM", "LSTMCell", "stack_params", "stack_variables"]
+__all__ = ["LSTM", "ConvLSTM", "LSTMCell", "stack_params", "stack_variables"]
 
 Initializer = Callable[..., jax.Array]
 
@@ -100,6 +101,8 @@ class LSTMCell(nn.RNNCellBase):
       use_bias: ``False`` for a cell without bias (no ``b`` param).
       dtype: computation dtype (``None``: the inputs' dtype).
       param_dtype: parameter dtype.
+      gate_activation / activation: the nonlinearities in place of σ and tanh
+        (flax's ``gate_fn`` / ``activation_fn``), as ``jaxlstm.lstm`` takes them.
     """
 
     features: int
@@ -111,6 +114,8 @@ class LSTMCell(nn.RNNCellBase):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     carry_init: Initializer = nn.initializers.zeros_init()
+    gate_activation: Callable = jax.nn.sigmoid
+    activation: Callable = jnp.tanh
 
     @nn.compact
     def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array):
@@ -118,7 +123,10 @@ class LSTMCell(nn.RNNCellBase):
         c, h = carry
         params = _layer_params(self, _inits(self), inputs.shape[-1], self.features, None, self.use_bias)
         inputs = _compute(self, inputs)
-        state, y = lstm_cell(params, LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype)
+        state, y = lstm_cell(
+            params, LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype,
+            gate_activation=self.gate_activation, activation=self.activation,
+        )  # fmt: skip
         return (state.c.astype(c.dtype), state.h), y
 
     @nn.nowrap
@@ -181,8 +189,8 @@ class LSTM(nn.Module):
         layer_norm, num_heads: the variants, as in ``jaxlstm.init_lstm``
         (the params gain ``peephole``, ``ln_gates``, ``ln_cell``; with heads
         ``w_hh`` is ``[k, R/k, 4H/k]``). deterministic: see above. dtype: computation
-        dtype (also the matmul ``compute_dtype``); param_dtype; initialisers and
-        ``use_bias`` as ``LSTMCell``.
+        dtype (also the matmul ``compute_dtype``); param_dtype; initialisers,
+        ``use_bias``, ``gate_activation`` and ``activation`` as ``LSTMCell``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlstm.linen as jl
@@ -216,6 +224,8 @@ class LSTM(nn.Module):
     checkpoint_every: int | None = None
     backward: str = "fused"
     time_major: bool = False
+    gate_activation: Callable = jax.nn.sigmoid
+    activation: Callable = jnp.tanh
 
     @nn.compact
     def __call__(
@@ -249,6 +259,67 @@ class LSTM(nn.Module):
             active = not nn.merge_param("deterministic", self.deterministic, deterministic)
         key = self.make_rng("dropout") if active else None
         return module_call(self, params, xs, initial_state, seq_lengths, mask, resets, reset_state, key)
+
+
+class ConvLSTM(nn.Module):
+    """A ConvLSTM layer over a sequence of 1-D, 2-D or 3-D maps, channels last, on ``jaxlstm.conv_lstm``.
+
+    Called as ``(xs [..., T, *spatial, C], initial_state=None, seq_lengths=None, *, mask=None,
+    resets=None, reset_state=None, reverse=False)``; returns ``(ys [..., T, *spatial', features],
+    LSTMState(h, c))``. Params ``w_ih [*kernel_size, C, 4H]``, ``w_hh [*recurrent_kernel_size, H, 4H]``,
+    ``b [4H]`` (``jaxlstm.ConvLSTMParams``; ``convert.from_flax`` / ``from_keras`` give them from flax's
+    ``ConvLSTMCell`` and Keras' ``ConvLSTM2D``).
+
+    Attributes:
+      features: H, the state's channels. kernel_size: one int per spatial dim. strides, padding
+        (``"same"`` / ``"valid"``), dilation: of the input convolution, as ``jaxlstm.conv_lstm``.
+      recurrent_kernel_size: default ``kernel_size``. use_bias, forget_bias, initialisers (Glorot
+        uniform, orthogonal, zeros with ``forget_bias`` on f), dtype, param_dtype, gate_activation,
+        activation, unroll, time_major: as ``LSTM``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxlstm.linen as jl
+      >>> model = jl.ConvLSTM(8, kernel_size=(3, 3))
+      >>> variables = model.init(jax.random.key(0), jnp.ones((2, 5, 16, 16, 1)))
+      >>> ys, state = model.apply(variables, jnp.ones((2, 5, 16, 16, 1)))
+      >>> ys.shape
+      (2, 5, 16, 16, 8)
+    """
+
+    features: int
+    kernel_size: tuple
+    strides: Any = 1
+    padding: str = "same"
+    dilation: Any = 1
+    recurrent_kernel_size: tuple | None = None
+    use_bias: bool = True
+    forget_bias: float = 1.0
+    kernel_init: Initializer = conv_kernel_init
+    recurrent_kernel_init: Initializer = conv_recurrent_init
+    bias_init: Initializer | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    gate_activation: Callable = jax.nn.sigmoid
+    activation: Callable = jnp.tanh
+    unroll: int = 1
+    time_major: bool = False
+
+    @nn.compact
+    def __call__(
+        self, xs, initial_state=None, seq_lengths=None, *, mask=None, resets=None, reset_state=None, reverse=False
+    ):
+        _checks.positive_int("features", self.features)
+        shapes = conv_lstm_param_shapes(
+            xs.shape[-1], self.features, self.kernel_size, self.recurrent_kernel_size, self.use_bias
+        )
+        inits = {
+            "w_ih": self.kernel_init,
+            "w_hh": self.recurrent_kernel_init,
+            "b": self.bias_init or lstm_bias_init(self.forget_bias),
+        }
+        arrays = {name: self.param(name, inits[name], shape, self.param_dtype) for name, shape in shapes.items()}
+        params = ConvLSTMParams(arrays["w_ih"], arrays["w_hh"], arrays.get("b"))
+        return conv.module_call(self, params, xs, initial_state, seq_lengths, mask, resets, reset_state, reverse)
 
 
 def stack_params(variables: Mapping) -> StackParams:

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import _checks
+from . import _checks, conv
+from .conv import ConvLSTMParams, conv_kernel_init, conv_lstm_param_shapes, conv_recurrent_init
 from .params import (
     VARIANT_INITS,
     LSTMParams,
@@ -39,7 +40,7 @@ from .params import (
 from .recurrence import lstm_cell
 from .stack import DIRECTIONS, StackParams, check_stack, draws_masks, layer_key, module_call
 
-__all__ = ["LSTM", "LSTMCell", "set_stack_params", "stack_params"]
+__all__ = ["LSTM", "ConvLSTM", "LSTMCell", "set_stack_params", "stack_params"]
 
 Initializer = Callable[..., jax.Array]
 
@@ -89,11 +90,14 @@ class LSTMCell(_Weights):
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        gate_activation: Callable = jax.nn.sigmoid,
+        activation: Callable = jnp.tanh,
         rngs: nnx.Rngs,
     ):
         self.in_features = _checks.positive_int("in_features", in_features)
         self.hidden_features = _checks.positive_int("hidden_features", hidden_features)
         self.dtype, self.param_dtype = dtype, param_dtype
+        self.gate_activation, self.activation = gate_activation, activation
         inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
         super().__init__(in_features, hidden_features, None, use_bias, inits, param_dtype, rngs)
 
@@ -101,7 +105,10 @@ class LSTMCell(_Weights):
         c, h = carry
         if self.dtype is not None:
             inputs = inputs.astype(self.dtype)
-        state, y = lstm_cell(self.lstm_params(), LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype)
+        state, y = lstm_cell(
+            self.lstm_params(), LSTMState(h.astype(inputs.dtype), c), inputs, compute_dtype=self.dtype,
+            gate_activation=self.gate_activation, activation=self.activation,
+        )  # fmt: skip
         return (state.c.astype(c.dtype), state.h), y
 
     def initialize_carry(self, input_shape, rngs=None):
@@ -157,6 +164,8 @@ class LSTM(nnx.Module):
         checkpoint_every: int | None = None,
         backward: str = "fused",
         time_major: bool = False,
+        gate_activation: Callable = jax.nn.sigmoid,
+        activation: Callable = jnp.tanh,
         rngs: nnx.Rngs,
     ):
         self.in_features = _checks.positive_int("in_features", in_features)
@@ -167,6 +176,7 @@ class LSTM(nnx.Module):
         self.zoneout_c, self.zoneout_h = zoneout_c, zoneout_h
         self.dtype, self.param_dtype, self.unroll = dtype, param_dtype, unroll
         self.checkpoint_every, self.backward, self.time_major = checkpoint_every, backward, time_major
+        self.gate_activation, self.activation = gate_activation, activation
         inits = _inits(kernel_init, recurrent_kernel_init, bias_init, forget_bias)
         layout = stack_layout(in_features, hidden_features, num_layers, bidirectional, proj_size)
         variants = {"peephole": peephole, "layer_norm": layer_norm, "num_heads": num_heads}
@@ -194,6 +204,64 @@ class LSTM(nnx.Module):
         active = draws_masks(self) and not deterministic
         key = self.rngs() if active and self.rngs is not None else None
         return module_call(self, stack_params(self), xs, initial_state, seq_lengths, mask, resets, reset_state, key)
+
+
+class ConvLSTM(nnx.Module):
+    """A ConvLSTM layer on ``jaxlstm.conv_lstm``: ``ConvLSTM(in_features, features, kernel_size, *, ...,
+    rngs)``, called as ``jaxlstm.linen.ConvLSTM`` is (its attributes are the keyword arguments here).
+    Params ``w_ih``, ``w_hh``, ``b`` (``nnx.Param``).
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxlstm.nnx as jn
+      >>> from flax import nnx
+      >>> model = jn.ConvLSTM(1, 8, (3, 3), strides=2, rngs=nnx.Rngs(0))
+      >>> ys, state = model(jnp.ones((2, 5, 16, 16, 1)))
+      >>> ys.shape, model.w_hh.shape
+      ((2, 5, 8, 8, 8), (3, 3, 8, 32))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        kernel_size: tuple,
+        *,
+        strides=1,
+        padding: str = "same",
+        dilation=1,
+        recurrent_kernel_size: tuple | None = None,
+        use_bias: bool = True,
+        forget_bias: float = 1.0,
+        kernel_init: Initializer = conv_kernel_init,
+        recurrent_kernel_init: Initializer = conv_recurrent_init,
+        bias_init: Initializer | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        gate_activation: Callable = jax.nn.sigmoid,
+        activation: Callable = jnp.tanh,
+        unroll: int = 1,
+        time_major: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        C = _checks.positive_int("in_features", in_features)
+        H = _checks.positive_int("features", features)
+        self.strides, self.padding, self.dilation = strides, padding, dilation
+        self.dtype, self.unroll, self.time_major = dtype, unroll, time_major
+        self.gate_activation, self.activation = gate_activation, activation
+        shapes = conv_lstm_param_shapes(C, H, kernel_size, recurrent_kernel_size, use_bias)
+        self.w_ih = nnx.Param(kernel_init(rngs.params(), shapes["w_ih"], param_dtype))
+        self.w_hh = nnx.Param(recurrent_kernel_init(rngs.params(), shapes["w_hh"], param_dtype))
+        b_init = bias_init or lstm_bias_init(forget_bias)
+        self.b = nnx.Param(b_init(rngs.params(), shapes["b"], param_dtype)) if use_bias else nnx.data(None)
+
+    def conv_params(self) -> ConvLSTMParams:
+        return ConvLSTMParams(self.w_ih[...], self.w_hh[...], None if self.b is None else self.b[...])
+
+    def __call__(
+        self, xs, initial_state=None, seq_lengths=None, *, mask=None, resets=None, reset_state=None, reverse=False
+    ):
+        params = self.conv_params()
+        return conv.module_call(self, params, xs, initial_state, seq_lengths, mask, resets, reset_state, reverse)
 
 
 def _layers(module: LSTM):

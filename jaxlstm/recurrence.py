@@ -37,6 +37,8 @@ def lstm_cell(
     compute_dtype=None,
     zoneout_c: float = 0.0,
     zoneout_h: float = 0.0,
+    gate_activation: Callable = jax.nn.sigmoid,
+    activation: Callable = jnp.tanh,
 ) -> tuple[LSTMState, Array]:
     """One LSTM step, for streaming and autoregressive generation.
 
@@ -48,6 +50,7 @@ def lstm_cell(
       zoneout_c, zoneout_h: the zoneout rates a model was trained with: the step
         mixes by them as ``lstm`` does with ``deterministic=True`` (evaluation),
         so stepping a sequence gives its outputs.
+      gate_activation, activation: the nonlinearities, as ``lstm`` takes them.
 
     Returns:
       ``(new_state, h)``: ``h`` in the dtype of ``x``; the new state's ``h`` too,
@@ -64,8 +67,11 @@ def lstm_cell(
     x = check_cell(params, state, x)
     mm, acc = _path.dtypes("lstm", params, x.dtype, compute_dtype)
     zoneout = zoneout_rates(zoneout_c, zoneout_h)
-    make_step = variant_step if params.is_variant else lstm_step
-    step = make_step(params, mm, acc, h_mask=None, zoneout=zoneout)
+    act = _checks.activations(gate_activation, activation)
+    if params.is_variant:
+        step = variant_step(params, mm, acc, None, zoneout, act)
+    else:
+        step = lstm_step(params, mm, acc, False, None, zoneout, act)
     lead = x.shape[:-1]
     flat = lambda a: a.reshape((-1, a.shape[-1]))  # the variant step is [B, F]
     inputs = flat(x) if zoneout is None else (flat(x), None, None)  # no masks: the rates mix
@@ -108,6 +114,8 @@ def lstm(
     checkpoint_every: int | None = None,
     compute_dtype=None,
     backward: str = "fused",
+    gate_activation: Callable = jax.nn.sigmoid,
+    activation: Callable = jnp.tanh,
 ) -> tuple[Array, LSTMState]:
     """Runs an LSTM layer over a sequence.
 
@@ -185,7 +193,7 @@ def lstm(
         ``jax.hessian``), which a ``custom_vjp`` does not support.
 
     ``reverse``, ``time_major``, ``unroll``, ``checkpoint_every``,
-    ``compute_dtype`` and ``backward`` choose the program: under ``jax.jit`` pass
+    ``compute_dtype``, ``backward`` and the activations choose the program: under ``jax.jit`` pass
     them as static arguments (``jax.jit(jaxlstm.lstm, static_argnames=...)``) or
     close over them.
 
@@ -206,10 +214,10 @@ def lstm(
         reset_state=reset_state, input_dropout=input_dropout, recurrent_dropout=recurrent_dropout,
         zoneout_c=zoneout_c, zoneout_h=zoneout_h, key=key, deterministic=deterministic, reverse=reverse,
         time_major=time_major, unroll=unroll, checkpoint_every=checkpoint_every, compute_dtype=compute_dtype,
-        backward=backward,
+        backward=backward, gate_activation=gate_activation, activation=activation,
     )  # fmt: skip
     path = _path.select(call)
-    mm, acc, unroll, zoneout, per_step = call.mm, call.acc, call.unroll, call.zoneout, call.per_step
+    mm, acc, unroll, zoneout, per_step, act = call.mm, call.acc, call.unroll, call.zoneout, call.per_step, call.act
     core: Callable
     if path == _path.NATIVE:
 
@@ -220,11 +228,11 @@ def lstm(
         core = native_core
     elif path in (_path.FUSED, _path.VARIANT):
         if path == _path.VARIANT:  # peepholes, layer norm and heads: jaxlstm._variant (batch-major steps)
-            fused, cfg = fused_variant, FusedConfig(mm, acc, unroll, checkpoint_every, zoneout=zoneout)
+            fused, cfg = fused_variant, FusedConfig(mm, acc, unroll, checkpoint_every, zoneout=zoneout, act=act)
         else:
             layout = tuning.forward_layout(call.batch, call.D, call.H, call.R, call.T, mm, acc, unroll)
             fused = fused_lstm
-            cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout, zoneout=zoneout)
+            cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout, zoneout=zoneout, act=act)
 
         def fused_core(inputs, carries, steps):
             xs_tm, zs = (inputs, None) if per_step is None else (inputs[0], inputs[1:])
@@ -232,10 +240,12 @@ def lstm(
 
         core = fused_core
     elif params.is_variant:
-        core = variant_scan_core(params, mm, acc, unroll=unroll, zoneout=zoneout)
+        core = variant_scan_core(params, mm, acc, unroll=unroll, zoneout=zoneout, act=act)
     else:
         layout = tuning.forward_layout(call.batch, call.D, call.H, call.R, call.T, mm, acc, unroll)
-        core = lstm_scan_core(params, mm, acc, feature_major=layout == "feature", unroll=unroll, zoneout=zoneout)
+        core = lstm_scan_core(
+            params, mm, acc, feature_major=layout == "feature", unroll=unroll, zoneout=zoneout, act=act
+        )
 
     ys, (h, c) = _path.run(call, path, core)
     return ys.astype(call.dtype), LSTMState(h.astype(call.dtype), c)

@@ -25,6 +25,8 @@ slice; ``b_hn`` stays separate because r multiplies it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -42,8 +44,8 @@ __all__ = ["GRUParams", "RNNParams", "gru", "gru_cell", "init_gru", "init_rnn", 
 
 def _plain(make_step):
     """The fused backward pass's step without its residuals, for the autodiff scan and the cells."""
-    return lambda params, mm, acc, h_mask=None, zoneout=None: without_residuals(
-        make_step(params, mm, acc, h_mask, zoneout)
+    return lambda params, mm, acc, h_mask=None, zoneout=None, act=None: without_residuals(
+        make_step(params, mm, acc, h_mask, zoneout, act)
     )
 
 
@@ -62,11 +64,12 @@ def check_cell(kind: str, params, h, x):
     return x
 
 
-def _cell(kind, make_step, params, h, x, compute_dtype, zoneout_h):
+def _cell(kind, make_step, params, h, x, compute_dtype, zoneout_h, gate_activation, activation):
     x = check_cell(kind, params, h, x)
     mm, acc = _path.dtypes(kind, params, x.dtype, compute_dtype)
     zoneout = zoneout_rates(zoneout_h=zoneout_h)  # evaluation: the rate mixes
-    h, _, _ = make_step(params, mm, acc, None, zoneout)(h.astype(acc), x if zoneout is None else (x, None))
+    act = _checks.activations(gate_activation, activation)
+    h, _, _ = make_step(params, mm, acc, None, zoneout, act)(h.astype(acc), x if zoneout is None else (x, None))
     h = h.astype(x.dtype)
     return h, h
 
@@ -92,24 +95,26 @@ def _sequence(
     unroll,
     compute_dtype,
     backward,
+    gate_activation,
+    activation,
 ):
     call = _path.prepare(
         kind, params, xs, initial_state, seq_lengths=seq_lengths, mask=mask, resets=resets, reset_state=reset_state,
         input_dropout=input_dropout, recurrent_dropout=recurrent_dropout, zoneout_h=zoneout_h, key=key,
         deterministic=deterministic, reverse=reverse, time_major=time_major, unroll=unroll,
-        compute_dtype=compute_dtype, backward=backward,
+        compute_dtype=compute_dtype, backward=backward, gate_activation=gate_activation, activation=activation,
     )  # fmt: skip
     path = _path.select(call)
-    mm, acc, unroll, zoneout, per_step = call.mm, call.acc, call.unroll, call.zoneout, call.per_step
+    mm, acc, unroll, zoneout, per_step, act = call.mm, call.acc, call.unroll, call.zoneout, call.per_step, call.act
 
     def core(inputs, hs, steps, batch_major=False):
         if path == _path.NATIVE:  # float32 in and out; bfloat16 GEMM operands where mm is bfloat16
             return kernel_cell(kind, batch_major, params, hs[0], inputs, steps, hs[1], bf16=mm == jnp.bfloat16)
         if path == _path.FUSED:
             xs_tm, zh = (inputs, None) if per_step is None else inputs
-            cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout)
+            cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout, act=act)
             return fused_cell(cfg, GRU if kind == "gru" else ELMAN, params, hs[0], xs_tm, steps, hs[1], hs[2], zh)
-        step = make_step(params, mm, acc, hs[2], zoneout)
+        step = make_step(params, mm, acc, hs[2], zoneout, act)
         h, ys, _ = scan_masked(step, hs[0], inputs, steps, unroll=unroll, reset_to=hs[1])
         return ys, h
 
@@ -117,16 +122,35 @@ def _sequence(
     return ys.astype(call.dtype), h.astype(call.dtype)
 
 
-def rnn_cell(params: RNNParams, h: jax.Array, x: jax.Array, *, compute_dtype=None, zoneout_h: float = 0.0):
+def rnn_cell(
+    params: RNNParams,
+    h: jax.Array,
+    x: jax.Array,
+    *,
+    compute_dtype=None,
+    zoneout_h: float = 0.0,
+    activation: Callable = jnp.tanh,
+):
     """One Elman step. Returns ``(h, h)`` (new state and output). ``zoneout_h``: the
-    training rate, mixed in as ``rnn`` does with ``deterministic=True``."""
-    return _cell("rnn", _rnn_step, params, h, x, compute_dtype, zoneout_h)
+    training rate, mixed in as ``rnn`` does with ``deterministic=True``; ``activation``
+    as ``rnn`` takes it."""
+    return _cell("rnn", _rnn_step, params, h, x, compute_dtype, zoneout_h, jax.nn.sigmoid, activation)
 
 
-def gru_cell(params: GRUParams, h: jax.Array, x: jax.Array, *, compute_dtype=None, zoneout_h: float = 0.0):
+def gru_cell(
+    params: GRUParams,
+    h: jax.Array,
+    x: jax.Array,
+    *,
+    compute_dtype=None,
+    zoneout_h: float = 0.0,
+    gate_activation: Callable = jax.nn.sigmoid,
+    activation: Callable = jnp.tanh,
+):
     """One GRU step. Returns ``(h, h)`` (new state and output). ``zoneout_h``: the
-    training rate, mixed in as ``gru`` does with ``deterministic=True``."""
-    return _cell("gru", _gru_step, params, h, x, compute_dtype, zoneout_h)
+    training rate, mixed in as ``gru`` does with ``deterministic=True``; the activations
+    as ``gru`` takes them."""
+    return _cell("gru", _gru_step, params, h, x, compute_dtype, zoneout_h, gate_activation, activation)
 
 
 @hints(_hints.SEQUENCE)
@@ -149,10 +173,14 @@ def rnn(
     unroll=None,
     compute_dtype=None,
     backward: str = "fused",
+    activation: Callable = jnp.tanh,
 ):
     """Elman RNN over a sequence; arguments as ``jaxlstm.lstm`` (``mask``,
     ``resets``, ``reset_state``, the dropouts, ``zoneout_h`` and ``deterministic``
-    included), the state is ``h [..., H]``.
+    included), the state is ``h [..., H]``. ``activation``: in place of tanh,
+    ``h(t) = activation(x @ w_ih + h(t-1) @ w_hh + b)`` (PyTorch's
+    ``nonlinearity="relu"`` is ``activation=jax.nn.relu``); other than tanh, the
+    call runs on the XLA path.
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
     sequence (``jaxlstm._fused_gru``, the GRU's engine); ``"autodiff"``: plain
@@ -180,6 +208,8 @@ def rnn(
         unroll=unroll,
         compute_dtype=compute_dtype,
         backward=backward,
+        gate_activation=jax.nn.sigmoid,
+        activation=activation,
     )
 
 
@@ -203,10 +233,14 @@ def gru(
     unroll=None,
     compute_dtype=None,
     backward: str = "fused",
+    gate_activation: Callable = jax.nn.sigmoid,
+    activation: Callable = jnp.tanh,
 ):
     """GRU over a sequence; arguments as ``jaxlstm.lstm`` (``mask``, ``resets``,
     ``reset_state``, the dropouts, ``zoneout_h`` and ``deterministic`` included), the
-    state is ``h [..., H]``.
+    state is ``h [..., H]``. ``gate_activation`` in place of σ (r, z) and
+    ``activation`` in place of tanh (n), as Keras' ``recurrent_activation`` and
+    ``activation``; other than σ and tanh, the call runs on the XLA path.
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
     sequence (``jaxlstm._fused_gru``); ``"autodiff"``: plain JAX autodiff of the
@@ -234,4 +268,6 @@ def gru(
         unroll=unroll,
         compute_dtype=compute_dtype,
         backward=backward,
+        gate_activation=gate_activation,
+        activation=activation,
     )

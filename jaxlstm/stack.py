@@ -12,6 +12,8 @@ States are stacked ``[num_layers * num_directions, ..., features]`` with index
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -141,6 +143,8 @@ def lstm_stack(
     compute_dtype=None,
     backward: str = "fused",
     fuse_directions: bool = True,
+    gate_activation: Callable = jax.nn.sigmoid,
+    activation: Callable = jnp.tanh,
 ):
     """Runs a multi-layer, optionally bidirectional LSTM.
 
@@ -165,8 +169,8 @@ def lstm_stack(
         dirs)[i]`` and the between-layer dropout from ``jax.random.fold_in(key,
         L * dirs)``.
       deterministic: evaluation: no dropout, zoneout by its expectation, no key needed.
-      time_major, unroll, checkpoint_every, compute_dtype, backward: passed to
-        every layer's ``jaxlstm.lstm``.
+      time_major, unroll, checkpoint_every, compute_dtype, backward,
+        gate_activation, activation: passed to every layer's ``jaxlstm.lstm``.
       fuse_directions: run the two directions of a bidirectional layer as one
         scan, ``vmap`` ped over a direction axis (batched matmuls), instead of two
         calls. Same numbers; on by default, as it paid where it was measured
@@ -228,6 +232,8 @@ def lstm_stack(
             checkpoint_every=checkpoint_every,
             compute_dtype=compute_dtype,
             backward=backward,
+            gate_activation=gate_activation,
+            activation=activation,
         )
 
     hs, cs = [], []
@@ -277,7 +283,7 @@ def draws_masks(module) -> bool:
 def module_call(module, params: StackParams, xs, initial_state, seq_lengths, mask, resets, reset_state, key):
     """The call the linen and nnx ``LSTM`` modules share: their attributes (``dtype``,
     ``dropout``, ``recurrent_dropout``, ``zoneout_c``, ``zoneout_h``, ``time_major``,
-    ``unroll``, ``checkpoint_every``, ``backward``) to ``lstm_stack``.
+    ``unroll``, ``checkpoint_every``, ``backward``, ``gate_activation``, ``activation``) to ``lstm_stack``.
     ``key=None`` means deterministic (evaluation)."""
     return lstm_stack(
         params,
@@ -298,4 +304,6 @@ def module_call(module, params: StackParams, xs, initial_state, seq_lengths, mas
         checkpoint_every=module.checkpoint_every,
         compute_dtype=module.dtype,
         backward=module.backward,
+        gate_activation=module.gate_activation,
+        activation=module.activation,
     )

@@ -12,10 +12,13 @@ step). Elsewhere it is the cell. It has the native code's reverse-mode derivativ
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
-from . import _kernel, _path
+from . import _checks, _kernel, _path
+from .gates import DEFAULT_ACTIVATIONS, Activations
 from .params import GRUParams, LSTMParams, LSTMState, RNNParams
 from .recurrence import check_cell, lstm_cell
 from .rnn import check_cell as check_rnn_cell
@@ -25,20 +28,21 @@ from .stack import check_stack
 __all__ = ["step"]
 
 
-def _native(kind: str, params, x, compute_dtype, batch: int):
+def _native(kind: str, params, x, compute_dtype, batch: int, act):
     """``(applies, bf16)``: whether the native one-step call runs this step, and with bf16 GEMMs."""
     mm, acc = _path.dtypes(kind, params, x.dtype, compute_dtype)
-    ok = _kernel.applies(params, mm, acc, batch=batch, steps=1, h_mask=None, zoneout=None)
+    ok = act is None and _kernel.applies(params, mm, acc, batch=batch, steps=1, h_mask=None, zoneout=None)
     return ok, jnp.dtype(mm) == jnp.bfloat16
 
 
-def _lstm_step(params: LSTMParams, state: LSTMState, x, compute_dtype):
+def _lstm_step(params: LSTMParams, state: LSTMState, x, compute_dtype, act: Activations | None):
     x = check_cell(params, state, x)
     lead, D = x.shape[:-1], x.shape[-1]
     B = math.prod(lead)
-    native, bf16 = _native("lstm", params, x, compute_dtype, B)
+    native, bf16 = _native("lstm", params, x, compute_dtype, B, act)
     if not native:
-        return lstm_cell(params, state, x, compute_dtype=compute_dtype)
+        gate, cell = act or DEFAULT_ACTIVATIONS
+        return lstm_cell(params, state, x, compute_dtype=compute_dtype, gate_activation=gate, activation=cell)
     H = params.w_hh.shape[0]
     f32 = jnp.float32
     carry = (state.h.reshape(B, H).astype(f32), state.c.reshape(B, H).astype(f32))
@@ -48,13 +52,16 @@ def _lstm_step(params: LSTMParams, state: LSTMState, x, compute_dtype):
     return LSTMState(y, c.reshape(lead + (H,))), y
 
 
-def _cell_step(kind: str, params, h, x, compute_dtype):
+def _cell_step(kind: str, params, h, x, compute_dtype, act: Activations | None):
     x = check_rnn_cell(kind, params, h, x)
     lead, D = x.shape[:-1], x.shape[-1]
     B = math.prod(lead)
-    native, bf16 = _native(kind, params, x, compute_dtype, B)
+    native, bf16 = _native(kind, params, x, compute_dtype, B, act)
     if not native:
-        return (gru_cell if kind == "gru" else rnn_cell)(params, h, x, compute_dtype=compute_dtype)
+        gate, cell = act or DEFAULT_ACTIVATIONS
+        if kind == "gru":
+            return gru_cell(params, h, x, compute_dtype=compute_dtype, gate_activation=gate, activation=cell)
+        return rnn_cell(params, h, x, compute_dtype=compute_dtype, activation=cell)
     H = params.w_hh.shape[0]
     h0 = h.reshape(B, H).astype(jnp.float32)
     _, h_new = _kernel.kernel_cell(kind, True, params, h0, x.reshape(B, 1, D), None, h0, bf16=bf16)  # pyright: ignore[reportGeneralTypeIssues]
@@ -62,7 +69,15 @@ def _cell_step(kind: str, params, h, x, compute_dtype):
     return h_new, h_new
 
 
-def step(params, state, x, *, compute_dtype=None):
+def step(
+    params,
+    state,
+    x,
+    *,
+    compute_dtype=None,
+    gate_activation: Callable = jax.nn.sigmoid,
+    activation: Callable = jnp.tanh,
+):
     """One step of an LSTM, GRU, Elman RNN or unidirectional LSTM stack: ``(new_state, y)``.
 
     Args:
@@ -72,6 +87,8 @@ def step(params, state, x, *, compute_dtype=None):
         stack's ``LSTMState`` with the layers first, ``[num_layers, ..., R]`` (as ``lstm_stack`` returns).
       x: the input ``[..., D]``, with the state's leading dims.
       compute_dtype: the matmul operands' dtype (``jnp.bfloat16``), as for the sequences.
+      gate_activation, activation: the nonlinearities, as for the sequences (other than σ and
+        tanh, the step is the cell's).
 
     Returns:
       ``(new_state, y)``, ``y`` the (last layer's) output ``[..., R]``; the same numbers as the
@@ -85,10 +102,11 @@ def step(params, state, x, *, compute_dtype=None):
       >>> y.shape
       (4, 16)
     """
+    act = _checks.activations(gate_activation, activation)
     if isinstance(params, LSTMParams):
-        return _lstm_step(params, state, x, compute_dtype)
+        return _lstm_step(params, state, x, compute_dtype, act)
     if isinstance(params, (GRUParams, RNNParams)):
-        return _cell_step("gru" if isinstance(params, GRUParams) else "rnn", params, state, x, compute_dtype)
+        return _cell_step("gru" if isinstance(params, GRUParams) else "rnn", params, state, x, compute_dtype, act)
     num_layers, dirs, _, _, _ = check_stack(params)
     if dirs != 1:
         raise ValueError("a bidirectional stack cannot run a step at a time: its reverse direction reads the "
@@ -101,7 +119,7 @@ def step(params, state, x, *, compute_dtype=None):
             raise ValueError(f"state.{name} must hold the stack's {num_layers} layers first, got shape {shape}")
     hs, cs = [], []
     for l in range(num_layers):
-        layer_state, x = _lstm_step(params[l][0], LSTMState(state.h[l], state.c[l]), x, compute_dtype)
+        layer_state, x = _lstm_step(params[l][0], LSTMState(state.h[l], state.c[l]), x, compute_dtype, act)
         hs.append(layer_state.h)
         cs.append(layer_state.c)
     return LSTMState(jnp.stack(hs), jnp.stack(cs)), x

@@ -15,9 +15,12 @@ def _same(a):
     return a
 
 
-def lstm_step_ref(xp, params, h, c, x, operand=_same):
+def lstm_step_ref(xp, params, h, c, x, operand=_same, gate_fn=None, act_fn=None):
     """Textbook step: each gate is σ(W·[h, x] + b) with W = [W_hh; W_ih] for its slice.
-    ``operand`` is applied to every matmul operand (a bfloat16 rounding, say)."""
+    ``operand`` is applied to every matmul operand (a bfloat16 rounding, say);
+    ``gate_fn`` / ``act_fn`` replace σ / tanh."""
+    sig = gate_fn or (lambda z: _sigmoid(xp, z))
+    tanh = act_fn or xp.tanh
     H = params["w_ih"].shape[1] // 4
     hx = operand(xp.concatenate([h, x], axis=-1))
 
@@ -26,12 +29,12 @@ def lstm_step_ref(xp, params, h, c, x, operand=_same):
         w = operand(w)
         return hx @ w + params["b"][k * H : (k + 1) * H]
 
-    i = _sigmoid(xp, gate(0))
-    f = _sigmoid(xp, gate(1))
-    g = xp.tanh(gate(2))
-    o = _sigmoid(xp, gate(3))
+    i = sig(gate(0))
+    f = sig(gate(1))
+    g = tanh(gate(2))
+    o = sig(gate(3))
     c = f * c + i * g
-    h = o * xp.tanh(c)
+    h = o * tanh(c)
     if params.get("w_hr") is not None:
         h = h @ params["w_hr"]
     return h, c
@@ -77,9 +80,12 @@ def run_ref(xp, step, xs, h0, c0, lengths=None, reverse=False, mask=None, resets
     return xp.stack(ys_all), xp.stack(hs), None if c0 is None else xp.stack(cs)
 
 
-def lstm_ref(xp, params, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None, operand=_same):
+def lstm_ref(
+    xp, params, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None, operand=_same, gate_fn=None,
+    act_fn=None,
+):  # fmt: skip
     def step(h, c, x):
-        return lstm_step_ref(xp, params, h, c, x, operand)
+        return lstm_step_ref(xp, params, h, c, x, operand, gate_fn, act_fn)
 
     return run_ref(xp, step, xs, h0, c0, lengths, reverse, mask, resets)
 
@@ -88,26 +94,32 @@ def as_dict(params):
     return {k: (None if v is None else np.asarray(v, np.float64)) for k, v in params._asdict().items()}
 
 
-def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None, operand=_same):
+def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None, operand=_same, act_fn=None):
+    tanh = act_fn or xp.tanh
+
     def step(h, _c, x):
         o = operand
-        return xp.tanh(o(x) @ o(params["w_ih"]) + o(h) @ o(params["w_hh"]) + params["b"]), None
+        return tanh(o(x) @ o(params["w_ih"]) + o(h) @ o(params["w_hh"]) + params["b"]), None
 
     ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse, mask, resets)
     return ys, h
 
 
-def gru_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None, operand=_same):
-    """PyTorch's GRU equations, gate by gate (order r, z, n)."""
+def gru_ref(
+    xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None, operand=_same, gate_fn=None, act_fn=None
+):
+    """PyTorch's GRU equations, gate by gate (order r, z, n); ``gate_fn`` / ``act_fn`` replace σ / tanh."""
+    sig = gate_fn or (lambda z: _sigmoid(xp, z))
+    tanh = act_fn or xp.tanh
     H = h0.shape[-1]
     W = lambda w, k: operand(w[:, k * H : (k + 1) * H])
     b = lambda k: params["b"][k * H : (k + 1) * H]
 
     def step(h, _c, x):
         hm, xm = operand(h), operand(x)
-        r = _sigmoid(xp, xm @ W(params["w_ih"], 0) + hm @ W(params["w_hh"], 0) + b(0))
-        z = _sigmoid(xp, xm @ W(params["w_ih"], 1) + hm @ W(params["w_hh"], 1) + b(1))
-        n = xp.tanh(xm @ W(params["w_ih"], 2) + b(2) + r * (hm @ W(params["w_hh"], 2) + params["b_hn"]))
+        r = sig(xm @ W(params["w_ih"], 0) + hm @ W(params["w_hh"], 0) + b(0))
+        z = sig(xm @ W(params["w_ih"], 1) + hm @ W(params["w_hh"], 1) + b(1))
+        n = tanh(xm @ W(params["w_ih"], 2) + b(2) + r * (hm @ W(params["w_hh"], 2) + params["b_hn"]))
         return (1 - z) * n + z * h, None
 
     ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse, mask, resets)
@@ -120,7 +132,7 @@ def _layer_norm(xp, v, gain, bias, eps=1e-5):
     return (v - mean) / xp.sqrt(var + eps) * gain + bias
 
 
-def lstm_variant_step_ref(xp, params, h, c, x):
+def lstm_variant_step_ref(xp, params, h, c, x, gate_fn=None, act_fn=None):
     """The published equations, gate by gate, with a dense recurrent kernel
     ``params["w_hh_dense"]`` (a multi-head kernel's block-diagonal expansion).
 
@@ -135,12 +147,14 @@ def lstm_variant_step_ref(xp, params, h, c, x):
         z = z + params["b"]
     p = params.get("peephole")
     zi, zf, zg, zo = (z[..., k * H : (k + 1) * H] for k in range(4))
-    i = _sigmoid(xp, zi + (0 if p is None else p[0] * c))
-    f = _sigmoid(xp, zf + (0 if p is None else p[1] * c))
-    c = f * c + i * xp.tanh(zg)
-    o = _sigmoid(xp, zo + (0 if p is None else p[2] * c))
+    sig = gate_fn or (lambda z: _sigmoid(xp, z))
+    tanh = act_fn or xp.tanh
+    i = sig(zi + (0 if p is None else p[0] * c))
+    f = sig(zf + (0 if p is None else p[1] * c))
+    c = f * c + i * tanh(zg)
+    o = sig(zo + (0 if p is None else p[2] * c))
     lc = params.get("ln_cell")
-    h = o * xp.tanh(c if lc is None else _layer_norm(xp, c, lc[0], lc[1]))
+    h = o * tanh(c if lc is None else _layer_norm(xp, c, lc[0], lc[1]))
     if params.get("w_hr") is not None:
         h = h @ params["w_hr"]
     return h, c
@@ -161,8 +175,10 @@ def block_diagonal_ref(w_hh):
     return dense
 
 
-def lstm_variant_ref(xp, params, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None):
+def lstm_variant_ref(
+    xp, params, xs, h0, c0, lengths=None, reverse=False, mask=None, resets=None, gate_fn=None, act_fn=None
+):
     def step(h, c, x):
-        return lstm_variant_step_ref(xp, params, h, c, x)
+        return lstm_variant_step_ref(xp, params, h, c, x, gate_fn, act_fn)
 
     return run_ref(xp, step, xs, h0, c0, lengths, reverse, mask, resets)
