@@ -305,8 +305,8 @@ def conv_lstm(
         ``strides`` and ``dilation_rate``).
       padding: ``"same"`` or ``"valid"``, of the input convolution (the recurrent one is ``"same"``):
         ``spatial'`` is that convolution's output shape.
-      seq_lengths, mask, resets, reset_state, reverse, time_major, unroll, compute_dtype,
-        gate_activation, activation: as ``jaxlstm.lstm``.
+      seq_lengths, mask, resets, reset_state, reverse, time_major, unroll: as ``jaxlstm.lstm``.
+      compute_dtype, gate_activation, activation: as ``jaxlstm.lstm``.
 
     Returns:
       ``(ys [..., T, *spatial', H], LSTMState(h, c))`` (``ys`` and ``h`` in the dtype of ``xs``, ``c``

@@ -169,8 +169,9 @@ def lstm_stack(
         dirs)[i]`` and the between-layer dropout from ``jax.random.fold_in(key,
         L * dirs)``.
       deterministic: evaluation: no dropout, zoneout by its expectation, no key needed.
-      time_major, unroll, checkpoint_every, compute_dtype, backward,
-        gate_activation, activation: passed to every layer's ``jaxlstm.lstm``.
+      time_major, unroll, checkpoint_every, compute_dtype, backward: passed to
+        every layer's ``jaxlstm.lstm``.
+      gate_activation, activation: the nonlinearities, passed to every layer's ``jaxlstm.lstm``.
       fuse_directions: run the two directions of a bidirectional layer as one
         scan, ``vmap`` ped over a direction axis (batched matmuls), instead of two
         calls. Same numbers; on by default, as it paid where it was measured
