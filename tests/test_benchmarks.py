@@ -204,6 +204,17 @@ def test_variants_quick(tmp_path):
     assert all(r["vs_plain"] == 1.0 for r in rows if r["variant"] == "plain")
 
 
+def test_activations_quick(tmp_path):
+    """benchmarks/activations.py: the generic activations path and the ConvLSTM against flax, timed."""
+    from benchmarks import activations
+
+    activations.main(["--quick", "--out", str(tmp_path)])
+    out = json.loads((tmp_path / "activations.json").read_text())
+    assert out["lstm"]["path"]["other"] == "xla-fused"
+    assert {"default/train", "other-fused/train", "other-autodiff/forward"} <= set(out["lstm"]["times"])
+    assert set(out["conv_lstm"]["times"]) == {"jaxlstm/forward", "jaxlstm/train", "flax/forward", "flax/train"}
+
+
 def test_streaming_quick(tmp_path):
     """benchmarks/streaming.py: per-call times of the step, the cell, flax (and torch when installed)."""
     from benchmarks import streaming
