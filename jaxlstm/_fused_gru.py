@@ -83,6 +83,31 @@ def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None):
     return step
 
 
+def gru_reset_before_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None):
+    """The reset-before GRU's step ``(h, x) -> (h, h, None)`` (Keras' ``reset_after=False``, Haiku's
+    ``hk.GRU``, the 2014 paper's form): ``n = tanh(x @ W_in + b_n + (r ∗ h) @ W_hn + b_hn)``, the rest as
+    ``gru_step`` (the same params; ``b_hn`` is plain bias here). It has no fused backward: the sequences
+    differentiate it by autodiff (``"xla-autodiff"``)."""
+    gate, cell = (jax.nn.sigmoid, jnp.tanh) if act is None else act
+    H = params.w_hh.shape[0]
+
+    def step(h, x):
+        if zoneout is not None:
+            x, zh = x
+        gx = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype), params.b)
+        h_in = h if h_mask is None else h * h_mask
+        hr, hz = jnp.split(dot(h_in, params.w_hh[:, : 2 * H], mm_dtype, acc_dtype), 2, axis=-1)
+        xr, xz, xn = jnp.split(gx, 3, axis=-1)
+        r, z = gate(xr + hr), gate(xz + hz)
+        n = cell(xn + add_bias(dot(r * h_in, params.w_hh[:, 2 * H :], mm_dtype, acc_dtype), params.b_hn))
+        h_new = (1 - z) * n + z * h
+        if zoneout is not None:
+            h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
+        return h_new, h_new, None
+
+    return step
+
+
 class GRUStepGrads(NamedTuple):
     dgx: jax.Array  # d(x @ w_ih + b)  [B, 3H]
     dh_prev: jax.Array  # [B, H]

@@ -57,6 +57,7 @@ class Call(NamedTuple):
     per_step: Any
     zoneout: Any
     act: Any  # jaxlstm.gates.Activations, or None for σ and tanh
+    reset_after: bool  # the GRU's form (False: reset-before, Keras' reset_after=False, hk.GRU)
 
     @property
     def batch(self) -> int:
@@ -119,6 +120,7 @@ def prepare(
     backward: str = "fused",
     gate_activation: Callable = jax.nn.sigmoid,
     activation: Callable = jnp.tanh,
+    reset_after: bool = True,
 ) -> Call:
     """Validates a ``kind`` (``"lstm"``, ``"gru"``, ``"rnn"``) sequence call, arguments as
     ``jaxlstm.lstm`` takes them (``zoneout_c`` and ``checkpoint_every`` are the LSTM's only)."""
@@ -138,6 +140,7 @@ def prepare(
             raise ValueError("checkpoint_every requires backward='fused', got backward='autodiff'")
     mm, acc = dtypes(kind, params, xs.dtype, compute_dtype)
     act = _checks.activations(gate_activation, activation)
+    reset_after = _checks.static_bool("reset_after", reset_after)
     zero_h = jnp.zeros(batch_shape + (R,), acc)
     zeros = (zero_h, jnp.zeros(batch_shape + (H,), acc)) if kind == "lstm" else zero_h
     carry0 = zeros if initial_state is None else _state(kind, "initial_state", initial_state, batch_shape, H, R, acc)
@@ -155,6 +158,7 @@ def prepare(
     return Call(
         kind, params, xs, dtype, batch_shape, T, D, H, R, seq_lengths, mask, resets, reverse, time_major, unroll,
         checkpoint_every, backward, mm, acc, (carry0, reset_carry, h_mask), per_step, zoneout, act,
+        reset_after,
     )  # fmt: skip
 
 
@@ -163,7 +167,10 @@ def select(call: Call) -> str:
     backward, σ and tanh, float32 sums, no recurrent dropout, zoneout, projection, variant or
     checkpointing: ``jaxlstm._kernel.applies``) and the tuner chose it for the shape (``jaxlstm.tuning.kernel_path``);
     else the XLA path: ``VARIANT`` for a peephole / layer-norm / multi-head LSTM, ``FUSED``, or
-    ``AUTODIFF`` where the caller asked for ``backward="autodiff"``."""
+    ``AUTODIFF`` where the caller asked for ``backward="autodiff"`` or for the reset-before GRU
+    (``reset_after=False``), which has no fused backward."""
+    if not call.reset_after:
+        return AUTODIFF
     if (
         call.backward == "fused"
         and call.act is None

@@ -34,7 +34,7 @@ __all__ = [
     "from_haiku",
     "from_keras",
     "from_torch",
-    "keras_activations",
+    "keras_kwargs",
     "to_cudnn",
     "to_flax",
     "to_haiku",
@@ -355,17 +355,21 @@ _KERAS_ACTIVATIONS = {
 }
 
 
-def keras_activations(layer) -> dict:
-    """The nonlinearities of a Keras 3 ``LSTM`` / ``GRU`` / ``SimpleRNN`` layer as the keyword arguments
-    of ``jaxlstm.lstm`` / ``gru`` / ``rnn``: ``{"gate_activation": ..., "activation": ...}`` (the Elman
-    RNN: ``activation`` only), from its ``recurrent_activation`` and ``activation``. ``from_keras``
-    converts the weights only: pass these beside them where a layer has other activations than σ and
-    tanh. An activation with no JAX counterpart here raises a ``ValueError`` naming it.
+def keras_kwargs(layer) -> dict:
+    """What a Keras 3 layer computes beyond its weights, as the keyword arguments of the jaxlstm call that
+    computes the same: ``jaxlstm.lstm`` / ``gru`` / ``rnn`` / ``conv_lstm(convert.from_keras(layer), xs,
+    **convert.keras_kwargs(layer))``.
+
+    * the nonlinearities: ``gate_activation`` from ``recurrent_activation`` and ``activation`` (a
+      ``SimpleRNN``: ``activation`` only); a Keras activation with no JAX counterpart here raises a
+      ``ValueError`` naming it;
+    * a ``GRU``'s ``reset_after`` (``False``: the reset-before form);
+    * a ``ConvLSTM1D/2D/3D``'s ``strides``, ``padding`` and ``dilation`` (Keras' ``dilation_rate``).
 
     Examples:
       >>> from jaxlstm import convert
-      >>> layer = keras.layers.LSTM(32, activation="relu")  # doctest: +SKIP
-      >>> ys, state = jaxlstm.lstm(convert.from_keras(layer), xs, **convert.keras_activations(layer))  # doctest: +SKIP
+      >>> layer = keras.layers.GRU(32, activation="relu", reset_after=False)  # doctest: +SKIP
+      >>> ys, h = jaxlstm.gru(convert.from_keras(layer), xs, **convert.keras_kwargs(layer))  # doctest: +SKIP
     """
     cell = getattr(layer, "cell", layer)
     out = {}
@@ -380,6 +384,10 @@ def keras_activations(layer) -> dict:
                 f"{sorted(_KERAS_ACTIVATIONS)}): pass the JAX function as {key}= yourself"
             )
         out[key] = _KERAS_ACTIVATIONS[name]
+    if getattr(cell, "reset_after", None) is not None:
+        out["reset_after"] = bool(cell.reset_after)
+    if getattr(cell, "strides", None) is not None and type(layer).__name__.startswith("ConvLSTM"):
+        out.update(strides=tuple(cell.strides), padding=str(cell.padding), dilation=tuple(cell.dilation_rate))
     return out
 
 
@@ -397,13 +405,12 @@ def _keras_weights(layer_or_weights) -> tuple[list, str | None, bool | None]:
 
 
 def from_keras(layer_or_weights, *, dtype=jnp.float32):
-    """A Keras 3 ``keras.layers.LSTM`` or ``GRU`` (or its ``get_weights()`` list) -> ``LSTMParams`` or
-    ``GRUParams``; a ``ConvLSTM1D/2D/3D`` -> ``ConvLSTMParams`` (the same layout: call ``conv_lstm`` with
-    the layer's ``strides``, ``padding`` and ``dilation_rate``). The GRU must be ``reset_after=True``
-    (Keras' default and cuDNN's form; the other form applies the reset gate before the recurrent
-    matmul, which jaxlstm's GRU does not compute). A layer built with ``use_bias=False`` gives an LSTM
-    without bias, a GRU with zero biases. The weights only: a layer's other activations than σ and tanh
-    are ``keras_activations(layer)``, to pass to the call."""
+    """A Keras 3 ``keras.layers.LSTM``, ``GRU`` or ``ConvLSTM1D/2D/3D`` (or its ``get_weights()`` list) ->
+    ``LSTMParams``, ``GRUParams`` or ``ConvLSTMParams``. The weights only: what else the layer computes
+    (activations, a GRU's ``reset_after``, a ConvLSTM's strides, padding and dilation) is
+    ``keras_kwargs(layer)``, to pass to the call. A GRU with ``reset_after=False`` (its ``bias`` is
+    ``[3H]``) gives params for ``jaxlstm.gru(..., reset_after=False)``; a layer built with
+    ``use_bias=False`` gives an LSTM without bias, a GRU with zero biases."""
     weights, name, reset_after = _keras_weights(layer_or_weights)
     if len(weights) not in (2, 3):
         raise ValueError(f"expected [kernel, recurrent_kernel(, bias)] from Keras, got {len(weights)} arrays")
@@ -426,11 +433,12 @@ def from_keras(layer_or_weights, *, dtype=jnp.float32):
     if gates != 3 or name not in (None, "GRU", "GRUCell"):
         raise ValueError(f"a Keras {name or 'layer'} with recurrent_kernel {rec.shape} is neither an LSTM nor a GRU")
     if reset_after is False or (bias is not None and bias.shape == (3 * H,)):
-        raise ValueError(
-            "the Keras GRU has reset_after=False: its candidate is tanh(x W + (r * h) U + b), and jaxlstm's GRU "
-            "computes tanh(x W + b + r * (h U + b_hn)) (reset_after=True, Keras' default); convert a GRU built "
-            "with reset_after=True"
-        )
+        # reset-before: tanh(x W + (r * h) U + b), one bias (jaxlstm.gru(..., reset_after=False))
+        bias = jnp.zeros((3 * H,), dtype) if bias is None else bias
+        if bias.shape != (3 * H,):
+            raise ValueError(f"a Keras GRU with reset_after=False has a bias of shape ({3 * H},), got {bias.shape}")
+        w_ih, w_hh, b = (_blocks(a, _KERAS_TO_GRU, 3) for a in (kernel, rec, bias))
+        return GRUParams(w_ih, w_hh, b, jnp.zeros((H,), dtype))
     if bias is None:
         bias = jnp.zeros((2, 3 * H), dtype)
     if bias.shape != (2, 3 * H):
@@ -439,13 +447,18 @@ def from_keras(layer_or_weights, *, dtype=jnp.float32):
     return _gru_params(w_ih, w_hh, b_ih, b_hh)
 
 
-def to_keras(params) -> list[np.ndarray]:
+def to_keras(params, *, reset_after: bool = True) -> list[np.ndarray]:
     """``LSTMParams`` (plain, no projection) or ``GRUParams`` -> the list for a Keras 3 ``LSTM`` / ``GRU``
-    layer's ``set_weights`` (an LSTM without bias: a layer built with ``use_bias=False``; the GRU:
-    ``reset_after=True``, the r and z biases in the input half of ``bias``); ``ConvLSTMParams`` -> a
-    ``ConvLSTM1D/2D/3D``'s."""
+    layer's ``set_weights`` (an LSTM without bias: a layer built with ``use_bias=False``; the GRU: the r
+    and z biases in the input half of ``bias``; with ``reset_after=False``, params of
+    ``jaxlstm.gru(..., reset_after=False)`` for a layer built so, one ``bias [3H]``); ``ConvLSTMParams``
+    -> a ``ConvLSTM1D/2D/3D``'s."""
     if isinstance(params, ConvLSTMParams):
         return [np.asarray(w) for w in params if w is not None]
+    if isinstance(params, GRUParams) and not reset_after:
+        H = params.w_hh.shape[0]
+        b = params.b + jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])  # b_hn is plain bias
+        return [np.asarray(_blocks(a, _KERAS_TO_GRU, 3)) for a in (params.w_ih, params.w_hh, b)]
     if isinstance(params, GRUParams):
         H = params.w_hh.shape[0]
         b_rec = jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])  # r, z: all in the input half
@@ -464,18 +477,19 @@ def to_keras(params) -> list[np.ndarray]:
 # ---------------------------------------------------------------------------
 # Haiku (dm-haiku): hk.LSTM is one hk.Linear over [x, h] ("<module>/linear": w [D + H, 4H], b [4H]) with
 # gate order i, g, f, o and 1 added to the forget gate's pre-activation inside the cell (sonnet's forget
-# bias); jaxlstm's bias carries that 1. hk.GRU ("<module>": w_i [D, 3H], w_h [H, 3H], b [3H]) applies the
-# reset gate before its recurrent matmul (tanh(x W_a + (r * h) U_a + b_a)), a GRU that jaxlstm's
-# (reset-after, as cuDNN, PyTorch and Keras compute it) is not: it does not convert.
+# bias); jaxlstm's bias carries that 1. hk.GRU ("<module>": w_i [D, 3H], w_h [H, 3H], b [3H], gate order
+# z, r, a) applies the reset gate before its recurrent matmul (tanh(x W_a + (r * h) U_a + b_a)): jaxlstm's
+# gru(..., reset_after=False). Its update gate is the other way round, h(t) = (1 - z) h + z a, where
+# jaxlstm's (PyTorch's) is h(t) = (1 - z') n + z' h: z' = 1 - z = σ(-pre), so the z columns change sign.
 
 _HAIKU_TO_LSTM = (0, 2, 1, 3)  # jaxlstm's i, f, g, o from Haiku's i, g, f, o (and back: the same swap)
 HAIKU_FORGET_BIAS = 1.0
 
 
-def _haiku_module(params, suffix: str, name: str | None) -> tuple[str, Mapping]:
+def _haiku_module(params, suffix: str, name: str | None, fields=("w", "b")) -> tuple[str, Mapping]:
     if not isinstance(params, Mapping):
         raise TypeError(f"expected Haiku params (a dict of modules), got {type(params).__name__}")
-    if {"w", "b"} <= set(params):
+    if set(fields) <= set(params):
         return suffix, params
     keys = [k for k in params if (k == name if name is not None else k == suffix or k.endswith("/" + suffix))]
     if len(keys) != 1:
@@ -484,16 +498,40 @@ def _haiku_module(params, suffix: str, name: str | None) -> tuple[str, Mapping]:
     return keys[0], params[keys[0]]
 
 
-def from_haiku(params, *, name: str | None = None) -> LSTMParams:
+def _haiku_gru_blocks(a, to_haiku: bool = False):
+    """Haiku's z, r, a blocks -> jaxlstm's r, z, n, the z block's sign flipped (``to_haiku``: back)."""
+    first, second, third = jnp.split(jnp.asarray(a), 3, axis=-1)
+    if to_haiku:  # jaxlstm's r, z', n -> Haiku's z = -z', r, a
+        return jnp.concatenate([-second, first, third], axis=-1)
+    return jnp.concatenate([second, -first, third], axis=-1)
+
+
+def _is_haiku_gru(params, name) -> bool:
+    if not isinstance(params, Mapping):
+        return False
+    if {"w_i", "w_h", "b"} <= set(params):
+        return True
+    if name is not None:
+        return isinstance(params.get(name), Mapping) and {"w_i", "w_h"} <= set(params[name])
+    return any(k == "gru" or k.endswith("/gru") for k in params) and not any(k.endswith("lstm/linear") for k in params)
+
+
+def from_haiku(params, *, name: str | None = None):
     """The params of ``hk.LSTM`` (the whole Haiku params dict, with one ``.../lstm/linear`` module or the
-    one named ``name``; or that module's ``{"w", "b"}``) -> ``LSTMParams``. Haiku's cell adds 1 to the
-    forget gate inside; jaxlstm's ``b`` holds it, so the two compute the same function. ``hk.GRU``
-    does not convert: it applies the reset gate before the recurrent matmul (see the module notes)."""
-    if isinstance(params, Mapping) and any(k == "gru" or k.endswith("/gru") for k in params) and name is None:
-        raise ValueError(
-            "hk.GRU computes tanh(x W_a + (r * h) U_a + b_a), the reset gate before the recurrent matmul; "
-            "jaxlstm's GRU applies it after (cuDNN's, PyTorch's and Keras' default form): no exact conversion"
-        )
+    one named ``name``; or that module's ``{"w", "b"}``) -> ``LSTMParams``; of ``hk.GRU`` (one ``.../gru``
+    module, the one named ``name``, or its ``{"w_i", "w_h", "b"}``) -> ``GRUParams`` for
+    ``jaxlstm.gru(..., reset_after=False)``: Haiku's GRU is the reset-before form, and its update gate
+    is the complement of jaxlstm's (the z columns change sign; see the module notes). Haiku's LSTM adds 1
+    to the forget gate inside; jaxlstm's ``b`` holds it, so the two compute the same function."""
+    if _is_haiku_gru(params, name):
+        _, m = _haiku_module(params, "gru", name, fields=("w_i", "w_h", "b"))
+        w_i, w_h, b = (jnp.asarray(m[k]) for k in ("w_i", "w_h", "b"))
+        H = w_h.shape[0] if w_h.ndim == 2 else 0
+        if H == 0 or w_h.shape != (H, 3 * H) or w_i.ndim != 2 or w_i.shape[1] != 3 * H or b.shape != (3 * H,):
+            raise ValueError(f"hk.GRU's params must be w_i [D, 3H], w_h [H, 3H], b [3H]; got {w_i.shape}, "
+                             f"{w_h.shape}, {b.shape}")  # fmt: skip
+        w_ih, w_hh, bias = (_haiku_gru_blocks(a) for a in (w_i, w_h, b))
+        return GRUParams(w_ih, w_hh, bias, jnp.zeros((H,), bias.dtype))
     _, m = _haiku_module(params, "lstm/linear", name)
     w, b = jnp.asarray(m["w"]), jnp.asarray(m["b"])
     H = w.shape[1] // 4 if w.ndim == 2 else 0
@@ -505,11 +543,19 @@ def from_haiku(params, *, name: str | None = None) -> LSTMParams:
     return LSTMParams(w[:D], w[D:], b)
 
 
-def to_haiku(params: LSTMParams, *, name: str = "lstm/linear") -> dict:
+def to_haiku(params, *, name: str | None = None) -> dict:
     """``LSTMParams`` (plain, no projection) -> ``{name: {"w", "b"}}``, the params of ``hk.LSTM`` named
-    ``name`` (its default module name) for ``transform(...).apply``."""
+    ``name`` (default ``"lstm/linear"``, its default module name) for ``transform(...).apply``;
+    ``GRUParams`` of ``jaxlstm.gru(..., reset_after=False)`` -> ``{name: {"w_i", "w_h", "b"}}`` of
+    ``hk.GRU`` (default ``"gru"``; ``b_hn``, plain bias in that form, joins ``b``)."""
+    if isinstance(params, GRUParams):
+        H = params.w_hh.shape[0]
+        b = params.b + jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])
+        w_i, w_h, b = (_haiku_gru_blocks(a, to_haiku=True) for a in (params.w_ih, params.w_hh, b))
+        return {name or "gru": {"w_i": w_i, "w_h": w_h, "b": b}}
+    name = name or "lstm/linear"
     if not isinstance(params, LSTMParams):
-        raise TypeError(f"expected LSTMParams (hk.GRU does not convert, see from_haiku), got {type(params).__name__}")
+        raise TypeError(f"expected LSTMParams or GRUParams, got {type(params).__name__}")
     _plain(params, "params", "hk.LSTM")
     if params.w_hr is not None:
         raise ValueError("hk.LSTM has no projection: params.w_hr must be None")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from . import _checks, _hints, _path
 from ._engine import scan_masked, without_residuals
 from ._fused import FusedConfig
-from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
+from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_reset_before_step, gru_step
 from ._hints import hints
 from ._kernel import kernel_cell
 from ._step import zoneout_rates
@@ -51,6 +51,7 @@ def _plain(make_step):
 
 _rnn_step = _plain(elman_step)
 _gru_step = _plain(gru_step)
+_gru_reset_before_step = _plain(gru_reset_before_step)
 
 
 def check_cell(kind: str, params, h, x):
@@ -97,12 +98,14 @@ def _sequence(
     backward,
     gate_activation,
     activation,
+    reset_after=True,
 ):
     call = _path.prepare(
         kind, params, xs, initial_state, seq_lengths=seq_lengths, mask=mask, resets=resets, reset_state=reset_state,
         input_dropout=input_dropout, recurrent_dropout=recurrent_dropout, zoneout_h=zoneout_h, key=key,
         deterministic=deterministic, reverse=reverse, time_major=time_major, unroll=unroll,
         compute_dtype=compute_dtype, backward=backward, gate_activation=gate_activation, activation=activation,
+        reset_after=reset_after,
     )  # fmt: skip
     path = _path.select(call)
     mm, acc, unroll, zoneout, per_step, act = call.mm, call.acc, call.unroll, call.zoneout, call.per_step, call.act
@@ -114,7 +117,7 @@ def _sequence(
             xs_tm, zh = (inputs, None) if per_step is None else inputs
             cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout, act=act)
             return fused_cell(cfg, GRU if kind == "gru" else ELMAN, params, hs[0], xs_tm, steps, hs[1], hs[2], zh)
-        step = make_step(params, mm, acc, hs[2], zoneout, act)
+        step = (make_step if call.reset_after else _gru_reset_before_step)(params, mm, acc, hs[2], zoneout, act)
         h, ys, _ = scan_masked(step, hs[0], inputs, steps, unroll=unroll, reset_to=hs[1])
         return ys, h
 
@@ -146,11 +149,13 @@ def gru_cell(
     zoneout_h: float = 0.0,
     gate_activation: Callable = jax.nn.sigmoid,
     activation: Callable = jnp.tanh,
+    reset_after: bool = True,
 ):
     """One GRU step. Returns ``(h, h)`` (new state and output). ``zoneout_h``: the
     training rate, mixed in as ``gru`` does with ``deterministic=True``; the activations
-    as ``gru`` takes them."""
-    return _cell("gru", _gru_step, params, h, x, compute_dtype, zoneout_h, gate_activation, activation)
+    and ``reset_after`` as ``gru`` takes them."""
+    step = _gru_step if _checks.static_bool("reset_after", reset_after) else _gru_reset_before_step
+    return _cell("gru", step, params, h, x, compute_dtype, zoneout_h, gate_activation, activation)
 
 
 @hints(_hints.SEQUENCE)
@@ -235,12 +240,17 @@ def gru(
     backward: str = "fused",
     gate_activation: Callable = jax.nn.sigmoid,
     activation: Callable = jnp.tanh,
+    reset_after: bool = True,
 ):
     """GRU over a sequence; arguments as ``jaxlstm.lstm`` (``mask``, ``resets``,
     ``reset_state``, the dropouts, ``zoneout_h`` and ``deterministic`` included), the
     state is ``h [..., H]``. ``gate_activation`` in place of σ (r, z) and
     ``activation`` in place of tanh (n), as Keras' ``recurrent_activation`` and
     ``activation``; other than σ and tanh, the call runs on the XLA path.
+
+    ``reset_after=False``: the reset-before GRU (Keras' ``reset_after=False``, Haiku's
+    ``hk.GRU``, Cho et al. 2014), ``n = tanh(x @ W_in + b_n + (r ∗ h) @ W_hn + b_hn)``,
+    with the same params; it runs on the XLA path with autodiff (``"xla-autodiff"``).
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
     sequence (``jaxlstm._fused_gru``); ``"autodiff"``: plain JAX autodiff of the
@@ -270,4 +280,5 @@ def gru(
         backward=backward,
         gate_activation=gate_activation,
         activation=activation,
+        reset_after=reset_after,
     )

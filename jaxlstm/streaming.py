@@ -52,15 +52,18 @@ def _lstm_step(params: LSTMParams, state: LSTMState, x, compute_dtype, act: Acti
     return LSTMState(y, c.reshape(lead + (H,))), y
 
 
-def _cell_step(kind: str, params, h, x, compute_dtype, act: Activations | None):
+def _cell_step(kind: str, params, h, x, compute_dtype, act: Activations | None, reset_after: bool):
     x = check_rnn_cell(kind, params, h, x)
     lead, D = x.shape[:-1], x.shape[-1]
     B = math.prod(lead)
     native, bf16 = _native(kind, params, x, compute_dtype, B, act)
-    if not native:
+    if not native or not reset_after:
         gate, cell = act or DEFAULT_ACTIVATIONS
         if kind == "gru":
-            return gru_cell(params, h, x, compute_dtype=compute_dtype, gate_activation=gate, activation=cell)
+            return gru_cell(
+                params, h, x, compute_dtype=compute_dtype, gate_activation=gate, activation=cell,
+                reset_after=reset_after,
+            )  # fmt: skip
         return rnn_cell(params, h, x, compute_dtype=compute_dtype, activation=cell)
     H = params.w_hh.shape[0]
     h0 = h.reshape(B, H).astype(jnp.float32)
@@ -77,6 +80,7 @@ def step(
     compute_dtype=None,
     gate_activation: Callable = jax.nn.sigmoid,
     activation: Callable = jnp.tanh,
+    reset_after: bool = True,
 ):
     """One step of an LSTM, GRU, Elman RNN or unidirectional LSTM stack: ``(new_state, y)``.
 
@@ -89,6 +93,7 @@ def step(
       compute_dtype: the matmul operands' dtype (``jnp.bfloat16``), as for the sequences.
       gate_activation, activation: the nonlinearities, as for the sequences (other than σ and
         tanh, the step is the cell's).
+      reset_after: the GRU's form, as ``jaxlstm.gru`` takes it (``False``: the cell's step).
 
     Returns:
       ``(new_state, y)``, ``y`` the (last layer's) output ``[..., R]``; the same numbers as the
@@ -103,10 +108,12 @@ def step(
       (4, 16)
     """
     act = _checks.activations(gate_activation, activation)
+    reset_after = _checks.static_bool("reset_after", reset_after)
     if isinstance(params, LSTMParams):
         return _lstm_step(params, state, x, compute_dtype, act)
     if isinstance(params, (GRUParams, RNNParams)):
-        return _cell_step("gru" if isinstance(params, GRUParams) else "rnn", params, state, x, compute_dtype, act)
+        kind = "gru" if isinstance(params, GRUParams) else "rnn"
+        return _cell_step(kind, params, state, x, compute_dtype, act, reset_after)
     num_layers, dirs, _, _, _ = check_stack(params)
     if dirs != 1:
         raise ValueError("a bidirectional stack cannot run a step at a time: its reverse direction reads the "

@@ -106,9 +106,11 @@ def rnn_ref(xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=N
 
 
 def gru_ref(
-    xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None, operand=_same, gate_fn=None, act_fn=None
-):
-    """PyTorch's GRU equations, gate by gate (order r, z, n); ``gate_fn`` / ``act_fn`` replace σ / tanh."""
+    xp, params, xs, h0, lengths=None, reverse=False, mask=None, resets=None, operand=_same, gate_fn=None, act_fn=None,
+    reset_after=True,
+):  # fmt: skip
+    """PyTorch's GRU equations, gate by gate (order r, z, n); ``gate_fn`` / ``act_fn`` replace σ / tanh;
+    ``reset_after=False``: the reset gate before the recurrent matmul, ``tanh(x W_n + b_n + (r h) U_n + b_hn)``."""
     sig = gate_fn or (lambda z: _sigmoid(xp, z))
     tanh = act_fn or xp.tanh
     H = h0.shape[-1]
@@ -119,7 +121,10 @@ def gru_ref(
         hm, xm = operand(h), operand(x)
         r = sig(xm @ W(params["w_ih"], 0) + hm @ W(params["w_hh"], 0) + b(0))
         z = sig(xm @ W(params["w_ih"], 1) + hm @ W(params["w_hh"], 1) + b(1))
-        n = tanh(xm @ W(params["w_ih"], 2) + b(2) + r * (hm @ W(params["w_hh"], 2) + params["b_hn"]))
+        if reset_after:
+            n = tanh(xm @ W(params["w_ih"], 2) + b(2) + r * (hm @ W(params["w_hh"], 2) + params["b_hn"]))
+        else:
+            n = tanh(xm @ W(params["w_ih"], 2) + b(2) + operand(r * h) @ W(params["w_hh"], 2) + params["b_hn"])
         return (1 - z) * n + z * h, None
 
     ys, h, _ = run_ref(xp, step, xs, h0, None, lengths, reverse, mask, resets)

@@ -225,7 +225,8 @@ def test_keras_layers_with_other_activations(kind):
         rng = np.random.default_rng(4)
         layer.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in layer.get_weights()])
         want = np.asarray(layer(xs))
-        acts = jaxlstm.convert.keras_activations(layer)
+        acts = jaxlstm.convert.keras_kwargs(layer)
+        assert acts.pop("reset_after", True) is True  # a GRU's, Keras' default
         assert acts["activation"] is jax.nn.relu
         if kind == "SimpleRNN":
             w = layer.get_weights()
@@ -237,7 +238,7 @@ def test_keras_layers_with_other_activations(kind):
     np.testing.assert_allclose(got, want, atol=2e-5)
     layer2 = getattr(keras.layers, kind)(H, activation="mish")
     with pytest.raises(ValueError, match="activation is 'mish', which has no JAX counterpart"):
-        jaxlstm.convert.keras_activations(layer2)
+        jaxlstm.convert.keras_kwargs(layer2)
 
 
 def test_cells_step_stack_and_modules_agree_with_the_sequence():

@@ -81,12 +81,9 @@ def test_keras_gru_both_ways():
 
 
 def test_keras_what_does_not_convert_says_why():
-    keras = _keras()
-    xs = np.zeros((1, 2, D), np.float32)
-    old = keras.layers.GRU(H, reset_after=False)
-    old(xs)
-    with pytest.raises(ValueError, match="reset_after=False"):
-        convert.from_keras(old)
+    _keras()
+    with pytest.raises(ValueError, match=rf"GRU bias must have shape \(2, {3 * H}\)"):
+        convert.from_keras([np.zeros((D, 3 * H)), np.zeros((H, 3 * H)), np.zeros((3, 3 * H))])
     with pytest.raises(ValueError, match="no projection"):
         convert.to_keras(jaxlstm.init_lstm(jax.random.key(0), D, H, proj_size=2))
     with pytest.raises(TypeError, match="keras.layers.LSTM"):
@@ -123,9 +120,67 @@ def test_haiku_lstm_both_ways():
     assert jax.tree.all(jax.tree.map(np.allclose, convert.from_haiku(convert.to_haiku(p2)), p2))
 
 
-def test_haiku_gru_says_it_does_not_convert():
-    with pytest.raises(ValueError, match="reset gate before the recurrent matmul"):
-        convert.from_haiku({"gru": {"w_i": np.zeros((D, 3 * H)), "w_h": np.zeros((H, 3 * H)), "b": np.zeros(3 * H)}})
+def test_keras_gru_reset_before_both_ways():
+    """reset_after=False: the reset gate before the recurrent matmul; jaxlstm.gru(..., reset_after=False)."""
+    keras = _keras()
+    xs = np.random.default_rng(0).normal(size=(B, T, D)).astype(np.float32)
+    layer = keras.layers.GRU(H, return_sequences=True, return_state=True, reset_after=False)
+    layer(xs)
+    _randomize(layer, 7)
+    ys_k, h_k = (np.asarray(a) for a in layer(xs))
+    params = convert.from_keras(layer)
+    kwargs = convert.keras_kwargs(layer)
+    assert kwargs["reset_after"] is False
+    ys, h = jaxlstm.gru(params, jnp.asarray(xs), **kwargs)
+    np.testing.assert_allclose(ys, ys_k, atol=2e-5)
+    np.testing.assert_allclose(h, h_k, atol=2e-5)
+    assert not np.allclose(jaxlstm.gru(params, jnp.asarray(xs))[0], ys_k, atol=1e-3)  # the other form differs
+    p2 = jaxlstm.init_gru(jax.random.key(4), D, H)
+    p2 = p2._replace(b=jnp.linspace(-1, 1, 3 * H), b_hn=jnp.linspace(0.5, -0.5, H))
+    fresh = keras.layers.GRU(H, return_sequences=True, reset_after=False)
+    fresh(xs)
+    fresh.set_weights(convert.to_keras(p2, reset_after=False))
+    np.testing.assert_allclose(np.asarray(fresh(xs)), jaxlstm.gru(p2, jnp.asarray(xs), reset_after=False)[0], atol=2e-5)
+
+
+def _haiku_gru(xs, params=None, name=None):
+    hk = pytest.importorskip("haiku")
+
+    def f(x):
+        core = hk.GRU(H, name=name)
+        return hk.dynamic_unroll(core, x, core.initial_state(x.shape[0]), time_major=False)
+
+    t = hk.transform(f)
+    if params is None:
+        init = t.init(jax.random.key(8), xs)
+        leaves, tree = jax.tree.flatten(init)
+        keys = jax.random.split(jax.random.key(9), len(leaves))
+        params = jax.tree.unflatten(
+            tree, [a + 0.4 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves, strict=True)]
+        )
+    return params, t.apply(params, None, xs)
+
+
+def test_haiku_gru_both_ways():
+    """hk.GRU: reset-before, with the update gate the other way round (h = (1 - z) h + z a)."""
+    xs = jax.random.normal(jax.random.key(0), (B, T, D))
+    hparams, (ys_h, h_h) = _haiku_gru(xs)
+    params = convert.from_haiku(hparams)
+    assert isinstance(params, jaxlstm.GRUParams)
+    ys, h = jaxlstm.gru(params, xs, reset_after=False)
+    np.testing.assert_allclose(ys, ys_h, atol=2e-5)
+    np.testing.assert_allclose(h, h_h, atol=2e-5)
+    p2 = jaxlstm.init_gru(jax.random.key(6), D, H)
+    p2 = p2._replace(b=jnp.linspace(-1, 1, 3 * H), b_hn=jnp.linspace(0.5, -0.5, H))
+    _, (ys2, _) = _haiku_gru(xs, convert.to_haiku(p2, name="enc"), name="enc")
+    np.testing.assert_allclose(ys2, jaxlstm.gru(p2, xs, reset_after=False)[0], atol=2e-5)
+    back = convert.from_haiku(convert.to_haiku(p2))
+    np.testing.assert_allclose(jaxlstm.gru(back, xs, reset_after=False)[0], ys2, atol=2e-5)
+
+
+def test_haiku_what_does_not_convert_says_why():
+    with pytest.raises(ValueError, match=r"hk.GRU's params must be w_i \[D, 3H\]"):
+        convert.from_haiku({"gru": {"w_i": np.zeros((D, 3 * H)), "w_h": np.zeros((H, 2 * H)), "b": np.zeros(3 * H)}})
     with pytest.raises(ValueError, match=r"w \[D \+ H, 4H\]"):
         convert.from_haiku({"lstm/linear": {"w": np.zeros(4 * H), "b": np.zeros(4 * H)}})
     with pytest.raises(ValueError, match="pass name="):

@@ -9,10 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 import jaxlstm
 from jaxlstm import convert
 from reference import as_dict, gru_ref, rnn_ref
+
+_FLAGS = np.random.default_rng(11)
+MASK_RB = _FLAGS.random((3, 5)) < 0.7
+RESETS_RB = _FLAGS.random((3, 5)) < 0.3
 
 D, H, B, T = 3, 4, 3, 5
 GOLDEN = sorted(
@@ -166,7 +171,6 @@ def test_fused_equals_autodiff(kind, batch_shape, time_major, T_):
 
 
 def test_gru_check_grads_x64_and_bfloat16():
-    from jax.test_util import check_grads
 
     with jax.enable_x64(True):
         for kind, run in (("gru", jaxlstm.gru), ("rnn", jaxlstm.rnn)):
@@ -178,3 +182,33 @@ def test_gru_check_grads_x64_and_bfloat16():
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     g = jax.grad(lambda p: jaxlstm.gru(p, xs.astype(jnp.bfloat16))[0].astype(jnp.float32).sum())(p16)
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(g))
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, dict(seq_lengths=np.array([5, 2, 0]), reverse=True), dict(mask=MASK_RB, resets=RESETS_RB)]
+)
+def test_reset_before_gru_matches_numpy_and_finite_differences(kw):
+    """reset_after=False (Keras' reset_after=False, hk.GRU): values against the NumPy loop, the path it
+    takes (autodiff: it has no fused backward), its step, and gradients by finite differences."""
+    B, T, D, H = 3, 5, 4, 6
+    params = jaxlstm.init_gru(jax.random.key(0), D, H)
+    params = params._replace(b=params.b + 0.3, b_hn=jnp.linspace(-0.5, 0.5, H))
+    xs = jax.random.normal(jax.random.key(1), (B, T, D))
+    h0 = jax.random.normal(jax.random.key(2), (B, H))
+    ys, h = jaxlstm.gru(params, xs, h0, reset_after=False, **kw)
+    flags = dict(lengths=kw.get("seq_lengths"), reverse=kw.get("reverse", False), mask=kw.get("mask"),
+                 resets=kw.get("resets"))  # fmt: skip
+    want = gru_ref(np, as_dict(params), np.asarray(xs, np.float64), np.asarray(h0, np.float64), reset_after=False,
+                   **flags)  # fmt: skip
+    np.testing.assert_allclose(ys, want[0], atol=1e-5)
+    np.testing.assert_allclose(h, want[1], atol=1e-5)
+    assert jaxlstm.path_of("gru", params, xs, reset_after=False) == "xla-autodiff"
+    if not kw:
+        hs = h0
+        for t in range(T):
+            hs, y = jaxlstm.step(params, hs, xs[:, t], reset_after=False)
+            np.testing.assert_allclose(y, ys[:, t], atol=1e-6)
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        loss = lambda p, x: (jaxlstm.gru(p, x, reset_after=False, **kw)[0] ** 2).sum()
+        check_grads(loss, (p64, xs.astype(jnp.float64)), order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
