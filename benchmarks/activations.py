@@ -12,7 +12,8 @@ LSTM rows, forward and train (value and grad of a mean-square loss):
   that compute σ and tanh), so the generic path runs: the XLA fused backward with saved derivatives;
 * ``other-autodiff``: the same with ``backward="autodiff"``.
 
-ConvLSTM rows: ``jaxlstm.conv_lstm`` against ``flax.linen.RNN(ConvLSTMCell)`` with the same weights.
+ConvLSTM rows: ``jaxlstm.conv_lstm`` (its fused backward, and ``-autodiff``) against
+``flax.linen.RNN(ConvLSTMCell)`` with the same weights.
 Writes ``activations.json`` to ``--out`` (default ``benchmarks/runs/<device>/``).
 """
 
@@ -84,6 +85,7 @@ def conv_rows(B, T, S, Cin, H, repeats):
     fns = {}
     for name, apply, p in (
         ("jaxlstm", lambda p, x: jaxlstm.conv_lstm(p, x)[0], params),
+        ("jaxlstm-autodiff", lambda p, x: jaxlstm.conv_lstm(p, x, backward="autodiff")[0], params),
         ("flax", lambda v, x: nn.RNN(cell).apply(v, x), variables),
     ):
         fns.update({f"{name}/{mode}": f for mode, f in _pair(apply, p, xs).items()})
