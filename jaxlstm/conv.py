@@ -223,15 +223,29 @@ def _recurrent_conv_t(dz, w_hh, mm, acc):
     return _conv(dz, w_t, ones, pads, ones, mm, acc)
 
 
-def _step(w_hh, geo, out_spatial, mm, acc, act, rec_conv=_recurrent_conv):
+def _input_gates(w_ih, b, xs, geo, spatial, mm, acc):
+    """The input convolution (and the bias) of flattened frames ``xs [..., prod(spatial) * C]`` ->
+    ``[..., prod(spatial') * 4H]``."""
+    lead = xs.shape[:-1]
+    frames = xs.reshape((math.prod(lead),) + spatial + (geo.C,))
+    gx = _conv(frames, w_ih, geo.strides, geo.padding, geo.dilation, mm, acc)
+    if b is not None:
+        gx = add_bias(gx, b.astype(acc))
+    return gx.reshape(lead + (-1,))
+
+
+def _step(w_hh, geo, out_spatial, mm, acc, act, rec_conv=_recurrent_conv, inputs=None):
     """``((h, c), gx) -> ((h, c), h, h(t-1))`` on flattened maps ``[B, prod(spatial') * H]``; ``gx`` the
-    input convolution (with the bias) of the step, flattened alike; ``h(t-1)``, what the recurrent
+    input convolution (with the bias) of the step, flattened alike (with ``inputs``, a function of the
+    step's frames that computes it, the step reads the frames); ``h(t-1)``, what the recurrent
     convolution read, is the step's residual."""
     shape = out_spatial + (geo.H,)
 
     def step(carry, gx):
         h, c = carry
         B = h.shape[0]
+        if inputs is not None:
+            gx = inputs(gx)
         hs = h.reshape((B,) + shape)
         z = gx.reshape((B,) + out_spatial + (4 * geo.H,)) + rec_conv(hs, w_hh, mm, acc)
         m, c_new, _ = lstm_pointwise(z, c.reshape((B,) + shape), -1, act)
@@ -241,14 +255,20 @@ def _step(w_hh, geo, out_spatial, mm, acc, act, rec_conv=_recurrent_conv):
     return step
 
 
-def _fused_recurrence(geo, out_spatial, mm, acc, act, unroll):
-    """The scan of the recurrent part, ``(w_hh, gx [T, B, F4], carry0, reset_carry, steps) -> (ys,
-    carry)``, with a custom VJP that computes ``dW_hh`` as one convolution over all ``T·B`` steps after
-    the reverse scan: the weight gradient of a convolution inside a ``lax.scan`` runs ~14x slower on
-    XLA:CPU than the same convolutions out of the loop (measured on Zen 4: 574 against 40 ms, 8 steps of
-    a 3x3, 16 -> 64 channel convolution on 4 32x32 maps). The reverse scan is JAX's autodiff of the step
-    with ``w_hh`` held constant and the recurrent convolution's transpose written out
-    (``_recurrent_conv_t``); ``dz``, the cotangent of each step's pre-activations, is that of ``gx``."""
+def _fused_recurrence(geo, spatial, out_spatial, mm, acc, act, unroll):
+    """The sequence after the layouts, ``(w_ih, b, w_hh, xs [T, B, prod(spatial) * C], carry0, reset_carry,
+    steps) -> (ys, carry)``, with a custom VJP.
+
+    Without differentiation each step convolves its own frames (on XLA:CPU faster than one convolution of
+    all frames before the scan, whose ``[T, B, ..., 4H]`` result is written and read again: Zen 4, 4 32x32x1
+    frames, 8 steps, 16 channels: 10.4 against 17.9 ms). Differentiated, the input convolution runs once
+    over all ``T·B`` frames before the scan, and the backward pass computes ``dW_ih``, ``db`` and ``dxs``
+    from it after the reverse scan, and ``dW_hh`` as one convolution over all steps: the weight gradient
+    of a convolution inside a ``lax.scan`` runs ~14x slower on XLA:CPU than the same convolutions out of
+    the loop (Zen 4: 574 against 40 ms for 8 steps of a 3x3, 16 -> 64 channel convolution on four 32x32
+    maps). The reverse scan is JAX's autodiff of the step with ``w_hh`` held constant and the recurrent
+    convolution's transpose written out (``_recurrent_conv_t``, 4x faster in a loop than autodiff's);
+    ``dz``, the cotangent of each step's pre-activations, is that of the input convolution's output."""
 
     @jax.custom_vjp
     def rec_conv(h, w_hh):
@@ -262,33 +282,37 @@ def _fused_recurrence(geo, out_spatial, mm, acc, act, unroll):
 
     rec_conv.defvjp(rec_conv_fwd, rec_conv_bwd)
 
-    def run(w_hh, gx, carry0, reset_carry, steps, save):
+    def run(w_hh, gx, carry0, reset_carry, steps):
         step = _step(w_hh, geo, out_spatial, mm, acc, act, lambda h, w, mm, acc: rec_conv(h, w))
-        if not save:
-            step = without_residuals(step)
         carry, ys, h_in = scan_masked(step, carry0, gx, steps, unroll=unroll, reset_to=reset_carry)
         return (ys, carry), h_in
 
-    @jax.custom_vjp
-    def recurrence(w_hh, gx, carry0, reset_carry, steps):
-        return run(w_hh, gx, carry0, reset_carry, steps, save=False)[0]
+    gates = lambda w_ih, b, xs: _input_gates(w_ih, b, xs, geo, spatial, mm, acc)
 
-    def fwd(w_hh, gx, carry0, reset_carry, steps):
-        out, vjp, h_in = jax.vjp(lambda g, c0, rc: run(w_hh, g, c0, rc, steps, True), gx, carry0, reset_carry,
+    @jax.custom_vjp
+    def sequence(w_ih, b, w_hh, xs, carry0, reset_carry, steps):
+        step = _step(w_hh, geo, out_spatial, mm, acc, act, inputs=lambda x: gates(w_ih, b, x))
+        carry, ys, _ = scan_masked(without_residuals(step), carry0, xs, steps, unroll=unroll, reset_to=reset_carry)
+        return ys, carry
+
+    def fwd(w_ih, b, w_hh, xs, carry0, reset_carry, steps):
+        gx, input_vjp = jax.vjp(gates, w_ih, b, xs)
+        out, vjp, h_in = jax.vjp(lambda g, c0, rc: run(w_hh, g, c0, rc, steps), gx, carry0, reset_carry,
                                  has_aux=True)  # fmt: skip
-        return out, (vjp, h_in, w_hh)
+        return out, (input_vjp, vjp, h_in, w_hh)
 
     def bwd(res, cotangents):
-        vjp, h_in, w_hh = res
+        input_vjp, vjp, h_in, w_hh = res
         dgx, dcarry0, dreset = vjp(cotangents)
         T, B = dgx.shape[:2]
         maps = lambda a, C: a.reshape((T * B,) + out_spatial + (C,))
         _, wgrad = jax.vjp(lambda w: _recurrent_conv(maps(h_in, geo.H), w, mm, acc), w_hh)
         (d_w_hh,) = wgrad(maps(dgx, 4 * geo.H).astype(acc))
-        return d_w_hh.astype(w_hh.dtype), dgx, dcarry0, dreset, None
+        d_w_ih, d_b, dxs = input_vjp(dgx)
+        return d_w_ih, d_b, d_w_hh.astype(w_hh.dtype), dxs, dcarry0, dreset, None
 
-    recurrence.defvjp(fwd, bwd)
-    return recurrence
+    sequence.defvjp(fwd, bwd)
+    return sequence
 
 
 def _state(name, state, lead, shape):
@@ -333,11 +357,9 @@ def conv_lstm_cell(
     act = _checks.activations(gate_activation, activation)
     mm, acc = _dtypes(params, x.dtype, compute_dtype)
     B = math.prod(lead)
-    gx = _conv(x.reshape((B,) + spatial + (geo.C,)), params.w_ih, geo.strides, geo.padding, geo.dilation, mm, acc)
-    if params.b is not None:
-        gx = add_bias(gx, params.b.astype(acc))
+    gx = _input_gates(params.w_ih, params.b, x.reshape((B, -1)), geo, spatial, mm, acc)
     flat = lambda a: a.reshape((B, -1)).astype(acc)
-    (h, c), _, _ = _step(params.w_hh, geo, out, mm, acc, act)((flat(state.h), flat(state.c)), gx.reshape((B, -1)))
+    (h, c), _, _ = _step(params.w_hh, geo, out, mm, acc, act)((flat(state.h), flat(state.c)), gx)
     shape = lead + out + (geo.H,)
     h = h.reshape(shape).astype(x.dtype)
     return LSTMState(h, c.reshape(shape)), h
@@ -417,16 +439,11 @@ def conv_lstm(
         return tuple(a.reshape(batch_shape + (F,)).astype(acc) for a in state)
 
     def core(xs_tm, carries, steps):
-        T_, B = xs_tm.shape[:2]
-        frames = xs_tm.reshape((T_ * B,) + spatial + (geo.C,))
-        gx = _conv(frames, params.w_ih, geo.strides, geo.padding, geo.dilation, mm, acc)  # all steps at once
-        if params.b is not None:
-            gx = add_bias(gx, params.b.astype(acc))
-        gx = gx.reshape((T_, B, -1))
-        if backward == "fused" and T_ > 0:
-            recurrence = _fused_recurrence(geo, out, mm, acc, act, unroll)
-            ys, carry = recurrence(params.w_hh, gx, carries[0], carries[1], steps)
-            return ys, carry
+        if backward == "fused" and xs_tm.shape[0] > 0:
+            sequence = _fused_recurrence(geo, spatial, out, mm, acc, act, unroll)
+            return sequence(params.w_ih, params.b, params.w_hh, xs_tm, carries[0], carries[1], steps)
+        # autodiff: the input convolution of all steps at once, before the scan
+        gx = _input_gates(params.w_ih, params.b, xs_tm, geo, spatial, mm, acc)
         step = without_residuals(_step(params.w_hh, geo, out, mm, acc, act))
         carry, ys, _ = scan_masked(step, carries[0], gx, steps, unroll=unroll, reset_to=carries[1])
         return ys, carry
