@@ -243,3 +243,22 @@ def test_bad_arguments_are_named():
         jaxlstm.conv_lstm(params, xs, jaxlstm.LSTMState(jnp.zeros((B, 5, 5, H)), jnp.zeros((B, 6, 5, H))))
     with pytest.raises(TypeError, match="params must be ConvLSTMParams"):
         jaxlstm.conv_lstm(jaxlstm.init_lstm(jax.random.key(0), C, H), xs)
+
+
+def test_bfloat16_and_export():
+    """bf16 GEMM operands (and bf16 inputs) stay close to float32, values and gradients; a function using
+    conv_lstm exports with jax.export and runs after a serialize / deserialize round trip."""
+    from jax import export
+
+    params, xs = _params(2), _xs(2)
+    y32 = jaxlstm.conv_lstm(params, xs)[0]
+    y16 = jaxlstm.conv_lstm(params, xs, compute_dtype=jnp.bfloat16)[0]
+    assert y16.dtype == jnp.float32
+    np.testing.assert_allclose(y16, y32, atol=2e-2)
+    yb, st = jaxlstm.conv_lstm(params, xs.astype(jnp.bfloat16))
+    assert yb.dtype == jnp.bfloat16 and st.c.dtype == jnp.float32
+    grad = lambda **kw: jax.grad(lambda p: (jaxlstm.conv_lstm(p, xs, **kw)[0] ** 2).sum())(params)
+    for g16, g32 in zip(jax.tree.leaves(grad(compute_dtype=jnp.bfloat16)), jax.tree.leaves(grad()), strict=True):
+        np.testing.assert_allclose(g16, g32, atol=3e-2 * float(jnp.abs(g32).max()))
+    exported = export.export(jax.jit(lambda p, x: jaxlstm.conv_lstm(p, x)[0]))(params, xs)
+    np.testing.assert_allclose(export.deserialize(exported.serialize()).call(params, xs), y32, atol=1e-6)
