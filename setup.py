@@ -1,4 +1,4 @@
-"""The optional compiled CPU kernel (``jaxlstm/csrc/``, see ``jaxlstm/_kernel.py``).
+"""The optional compiled CPU kernel (``jaxlstm/csrc/``, see ``jaxlstm/_native.py``).
 
 Everything else about the package is in ``pyproject.toml``. The kernel is built with the
 machine's C++ compiler against the XLA FFI headers that jaxlib ships (jaxlib is a build
@@ -20,7 +20,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# The levels and their flags, lowest first (jaxlstm/_kernel.py keeps the same order).
+# The levels and their flags, lowest first (jaxlstm/_native.py keeps the same order).
 X86_LEVELS = {
     "avx": ["-march=x86-64-v2", "-mavx"],
     "avx2": ["-march=x86-64-v3"],

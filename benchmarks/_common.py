@@ -298,10 +298,10 @@ def peak_bf16_gflops(n: int = 2048) -> float:
     """The attainable bfloat16 matmul rate: jaxlstm's bf16 GEMM (the ``avx512_bf16`` kernel level's,
     on every core) where it runs; else XLA's ``jnp.dot`` of bf16 operands (XLA:CPU widens them to
     float32), best of 7."""
-    from jaxlstm import _kernel
+    from jaxlstm import _native
 
-    if _kernel.bf16_dot():
-        return _kernel.bf16_gemm_gflops(n)
+    if _native.bf16_dot():
+        return _native.bf16_gemm_gflops(n)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(jnp.bfloat16)
     f = jax.jit(lambda a: a @ a)
     ts = time_interleaved({"dot": lambda: jax.block_until_ready(f(a))}, 7, pause_s=0.0)["dot"]

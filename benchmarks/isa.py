@@ -29,7 +29,7 @@ os.environ["JAXLSTM_AUTOTUNE"] = "0"  # before jaxlstm reads it: the kernel in e
 
 import jax  # noqa: E402
 
-from jaxlstm import _kernel  # noqa: E402
+from jaxlstm import _native  # noqa: E402
 
 from . import _common as C  # noqa: E402
 from .regimes import QUICK, REGIMES  # noqa: E402
@@ -45,7 +45,7 @@ def build_native(folder: str) -> str:
     import jaxlib
 
     include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
-    source = os.path.join(os.path.dirname(_kernel.__file__), "csrc", "ffi.cc")
+    source = os.path.join(os.path.dirname(_native.__file__), "csrc", "ffi.cc")
     path = os.path.join(folder, "native.so")
     cmd = ["g++", *FLAGS, "-march=native", '-DJAXLSTM_ISA="native"', f"-I{include}", "-fPIC", "-shared", source]
     done = subprocess.run([*cmd, "-o", path], capture_output=True, text=True)
@@ -61,22 +61,22 @@ def build_native(folder: str) -> str:
 def at_level(level: str):
     """Traces jaxlstm's kernel calls at ``level`` (a built level, or ``native``)."""
     if level == "native":
-        real = _kernel.level
-        _kernel.level = lambda: "native"  # the calls' target names; loading stays with the default level
+        real = _native.level
+        _native.level = lambda: "native"  # the calls' target names; loading stays with the default level
         try:
             yield
         finally:
-            _kernel.level = real
+            _native.level = real
         return
-    old = os.environ.get(_kernel.ISA_VARIABLE)
-    os.environ[_kernel.ISA_VARIABLE] = level
+    old = os.environ.get(_native.ISA_VARIABLE)
+    os.environ[_native.ISA_VARIABLE] = level
     try:
         yield
     finally:
         if old is None:
-            del os.environ[_kernel.ISA_VARIABLE]
+            del os.environ[_native.ISA_VARIABLE]
         else:
-            os.environ[_kernel.ISA_VARIABLE] = old
+            os.environ[_native.ISA_VARIABLE] = old
 
 
 def run(grid: dict, levels: list[str], repeats: int, budget_s: float) -> dict:
@@ -98,7 +98,7 @@ def run(grid: dict, levels: list[str], repeats: int, budget_s: float) -> dict:
 def _row(recs: list, levels: list[str]) -> str:
     r0 = recs[0]
     ms = {r["level"]: r["median_s"] * 1e3 for r in recs}
-    default = _kernel.level() or levels[-1]
+    default = _native.level() or levels[-1]
     ratio = f"{ms['native'] / ms[default]:.3f}" if "native" in ms and default in ms else ""
     cells = " | ".join(f"{ms[lv]:.2f}" for lv in levels)
     return f"| {r0['regime']} | {r0['cell']} | {r0['mode']} | {cells} | {ratio} |"
@@ -106,7 +106,7 @@ def _row(recs: list, levels: list[str]) -> str:
 
 def table(result: dict) -> str:
     levels = result["levels"]
-    default = _kernel.level()
+    default = _native.level()
     head = "| regime | cell | mode | " + " | ".join(f"{lv} ms" for lv in levels)
     head += f" | native / {default} (>1: the default faster) |\n"
     head += "|---" * (len(levels) + 4) + "|\n"
@@ -127,9 +127,9 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    if _kernel.load_error() is not None:
-        sys.exit(f"the compiled kernel does not run here: {_kernel.load_error()}")
-    levels = [lv for lv in _kernel.levels_built() if lv in _kernel.levels_supported()]
+    if _native.load_error() is not None:
+        sys.exit(f"the compiled kernel does not run here: {_native.load_error()}")
+    levels = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
     with tempfile.TemporaryDirectory() as tmp:
         if args.native:
             build_native(tmp)

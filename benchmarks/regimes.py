@@ -15,7 +15,7 @@ loss over all outputs w.r.t. params and inputs):
   before any JAX work starts here: XLA's and PyTorch's thread pools both spin after
   work and steal each other's cores when they share a process;
 * ``jaxlstm`` / ``jaxlstm-gru`` is what ``jaxlstm.lstm`` / ``jaxlstm.gru`` run by default:
-  on CPU the compiled kernel (:mod:`jaxlstm._kernel`) where it is built and
+  on CPU the compiled kernel (:mod:`jaxlstm._native`) where it is built and
   :mod:`jaxlstm.tuning` chose it on this machine; ``jaxlstm-xla`` / ``jaxlstm-gru-xla`` is
   the pure-XLA path beside it, the LSTM's with the forward layout the tuner chose
   (choices recorded under ``tuning``; ``JAXLSTM_AUTOTUNE=0`` for the defaults; the
@@ -257,9 +257,9 @@ def _peak(info: dict, probes: list, records: list, dtype: str) -> float:
 
 def _tuning_choices() -> dict:
     """What jaxlstm.tuning chose on this machine (its disk cache), and whether the kernel is built."""
-    from jaxlstm import _kernel, tuning
+    from jaxlstm import _native, tuning
 
-    rec = {"enabled": tuning.enabled(), "kernel": _kernel.available(), "kernel_error": _kernel.load_error()}
+    rec = {"enabled": tuning.enabled(), "kernel": _native.available(), "kernel_error": _native.load_error()}
     try:
         with open(tuning.cache_file()) as f:
             return {**rec, "choices": json.load(f)}

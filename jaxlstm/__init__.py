@@ -12,7 +12,7 @@ internal.
 
 from . import convert, gates
 from ._hints import MODULES as _MOVED
-from ._kernel import NativeInfo, native_info
+from ._native import NativeInfo, native_info
 from ._path import PATHS, path_of
 from .conv import ConvLSTMParams, conv_lstm, conv_lstm_cell, conv_zero_state, init_conv_lstm
 from .params import LSTMParams, LSTMState, init_lstm, zero_state

@@ -15,12 +15,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _checks, _kernel, tuning
+from . import _checks, _native, tuning
 from ._engine import accum_dtype, apply_sequence, batch_size, matmul_dtype
 from ._step import regularisation, zoneout_rates
 from .params import GRUParams, LSTMParams, RNNParams
 
-NATIVE = "native"  # the compiled CPU code (jaxlstm._kernel), forward and backward
+NATIVE = "native"  # the compiled CPU code (jaxlstm._native), forward and backward
 FUSED = "xla-fused"  # lax.scan with the hand-written backward pass (jaxlstm._fused, jaxlstm._fused_gru)
 VARIANT = "xla-fused-variant"  # peepholes, layer norm, heads: their fused backward (jaxlstm._variant)
 AUTODIFF = "xla-autodiff"  # lax.scan differentiated by JAX (backward="autodiff")
@@ -165,7 +165,7 @@ def prepare(
 def select(call: Call) -> str:
     """The path that runs ``call``: ``NATIVE`` on CPU where the compiled code can run it (the fused
     backward, σ and tanh, float32 sums, no recurrent dropout, zoneout, projection, variant or
-    checkpointing: ``jaxlstm._kernel.applies``) and the tuner chose it for the shape (``jaxlstm.tuning.kernel_path``);
+    checkpointing: ``jaxlstm._native.applies``) and the tuner chose it for the shape (``jaxlstm.tuning.kernel_path``);
     else the XLA path: ``VARIANT`` for a peephole / layer-norm / multi-head LSTM, ``FUSED``, or
     ``AUTODIFF`` where the caller asked for ``backward="autodiff"`` or for the reset-before GRU
     (``reset_after=False``), which has no fused backward."""
@@ -174,7 +174,7 @@ def select(call: Call) -> str:
     if (
         call.backward == "fused"
         and call.act is None
-        and _kernel.applies(
+        and _native.applies(
             call.params, call.mm, call.acc, batch=call.batch, steps=call.T, h_mask=call.carries[2],
             zoneout=call.zoneout, checkpoint_every=call.checkpoint_every,
         )

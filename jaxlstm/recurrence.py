@@ -3,7 +3,7 @@
 Both are thin: arguments are validated (``jaxlstm._checks``), the step comes
 from ``jaxlstm._step``, the scan, layouts, masking and reversal from
 ``jaxlstm._engine``, and the default path is the fused custom VJP: on CPU the
-compiled kernel of ``jaxlstm._kernel`` where it applies, else the pure-XLA one
+compiled kernel of ``jaxlstm._native`` where it applies, else the pure-XLA one
 of ``jaxlstm._fused`` (chosen per machine and shape by ``jaxlstm.tuning``).
 Inputs and outputs keep the caller's layout.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from . import _checks, _hints, _path, tuning
 from ._fused import FusedConfig, fused_lstm
 from ._hints import hints
-from ._kernel import kernel_lstm
+from ._native import native_lstm
 from ._step import lstm_scan_core, lstm_step, zoneout_rates
 from ._variant import fused_variant, variant_scan_core, variant_step
 from .params import LSTMParams, LSTMState
@@ -223,7 +223,7 @@ def lstm(
 
         def native_core(inputs, carries, steps, batch_major=False):
             # float32 in and out; bfloat16 GEMM operands where mm is bfloat16 (the precision contract)
-            return kernel_lstm(batch_major, params, carries[0], inputs, steps, carries[1], bf16=mm == jnp.bfloat16)
+            return native_lstm(batch_major, params, carries[0], inputs, steps, carries[1], bf16=mm == jnp.bfloat16)
 
         core = native_core
     elif path in (_path.FUSED, _path.VARIANT):

@@ -5,7 +5,7 @@ Both go through the engine's ``apply_sequence`` and ``scan_masked``
 ``time_major``, leading batch dims and the argument checks behave exactly as in
 ``jaxlstm.lstm``. Both have a fused backward pass (``jaxlstm._fused_gru``), and
 ``backward="autodiff"`` is plain JAX autodiff of the scan. In float32 on CPU the fused
-path runs on the compiled kernel (``jaxlstm._kernel``) where it applies, as the LSTM's does.
+path runs on the compiled kernel (``jaxlstm._native``) where it applies, as the LSTM's does.
 
 Elman RNN (``RNNParams``: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``)::
 
@@ -35,7 +35,7 @@ from ._engine import scan_masked, without_residuals
 from ._fused import FusedConfig
 from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_reset_before_step, gru_step
 from ._hints import hints
-from ._kernel import kernel_cell
+from ._native import native_cell
 from ._step import zoneout_rates
 from .params import GRUParams, RNNParams, init_gru, init_rnn
 
@@ -112,7 +112,7 @@ def _sequence(
 
     def core(inputs, hs, steps, batch_major=False):
         if path == _path.NATIVE:  # float32 in and out; bfloat16 GEMM operands where mm is bfloat16
-            return kernel_cell(kind, batch_major, params, hs[0], inputs, steps, hs[1], bf16=mm == jnp.bfloat16)
+            return native_cell(kind, batch_major, params, hs[0], inputs, steps, hs[1], bf16=mm == jnp.bfloat16)
         if path == _path.FUSED:
             xs_tm, zh = (inputs, None) if per_step is None else inputs
             cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout, act=act)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import _checks, _kernel, _path
+from . import _checks, _native, _path
 from .gates import DEFAULT_ACTIVATIONS, Activations
 from .params import GRUParams, LSTMParams, LSTMState, RNNParams
 from .recurrence import check_cell, lstm_cell
@@ -28,10 +28,10 @@ from .stack import check_stack
 __all__ = ["step"]
 
 
-def _native(kind: str, params, x, compute_dtype, batch: int, act):
+def _native_applies(kind: str, params, x, compute_dtype, batch: int, act):
     """``(applies, bf16)``: whether the native one-step call runs this step, and with bf16 GEMMs."""
     mm, acc = _path.dtypes(kind, params, x.dtype, compute_dtype)
-    ok = act is None and _kernel.applies(params, mm, acc, batch=batch, steps=1, h_mask=None, zoneout=None)
+    ok = act is None and _native.applies(params, mm, acc, batch=batch, steps=1, h_mask=None, zoneout=None)
     return ok, jnp.dtype(mm) == jnp.bfloat16
 
 
@@ -39,7 +39,7 @@ def _lstm_step(params: LSTMParams, state: LSTMState, x, compute_dtype, act: Acti
     x = check_cell(params, state, x)
     lead, D = x.shape[:-1], x.shape[-1]
     B = math.prod(lead)
-    native, bf16 = _native("lstm", params, x, compute_dtype, B, act)
+    native, bf16 = _native_applies("lstm", params, x, compute_dtype, B, act)
     if not native:
         gate, cell = act or DEFAULT_ACTIVATIONS
         return lstm_cell(params, state, x, compute_dtype=compute_dtype, gate_activation=gate, activation=cell)
@@ -47,7 +47,7 @@ def _lstm_step(params: LSTMParams, state: LSTMState, x, compute_dtype, act: Acti
     f32 = jnp.float32
     carry = (state.h.reshape(B, H).astype(f32), state.c.reshape(B, H).astype(f32))
     # (custom_vjp functions return an untyped object to pyright: hence the ignore)
-    _, (h, c) = _kernel.kernel_lstm(True, params, carry, x.reshape(B, 1, D), None, carry, bf16=bf16)  # pyright: ignore[reportGeneralTypeIssues]
+    _, (h, c) = _native.native_lstm(True, params, carry, x.reshape(B, 1, D), None, carry, bf16=bf16)  # pyright: ignore[reportGeneralTypeIssues]
     y = h.reshape(lead + (H,)).astype(x.dtype)
     return LSTMState(y, c.reshape(lead + (H,))), y
 
@@ -56,7 +56,7 @@ def _cell_step(kind: str, params, h, x, compute_dtype, act: Activations | None, 
     x = check_rnn_cell(kind, params, h, x)
     lead, D = x.shape[:-1], x.shape[-1]
     B = math.prod(lead)
-    native, bf16 = _native(kind, params, x, compute_dtype, B, act)
+    native, bf16 = _native_applies(kind, params, x, compute_dtype, B, act)
     if not native or not reset_after:
         gate, cell = act or DEFAULT_ACTIVATIONS
         if kind == "gru":
@@ -67,7 +67,7 @@ def _cell_step(kind: str, params, h, x, compute_dtype, act: Activations | None, 
         return rnn_cell(params, h, x, compute_dtype=compute_dtype, activation=cell)
     H = params.w_hh.shape[0]
     h0 = h.reshape(B, H).astype(jnp.float32)
-    _, h_new = _kernel.kernel_cell(kind, True, params, h0, x.reshape(B, 1, D), None, h0, bf16=bf16)  # pyright: ignore[reportGeneralTypeIssues]
+    _, h_new = _native.native_cell(kind, True, params, h0, x.reshape(B, 1, D), None, h0, bf16=bf16)  # pyright: ignore[reportGeneralTypeIssues]
     h_new = h_new.reshape(lead + (H,)).astype(x.dtype)
     return h_new, h_new
 

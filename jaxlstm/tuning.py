@@ -6,7 +6,7 @@ feature-major ``[4H, B]`` steps were faster on a Zen 4 at every T, batch-major
 machine and shape:
 
 * ``kernel_path``: whether an LSTM, GRU or Elman RNN on CPU (float32 or bfloat16
-  GEMMs, each timed apart) runs on the compiled kernel (``jaxlstm._kernel``) or on the
+  GEMMs, each timed apart) runs on the compiled kernel (``jaxlstm._native``) or on the
   pure-XLA fused path (timed on training steps, per cell); the kernel is the default.
 * ``forward_layout``: on the pure-XLA path, the forward scan that
   ``jaxlstm.lstm`` runs outside training (the primal of the fused path, and the
@@ -216,7 +216,7 @@ def other_load(seconds: float = 0.5) -> float | None:
 
 
 # What times each kind of choice, registered by the module that owns the probe (``jaxlstm._step``:
-# the forward layout; ``jaxlstm._kernel``: native code or XLA), so that this module imports no other
+# the forward layout; ``jaxlstm._native``: native code or XLA), so that this module imports no other
 # module of jaxlstm: ``register(kind, measure, tag)``; ``measure(*shape) -> decision`` (``decide``'s
 # record), ``tag()`` a string the cache key carries (the kernel's build).
 _PROBES: dict[str, tuple[Callable[..., dict], Callable[[], str]]] = {}
@@ -396,7 +396,7 @@ def forward_layout(B: int, D: int, H: int, R: int, T: int, mm_dtype, acc_dtype, 
 def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
     """Whether a ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) of this shape with GEMM operands
     of ``dtype`` (float32 or bfloat16), which the compiled kernel can run
-    (``jaxlstm._kernel.applies``), runs on it rather than on the pure-XLA fused path.
+    (``jaxlstm._native.applies``), runs on it rather than on the pure-XLA fused path.
 
     The default (autotuning off) is the kernel. With autotuning, the first time a shape is
     seen both training steps are timed on a probe of at most ``PROBE_STEPS`` steps, and XLA

@@ -66,7 +66,7 @@ def reference_outputs(params, xs, state, seq_lengths, reverse):
 
 
 def cell_case(init, kind, i, B, D, H, T):
-    """A cell's case ``i`` (tests/test_kernel_levels.py, tests/test_bf16.py): params with a random
+    """A cell's case ``i`` (tests/test_native_levels.py, tests/test_bf16.py): params with a random
     bias (the GRU's b_hn a ramp), inputs ``[B, T, D]``, a random start state, random step flags,
     and the call's layout: batch-major, reversed (``i == 1``), time-major (``i == 2``: inputs and
     flags transposed). Returns ``params, xs, x, state, flags, options`` (``xs`` batch-major, ``x``

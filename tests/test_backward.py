@@ -49,7 +49,7 @@ def _assert_grads_close(g, g_ref, rtol=1e-5):
 
 GRID = list(itertools.product([None, 2], [False, True], [False, True]))
 # Without a projection jaxlstm.lstm runs the compiled CPU kernel where it is built
-# (tests/test_kernel.py): "xla" forces the pure-XLA fused path.
+# (tests/test_native.py): "xla" forces the pure-XLA fused path.
 PATHS = [(*case, "default") for case in GRID] + [(None, lengths, reverse, "xla") for _, lengths, reverse in GRID[:4]]
 
 

@@ -127,13 +127,13 @@ def test_regimes_peak_is_the_best_probe_and_never_below_a_row(capsys):
 def test_isa_quick(tmp_path):
     """benchmarks.isa times the kernel at every level this machine runs, each row at each level."""
     from benchmarks import isa
-    from jaxlstm import _kernel
+    from jaxlstm import _native
 
-    if not _kernel.available():
-        pytest.skip(str(_kernel.load_error()))
+    if not _native.available():
+        pytest.skip(str(_native.load_error()))
     isa.main(["--quick", "--regimes", "tiny", "--repeats", "2", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "isa.json").read_text())
-    runnable = [lv for lv in _kernel.levels_built() if lv in _kernel.levels_supported()]
+    runnable = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
     assert data["levels"] == runnable
     rows = {(r["regime"], r["cell"], r["mode"], r["level"]) for r in data["records"]}
     assert rows == {("tiny", c, m, lv) for c in ("lstm", "gru") for m in ("forward", "train") for lv in runnable}

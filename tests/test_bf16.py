@@ -13,7 +13,7 @@ import pytest
 
 import jaxlstm
 from helpers import assert_trees_close, cell_case
-from jaxlstm import _kernel, tuning
+from jaxlstm import _native, tuning
 from reference import as_dict, gru_ref, lstm_ref, rnn_ref
 
 CELLS = {
@@ -21,7 +21,7 @@ CELLS = {
     "gru": (jaxlstm.init_gru, jaxlstm.gru, gru_ref),
     "rnn": (jaxlstm.init_rnn, jaxlstm.rnn, rnn_ref),
 }
-RUNNABLE = [lv for lv in _kernel.levels_built() if lv in _kernel.levels_supported()]
+RUNNABLE = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
 BF16_LEVEL = "avx512_bf16" in RUNNABLE
 needs_bf16_level = pytest.mark.skipif(not BF16_LEVEL, reason="needs a CPU with AVX512_BF16 and that level built")
 BF16 = jnp.bfloat16
@@ -52,8 +52,8 @@ def test_the_bf16_kernel_rounds_as_the_contract_says(kind, monkeypatch):
     """Values: the float64 loop with bf16-rounded matmul operands, to float32 summation error;
     the unrounded loop is 10x further off (the check sees the rounding). Gradients: the XLA
     path's bf16 (the same contract, summed in another order) and autodiff of the bf16 scan."""
-    monkeypatch.setenv(_kernel.ISA_VARIABLE, "avx512_bf16")
-    assert _kernel.bf16_dot()
+    monkeypatch.setenv(_native.ISA_VARIABLE, "avx512_bf16")
+    assert _native.bf16_dot()
     for i, shape in enumerate(SHAPES):
         run, ref, params, xs, x, state, flags, options = _case(kind, i, *shape)
         f = jax.jit(partial(run, **options))
@@ -92,8 +92,8 @@ def test_the_bf16_kernel_rounds_as_the_contract_says(kind, monkeypatch):
 @pytest.mark.parametrize("kind", CELLS)
 def test_a_level_without_bf16_gemms_runs_them_in_float32(kind, monkeypatch):
     """At ``avx512`` a bf16 call runs on the kernel's float32 GEMMs: the unrounded loop's numbers."""
-    monkeypatch.setenv(_kernel.ISA_VARIABLE, "avx512")
-    assert not _kernel.bf16_dot() and not jaxlstm.native_info().bf16_dot
+    monkeypatch.setenv(_native.ISA_VARIABLE, "avx512")
+    assert not _native.bf16_dot() and not jaxlstm.native_info().bf16_dot
     run, ref, params, xs, x, state, flags, options = _case(kind, 0, *SHAPES[0])
     f = jax.jit(partial(run, **options))
     assert "jaxlstm_avx512_forward" in str(jax.make_jaxpr(f)(params, x, state))
@@ -129,9 +129,9 @@ def test_dtypes_of_the_contract(kind, path):
         ys_ref = run(params32, xs.astype(jnp.float32))[0]
         assert ys32.dtype == ys_bf.dtype == BF16
         np.testing.assert_array_equal(np.asarray(ys32), np.asarray(ys_ref.astype(BF16)))
-    if path == "kernel" and _kernel.enabled():
+    if path == "kernel" and _native.enabled():
         hlo = jax.jit(lambda p, x: run(p, x, compute_dtype=BF16)).lower(params32, xs).as_text()
-        assert f"jaxlstm_{_kernel.level()}_forward" in hlo and "bf16 = 1 : i32" in hlo
+        assert f"jaxlstm_{_native.level()}_forward" in hlo and "bf16 = 1 : i32" in hlo
 
 
 def test_compute_dtype_is_checked():
@@ -144,7 +144,7 @@ def test_compute_dtype_is_checked():
 def test_second_order_in_bf16(monkeypatch):
     """Differentiated twice, a bf16 kernel call takes the XLA scan's derivatives in bf16: as the
     XLA path's own (a Hessian-vector product)."""
-    monkeypatch.setenv(_kernel.ISA_VARIABLE, "avx512_bf16")
+    monkeypatch.setenv(_native.ISA_VARIABLE, "avx512_bf16")
     params = jaxlstm.init_lstm(jax.random.key(0), 3, 6)
     xs = jax.random.normal(jax.random.key(1), (2, 4, 3))
     loss = lambda p: jnp.sum(jnp.tanh(jaxlstm.lstm(p, xs, compute_dtype=BF16)[0]))

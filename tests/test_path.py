@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxlstm
-from jaxlstm import _kernel, tuning
+from jaxlstm import _native, tuning
 from jaxlstm._path import AUTODIFF, FUSED, NATIVE, PATHS, VARIANT
 
 
@@ -24,7 +24,7 @@ def test_the_named_path_is_the_one_that_runs(kind):
         with tuning.forced(forced):
             path = jaxlstm.path_of(kind, params, xs)
             jaxpr = _ops(grad, params, xs)
-        if want == NATIVE and not _kernel.available():
+        if want == NATIVE and not _native.available():
             want = FUSED
         assert path == want
         assert ("jaxlstm_" in jaxpr) == (path == NATIVE), jaxpr[:400]  # the FFI call's target

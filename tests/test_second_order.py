@@ -1,5 +1,5 @@
 """Second-order derivatives where the compiled CPU kernel runs the first-order pass
-(jaxlstm/_kernel.py: the kernel's forward and backward calls carry JVP rules through the XLA
+(jaxlstm/_native.py: the kernel's forward and backward calls carry JVP rules through the XLA
 scan): grad of grad (Hessian-vector products), ``jax.jvp`` of ``jax.grad`` and ``jax.hessian``,
 against the pure-XLA path, and ``check_grads(order=2)``; for the LSTM, the GRU and the Elman RNN.
 The XLA path's own second order in float64: test_backward.py's."""
@@ -12,9 +12,9 @@ from jax.test_util import check_grads
 
 import jaxlstm
 from helpers import assert_trees_close, random_step_flags
-from jaxlstm import _kernel, tuning
+from jaxlstm import _native, tuning
 
-pytestmark = pytest.mark.skipif(not _kernel.available(), reason=str(_kernel.load_error()))
+pytestmark = pytest.mark.skipif(not _native.available(), reason=str(_native.load_error()))
 
 CELLS = {
     "lstm": (jaxlstm.init_lstm, jaxlstm.lstm),
@@ -48,7 +48,7 @@ def _direction(tree):
 
 def _on_kernel(f, *args) -> bool:
     text = str(jax.make_jaxpr(f)(*args))
-    return f"jaxlstm_{_kernel.level()}_forward" in text and f"jaxlstm_{_kernel.level()}_backward" in text
+    return f"jaxlstm_{_native.level()}_forward" in text and f"jaxlstm_{_native.level()}_backward" in text
 
 
 @pytest.mark.parametrize("kind,reverse", [("lstm", True), ("gru", False), ("rnn", True)])
@@ -104,7 +104,7 @@ def test_check_grads_order_two(kind):
 
 @pytest.mark.parametrize("kind", CELLS)
 def test_the_rules_reference_in_float64(kind):
-    """The second-order rules differentiate _kernel._xla_reference (the kernel's contract on the
+    """The second-order rules differentiate _native._xla_reference (the kernel's contract on the
     XLA scan, plain autodiff): in float64, check_grads of order 2 holds tightly."""
     with jax.enable_x64(True):
         params, xs, state, reset, _ = _case(kind, B=2, H=3, T=3)
@@ -115,7 +115,7 @@ def test_the_rules_reference_in_float64(kind):
         steps = jaxlstm._engine.Steps(None, None, jnp.asarray([[False, True], [True, False], [False, False]]))
 
         def f(p, x, h0):
-            ys, h, c = _kernel._xla_reference(kind, True, False, p, h0, c0, x, steps, hr, cr)
+            ys, h, c = _native._xla_reference(kind, True, False, p, h0, c0, x, steps, hr, cr)
             w = jnp.cos(jnp.arange(ys.size, dtype=ys.dtype)).reshape(ys.shape)
             return jnp.sum(jnp.tanh(ys) * w) + jnp.sum(jnp.sin(h))
 

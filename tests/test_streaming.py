@@ -9,7 +9,7 @@ import pytest
 
 import jaxlstm
 from helpers import assert_trees_close, reference_outputs
-from jaxlstm import _kernel
+from jaxlstm import _native
 
 B, T, D, H = 3, 9, 5, 7
 INIT = {"lstm": jaxlstm.init_lstm, "gru": jaxlstm.init_gru, "rnn": jaxlstm.init_rnn}
@@ -70,8 +70,8 @@ def test_the_native_step_at_its_gemm_edges(kind, rows, hidden):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 def test_the_step_runs_native_where_it_applies(kind):
-    if not _kernel.available():
-        pytest.skip(str(_kernel.load_error()))
+    if not _native.available():
+        pytest.skip(str(_native.load_error()))
     params = INIT[kind](jax.random.key(0), D, H)
     state, x = _zero(kind, (B,)), jnp.ones((B, D))
     jaxpr = str(jax.make_jaxpr(jaxlstm.step)(params, state, x))

@@ -86,10 +86,10 @@ def test_autotuner_measures_once_then_reads_its_cache(autotune, monkeypatch):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])  # the Elman RNN shares the GRU's code path
 def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch, cell):
-    from jaxlstm import _kernel
+    from jaxlstm import _native
 
-    if not _kernel.available():
-        pytest.skip(str(_kernel.load_error()))
+    if not _native.available():
+        pytest.skip(str(_native.load_error()))
     init, run = {
         "lstm": (jaxlstm.init_lstm, jaxlstm.lstm),
         "gru": (jaxlstm.init_gru, jaxlstm.gru),
@@ -97,12 +97,12 @@ def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch, c
     params = init(jax.random.key(0), 3, 4)
     xs = jnp.ones((2, 9, 3))
     calls = []
-    probe = _kernel._train_probe
-    monkeypatch.setattr(_kernel, "_train_probe", lambda *a: calls.append(a[0]) or probe(*a))
+    probe = _native._train_probe
+    monkeypatch.setattr(_native, "_train_probe", lambda *a: calls.append(a[0]) or probe(*a))
     ys = jax.jit(lambda p, x: run(p, x)[0])(params, xs)
     assert sorted(calls) == ["kernel", "xla"]
     cache = json.loads((autotune / "tuning.json").read_text())
-    (key, record), *rest = [kv for kv in cache.items() if f"|{cell}-kernel {_kernel.build_id()}|" in kv[0]]
+    (key, record), *rest = [kv for kv in cache.items() if f"|{cell}-kernel {_native.build_id()}|" in kv[0]]
     choice = record["choice"]
     assert not rest and choice in ("kernel", "xla") and "B=2 D=3 H=4 T<=16" in key
     monkeypatch.setattr(tuning, "_memory", {})
@@ -209,14 +209,14 @@ def test_processes_tuning_at_once_keep_every_key(tmp_path):
 def test_forced_retraces_what_jit_already_traced():
     """A function jax.jit traced on the kernel runs the XLA path inside forced("xla") (and the
     kernel again after): the forced path is part of jit's cache key."""
-    from jaxlstm import _kernel
+    from jaxlstm import _native
 
-    if not (_kernel.available() and tuning.KEYED):
+    if not (_native.available() and tuning.KEYED):
         pytest.skip("needs the kernel, and JAX's keyed configuration state")
     params = jaxlstm.init_lstm(jax.random.key(0), 3, 8)
     xs = jax.random.normal(jax.random.key(1), (2, 4, 3))
     f = jax.jit(lambda x: jaxlstm.lstm(params, x)[0])
-    on_kernel = lambda: f"jaxlstm_{_kernel.level()}_forward" in f.lower(xs).as_text()
+    on_kernel = lambda: f"jaxlstm_{_native.level()}_forward" in f.lower(xs).as_text()
     ys = f(xs)
     assert on_kernel()
     with tuning.forced("xla"):
@@ -300,19 +300,19 @@ def test_the_command_line_shows_retunes_and_clears(autotune, monkeypatch, capsys
 def test_a_missing_kernel_says_so_once(monkeypatch):
     import warnings
 
-    from jaxlstm import _kernel
+    from jaxlstm import _native
 
     params = jaxlstm.init_lstm(jax.random.key(0), 3, 4)
-    monkeypatch.setattr(_kernel, "levels_built", lambda: ())
-    _kernel._warn_not_built.cache_clear()
+    monkeypatch.setattr(_native, "levels_built", lambda: ())
+    _native._warn_not_built.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="compiled CPU kernel is not built"):
-            _kernel.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
+            _native.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            _kernel.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
+            _native.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
     finally:  # the loader's caches saw "nothing built": forget that, or the kernel stays off in this process
         monkeypatch.undo()
-        _kernel._choose.cache_clear()
-        _kernel._warn_not_built.cache_clear()
-    assert _kernel.available() == bool(_kernel.levels_built() and _kernel.levels_supported())
+        _native._choose.cache_clear()
+        _native._warn_not_built.cache_clear()
+    assert _native.available() == bool(_native.levels_built() and _native.levels_supported())

@@ -20,12 +20,12 @@ project's machines a ``[T, B, 4H]`` buffer between the loop and XLA cost more to
 touch (fresh pages on every call) than its GEMM took. One forward and one backward call
 serve every cell (the ``cell`` attribute).
 
-``jaxlstm.lstm`` runs ``kernel_lstm`` in place of ``jaxlstm._fused.fused_lstm``
+``jaxlstm.lstm`` runs ``native_lstm`` in place of ``jaxlstm._fused.fused_lstm``
 where ``applies`` (float32 or bfloat16 GEMMs on CPU, no projection or variant, no recurrent
 dropout or zoneout, no checkpointing, no device mesh; with ``compute_dtype=bfloat16`` the
 ``avx512_bf16`` level multiplies bf16 operands, ``bf16_dot``, the others the float32 ones)
 and ``jaxlstm.tuning.kernel_path`` chose it: lengths, masks, resets and ``reverse`` are supported.
-``jaxlstm.gru`` and ``jaxlstm.rnn`` run ``kernel_cell`` in place of ``jaxlstm._fused_gru.fused_cell``
+``jaxlstm.gru`` and ``jaxlstm.rnn`` run ``native_cell`` in place of ``jaxlstm._fused_gru.fused_cell``
 on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_KERNEL=0``
 turns it off (the XLA path, which is the reference it is tested against);
 ``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step; either way at
@@ -63,8 +63,8 @@ __all__ = [
     "available",
     "build_id",
     "enabled",
-    "kernel_cell",
-    "kernel_lstm",
+    "native_cell",
+    "native_lstm",
     "level",
     "load_error",
     "native_info",
@@ -500,7 +500,7 @@ def _as_f32(params):
     return jax.tree.map(lambda w: w.astype(_F32), params)
 
 
-def kernel_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, bf16=False):
+def native_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, bf16=False):
     """``jaxlstm._fused.fused_lstm``'s contract on the kernel: ``xs [T, B, D]``
     (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
     ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
@@ -535,16 +535,16 @@ def _kernel_bwd(batch_major, bf16, res, cotangents):
 _kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
 
 
-def kernel_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | None, h_reset, bf16=False):
+def native_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | None, h_reset, bf16=False):
     """``jaxlstm._fused_gru.fused_cell``'s contract on the kernel, for ``kind`` ``"gru"``
     (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
     ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
-    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). ``bf16`` and derivatives as ``kernel_lstm``'s."""
-    return _kernel_cell(kind, batch_major, bool(bf16), _as_f32(params), h0, xs.astype(_F32), steps, h_reset)
+    ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). ``bf16`` and derivatives as ``native_lstm``'s."""
+    return _native_cell(kind, batch_major, bool(bf16), _as_f32(params), h0, xs.astype(_F32), steps, h_reset)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _kernel_cell(kind: str, batch_major: bool, bf16: bool, params, h0, xs, steps: Steps | None, h_reset):
+def _native_cell(kind: str, batch_major: bool, bf16: bool, params, h0, xs, steps: Steps | None, h_reset):
     ys, h, _, _ = _run_forward(kind, batch_major, bf16, params, h0, None, xs, steps, h_reset, None, save=False)
     return ys, h
 
@@ -562,7 +562,7 @@ def _cell_bwd(kind, batch_major, bf16, res, cotangents):
     return grads, dh0, dxs, None, dhr
 
 
-_kernel_cell.defvjp(_cell_fwd, _cell_bwd)
+_native_cell.defvjp(_cell_fwd, _cell_bwd)
 
 
 def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", mm=jnp.float32):
@@ -579,11 +579,11 @@ def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", 
     if cell != "lstm":
         kind = GRU if cell == "gru" else ELMAN
         if path == tuning.KERNEL:
-            run = lambda p, x: kernel_cell(cell, False, p, h, x, None, h, bf16)[0]  # pyright: ignore[reportIndexIssue]
+            run = lambda p, x: native_cell(cell, False, p, h, x, None, h, bf16)[0]  # pyright: ignore[reportIndexIssue]
         else:
             run = lambda p, x: fused_cell(cfg, kind, p, h, x, None, h)[0]  # pyright: ignore[reportIndexIssue]
     elif path == tuning.KERNEL:
-        run = lambda p, x: kernel_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]  # pyright: ignore[reportIndexIssue]
+        run = lambda p, x: native_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]  # pyright: ignore[reportIndexIssue]
     else:
         run = lambda p, x: fused_lstm(cfg, p, (h, h), x, None, (h, h))[0]  # pyright: ignore[reportIndexIssue]
     step = jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(run(p, x))), argnums=(0, 1))

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (jaxlstm/_kernel.py, jaxlstm/csrc/lstm_cpu.cc) against the
+"""The compiled CPU kernel (jaxlstm/_native.py, jaxlstm/csrc/lstm_cpu.cc) against the
 NumPy reference loop and the pure-XLA path: values, gradients, masks, resets, reversal,
 layouts, vmap, and the threads' split of the hidden units."""
 
@@ -16,18 +16,18 @@ from jax.test_util import check_grads
 
 import jaxlstm
 from helpers import assert_trees_close, random_step_flags
-from jaxlstm import _kernel, tuning
+from jaxlstm import _native, tuning
 from jaxlstm._engine import Steps
 from reference import lstm_ref
 
-pytestmark = pytest.mark.skipif(not _kernel.available(), reason=str(_kernel.load_error()))
+pytestmark = pytest.mark.skipif(not _native.available(), reason=str(_native.load_error()))
 
 
 def test_built_where_ci_runs():
     """CI builds the package with a C++ compiler: the kernel must be there, not silently skipped."""
     if os.environ.get("CI") != "true":
         pytest.skip("only asserted in CI")
-    assert _kernel.available(), _kernel.load_error()
+    assert _native.available(), _native.load_error()
 
 
 def _case(seed, B, D, H, T, flags=False):
@@ -41,7 +41,7 @@ def _case(seed, B, D, H, T, flags=False):
 
 
 def _uses_kernel(f, *args) -> bool:
-    return f"jaxlstm_{_kernel.level()}_forward" in str(jax.make_jaxpr(f)(*args))
+    return f"jaxlstm_{_native.level()}_forward" in str(jax.make_jaxpr(f)(*args))
 
 
 def _loss(p, xs, s, r=None, **kw):
@@ -177,7 +177,7 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs():
 
 
 def test_kernel_core_direct_with_flags():
-    """kernel_lstm's own contract (time-major, Steps) against the XLA fused core."""
+    """native_lstm's own contract (time-major, Steps) against the XLA fused core."""
     from jaxlstm._fused import FusedConfig, fused_lstm
 
     T, B, D, H = 6, 5, 3, 17
@@ -191,12 +191,12 @@ def test_kernel_core_direct_with_flags():
     )
     reset = (jnp.full((B, H), 0.1), jnp.full((B, H), -0.3))
     cfg = FusedConfig(jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
-    got = _kernel.kernel_lstm(False, params, carry, xs, steps, reset)
+    got = _native.native_lstm(False, params, carry, xs, steps, reset)
     want = fused_lstm(cfg, params, carry, xs, steps, reset)
     assert_trees_close(got, want, rtol=1e-5)
 
 
-# Three threads, and every ISA level: tests/test_kernel_levels.py.
+# Three threads, and every ISA level: tests/test_native_levels.py.
 
 
 def test_the_thread_setting_is_checked_and_capped(monkeypatch):
@@ -252,8 +252,8 @@ def test_export_runs_on_the_xla_path():
 _BUSY = """
 import ctypes, os, subprocess, sys, time
 import jax, jax.numpy as jnp, jaxlstm
-from jaxlstm import _kernel
-lib = _kernel._library(_kernel.level())
+from jaxlstm import _native
+lib = _native._library(_native.level())
 lib.JaxlstmOthersBusyCpus.restype = ctypes.c_double
 p = jaxlstm.init_lstm(jax.random.key(0), 64, 128)
 xs = jnp.ones((16, 64, 64))

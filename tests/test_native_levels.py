@@ -1,8 +1,8 @@
-"""The compiled CPU kernel at every ISA level this machine runs (jaxlstm/_kernel.py: one library
+"""The compiled CPU kernel at every ISA level this machine runs (jaxlstm/_native.py: one library
 per level, setup.py), each forced with ``JAXLSTM_KERNEL_ISA``: every cell's values against the
 NumPy loops and every gradient against autodiff of the XLA scan, with lengths, holes, resets,
 reversal, both layouts and the shapes around each level's register tiles; 3 threads in a fresh
-process. The whole kernel suite (tests/test_kernel.py, tests/test_kernel_cells.py) runs at the
+process. The whole kernel suite (tests/test_native.py, tests/test_native_cells.py) runs at the
 level the machine chooses. Also: how a level is chosen, and a default build on an emulated older
 CPU (qemu-user)."""
 
@@ -21,11 +21,11 @@ import pytest
 
 import jaxlstm
 from helpers import assert_trees_close, cell_case
-from jaxlstm import _kernel
+from jaxlstm import _native
 from reference import as_dict, gru_ref, lstm_ref, rnn_ref
 
-RUNNABLE = [lv for lv in _kernel.levels_built() if lv in _kernel.levels_supported()]
-pytestmark = pytest.mark.skipif(not RUNNABLE, reason=str(_kernel.load_error()))
+RUNNABLE = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
+pytestmark = pytest.mark.skipif(not RUNNABLE, reason=str(_native.load_error()))
 
 CELLS = {
     "lstm": (jaxlstm.init_lstm, jaxlstm.lstm, lstm_ref),
@@ -39,8 +39,8 @@ SHAPES = [(13, 6, 33, 4), (7, 5, 20, 1), (2, 3, 40, 5), (1, 3, 40, 1)]
 
 
 def test_the_best_level_the_cpu_runs_is_chosen(monkeypatch):
-    monkeypatch.delenv(_kernel.ISA_VARIABLE, raising=False)
-    assert _kernel.level() == RUNNABLE[-1]
+    monkeypatch.delenv(_native.ISA_VARIABLE, raising=False)
+    assert _native.level() == RUNNABLE[-1]
     info = jaxlstm.native_info()
     assert info.available and info.isa == RUNNABLE[-1] and info.isa_forced is None
     assert set(RUNNABLE) <= set(info.isa_supported) and set(RUNNABLE) <= set(info.isa_built)
@@ -63,18 +63,18 @@ def test_importing_jaxlstm_starts_no_backend():
 
 
 def test_forcing_a_level(monkeypatch):
-    monkeypatch.setenv(_kernel.ISA_VARIABLE, RUNNABLE[0])
+    monkeypatch.setenv(_native.ISA_VARIABLE, RUNNABLE[0])
     info = jaxlstm.native_info()
     assert info.isa == RUNNABLE[0] and info.isa_forced == RUNNABLE[0]
-    monkeypatch.setenv(_kernel.ISA_VARIABLE, "avx1024")
+    monkeypatch.setenv(_native.ISA_VARIABLE, "avx1024")
     match = "JAXLSTM_KERNEL_ISA must be one of avx, avx2, avx512, avx512_bf16, generic; got 'avx1024'"
     with pytest.raises(ValueError, match=match):
         jaxlstm.lstm(jaxlstm.init_lstm(jax.random.key(0), 2, 4), jnp.zeros((1, 3, 2)))
     assert "avx1024" in (jaxlstm.native_info().error or "")
-    for lv in [lv for lv in _kernel.LEVELS if lv not in RUNNABLE]:  # never loaded: the XLA path runs, and says why
-        monkeypatch.setenv(_kernel.ISA_VARIABLE, lv)
+    for lv in [lv for lv in _native.LEVELS if lv not in RUNNABLE]:  # never loaded: the XLA path runs, and says why
+        monkeypatch.setenv(_native.ISA_VARIABLE, lv)
         info = jaxlstm.native_info()
-        why = "this CPU cannot run that level" if lv in _kernel.levels_built() else "that level is not built"
+        why = "this CPU cannot run that level" if lv in _native.levels_built() else "that level is not built"
         assert not info.available and info.isa is None and why in (info.error or ""), info
         jaxpr = jax.make_jaxpr(partial(jaxlstm.lstm, jaxlstm.init_lstm(jax.random.key(0), 2, 4)))
         assert "jaxlstm_" not in str(jaxpr(jnp.zeros((1, 3, 2))))
@@ -94,7 +94,7 @@ def _loss(run, options, p, x, s, r, **kw):
 def test_every_level_matches_the_references(isa, kind, monkeypatch):
     """Values against the NumPy loop (float64), every gradient (the reset state's too, non-zero)
     against autodiff of the XLA scan; batch-major, reversed, time-major in turn."""
-    monkeypatch.setenv(_kernel.ISA_VARIABLE, isa)
+    monkeypatch.setenv(_native.ISA_VARIABLE, isa)
     init, run, ref = CELLS[kind]
     for i, (B, D, H, T) in enumerate(SHAPES):
         params, xs, x, state, flags, options = cell_case(init, kind, i, B, D, H, T)
@@ -183,12 +183,12 @@ _TINY = textwrap.dedent(
 @pytest.mark.parametrize("model", _EMULATED)
 def test_a_default_build_runs_on_an_older_cpu(model):
     qemu = shutil.which("qemu-x86_64")
-    if qemu is None or _kernel.levels_built()[:1] != ("avx",):
-        if os.environ.get("CI") == "true" and _kernel.levels_built()[:1] == ("avx",):
+    if qemu is None or _native.levels_built()[:1] != ("avx",):
+        if os.environ.get("CI") == "true" and _native.levels_built()[:1] == ("avx",):
             pytest.fail("CI must run this check: .ci/run installs qemu-user")
         pytest.skip("needs qemu-user (apt-get install qemu-user) and the x86-64 levels built")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLSTM_AUTOTUNE="0")
-    env.pop(_kernel.ISA_VARIABLE, None)
+    env.pop(_native.ISA_VARIABLE, None)
     host = subprocess.run([sys.executable, "-c", _TINY], env=env, capture_output=True, text=True, timeout=300)
     assert host.returncode == 0, host.stderr[-3000:]
     cmd = [qemu, "-cpu", model, sys.executable, "-c", _TINY]

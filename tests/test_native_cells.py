@@ -1,7 +1,7 @@
-"""The compiled CPU kernel's GRU and Elman RNN (jaxlstm/_kernel.py ``kernel_cell``, the
+"""The compiled CPU kernel's GRU and Elman RNN (jaxlstm/_native.py ``native_cell``, the
 ``Gru`` / ``Elman`` cells of jaxlstm/csrc/lstm_cpu.cc) against the NumPy reference loops
 and the pure-XLA path: values, every gradient, masks, resets, reversal, layouts, vmap,
-and where it does not apply. The threads' split of the units: tests/test_kernel.py."""
+and where it does not apply. The threads' split of the units: tests/test_native.py."""
 
 import os
 
@@ -13,11 +13,11 @@ from jax.test_util import check_grads
 
 import jaxlstm
 from helpers import assert_trees_close, random_step_flags
-from jaxlstm import _kernel, tuning
+from jaxlstm import _native, tuning
 from jaxlstm._engine import Steps
 from reference import as_dict, gru_ref, rnn_ref
 
-pytestmark = pytest.mark.skipif(not _kernel.available(), reason=str(_kernel.load_error()))
+pytestmark = pytest.mark.skipif(not _native.available(), reason=str(_native.load_error()))
 
 CELLS = {
     "gru": (jaxlstm.init_gru, jaxlstm.gru, gru_ref),
@@ -40,7 +40,7 @@ def _case(kind, seed, B, D, H, T, flags=False):
 
 
 def _uses_kernel(f, *args) -> bool:
-    return f"jaxlstm_{_kernel.level()}_forward" in str(jax.make_jaxpr(f)(*args))
+    return f"jaxlstm_{_native.level()}_forward" in str(jax.make_jaxpr(f)(*args))
 
 
 def _assert_kernel_equals_xla_path(f, *args, jit=False):
@@ -63,7 +63,7 @@ def _loss(kind, p, xs, h0, r=None, **kw):
 
 
 # Shapes around the kernel's tiles: B past a 12-row tile, H not a multiple of the vector
-# width (the last thread's units are padded), T=1. (Threads: tests/test_kernel.py.)
+# width (the last thread's units are padded), T=1. (Threads: tests/test_native.py.)
 SHAPES = [(3, 5, 7, 6), (13, 6, 33, 4), (2, 4, 40, 1)]
 
 
@@ -163,7 +163,7 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs(kind):
 
 @pytest.mark.parametrize("kind", CELLS)
 def test_kernel_core_direct_with_flags(kind):
-    """kernel_cell's own contract (time-major, Steps) against the XLA fused core, values and
+    """native_cell's own contract (time-major, Steps) against the XLA fused core, values and
     gradients (the reset state's included)."""
     from jaxlstm._fused import FusedConfig
     from jaxlstm._fused_gru import ELMAN, GRU, fused_cell
@@ -179,7 +179,7 @@ def test_kernel_core_direct_with_flags(kind):
     cfg = FusedConfig(jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
     cell = GRU if kind == "gru" else ELMAN
     runs = {
-        "kernel": lambda p, h, x, r: _kernel.kernel_cell(kind, False, p, h, x, steps, r),
+        "kernel": lambda p, h, x, r: _native.native_cell(kind, False, p, h, x, steps, r),
         "xla": lambda p, h, x, r: fused_cell(cfg, cell, p, h, x, steps, r),
     }
     out = {}
