@@ -300,3 +300,36 @@ def test_bad_activations_are_named():
         jaxlstm.lstm(params, xs, gate_fn=jax.nn.sigmoid)
     with pytest.raises(TypeError, match="activation=jax.nn.relu"):
         jaxlstm.rnn(jaxlstm.init_rnn(jax.random.key(0), D, H), xs, nonlinearity="relu")
+
+
+def test_gradients_match_flax_cells():
+    """Gradients with other activations against flax's LSTMCell / GRUCell with the same gate_fn /
+    activation_fn: jaxlstm's loss as a function of flax's variables (convert.from_flax / the GRU's
+    concatenation, linear) and of the inputs has flax's gradients."""
+    xs = _xs()
+    gate, act = soft_gate, jnp.sin
+    with jax.numpy_rank_promotion("allow"):
+        rnn = nn.RNN(nn.LSTMCell(H, gate_fn=gate, activation_fn=act))
+        v = rnn.init(jax.random.key(1), xs)
+        want = jax.grad(lambda v, x: (rnn.apply(v, x) ** 2).sum(), argnums=(0, 1))(v, xs)
+        ours = lambda v, x: (
+            jaxlstm.lstm(jaxlstm.convert.from_flax(v), x, gate_activation=gate, activation=act)[0] ** 2
+        ).sum()
+        got = jax.grad(ours, argnums=(0, 1))(v, xs)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-4)
+
+        grnn = nn.RNN(nn.GRUCell(H, gate_fn=gate, activation_fn=act))
+        gv = grnn.init(jax.random.key(2), xs)
+
+        def gru_params(v):
+            p = v["params"]["cell"]
+            cat = lambda names, leaf: jnp.concatenate([p[n][leaf] for n in names], axis=-1)
+            return jaxlstm.GRUParams(cat(["ir", "iz", "in"], "kernel"), cat(["hr", "hz", "hn"], "kernel"),
+                                     cat(["ir", "iz", "in"], "bias"), p["hn"]["bias"])  # fmt: skip
+
+        want = jax.grad(lambda v, x: (grnn.apply(v, x) ** 2).sum(), argnums=(0, 1))(gv, xs)
+        ours = lambda v, x: (jaxlstm.gru(gru_params(v), x, gate_activation=gate, activation=act)[0] ** 2).sum()
+        got = jax.grad(ours, argnums=(0, 1))(gv, xs)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-4)

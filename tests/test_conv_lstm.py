@@ -262,3 +262,38 @@ def test_bfloat16_and_export():
         np.testing.assert_allclose(g16, g32, atol=3e-2 * float(jnp.abs(g32).max()))
     exported = export.export(jax.jit(lambda p, x: jaxlstm.conv_lstm(p, x)[0]))(params, xs)
     np.testing.assert_allclose(export.deserialize(exported.serialize()).call(params, xs), y32, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_gradients_match_flax(rank):
+    """Gradients against flax's ConvLSTMCell: jaxlstm's loss as a function of flax's variables (through
+    convert.from_flax, linear) and of the inputs has the gradients flax's own loss has."""
+    xs = _xs(rank)
+    cell = nn.ConvLSTMCell(H, kernel_size=KERNEL[rank])
+    rnn = nn.RNN(cell)
+    with jax.numpy_rank_promotion("allow"):
+        variables = rnn.init(jax.random.key(2), xs)
+        variables = jax.tree.map(lambda a: a + 0.2 * np.random.default_rng(6).normal(size=a.shape), variables)
+        flax_loss = lambda v, x: (rnn.apply(v, x) ** 2).sum()
+        ours = lambda v, x: (jaxlstm.conv_lstm(convert.from_flax(v), x)[0] ** 2).sum()
+        want = jax.grad(flax_loss, argnums=(0, 1))(variables, xs)
+        got = jax.grad(ours, argnums=(0, 1))(variables, xs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-4 * max(1.0, float(jnp.abs(w).max())))
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+def test_input_gradients_match_keras():
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"Keras runs on {keras.backend.backend()} here, this test needs KERAS_BACKEND=jax")
+    xs = _xs(2)
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        layer = keras.layers.ConvLSTM2D(H, KERNEL[2], return_sequences=True, padding="same")
+        layer(np.asarray(xs))
+        rng = np.random.default_rng(5)
+        layer.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in layer.get_weights()])
+        params = convert.from_keras(layer)
+        want = jax.grad(lambda x: (layer(x) ** 2).sum())(xs)
+        got = jax.grad(lambda x: (jaxlstm.conv_lstm(params, x, **convert.keras_kwargs(layer))[0] ** 2).sum())(xs)
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, float(jnp.abs(want).max())))
