@@ -92,22 +92,28 @@ def test_keras_what_does_not_convert_says_why():
         convert.from_keras([np.zeros((D, 4 * H)), np.zeros((H, 4 * H)), np.zeros(3 * H)])
 
 
-def _haiku_lstm(xs, params=None, name=None):
+def _haiku_run(core_name, xs, params=None, name=None):
+    """``hk.dynamic_unroll`` of ``hk.LSTM`` / ``hk.GRU`` (``core_name``) over batch-major ``xs``: ``(params,
+    (outputs, final state))``, with random params where none are given (nonzero biases too)."""
     hk = pytest.importorskip("haiku")
 
     def f(x):
-        core = hk.LSTM(H, name=name)
+        core = getattr(hk, core_name)(H, name=name)
         return hk.dynamic_unroll(core, x, core.initial_state(x.shape[0]), time_major=False)
 
     t = hk.transform(f)
     if params is None:
-        params = jax.tree.map(lambda a: a + 0.3, t.init(jax.random.key(5), xs))  # nonzero biases too
+        leaves, tree = jax.tree.flatten(t.init(jax.random.key(8), xs))
+        keys = jax.random.split(jax.random.key(9), len(leaves))
+        params = jax.tree.unflatten(
+            tree, [a + 0.4 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves, strict=True)]
+        )
     return params, t.apply(params, None, xs)
 
 
 def test_haiku_lstm_both_ways():
     xs = jax.random.normal(jax.random.key(0), (B, T, D))
-    hparams, (ys_h, state_h) = _haiku_lstm(xs)
+    hparams, (ys_h, state_h) = _haiku_run("LSTM", xs)
     params = convert.from_haiku(hparams)
     ys, state = jaxlstm.lstm(params, xs)
     np.testing.assert_allclose(ys, ys_h, atol=2e-5)
@@ -115,7 +121,7 @@ def test_haiku_lstm_both_ways():
     np.testing.assert_allclose(state.c, state_h.cell, atol=2e-5)
     # back, into a module named otherwise
     p2 = jaxlstm.init_lstm(jax.random.key(6), D, H)
-    _, (ys2, _) = _haiku_lstm(xs, convert.to_haiku(p2, name="enc/linear"), name="enc")
+    _, (ys2, _) = _haiku_run("LSTM", xs, convert.to_haiku(p2, name="enc/linear"), name="enc")
     np.testing.assert_allclose(ys2, jaxlstm.lstm(p2, xs)[0], atol=2e-5)
     assert jax.tree.all(jax.tree.map(np.allclose, convert.from_haiku(convert.to_haiku(p2)), p2))
 
@@ -143,28 +149,10 @@ def test_keras_gru_reset_before_both_ways():
     np.testing.assert_allclose(np.asarray(fresh(xs)), jaxlstm.gru(p2, jnp.asarray(xs), reset_after=False)[0], atol=2e-5)
 
 
-def _haiku_gru(xs, params=None, name=None):
-    hk = pytest.importorskip("haiku")
-
-    def f(x):
-        core = hk.GRU(H, name=name)
-        return hk.dynamic_unroll(core, x, core.initial_state(x.shape[0]), time_major=False)
-
-    t = hk.transform(f)
-    if params is None:
-        init = t.init(jax.random.key(8), xs)
-        leaves, tree = jax.tree.flatten(init)
-        keys = jax.random.split(jax.random.key(9), len(leaves))
-        params = jax.tree.unflatten(
-            tree, [a + 0.4 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves, strict=True)]
-        )
-    return params, t.apply(params, None, xs)
-
-
 def test_haiku_gru_both_ways():
     """hk.GRU: reset-before, with the update gate the other way round (h = (1 - z) h + z a)."""
     xs = jax.random.normal(jax.random.key(0), (B, T, D))
-    hparams, (ys_h, h_h) = _haiku_gru(xs)
+    hparams, (ys_h, h_h) = _haiku_run("GRU", xs)
     params = convert.from_haiku(hparams)
     assert isinstance(params, jaxlstm.GRUParams)
     ys, h = jaxlstm.gru(params, xs, reset_after=False)
@@ -172,7 +160,7 @@ def test_haiku_gru_both_ways():
     np.testing.assert_allclose(h, h_h, atol=2e-5)
     p2 = jaxlstm.init_gru(jax.random.key(6), D, H)
     p2 = p2._replace(b=jnp.linspace(-1, 1, 3 * H), b_hn=jnp.linspace(0.5, -0.5, H))
-    _, (ys2, _) = _haiku_gru(xs, convert.to_haiku(p2, name="enc"), name="enc")
+    _, (ys2, _) = _haiku_run("GRU", xs, convert.to_haiku(p2, name="enc"), name="enc")
     np.testing.assert_allclose(ys2, jaxlstm.gru(p2, xs, reset_after=False)[0], atol=2e-5)
     back = convert.from_haiku(convert.to_haiku(p2))
     np.testing.assert_allclose(jaxlstm.gru(back, xs, reset_after=False)[0], ys2, atol=2e-5)
