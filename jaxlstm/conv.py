@@ -178,9 +178,10 @@ def _out_spatial(geo: _Geometry, params: ConvLSTMParams, spatial: tuple) -> tupl
 
 
 def _input(name: str, x, geo: _Geometry, lead: int) -> tuple[tuple, tuple]:
-    """``(leading dims, spatial dims)`` of ``x [*lead dims..., *spatial, C]``; ``lead`` the dims before the
-    spatial ones that are not batch (1 for a sequence's T)."""
-    x = _checks.as_float_array(name, x)
+    """``(leading dims, spatial dims)`` of ``x [*lead dims..., *spatial, C]`` (an array or its
+    ``jax.ShapeDtypeStruct``); ``lead`` the dims before the spatial ones that are not batch (1 for a
+    sequence's T)."""
+    _checks.float_array(name, x)
     if x.ndim < geo.rank + 1 + lead or x.shape[-1] != geo.C:
         what = "[..., T, " if lead else "[..., "
         raise ValueError(f"{name} must be {what}*spatial ({geo.rank} dims), {geo.C}] (channels last, C = "

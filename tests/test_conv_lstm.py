@@ -167,8 +167,9 @@ def test_sequence_semantics():
     y2, s2 = jaxlstm.conv_lstm(params, xs[:, 2:], s1)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), ys, atol=1e-6)
     np.testing.assert_allclose(s2.c, st.c, atol=1e-6)
-    # the cell, a step at a time
+    # the cell, a step at a time (the zero state from a frame, or from its shape)
     s = jaxlstm.conv_zero_state(params, xs[:, 0])
+    assert jax.tree.map(jnp.shape, s) == jax.tree.map(jnp.shape, jaxlstm.conv_zero_state(params, xs[:, 0].shape))
     for t in range(T):
         s, h = jaxlstm.conv_lstm_cell(params, s, xs[:, t])
         np.testing.assert_allclose(h, ys[:, t], atol=1e-6)
