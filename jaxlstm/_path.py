@@ -140,7 +140,8 @@ def prepare(
             raise ValueError("checkpoint_every requires backward='fused', got backward='autodiff'")
     mm, acc = dtypes(kind, params, xs.dtype, compute_dtype)
     act = _checks.activations(gate_activation, activation)
-    reset_after = _checks.static_bool("reset_after", reset_after)
+    if not _checks.static_bool("reset_after", reset_after) and kind != "gru":
+        raise ValueError(f"reset_after=False is the GRU's reset-before form; the {kind} has no reset gate")
     zero_h = jnp.zeros(batch_shape + (R,), acc)
     zeros = (zero_h, jnp.zeros(batch_shape + (H,), acc)) if kind == "lstm" else zero_h
     carry0 = zeros if initial_state is None else _state(kind, "initial_state", initial_state, batch_shape, H, R, acc)
