@@ -463,7 +463,7 @@ def conv_lstm(
 
 def module_call(module, params: ConvLSTMParams, xs, initial_state, seq_lengths, mask, resets, reset_state, reverse):
     """The call the linen and nnx ``ConvLSTM`` modules share: their attributes (``strides``, ``padding``,
-    ``dilation``, ``dtype``, ``unroll``, ``time_major``, the activations) to ``conv_lstm``."""
+    ``dilation``, ``dtype``, ``unroll``, ``time_major``, ``backward``, the activations) to ``conv_lstm``."""
     return conv_lstm(
         params,
         xs if module.dtype is None else xs.astype(module.dtype),
@@ -479,6 +479,7 @@ def module_call(module, params: ConvLSTMParams, xs, initial_state, seq_lengths, 
         time_major=module.time_major,
         unroll=module.unroll,
         compute_dtype=module.dtype,
+        backward=module.backward,
         gate_activation=module.gate_activation,
         activation=module.activation,
     )

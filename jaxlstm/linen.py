@@ -275,7 +275,7 @@ class ConvLSTM(nn.Module):
         (``"same"`` / ``"valid"``), dilation: of the input convolution, as ``jaxlstm.conv_lstm``.
       recurrent_kernel_size: default ``kernel_size``. use_bias, forget_bias, initialisers (Glorot
         uniform, orthogonal, zeros with ``forget_bias`` on f), dtype, param_dtype, gate_activation,
-        activation, unroll, time_major: as ``LSTM``.
+        activation, unroll, time_major, backward: as ``LSTM`` (``backward`` as ``jaxlstm.conv_lstm``).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxlstm.linen as jl
@@ -303,6 +303,7 @@ class ConvLSTM(nn.Module):
     activation: Callable = jnp.tanh
     unroll: int = 1
     time_major: bool = False
+    backward: str = "fused"
 
     @nn.compact
     def __call__(

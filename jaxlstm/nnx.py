@@ -241,12 +241,13 @@ class ConvLSTM(nnx.Module):
         activation: Callable = jnp.tanh,
         unroll: int = 1,
         time_major: bool = False,
+        backward: str = "fused",
         rngs: nnx.Rngs,
     ):
         C = _checks.positive_int("in_features", in_features)
         H = _checks.positive_int("features", features)
         self.strides, self.padding, self.dilation = strides, padding, dilation
-        self.dtype, self.unroll, self.time_major = dtype, unroll, time_major
+        self.dtype, self.unroll, self.time_major, self.backward = dtype, unroll, time_major, backward
         self.gate_activation, self.activation = gate_activation, activation
         shapes = conv_lstm_param_shapes(C, H, kernel_size, recurrent_kernel_size, use_bias)
         self.w_ih = nnx.Param(kernel_init(rngs.params(), shapes["w_ih"], param_dtype))

@@ -217,6 +217,10 @@ def test_modules_match_the_function():
     want = jaxlstm.conv_lstm(p, xs, strides=2, padding="valid", seq_lengths=LENGTHS)
     np.testing.assert_allclose(ys, want[0], atol=1e-6)
     np.testing.assert_allclose(st.c, want[1].c, atol=1e-6)
+    # backward="autodiff" reaches the function: forward-mode AD through the module
+    jvp_model = jl.ConvLSTM(H, kernel_size=(3, 3), strides=2, padding="valid", backward="autodiff")
+    _, tangent = jax.jvp(lambda x: jvp_model.apply(variables, x)[0], (xs,), (jnp.ones_like(xs),))
+    assert tangent.shape == ys.shape
     nmodel = jn.ConvLSTM(C, H, (3, 3), strides=2, padding="valid", rngs=nnx.Rngs(0))
     np.testing.assert_allclose(
         nmodel(xs, reverse=True)[0],
