@@ -50,45 +50,18 @@ from ._step import keep_weight, zoneout_mix
 from .gates import with_derivative
 
 
-def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None):
+def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None, reset_after: bool = True):
     """The step ``(h, x) -> (h, h, (r, z, n, hn))``, batch-major; ``h_mask`` (or
     ``None``) multiplies ``h(t-1)`` where it enters ``h @ w_hh`` (recurrent dropout).
     With ``zoneout`` (a ``Zoneout``; its ``h`` rate) the step reads ``(x, zh)`` and
     keeps ``h(t-1)`` where the mask ``zh`` is true (by the rate without a mask).
     With ``act`` (``Activations``: ``gate`` for σ, ``cell`` for tanh) the residuals
-    gain ``(r', z', n')``, the derivatives the backward pass reads."""
+    gain ``(r', z', n')``, the derivatives the backward pass reads.
 
-    def step(h, x):
-        if zoneout is not None:
-            x, zh = x
-        gx = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype), params.b)
-        gh = dot(h if h_mask is None else h * h_mask, params.w_hh, mm_dtype, acc_dtype)
-        xr, xz, xn = jnp.split(gx, 3, axis=-1)
-        hr, hz, hn = jnp.split(gh, 3, axis=-1)
-        hn = add_bias(hn, params.b_hn)
-        if act is None:
-            r = jax.nn.sigmoid(xr + hr)
-            z = jax.nn.sigmoid(xz + hz)
-            n = jnp.tanh(xn + r * hn)
-            res = (r, z, n, hn)
-        else:
-            (r, dr), (z, dz) = with_derivative(act.gate, xr + hr), with_derivative(act.gate, xz + hz)
-            n, dn = with_derivative(act.cell, xn + r * hn)
-            res = (r, z, n, hn, (dr, dz, dn))
-        h_new = (1 - z) * n + z * h
-        if zoneout is not None:
-            h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
-        return h_new, h_new, res
-
-    return step
-
-
-def gru_reset_before_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None):
-    """The reset-before GRU's step ``(h, x) -> (h, h, None)`` (Keras' ``reset_after=False``, Haiku's
-    ``hk.GRU``, the 2014 paper's form): ``n = tanh(x @ W_in + b_n + (r ∗ h) @ W_hn + b_hn)``, the rest as
-    ``gru_step`` (the same params; ``b_hn`` is plain bias here). It has no fused backward: the sequences
-    differentiate it by autodiff (``"xla-autodiff"``)."""
-    gate, cell = (jax.nn.sigmoid, jnp.tanh) if act is None else act
+    ``reset_after=False``: the reset-before GRU (Keras' ``reset_after=False``, Haiku's ``hk.GRU``, the
+    2014 paper's form), ``n = tanh(x @ W_in + b_n + (r ∗ h) @ W_hn + b_hn)`` with the same params
+    (``b_hn`` plain bias there). It has no fused backward (the sequences differentiate it by autodiff,
+    ``"xla-autodiff"``), so its residuals are ``None``."""
     H = params.w_hh.shape[0]
 
     def step(h, x):
@@ -96,14 +69,29 @@ def gru_reset_before_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None
             x, zh = x
         gx = add_bias(dot(x, params.w_ih, mm_dtype, acc_dtype), params.b)
         h_in = h if h_mask is None else h * h_mask
-        hr, hz = jnp.split(dot(h_in, params.w_hh[:, : 2 * H], mm_dtype, acc_dtype), 2, axis=-1)
         xr, xz, xn = jnp.split(gx, 3, axis=-1)
-        r, z = gate(xr + hr), gate(xz + hz)
-        n = cell(xn + add_bias(dot(r * h_in, params.w_hh[:, 2 * H :], mm_dtype, acc_dtype), params.b_hn))
+        if not reset_after:
+            gate, cell = (jax.nn.sigmoid, jnp.tanh) if act is None else act
+            hr, hz = jnp.split(dot(h_in, params.w_hh[:, : 2 * H], mm_dtype, acc_dtype), 2, axis=-1)
+            r, z = gate(xr + hr), gate(xz + hz)
+            n = cell(xn + add_bias(dot(r * h_in, params.w_hh[:, 2 * H :], mm_dtype, acc_dtype), params.b_hn))
+            res = None
+        else:
+            hr, hz, hn = jnp.split(dot(h_in, params.w_hh, mm_dtype, acc_dtype), 3, axis=-1)
+            hn = add_bias(hn, params.b_hn)
+            if act is None:
+                r = jax.nn.sigmoid(xr + hr)
+                z = jax.nn.sigmoid(xz + hz)
+                n = jnp.tanh(xn + r * hn)
+                res = (r, z, n, hn)
+            else:
+                (r, dr), (z, dz) = with_derivative(act.gate, xr + hr), with_derivative(act.gate, xz + hz)
+                n, dn = with_derivative(act.cell, xn + r * hn)
+                res = (r, z, n, hn, (dr, dz, dn))
         h_new = (1 - z) * n + z * h
         if zoneout is not None:
             h_new = zoneout_mix(keep_weight(zh, zoneout.h, acc_dtype), h, h_new)
-        return h_new, h_new, None
+        return h_new, h_new, res
 
     return step
 

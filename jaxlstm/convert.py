@@ -237,8 +237,27 @@ def from_flax(params, *, as_variables: bool = False):
 
 # flax.linen.ConvLSTMCell: two Convs "ih" and "hh" of 4H features, each with a bias, gate order i, g, f, o,
 # and 1 added to the forget gate inside the cell (as Haiku's LSTM); jaxlstm's one bias holds both and the 1.
-_FLAX_CONV_TO_LSTM = (0, 2, 1, 3)
-FLAX_CONV_FORGET_BIAS = 1.0
+_IGFO = (0, 2, 1, 3)  # jaxlstm's i, f, g, o from i, g, f, o (flax's ConvLSTMCell, Haiku's LSTM), and back
+FORGET_BIAS_INSIDE = 1.0  # what those two cells add to the forget gate's pre-activation themselves
+
+
+def _from_igfo(w, b):
+    """Gate blocks i, g, f, o -> i, f, g, o, the cell's own +1 on the forget gate moved into the bias."""
+    H = b.shape[-1] // 4
+    return _blocks(w, _IGFO, 4), _blocks(b, _IGFO, 4).at[H : 2 * H].add(FORGET_BIAS_INSIDE)
+
+
+def _to_igfo(w, b):
+    """The inverse of ``_from_igfo``."""
+    H = b.shape[-1] // 4
+    return _blocks(w, _IGFO, 4), _blocks(b.at[H : 2 * H].add(-FORGET_BIAS_INSIDE), _IGFO, 4)
+
+
+def _reset_before_bias(params: GRUParams):
+    """The one bias of a reset-before GRU (Keras' ``reset_after=False``, ``hk.GRU``), jaxlstm's gate order:
+    there ``b_hn`` is plain bias, added to the n block of ``b``."""
+    H = params.w_hh.shape[0]
+    return params.b + jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])
 
 
 def _from_flax_conv(p) -> ConvLSTMParams:
@@ -250,17 +269,17 @@ def _from_flax_conv(p) -> ConvLSTMParams:
     for side in ("ih", "hh"):
         if p[side].get("bias") is not None:
             bias = bias + jnp.asarray(p[side]["bias"])
-    b = _blocks(bias, _FLAX_CONV_TO_LSTM, 4).at[H : 2 * H].add(FLAX_CONV_FORGET_BIAS)
-    return ConvLSTMParams(_blocks(w_ih, _FLAX_CONV_TO_LSTM, 4), _blocks(w_hh, _FLAX_CONV_TO_LSTM, 4), b)
+    w_ih, b = _from_igfo(w_ih, bias)
+    return ConvLSTMParams(w_ih, _blocks(w_hh, _IGFO, 4), b)
 
 
 def _to_flax_conv(params: ConvLSTMParams) -> dict:
     H = params.w_ih.shape[-1] // 4
     b = jnp.zeros((4 * H,), params.w_ih.dtype) if params.b is None else params.b
-    b = _blocks(b.at[H : 2 * H].add(-FLAX_CONV_FORGET_BIAS), _FLAX_CONV_TO_LSTM, 4)
+    w_ih, b = _to_igfo(params.w_ih, b)
     return {
-        "ih": {"kernel": _blocks(params.w_ih, _FLAX_CONV_TO_LSTM, 4), "bias": b},
-        "hh": {"kernel": _blocks(params.w_hh, _FLAX_CONV_TO_LSTM, 4), "bias": jnp.zeros_like(b)},
+        "ih": {"kernel": w_ih, "bias": b},
+        "hh": {"kernel": _blocks(params.w_hh, _IGFO, 4), "bias": jnp.zeros_like(b)},
     }
 
 
@@ -456,9 +475,8 @@ def to_keras(params, *, reset_after: bool = True) -> list[np.ndarray]:
     if isinstance(params, ConvLSTMParams):
         return [np.asarray(w) for w in params if w is not None]
     if isinstance(params, GRUParams) and not reset_after:
-        H = params.w_hh.shape[0]
-        b = params.b + jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])  # b_hn is plain bias
-        return [np.asarray(_blocks(a, _KERAS_TO_GRU, 3)) for a in (params.w_ih, params.w_hh, b)]
+        ws = (params.w_ih, params.w_hh, _reset_before_bias(params))
+        return [np.asarray(_blocks(a, _KERAS_TO_GRU, 3)) for a in ws]
     if isinstance(params, GRUParams):
         H = params.w_hh.shape[0]
         b_rec = jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])  # r, z: all in the input half
@@ -481,9 +499,6 @@ def to_keras(params, *, reset_after: bool = True) -> list[np.ndarray]:
 # z, r, a) applies the reset gate before its recurrent matmul (tanh(x W_a + (r * h) U_a + b_a)): jaxlstm's
 # gru(..., reset_after=False). Its update gate is the other way round, h(t) = (1 - z) h + z a, where
 # jaxlstm's (PyTorch's) is h(t) = (1 - z') n + z' h: z' = 1 - z = σ(-pre), so the z columns change sign.
-
-_HAIKU_TO_LSTM = (0, 2, 1, 3)  # jaxlstm's i, f, g, o from Haiku's i, g, f, o (and back: the same swap)
-HAIKU_FORGET_BIAS = 1.0
 
 
 def _haiku_module(params, suffix: str, name: str | None, fields=("w", "b")) -> tuple[str, Mapping]:
@@ -538,8 +553,7 @@ def from_haiku(params, *, name: str | None = None):
     if H == 0 or w.shape[1] != 4 * H or b.shape != (4 * H,) or w.shape[0] <= H:
         raise ValueError(f"hk.LSTM's linear must be w [D + H, 4H], b [4H]; got {w.shape}, {b.shape}")
     D = w.shape[0] - H
-    w = _blocks(w, _HAIKU_TO_LSTM, 4)
-    b = _blocks(b, _HAIKU_TO_LSTM, 4).at[H : 2 * H].add(HAIKU_FORGET_BIAS)
+    w, b = _from_igfo(w, b)
     return LSTMParams(w[:D], w[D:], b)
 
 
@@ -549,9 +563,8 @@ def to_haiku(params, *, name: str | None = None) -> dict:
     ``GRUParams`` of ``jaxlstm.gru(..., reset_after=False)`` -> ``{name: {"w_i", "w_h", "b"}}`` of
     ``hk.GRU`` (default ``"gru"``; ``b_hn``, plain bias in that form, joins ``b``)."""
     if isinstance(params, GRUParams):
-        H = params.w_hh.shape[0]
-        b = params.b + jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])
-        w_i, w_h, b = (_haiku_gru_blocks(a, to_haiku=True) for a in (params.w_ih, params.w_hh, b))
+        ws = (params.w_ih, params.w_hh, _reset_before_bias(params))
+        w_i, w_h, b = (_haiku_gru_blocks(a, to_haiku=True) for a in ws)
         return {name or "gru": {"w_i": w_i, "w_h": w_h, "b": b}}
     name = name or "lstm/linear"
     if not isinstance(params, LSTMParams):
@@ -561,5 +574,5 @@ def to_haiku(params, *, name: str | None = None) -> dict:
         raise ValueError("hk.LSTM has no projection: params.w_hr must be None")
     H = params.w_hh.shape[0]
     b = jnp.zeros((4 * H,), params.w_ih.dtype) if params.b is None else params.b
-    w = _blocks(jnp.concatenate([params.w_ih, params.w_hh]), _HAIKU_TO_LSTM, 4)
-    return {name: {"w": w, "b": _blocks(b.at[H : 2 * H].add(-HAIKU_FORGET_BIAS), _HAIKU_TO_LSTM, 4)}}
+    w, b = _to_igfo(jnp.concatenate([params.w_ih, params.w_hh]), b)
+    return {name: {"w": w, "b": b}}

@@ -26,6 +26,7 @@ slice; ``b_hn`` stays separate because r multiplies it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from . import _checks, _hints, _path
 from ._engine import scan_masked, without_residuals
 from ._fused import FusedConfig
-from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_reset_before_step, gru_step
+from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
 from ._hints import hints
 from ._native import native_cell
 from ._step import zoneout_rates
@@ -51,7 +52,7 @@ def _plain(make_step):
 
 _rnn_step = _plain(elman_step)
 _gru_step = _plain(gru_step)
-_gru_reset_before_step = _plain(gru_reset_before_step)
+_gru_reset_before_step = _plain(partial(gru_step, reset_after=False))
 
 
 def check_cell(kind: str, params, h, x):
