@@ -141,7 +141,8 @@ def main(argv=None):
         times = C.time_interleaved(fns, args.repeats)
         # the fused backward's reverse scan, unrolled or not (full train step)
         # (an internal knob, so the private core is called directly)
-        from jaxlstm._fused import FusedConfig, fused_lstm
+        from jaxlstm._fused import FusedConfig, fused_sequence
+        from jaxlstm._step import LSTM
 
         f32 = jnp.dtype(jnp.float32)
         train = {}
@@ -150,7 +151,7 @@ def main(argv=None):
             def loss(p, x, u=u):
                 cfg = FusedConfig(mm_dtype=f32, acc_dtype=f32, backward_unroll=u)
                 zeros = (jnp.zeros((B, H)), jnp.zeros((B, H)))
-                ys, _ = fused_lstm(cfg, p, zeros, jnp.swapaxes(x, 0, 1), None, zeros)
+                ys, _ = fused_sequence(cfg, LSTM, p, zeros, jnp.swapaxes(x, 0, 1), None, zeros)
                 return jnp.mean(jnp.square(ys))
 
             g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

@@ -454,6 +454,31 @@ def zoneout_masks(T: int, batch_shape: tuple, H: int, R: int, rates, key):
     return draw(k_c, rates[0], H), draw(k_h, rates[1], R)
 
 
+# ----------------------------------------------------------------------------
+# zoneout
+
+
+class Zoneout(NamedTuple):
+    """Zoneout rates of ``c`` and ``h`` (Krueger et al. 2017): the probability that
+    a unit keeps its previous value at a step. Static (hashable)."""
+
+    c: float = 0.0
+    h: float = 0.0
+
+
+def keep_weight(mask_t, rate: float, dtype):
+    """The weight of the previous value in a zoneout step: the step's keep mask
+    (training), else the rate (evaluation: the expectation), else ``None`` (no zoneout)."""
+    if mask_t is not None:
+        return mask_t.astype(dtype)
+    return rate if rate > 0.0 else None
+
+
+def zoneout_mix(k, prev, new):
+    """``k ∗ prev + (1 - k) ∗ new`` (``new`` where ``k`` is ``None``)."""
+    return new if k is None else new + k * (prev - new)
+
+
 def without_residuals(step: Callable) -> Callable:
     """A step ``(carry, x) -> (carry, y, residuals)`` of a fused backward pass, with ``None`` for its
     residuals: the same step for a forward-only scan or autodiff."""

@@ -20,12 +20,12 @@ project's machines a ``[T, B, 4H]`` buffer between the loop and XLA cost more to
 touch (fresh pages on every call) than its GEMM took. One forward and one backward call
 serve every cell (the ``cell`` attribute).
 
-``jaxlstm.lstm`` runs ``native_lstm`` in place of ``jaxlstm._fused.fused_lstm``
+``jaxlstm.lstm`` runs ``native_lstm`` in place of ``jaxlstm._fused.fused_sequence``
 where ``applies`` (float32 or bfloat16 GEMMs on CPU, no projection or variant, no recurrent
 dropout or zoneout, no checkpointing, no device mesh; with ``compute_dtype=bfloat16`` the
 ``avx512_bf16`` level multiplies bf16 operands, ``bf16_dot``, the others the float32 ones)
 and ``jaxlstm.tuning.kernel_path`` chose it: lengths, masks, resets and ``reverse`` are supported.
-``jaxlstm.gru`` and ``jaxlstm.rnn`` run ``native_cell`` in place of ``jaxlstm._fused_gru.fused_cell``
+``jaxlstm.gru`` and ``jaxlstm.rnn`` run ``native_cell`` in place of ``jaxlstm._fused.fused_sequence``
 on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_KERNEL=0``
 turns it off (the XLA path, which is the reference it is tested against);
 ``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step; either way at
@@ -51,9 +51,9 @@ import numpy as np
 
 from . import tuning
 from ._engine import Steps, counted_steps, mesh_active, scan_masked
-from ._fused import FusedConfig, fused_lstm
-from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
-from ._step import lstm_scan_core
+from ._fused import FusedConfig, fused_sequence
+from ._gru import ELMAN, GRU, elman_step, gru_step
+from ._step import LSTM, lstm_scan_core
 from .params import LSTMParams, init_gru, init_lstm, init_rnn
 
 __all__ = [
@@ -501,7 +501,7 @@ def _as_f32(params):
 
 
 def native_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, bf16=False):
-    """``jaxlstm._fused.fused_lstm``'s contract on the kernel: ``xs [T, B, D]``
+    """``jaxlstm._fused.fused_sequence``'s contract for the LSTM on the kernel: ``xs [T, B, D]``
     (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
     ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
     (``[B, T, H]``), float32. ``bf16``: the GEMMs take bfloat16 operands (weights, x, h and the
@@ -536,7 +536,7 @@ _kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def native_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | None, h_reset, bf16=False):
-    """``jaxlstm._fused_gru.fused_cell``'s contract on the kernel, for ``kind`` ``"gru"``
+    """``jaxlstm._fused.fused_sequence``'s contract on the kernel, for ``kind`` ``"gru"``
     (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
     ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
     ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). ``bf16`` and derivatives as ``native_lstm``'s."""
@@ -581,11 +581,11 @@ def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", 
         if path == tuning.KERNEL:
             run = lambda p, x: native_cell(cell, False, p, h, x, None, h, bf16)[0]  # pyright: ignore[reportIndexIssue]
         else:
-            run = lambda p, x: fused_cell(cfg, kind, p, h, x, None, h)[0]  # pyright: ignore[reportIndexIssue]
+            run = lambda p, x: fused_sequence(cfg, kind, p, (h,), x, None, (h,))[0]
     elif path == tuning.KERNEL:
         run = lambda p, x: native_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]  # pyright: ignore[reportIndexIssue]
     else:
-        run = lambda p, x: fused_lstm(cfg, p, (h, h), x, None, (h, h))[0]  # pyright: ignore[reportIndexIssue]
+        run = lambda p, x: fused_sequence(cfg, LSTM, p, (h, h), x, None, (h, h))[0]
     step = jax.value_and_grad(lambda p, x: jnp.mean(jnp.square(run(p, x))), argnums=(0, 1))
     compiled = jax.jit(step).lower(params, xs).compile()
     return lambda: jax.block_until_ready(compiled(params, xs))

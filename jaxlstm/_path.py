@@ -21,8 +21,8 @@ from ._step import regularisation, zoneout_rates
 from .params import GRUParams, LSTMParams, RNNParams
 
 NATIVE = "native"  # the compiled CPU code (jaxlstm._native), forward and backward
-FUSED = "xla-fused"  # lax.scan with the hand-written backward pass (jaxlstm._fused, jaxlstm._fused_gru)
-VARIANT = "xla-fused-variant"  # peepholes, layer norm, heads: their fused backward (jaxlstm._variant)
+FUSED = "xla-fused"  # lax.scan with the hand-written backward pass (jaxlstm._fused)
+VARIANT = "xla-fused-variant"  # peepholes, layer norm, heads: the same engine, their cell (jaxlstm._variant)
 AUTODIFF = "xla-autodiff"  # lax.scan differentiated by JAX (backward="autodiff")
 PATHS = (NATIVE, FUSED, VARIANT, AUTODIFF)
 
@@ -123,7 +123,7 @@ def prepare(
     reset_after: bool = True,
 ) -> Call:
     """Validates a ``kind`` (``"lstm"``, ``"gru"``, ``"rnn"``) sequence call, arguments as
-    ``jaxlstm.lstm`` takes them (``zoneout_c`` and ``checkpoint_every`` are the LSTM's only)."""
+    ``jaxlstm.lstm`` takes them (``zoneout_c`` is the LSTM's only)."""
     D, H, R = cell_params(kind, params)
     xs = _checks.as_float_array("xs", xs)
     batch_shape, T = _checks.sequence("xs", xs, D, time_major)
@@ -142,6 +142,11 @@ def prepare(
     act = _checks.activations(gate_activation, activation)
     if not _checks.static_bool("reset_after", reset_after) and kind != "gru":
         raise ValueError(f"reset_after=False is the GRU's reset-before form; the {kind} has no reset gate")
+    if not reset_after and checkpoint_every is not None:
+        raise ValueError(
+            f"checkpoint_every needs the fused backward pass, which the reset-before GRU (reset_after=False) "
+            f"lacks; got checkpoint_every={checkpoint_every}"
+        )
     zero_h = jnp.zeros(batch_shape + (R,), acc)
     zeros = (zero_h, jnp.zeros(batch_shape + (H,), acc)) if kind == "lstm" else zero_h
     carry0 = zeros if initial_state is None else _state(kind, "initial_state", initial_state, batch_shape, H, R, acc)

@@ -29,7 +29,23 @@ import jax
 import jax.numpy as jnp
 
 from . import _checks, tuning
-from ._engine import add_bias, dot, dropout_masks, feature_major_core, scan_masked, without_residuals, zoneout_masks
+from ._engine import (
+    Zoneout,
+    add_bias,
+    dot,
+    dropout_masks,
+    feature_major_core,
+    keep_weight,
+    mesh_active,
+    operand,
+    scan_masked,
+    where_valid,
+    without_residuals,
+    zoneout_masks,
+    zoneout_mix,
+)
+from ._engine import transpose_features as _t
+from ._fused import Cell
 from .gates import Activations, activate_gates, lstm_pointwise, split_gates, with_derivative
 from .params import LSTMParams, init_lstm
 
@@ -110,14 +126,6 @@ def gate_derivatives(z: jax.Array, axis: int, act: Activations) -> jax.Array:
     return with_derivative(lambda v: activate_gates(v, axis, act), z)[1]
 
 
-class Zoneout(NamedTuple):
-    """Zoneout rates of ``c`` and ``h`` (Krueger et al. 2017): the probability that
-    a unit keeps its previous value at a step. Static (hashable)."""
-
-    c: float = 0.0
-    h: float = 0.0
-
-
 def zoneout_rates(zoneout_c: float = 0.0, zoneout_h: float = 0.0) -> Zoneout | None:
     """Validated rates as a ``Zoneout``, or ``None`` when both are 0."""
     zo = Zoneout(_checks.rate("zoneout_c", zoneout_c), _checks.rate("zoneout_h", zoneout_h))
@@ -141,19 +149,6 @@ def regularisation(
     if zoneout is not None:
         per_step = (None, None) if deterministic else zoneout_masks(T, batch_shape, H, R, zoneout, key)
     return xs, h_mask, per_step
-
-
-def keep_weight(mask_t, rate: float, dtype):
-    """The weight of the previous value in a zoneout step: the step's keep mask
-    (training), else the rate (evaluation: the expectation), else ``None`` (no zoneout)."""
-    if mask_t is not None:
-        return mask_t.astype(dtype)
-    return rate if rate > 0.0 else None
-
-
-def zoneout_mix(k, prev, new):
-    """``k ∗ prev + (1 - k) ∗ new`` (``new`` where ``k`` is ``None``)."""
-    return new if k is None else new + k * (prev - new)
 
 
 class StepGrads(NamedTuple):
@@ -221,6 +216,66 @@ def lstm_step_vjp(
     dz = gate_grads(a, dc, c_prev, dm * tc)
     dh_prev = dot(w_hh, dz, mm_dtype, acc_dtype)
     return StepGrads(dz, dh_prev if h_mask is None else dh_prev * h_mask, dc * f)
+
+
+def _keeps(zoneout: Zoneout, zs, acc_dtype):
+    """The zoneout weights of ``(h, c)`` from the step's keep masks ``(zc, zh)`` (or the rates)."""
+    zc, zh = (None, None) if zs is None else zs
+    return keep_weight(zh, zoneout.h, acc_dtype), keep_weight(zc, zoneout.c, acc_dtype)
+
+
+def _vjp(params: LSTMParams, cfg, h_mask, residuals, carry_prev, d_new, valid):
+    """``jaxlstm._fused.Cell.vjp``: ``dz`` (and, with a projection, the cotangent of ``m @ w_hr``'s output)."""
+    a, c = residuals
+    dh, dc = d_new
+    mm, acc = cfg.mm_dtype, cfg.acc_dtype
+    g = lstm_step_vjp(params.w_hh, params.w_hr, a, c, carry_prev[1], dh, dc, mm, acc, h_mask, cfg.act)
+    outs = (where_valid(valid, g.dz, 0),)
+    if params.w_hr is not None:
+        outs += (where_valid(valid, dh, 0),)
+    return outs, (g.dh_prev, g.dc_prev), None
+
+
+def _grads(params: LSTMParams, cfg, h_mask, xs, carry_prev, residuals, bufs, accum):
+    """``jaxlstm._fused.Cell.grads``: one GEMM each over all T·B columns of the ``[F, T, B]`` buffers
+    (on ``[F, T*B]`` views, or as einsums under a device mesh: ``jaxlstm._engine.mesh_active``)."""
+    mm, acc = cfg.mm_dtype, cfg.acc_dtype
+    acts, cs = residuals
+    sharded = mesh_active()
+
+    def contract(a, buf):  # a [T, F1, B], buf [F2, T, B] -> [F1, F2]
+        a, buf = operand(a, mm, acc), operand(buf, mm, acc)
+        if sharded:
+            return jnp.einsum("tfb,gtb->fg", a, buf, preferred_element_type=acc)
+        cols = jnp.swapaxes(a, 0, 1).reshape((a.shape[1], -1))
+        return jnp.matmul(cols, buf.reshape((buf.shape[0], -1)).T, preferred_element_type=acc)
+
+    d_w_hr = None
+    if params.w_hr is not None:
+        gates = acts[0] if isinstance(acts, tuple) else acts  # (a, a') with other activations
+        m = split_gates(gates, GATE_AXIS_FM)[3] * (jnp.tanh if cfg.act is None else cfg.act.cell)(cs)
+        d_w_hr = contract(m, bufs[1])
+    d_b = None if params.b is None else bufs[0].sum(axis=(1, 2))
+    h_prev = carry_prev[0]
+    h_in = h_prev if h_mask is None else h_prev * h_mask[None]  # what the recurrent dot read
+    grads = LSTMParams(contract(xs, bufs[0]), contract(h_in, bufs[0]), d_b, d_w_hr)
+    w_ih, dz = operand(params.w_ih, mm, acc), operand(bufs[0], mm, acc)
+    dxs = jnp.einsum("dg,gtb->dtb", w_ih, dz, preferred_element_type=acc)
+    return grads, _t(jnp.swapaxes(dxs, 0, 1))
+
+
+def _outputs_and_cells(ys, residuals):
+    return ys, residuals[1]
+
+
+def _carry_after(zoneout):
+    """The state after each step is ``(h, c)`` from the outputs and the saved cells, but under zoneout
+    (the saved c is the candidate)."""
+    return _outputs_and_cells if zoneout is None else None
+
+
+# The LSTM on jaxlstm._fused's engine: feature-major training scans (python -m benchmarks.layout).
+LSTM = Cell(True, lstm_step, _keeps, _vjp, _grads, _carry_after)
 
 
 def lstm_scan_core(

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, _hints, _path, tuning
-from ._fused import FusedConfig, fused_lstm
+from ._fused import FusedConfig, fused_sequence
 from ._hints import hints
 from ._native import native_lstm
-from ._step import lstm_scan_core, lstm_step, zoneout_rates
-from ._variant import fused_variant, variant_scan_core, variant_step
+from ._step import LSTM, lstm_scan_core, lstm_step, zoneout_rates
+from ._variant import VARIANT, variant_scan_core, variant_step
 from .params import LSTMParams, LSTMState
 
 __all__ = ["lstm", "lstm_cell"]
@@ -69,7 +69,7 @@ def lstm_cell(
     zoneout = zoneout_rates(zoneout_c, zoneout_h)
     act = _checks.activations(gate_activation, activation)
     if params.is_variant:
-        step = variant_step(params, mm, acc, None, zoneout, act)
+        step = variant_step(params, mm, acc, False, None, zoneout, act)
     else:
         step = lstm_step(params, mm, acc, False, None, zoneout, act)
     lead = x.shape[:-1]
@@ -228,15 +228,15 @@ def lstm(
         core = native_core
     elif path in (_path.FUSED, _path.VARIANT):
         if path == _path.VARIANT:  # peepholes, layer norm and heads: jaxlstm._variant (batch-major steps)
-            fused, cfg = fused_variant, FusedConfig(mm, acc, unroll, checkpoint_every, zoneout=zoneout, act=act)
+            cell, cfg = VARIANT, FusedConfig(mm, acc, unroll, checkpoint_every, zoneout=zoneout, act=act)
         else:
             layout = tuning.forward_layout(call.batch, call.D, call.H, call.R, call.T, mm, acc, unroll)
-            fused = fused_lstm
+            cell = LSTM
             cfg = FusedConfig(mm, acc, unroll, checkpoint_every, forward_layout=layout, zoneout=zoneout, act=act)
 
         def fused_core(inputs, carries, steps):
             xs_tm, zs = (inputs, None) if per_step is None else (inputs[0], inputs[1:])
-            return fused(cfg, params, carries[0], xs_tm, steps, carries[1], carries[2], zs)
+            return fused_sequence(cfg, cell, params, carries[0], xs_tm, steps, carries[1], carries[2], zs)
 
         core = fused_core
     elif params.is_variant:

@@ -3,7 +3,7 @@
 Both go through the engine's ``apply_sequence`` and ``scan_masked``
 (``jaxlstm._engine``), so ``seq_lengths``, ``reverse``,
 ``time_major``, leading batch dims and the argument checks behave exactly as in
-``jaxlstm.lstm``. Both have a fused backward pass (``jaxlstm._fused_gru``), and
+``jaxlstm.lstm``. Both have a fused backward pass (``jaxlstm._fused``, their cells in ``jaxlstm._gru``), and
 ``backward="autodiff"`` is plain JAX autodiff of the scan. In float32 on CPU the fused
 path runs on the compiled kernel (``jaxlstm._native``) where it applies, as the LSTM's does.
 
@@ -33,8 +33,8 @@ import jax.numpy as jnp
 
 from . import _checks, _hints, _path
 from ._engine import scan_masked, without_residuals
-from ._fused import FusedConfig
-from ._fused_gru import ELMAN, GRU, elman_step, fused_cell, gru_step
+from ._fused import FusedConfig, fused_sequence
+from ._gru import ELMAN, GRU, elman_step, gru_step
 from ._hints import hints
 from ._native import native_cell
 from ._step import zoneout_rates
@@ -95,6 +95,7 @@ def _sequence(
     reverse,
     time_major,
     unroll,
+    checkpoint_every,
     compute_dtype,
     backward,
     gate_activation,
@@ -105,8 +106,8 @@ def _sequence(
         kind, params, xs, initial_state, seq_lengths=seq_lengths, mask=mask, resets=resets, reset_state=reset_state,
         input_dropout=input_dropout, recurrent_dropout=recurrent_dropout, zoneout_h=zoneout_h, key=key,
         deterministic=deterministic, reverse=reverse, time_major=time_major, unroll=unroll,
-        compute_dtype=compute_dtype, backward=backward, gate_activation=gate_activation, activation=activation,
-        reset_after=reset_after,
+        checkpoint_every=checkpoint_every, compute_dtype=compute_dtype, backward=backward,
+        gate_activation=gate_activation, activation=activation, reset_after=reset_after,
     )  # fmt: skip
     path = _path.select(call)
     mm, acc, unroll, zoneout, per_step, act = call.mm, call.acc, call.unroll, call.zoneout, call.per_step, call.act
@@ -116,8 +117,10 @@ def _sequence(
             return native_cell(kind, batch_major, params, hs[0], inputs, steps, hs[1], bf16=mm == jnp.bfloat16)
         if path == _path.FUSED:
             xs_tm, zh = (inputs, None) if per_step is None else inputs
-            cfg = FusedConfig(mm, acc, unroll, zoneout=zoneout, act=act)
-            return fused_cell(cfg, GRU if kind == "gru" else ELMAN, params, hs[0], xs_tm, steps, hs[1], hs[2], zh)
+            cfg = FusedConfig(mm, acc, unroll, call.checkpoint_every, zoneout=zoneout, act=act)
+            cell = GRU if kind == "gru" else ELMAN
+            ys, (h,) = fused_sequence(cfg, cell, params, (hs[0],), xs_tm, steps, (hs[1],), hs[2], (zh,))
+            return ys, h
         step = (make_step if call.reset_after else _gru_reset_before_step)(params, mm, acc, hs[2], zoneout, act)
         h, ys, _ = scan_masked(step, hs[0], inputs, steps, unroll=unroll, reset_to=hs[1])
         return ys, h
@@ -177,6 +180,7 @@ def rnn(
     reverse=False,
     time_major=False,
     unroll=None,
+    checkpoint_every=None,
     compute_dtype=None,
     backward: str = "fused",
     activation: Callable = jnp.tanh,
@@ -189,8 +193,9 @@ def rnn(
     call runs on the XLA path.
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
-    sequence (``jaxlstm._fused_gru``, the GRU's engine); ``"autodiff"``: plain
-    JAX autodiff of the scan, for forward-mode AD.
+    sequence (``jaxlstm._fused``); ``"autodiff"``: plain
+    JAX autodiff of the scan, for forward-mode AD. ``checkpoint_every=k``: as
+    ``jaxlstm.lstm``'s (stored activations O(T/k + k); on the XLA path).
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
     """
@@ -212,6 +217,7 @@ def rnn(
         reverse=reverse,
         time_major=time_major,
         unroll=unroll,
+        checkpoint_every=checkpoint_every,
         compute_dtype=compute_dtype,
         backward=backward,
         gate_activation=jax.nn.sigmoid,
@@ -237,6 +243,7 @@ def gru(
     reverse=False,
     time_major=False,
     unroll=None,
+    checkpoint_every=None,
     compute_dtype=None,
     backward: str = "fused",
     gate_activation: Callable = jax.nn.sigmoid,
@@ -254,8 +261,9 @@ def gru(
     with the same params; it runs on the XLA path with autodiff (``"xla-autodiff"``).
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
-    sequence (``jaxlstm._fused_gru``); ``"autodiff"``: plain JAX autodiff of the
-    scan, for forward-mode AD.
+    sequence (``jaxlstm._fused``); ``"autodiff"``: plain JAX autodiff of the
+    scan, for forward-mode AD. ``checkpoint_every=k``: as ``jaxlstm.lstm``'s
+    (stored activations O(T/k + k); on the XLA path).
 
     Returns ``(ys [..., T, H], h_final [..., H])``.
     """
@@ -277,6 +285,7 @@ def gru(
         reverse=reverse,
         time_major=time_major,
         unroll=unroll,
+        checkpoint_every=checkpoint_every,
         compute_dtype=compute_dtype,
         backward=backward,
         gate_activation=gate_activation,

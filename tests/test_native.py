@@ -178,7 +178,8 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs():
 
 def test_kernel_core_direct_with_flags():
     """native_lstm's own contract (time-major, Steps) against the XLA fused core."""
-    from jaxlstm._fused import FusedConfig, fused_lstm
+    from jaxlstm._fused import FusedConfig, fused_sequence
+    from jaxlstm._step import LSTM
 
     T, B, D, H = 6, 5, 3, 17
     k = jax.random.split(jax.random.key(3), 4)
@@ -192,7 +193,7 @@ def test_kernel_core_direct_with_flags():
     reset = (jnp.full((B, H), 0.1), jnp.full((B, H), -0.3))
     cfg = FusedConfig(jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
     got = _native.native_lstm(False, params, carry, xs, steps, reset)
-    want = fused_lstm(cfg, params, carry, xs, steps, reset)
+    want = fused_sequence(cfg, LSTM, params, carry, xs, steps, reset)
     assert_trees_close(got, want, rtol=1e-5)
 
 

@@ -165,8 +165,8 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs(kind):
 def test_kernel_core_direct_with_flags(kind):
     """native_cell's own contract (time-major, Steps) against the XLA fused core, values and
     gradients (the reset state's included)."""
-    from jaxlstm._fused import FusedConfig
-    from jaxlstm._fused_gru import ELMAN, GRU, fused_cell
+    from jaxlstm._fused import FusedConfig, fused_sequence
+    from jaxlstm._gru import ELMAN, GRU
 
     T, B, D, H = 6, 5, 3, 17
     params, _, h0, _ = _case(kind, 3, B, D, H, T)
@@ -180,7 +180,7 @@ def test_kernel_core_direct_with_flags(kind):
     cell = GRU if kind == "gru" else ELMAN
     runs = {
         "kernel": lambda p, h, x, r: _native.native_cell(kind, False, p, h, x, steps, r),
-        "xla": lambda p, h, x, r: fused_cell(cfg, cell, p, h, x, steps, r),
+        "xla": lambda p, h, x, r: (lambda ys, hs: (ys, hs[0]))(*fused_sequence(cfg, cell, p, (h,), x, steps, (r,))),
     }
     out = {}
     for name, f in runs.items():

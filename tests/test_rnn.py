@@ -116,7 +116,7 @@ def test_torch_golden(path):
 
 def test_gru_step_vjp_matches_jax_vjp():
     """The fused GRU backward pass's per-step VJP against jax.vjp of its step (x64)."""
-    from jaxlstm._fused_gru import gru_step, gru_step_vjp
+    from jaxlstm._gru import gru_step, gru_step_vjp
 
     with jax.enable_x64(True):
         params, xs, h0, _ = _inputs("gru", seed=3)
@@ -133,16 +133,17 @@ def test_gru_step_vjp_matches_jax_vjp():
 
 def test_elman_step_vjp_matches_jax_vjp():
     """The fused Elman backward pass's per-step VJP (through its Cell) against jax.vjp (x64)."""
-    from jaxlstm._fused_gru import ELMAN
+    from jaxlstm._fused import FusedConfig
+    from jaxlstm._gru import ELMAN
 
     with jax.enable_x64(True):
         params, xs, h0, _ = _inputs("rnn", seed=3)
         params, x, h0 = jax.tree.map(lambda a: a.astype(jnp.float64), (params, xs[:, 0], h0))
         f64 = jnp.float64
         dh = jnp.cos(jnp.arange(B * H, dtype=f64)).reshape(B, H)
-        want = jax.vjp(lambda p, h, x: ELMAN.step(p, f64, f64)(h, x)[0], params, h0, x)[1](dh)
-        _, _, res = ELMAN.step(params, f64, f64)(h0, x)
-        dpre, dh_prev = ELMAN.vjp(params, res, h0, dh, f64, f64, None)
+        want = jax.vjp(lambda p, h, x: ELMAN.step(p, f64, f64, False)((h,), x)[0][0], params, h0, x)[1](dh)
+        _, _, res = ELMAN.step(params, f64, f64, False)((h0,), x)
+        (dpre,), (dh_prev,), _ = ELMAN.vjp(params, FusedConfig(f64, f64), None, res, (h0,), (dh,), None)
         grads = jaxlstm.RNNParams(x.T @ dpre, h0.T @ dpre, dpre.sum(0))
         chex.assert_trees_all_close((grads, dh_prev, dpre @ params.w_ih.T), want, rtol=1e-12, atol=1e-12)
 
@@ -212,3 +213,64 @@ def test_reset_before_gru_matches_numpy_and_finite_differences(kw):
         p64 = jax.tree.map(lambda a: a.astype(jnp.float64), params)
         loss = lambda p, x: (jaxlstm.gru(p, x, reset_after=False, **kw)[0] ** 2).sum()
         check_grads(loss, (p64, xs.astype(jnp.float64)), order=1, modes=["rev"], atol=1e-6, rtol=1e-6, eps=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kind,kw",
+    list(
+        itertools.product(
+            ["rnn", "gru"],
+            [
+                dict(checkpoint_every=2),
+                dict(checkpoint_every=3, seq_lengths=jnp.array([5, 0, 2]), reverse=True),
+                dict(checkpoint_every=2, mask=MASK_RB, resets=RESETS_RB, reset_state="random"),
+                dict(checkpoint_every=4, zoneout_h=0.3, recurrent_dropout=0.25, key=jax.random.key(4)),
+            ],
+        )
+    ),
+)
+def test_checkpointed_equals_autodiff(kind, kw):
+    """checkpoint_every on the GRU and the Elman RNN (the fused engine's chunks): values and gradients
+    (params, inputs, initial and reset state) equal autodiff of the plain scan in float64; never native."""
+    with jax.enable_x64(True):
+        params, xs, h0, _ = jax.tree.map(
+            lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, _inputs(kind)
+        )
+        kw = dict(kw)
+        reset = jnp.cos(jnp.arange(B * H, dtype=jnp.float64)).reshape(B, H) if kw.pop("reset_state", None) else None
+        run = KINDS[kind][1]
+        assert jaxlstm.path_of(kind, params, xs, h0, **kw) == "xla-fused"
+
+        def loss(p, x, h, r, backward):
+            opts = kw if backward == "fused" else {k: v for k, v in kw.items() if k != "checkpoint_every"}
+            ys, hT = run(p, x, h, reset_state=r, backward=backward, **opts)
+            return jnp.sum(jnp.sin(ys) * jnp.cos(ys)) + jnp.sum(jnp.cos(hT))
+
+        args = (params, xs, h0, reset)
+        got = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*args, "fused")
+        want = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*args, "autodiff")
+        chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointing_needs_the_fused_gru():
+    params, xs, h0, _ = _inputs("gru")
+    with pytest.raises(ValueError, match=r"reset-before GRU .*checkpoint_every=2"):
+        jaxlstm.gru(params, xs, h0, reset_after=False, checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"checkpoint_every requires backward='fused'"):
+        jaxlstm.rnn(*_inputs("rnn")[:3], backward="autodiff", checkpoint_every=2)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_checkpointing_keeps_fewer_residuals(kind):
+    """What a checkpointed call keeps for its backward pass (the residuals jax.vjp closes over) is
+    O(T/k + k) steps' worth, not O(T): less than a third at T=64, k=8, for every cell of the engine."""
+    init, run = {"lstm": (jaxlstm.init_lstm, jaxlstm.lstm), **{k: v[:2] for k, v in KINDS.items()}}[kind]
+    params, xs = init(jax.random.key(0), 3, 16), jnp.ones((2, 64, 3))
+
+    def kept(k):  # recurrent dropout keeps both calls on the XLA path
+        _, vjp = jax.vjp(
+            lambda p, x: run(p, x, checkpoint_every=k, recurrent_dropout=0.1, key=jax.random.key(1))[0], params, xs
+        )
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(vjp))
+
+    assert kept(8) < kept(None) / 3

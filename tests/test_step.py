@@ -10,8 +10,8 @@ from jax.test_util import check_grads
 import jaxlstm
 from helpers import assert_trees_close, lstm_inputs
 from jaxlstm._engine import Steps
-from jaxlstm._fused import FusedConfig, fused_lstm
-from jaxlstm._step import lstm_step, lstm_step_vjp
+from jaxlstm._fused import FusedConfig, fused_sequence
+from jaxlstm._step import LSTM, lstm_step, lstm_step_vjp
 
 
 @pytest.mark.parametrize("proj", [None, 2])
@@ -88,7 +88,7 @@ def test_unrolled_scans_equal_plain():
     lengths = lengths.astype(jnp.int32)
 
     def core_loss(p, x, c, cfg):
-        ys, (h, c) = fused_lstm(cfg, p, c, x, Steps(lengths), jax.tree.map(jnp.zeros_like, c))
+        ys, (h, c) = fused_sequence(cfg, LSTM, p, c, x, Steps(lengths), jax.tree.map(jnp.zeros_like, c))
         return (jnp.sin(ys)).sum() + (h * c[:, :2]).sum()
 
     plain = jax.grad(core_loss, argnums=(0, 1, 2))(params, xs_tm, carry0, FusedConfig(f32, f32))

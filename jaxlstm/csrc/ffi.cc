@@ -1,7 +1,7 @@
 // jaxlstm's CPU kernel: the LSTM, GRU and Elman recurrences as XLA FFI custom calls.
 //
 // jaxlstm.lstm, jaxlstm.gru and jaxlstm.rnn run these on CPU where they apply (see
-// jaxlstm/_kernel.py); the pure-XLA path (jaxlstm/_fused.py, jaxlstm/_fused_gru.py) stays
+// jaxlstm/_native.py); the pure-XLA path (jaxlstm/_fused.py) stays
 // the portable path everywhere else and the reference they are tested against.
 //
 // The files, by job:
