@@ -225,3 +225,25 @@ def test_streaming_quick(tmp_path):
     assert {"jaxlstm", "jaxlstm-cell", "flax"} <= impls and ("torch" in impls) == C_torch()
     assert all(r["us"] > 0 for r in result["records"])
     assert (tmp_path / "streaming.json").exists() and "| lstm | 1, 64, 64 |" in streaming.table(result)
+
+
+def test_programs_compare_ignores_names_and_metadata_not_ops(tmp_path, capsys):
+    """benchmarks.programs (the refactor A/B by compiled programs): metadata, stack frames and instruction
+    names do not make two programs differ; a changed operation does. Its regimes are the main job's."""
+    from benchmarks import programs, regimes
+
+    assert programs.REGIMES == regimes.REGIMES
+    hlo = (
+        "HloModule m\n0 {file_name_id=1}\nENTRY %main {\n"
+        '  %a.1 = f32[2] parameter(0), metadata={op_name="x" source_line=3}\n'
+        "  %b.2 = f32[2] add(%a.1, %a.1), stack_frame_id=4\n}\n"
+    )
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    (tmp_path / "a" / "p.hlo").write_text(programs.normalised(hlo))
+    renamed = hlo.replace("%a.1", "%a.7").replace('op_name="x"', 'op_name="y"').replace("=4", "=9")
+    (tmp_path / "b" / "p.hlo").write_text(programs.normalised(renamed))
+    (tmp_path / "c" / "p.hlo").write_text(programs.normalised(hlo.replace("add(", "multiply(")))
+    assert "file_name_id" not in programs.normalised(hlo) and "metadata" not in programs.normalised(hlo)
+    assert programs.compare(str(tmp_path / "a"), str(tmp_path / "b")) == 0
+    assert programs.compare(str(tmp_path / "a"), str(tmp_path / "c")) == 1
+    assert "p.hlo: differs" in capsys.readouterr().out
