@@ -25,16 +25,6 @@ import os
 import re
 import sys
 
-# The main job's regimes (benchmarks.regimes.REGIMES), written here so that jaxlstm is imported only
-# once --source has put the revision to compile first on the path.
-REGIMES = {
-    "latency": (1, 32, 64, 1000),
-    "small": (8, 64, 128, 256),
-    "base": (32, 128, 256, 256),
-    "big-H": (64, 512, 1024, 64),
-    "long-T": (16, 64, 128, 4096),
-}
-
 
 def normalised(hlo: str) -> str:
     """The instructions of an HLO module, without source metadata and stack-frame tables."""
@@ -89,6 +79,8 @@ def write(out: str, source: str | None = None, features: bool = False) -> None:
     import jax.numpy as jnp
 
     import jaxlstm
+
+    from .regimes import REGIMES  # (imports jaxlstm: after --source is on the path)
 
     print("jaxlstm from", os.path.dirname(jaxlstm.__file__), flush=True)
     os.makedirs(out, exist_ok=True)
