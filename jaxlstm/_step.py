@@ -218,8 +218,9 @@ def lstm_step_vjp(
     return StepGrads(dz, dh_prev if h_mask is None else dh_prev * h_mask, dc * f)
 
 
-def _keeps(zoneout: Zoneout, zs, acc_dtype):
-    """The zoneout weights of ``(h, c)`` from the step's keep masks ``(zc, zh)`` (or the rates)."""
+def lstm_keeps(zoneout: Zoneout, zs, acc_dtype):
+    """The zoneout weights of ``(h, c)`` from the step's keep masks ``(zc, zh)`` (or the rates): the
+    ``Cell.keeps`` of the LSTM and its variants."""
     zc, zh = (None, None) if zs is None else zs
     return keep_weight(zh, zoneout.h, acc_dtype), keep_weight(zc, zoneout.c, acc_dtype)
 
@@ -275,7 +276,7 @@ def _carry_after(zoneout):
 
 
 # The LSTM on jaxlstm._fused's engine: feature-major training scans (python -m benchmarks.layout).
-LSTM = Cell(True, lstm_step, _keeps, _vjp, _grads, _carry_after)
+LSTM = Cell(True, lstm_step, lstm_keeps, _vjp, _grads, _carry_after)
 
 
 def lstm_scan_core(

@@ -42,6 +42,7 @@ from ._engine import (
     zoneout_mix,
 )
 from ._fused import Cell
+from ._step import lstm_keeps
 from .gates import DEFAULT_ACTIVATIONS, Activations, cell_update, hidden_output, split_gates
 from .params import LSTMParams
 
@@ -211,12 +212,6 @@ def _grads(params: LSTMParams, cfg, h_mask, xs, carry_prev, residuals, outs, dth
     return LSTMParams(d_w_ih, d_w_hh, dth.b, dth.w_hr, dth.peephole, dth.ln_gates, dth.ln_cell), dxs
 
 
-def _keeps(zoneout, zs, acc_dtype):
-    """The zoneout weights of ``(h, c)`` from the step's keep masks ``(zc, zh)`` (or the rates)."""
-    zc, zh = (None, None) if zs is None else zs
-    return keep_weight(zh, zoneout.h, acc_dtype), keep_weight(zc, zoneout.c, acc_dtype)
-
-
 def _carry_after(zoneout):
     """``None``: the state entering each step is saved (the pointwise VJP reads ``c(t-1)``, which the
     residuals ``(a, r)`` do not give)."""
@@ -224,4 +219,4 @@ def _carry_after(zoneout):
 
 
 # Peepholes, layer norm and heads on jaxlstm._fused's engine (batch-major steps).
-VARIANT = Cell(False, variant_step, _keeps, _vjp, _grads, _carry_after)
+VARIANT = Cell(False, variant_step, lstm_keeps, _vjp, _grads, _carry_after)
