@@ -39,18 +39,18 @@ FLAGS = ["-std=c++17", "-O3", "-g0", "-ffp-contract=fast", "-fno-math-errno", "-
 IMPLS = {"lstm": "jaxlstm", "gru": "jaxlstm-gru"}
 
 
-def build_native(folder: str) -> str:
-    """``jaxlstm/csrc/ffi.cc`` built with ``-march=native`` into ``folder``, registered with XLA
-    as the level ``native``."""
+def build_native(folder: str, flags: tuple = ("-march=native",)) -> str:
+    """``jaxlstm/csrc/ffi.cc`` built with ``-march=native`` (or ``flags``) into ``folder``, registered
+    with XLA as the level ``native``."""
     import jaxlib
 
     include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
     source = os.path.join(os.path.dirname(_native.__file__), "csrc", "ffi.cc")
     path = os.path.join(folder, "native.so")
-    cmd = ["g++", *FLAGS, "-march=native", '-DJAXLSTM_ISA="native"', f"-I{include}", "-fPIC", "-shared", source]
+    cmd = ["g++", *FLAGS, *flags, '-DJAXLSTM_ISA="native"', f"-I{include}", "-fPIC", "-shared", source]
     done = subprocess.run([*cmd, "-o", path], capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"the -march=native build failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"the {' '.join(flags)} build failed:\n{done.stderr[-3000:]}")
     lib = ctypes.CDLL(path)
     for direction, fn in (("forward", lib.JaxlstmForward), ("backward", lib.JaxlstmBackward)):
         jax.ffi.register_ffi_target(f"jaxlstm_native_{direction}", jax.ffi.pycapsule(fn), platform="cpu")
@@ -117,6 +117,11 @@ def table(result: dict) -> str:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--native", action="store_true", help="also time a -march=native build of the same sources")
+    p.add_argument(
+        "--native-flags",
+        default="-march=native",
+        help="that build's flags in place of -march=native (to try other flags; its column stays 'native')",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 15; 3 with --quick)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per row before stopping early")
@@ -132,7 +137,7 @@ def main(argv=None) -> dict:
     levels = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
     with tempfile.TemporaryDirectory() as tmp:
         if args.native:
-            build_native(tmp)
+            build_native(tmp, tuple(args.native_flags.split()))
             levels.append("native")
         grid = QUICK if args.quick else REGIMES
         if args.regimes:
