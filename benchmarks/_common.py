@@ -257,26 +257,36 @@ def available_impls(full: bool = False) -> list[str]:
 
 
 def time_interleaved(
-    fns: dict[str, Callable], repeats: int, min_repeats: int = 3, budget_s: float = 1e9, pause_s: float = 0.02
+    fns: dict[str, Callable],
+    repeats: int,
+    min_repeats: int = 3,
+    budget_s: float = 1e9,
+    pause_s: float = 0.02,
+    fill_s: float = 0.0,
 ):
     """Calls each fn once to warm up, then ``repeats`` rounds, one call of each per round.
 
     The order rotates from round to round, and a short pause (untimed) separates
     calls, so that one implementation's aftermath (torch's OpenMP threads spin for
     a while after a call) does not always land on the same neighbour. Stops early
-    (after ``min_repeats``) once ``budget_s`` is spent. Returns per-name lists."""
+    (after ``min_repeats``) once ``budget_s`` is spent. ``fill_s``: short calls get more
+    rounds, past ``repeats`` (up to 10x) until the calls themselves took that long, so that
+    a row of 1-2 ms calls has a median of more than 7 (the main job's latency rows moved by
+    7 % between runs with 7). Returns per-name lists."""
     names = list(fns)
     times = {n: [] for n in names}
     for f in fns.values():
         f()
     start = time.perf_counter()
-    for r in range(repeats):
+    for r in range(10 * repeats):
         for n in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(pause_s)
             t0 = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
         if r + 1 >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+        if r + 1 >= repeats and sum(sum(v) for v in times.values()) >= fill_s:
             break
     return times
 

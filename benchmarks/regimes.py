@@ -59,6 +59,9 @@ REGIMES = {
     "long-T": (16, 64, 128, 4096),
 }
 QUICK = {"tiny": (2, 4, 8, 16), "tiny-long": (1, 3, 4, 64)}
+# Rows of short calls get rounds past --repeats until their calls took this long (within --budget-s):
+# the latency rows (1-2 ms) then have a median of ~40 rounds, not 7.
+FILL_S = 0.5
 GATES = {"lstm": 4, "gru": 3}
 # jaxlstm's default, the peer, and jaxlstm's pure-XLA path beside its compiled CPU kernel.
 IMPLS = {"lstm": ("jaxlstm", "flax-optimized", "jaxlstm-xla"), "gru": ("jaxlstm-gru", "flax-gru", "jaxlstm-gru-xla")}
@@ -199,7 +202,7 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
                 fns = {impl: b[mode] for impl, b in built.items()}
                 if mode == "forward":
                     fns["bare-dot"] = dot
-                times = C.time_interleaved(fns, repeats, budget_s=budget_s)
+                times = C.time_interleaved(fns, repeats, budget_s=budget_s, fill_s=0.0 if quick else FILL_S)
                 for impl, ts in times.items():
                     rec = dict(regime=name, cell=cell, mode=mode, impl=impl, **C.summarize(ts))
                     if impl in built:
