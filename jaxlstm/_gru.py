@@ -23,6 +23,7 @@ zoneout); its VJP is ``dpre = dh ∗ (1 - h²)``, ``dh(t-1) = dpre·W_hhᵀ``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -43,8 +44,8 @@ def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None, r
 
     ``reset_after=False``: the reset-before GRU (Keras' ``reset_after=False``, Haiku's ``hk.GRU``, the
     2014 paper's form), ``n = tanh(x @ W_in + b_n + (r ∗ h) @ W_hn + b_hn)`` with the same params
-    (``b_hn`` plain bias there). It has no fused backward (the sequences differentiate it by autodiff,
-    ``"xla-autodiff"``), so its residuals are ``None``."""
+    (``b_hn`` plain bias there); its residuals are ``(r, z, n)`` (and ``(r', z', n')`` with ``act``),
+    which ``GRU_RESET_BEFORE``'s VJP reads."""
     H = params.w_hh.shape[0]
 
     def step(h, x):
@@ -54,11 +55,16 @@ def gru_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None, r
         h_in = h if h_mask is None else h * h_mask
         xr, xz, xn = jnp.split(gx, 3, axis=-1)
         if not reset_after:
-            gate, cell = (jax.nn.sigmoid, jnp.tanh) if act is None else act
             hr, hz = jnp.split(dot(h_in, params.w_hh[:, : 2 * H], mm_dtype, acc_dtype), 2, axis=-1)
-            r, z = gate(xr + hr), gate(xz + hz)
-            n = cell(xn + add_bias(dot(r * h_in, params.w_hh[:, 2 * H :], mm_dtype, acc_dtype), params.b_hn))
-            res = None
+            q = lambda r: dot(r * h_in, params.w_hh[:, 2 * H :], mm_dtype, acc_dtype)  # (r ∗ h) @ W_hn
+            if act is None:
+                r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+                n = jnp.tanh(xn + add_bias(q(r), params.b_hn))
+                res = (r, z, n)
+            else:
+                (r, dr), (z, dz) = with_derivative(act.gate, xr + hr), with_derivative(act.gate, xz + hz)
+                n, dn = with_derivative(act.cell, xn + add_bias(q(r), params.b_hn))
+                res = (r, z, n, (dr, dz, dn))
         else:
             hr, hz, hn = jnp.split(dot(h_in, params.w_hh, mm_dtype, acc_dtype), 3, axis=-1)
             hn = add_bias(hn, params.b_hn)
@@ -117,6 +123,44 @@ def _gru_finish(params, dgx, res):
     H = r.shape[-1]
     dgh = jnp.concatenate([dgx[..., : 2 * H], dgx[..., 2 * H :] * r], axis=-1)
     return dgh, (dgh[..., 2 * H :].sum(axis=(0, 1)),)
+
+
+def _gru_reset_before_vjp(params, cfg, h_mask, res, carry_prev, d_new, valid):
+    """``jaxlstm._fused.Cell.vjp`` of the reset-before GRU, from its saved ``(r, z, n)`` (and derivatives)::
+
+        dn' = dh ∗ (1 - z) ∗ (1 - n²)             = d gx_n = d (q @ W_hn),  q = r ∗ h_in
+        dq = dn' @ W_hnᵀ,   dr' = dq ∗ h_in ∗ r(1 - r),   dz' = dh ∗ (h(t-1) - n) ∗ z(1 - z)
+        dh(t-1) = dh ∗ z + (dq ∗ r + [dr', dz'] @ W_rzᵀ) ∗ mask
+
+    ``dgx = [dr', dz', dn']``, the cotangent of ``x @ w_ih + b``."""
+    mm, acc = cfg.mm_dtype, cfg.acc_dtype
+    r, z, n = res[:3]
+    d_r, d_z, d_n = (r * (1 - r), z * (1 - z), 1 - n * n) if len(res) == 3 else res[3]
+    H = r.shape[-1]
+    h_prev, dh = carry_prev[0], d_new[0]
+    h_in = h_prev if h_mask is None else h_prev * h_mask
+    dn = dh * (1 - z) * d_n
+    dq = dot(dn, params.w_hh[:, 2 * H :].T, mm, acc)
+    drz = jnp.concatenate([dq * h_in * d_r, dh * (h_prev - n) * d_z], axis=-1)
+    dh_in = dq * r + dot(drz, params.w_hh[:, : 2 * H].T, mm, acc)
+    dh_prev = dh * z + (dh_in if h_mask is None else dh_in * h_mask)
+    return (where_valid(valid, jnp.concatenate([drz, dn], axis=-1), 0),), (dh_prev,), None
+
+
+def _gru_reset_before_grads(params, cfg, h_mask, xs, carry_prev, residuals, outs, accum):
+    """``jaxlstm._fused.Cell.grads`` of the reset-before GRU: ``W_hh``'s r and z columns read ``h_in``,
+    its n columns ``r ∗ h_in``; ``b_hn`` gets what the n slice of ``b`` gets."""
+    mm, acc = cfg.mm_dtype, cfg.acc_dtype
+    (dgx,) = outs
+    r = residuals[0]
+    H = r.shape[-1]
+    h_in = carry_prev[0] if h_mask is None else carry_prev[0] * h_mask[None]
+    d_w_hh = jnp.concatenate(
+        [contract_rows(h_in, dgx[..., : 2 * H], mm, acc), contract_rows(r * h_in, dgx[..., 2 * H :], mm, acc)], axis=1
+    )
+    db = dgx.sum(axis=(0, 1))
+    grads = type(params)(contract_rows(xs, dgx, mm, acc), d_w_hh, db, db[2 * H :])
+    return grads, rows_dot_t(dgx, params.w_ih, mm, acc)
 
 
 def elman_step(params, mm_dtype, acc_dtype, h_mask=None, zoneout=None, act=None):
@@ -194,4 +238,12 @@ def _elman_finish(params, dgx, res):
 
 
 GRU = Cell(False, _cell_step(gru_step), _h_keep, _gru_vjp, _grads(_gru_finish), _carry_after)
+GRU_RESET_BEFORE = Cell(
+    False,
+    _cell_step(partial(gru_step, reset_after=False)),
+    _h_keep,
+    _gru_reset_before_vjp,
+    _gru_reset_before_grads,
+    _carry_after,
+)
 ELMAN = Cell(False, _cell_step(elman_step), _h_keep, _elman_vjp, _grads(_elman_finish), _carry_after)

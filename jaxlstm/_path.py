@@ -142,11 +142,6 @@ def prepare(
     act = _checks.activations(gate_activation, activation)
     if not _checks.static_bool("reset_after", reset_after) and kind != "gru":
         raise ValueError(f"reset_after=False is the GRU's reset-before form; the {kind} has no reset gate")
-    if not reset_after and checkpoint_every is not None:
-        raise ValueError(
-            f"checkpoint_every needs the fused backward pass, which the reset-before GRU (reset_after=False) "
-            f"lacks; got checkpoint_every={checkpoint_every}"
-        )
     zero_h = jnp.zeros(batch_shape + (R,), acc)
     zeros = (zero_h, jnp.zeros(batch_shape + (H,), acc)) if kind == "lstm" else zero_h
     carry0 = zeros if initial_state is None else _state(kind, "initial_state", initial_state, batch_shape, H, R, acc)
@@ -171,14 +166,12 @@ def prepare(
 def select(call: Call) -> str:
     """The path that runs ``call``: ``NATIVE`` on CPU where the compiled code can run it (the fused
     backward, σ and tanh, float32 sums, no recurrent dropout, zoneout, projection, variant or
-    checkpointing: ``jaxlstm._native.applies``) and the tuner chose it for the shape (``jaxlstm.tuning.kernel_path``);
-    else the XLA path: ``VARIANT`` for a peephole / layer-norm / multi-head LSTM, ``FUSED``, or
-    ``AUTODIFF`` where the caller asked for ``backward="autodiff"`` or for the reset-before GRU
-    (``reset_after=False``), which has no fused backward."""
-    if not call.reset_after:
-        return AUTODIFF
+    checkpointing, nor the reset-before GRU: ``jaxlstm._native.applies``) and the tuner chose it for the
+    shape (``jaxlstm.tuning.kernel_path``); else the XLA path: ``VARIANT`` for a peephole / layer-norm /
+    multi-head LSTM, ``FUSED``, or ``AUTODIFF`` where the caller asked for ``backward="autodiff"``."""
     if (
         call.backward == "fused"
+        and call.reset_after
         and call.act is None
         and _native.applies(
             call.params, call.mm, call.acc, batch=call.batch, steps=call.T, h_mask=call.carries[2],

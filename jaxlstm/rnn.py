@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from . import _checks, _hints, _path
 from ._engine import scan_masked, without_residuals
 from ._fused import FusedConfig, fused_sequence
-from ._gru import ELMAN, GRU, elman_step, gru_step
+from ._gru import ELMAN, GRU, GRU_RESET_BEFORE, elman_step, gru_step
 from ._hints import hints
 from ._native import native_cell
 from ._step import zoneout_rates
@@ -118,7 +118,7 @@ def _sequence(
         if path == _path.FUSED:
             xs_tm, zh = (inputs, None) if per_step is None else inputs
             cfg = FusedConfig(mm, acc, unroll, call.checkpoint_every, zoneout=zoneout, act=act)
-            cell = GRU if kind == "gru" else ELMAN
+            cell = ELMAN if kind == "rnn" else GRU if call.reset_after else GRU_RESET_BEFORE
             ys, (h,) = fused_sequence(cfg, cell, params, (hs[0],), xs_tm, steps, (hs[1],), hs[2], (zh,))
             return ys, h
         step = (make_step if call.reset_after else _gru_reset_before_step)(params, mm, acc, hs[2], zoneout, act)
@@ -258,7 +258,7 @@ def gru(
 
     ``reset_after=False``: the reset-before GRU (Keras' ``reset_after=False``, Haiku's
     ``hk.GRU``, Cho et al. 2014), ``n = tanh(x @ W_in + b_n + (r ∗ h) @ W_hn + b_hn)``,
-    with the same params; it runs on the XLA path with autodiff (``"xla-autodiff"``).
+    with the same params; it runs on the XLA path (``"xla-fused"``, its own fused backward pass).
 
     ``backward="fused"`` (default): a hand-written backward pass for the whole
     sequence (``jaxlstm._fused``); ``"autodiff"``: plain JAX autodiff of the

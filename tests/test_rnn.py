@@ -190,7 +190,7 @@ def test_gru_check_grads_x64_and_bfloat16():
 )
 def test_reset_before_gru_matches_numpy_and_finite_differences(kw):
     """reset_after=False (Keras' reset_after=False, hk.GRU): values against the NumPy loop, the path it
-    takes (autodiff: it has no fused backward), its step, and gradients by finite differences."""
+    takes (the fused backward pass, its own cell), its step, and gradients by finite differences."""
     B, T, D, H = 3, 5, 4, 6
     params = jaxlstm.init_gru(jax.random.key(0), D, H)
     params = params._replace(b=params.b + 0.3, b_hn=jnp.linspace(-0.5, 0.5, H))
@@ -203,7 +203,7 @@ def test_reset_before_gru_matches_numpy_and_finite_differences(kw):
                    **flags)  # fmt: skip
     np.testing.assert_allclose(ys, want[0], atol=1e-5)
     np.testing.assert_allclose(h, want[1], atol=1e-5)
-    assert jaxlstm.path_of("gru", params, xs, reset_after=False) == "xla-autodiff"
+    assert jaxlstm.path_of("gru", params, xs, reset_after=False) == "xla-fused"
     if not kw:
         hs = h0
         for t in range(T):
@@ -219,7 +219,7 @@ def test_reset_before_gru_matches_numpy_and_finite_differences(kw):
     "kind,kw",
     list(
         itertools.product(
-            ["rnn", "gru"],
+            ["rnn", "gru", "gru-reset-before"],
             [
                 dict(checkpoint_every=2),
                 dict(checkpoint_every=3, seq_lengths=jnp.array([5, 0, 2]), reverse=True),
@@ -230,14 +230,37 @@ def test_reset_before_gru_matches_numpy_and_finite_differences(kw):
     ),
 )
 def test_checkpointed_equals_autodiff(kind, kw):
-    """checkpoint_every on the GRU and the Elman RNN (the fused engine's chunks): values and gradients
-    (params, inputs, initial and reset state) equal autodiff of the plain scan in float64; never native."""
+    """checkpoint_every on the GRU (both forms) and the Elman RNN (the fused engine's chunks): values and
+    gradients (params, inputs, initial and reset state) equal autodiff of the plain scan in float64; never
+    native."""
+    _fused_equals_autodiff(kind, kw)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(seq_lengths=jnp.array([5, 0, 2]), reverse=True),
+        dict(mask=MASK_RB, resets=RESETS_RB, reset_state="random", zoneout_h=0.2, key=jax.random.key(2)),
+        dict(recurrent_dropout=0.3, key=jax.random.key(3), gate_activation=jax.nn.hard_sigmoid),
+        dict(activation=jax.nn.relu, seq_lengths=jnp.array([4, 5, 1])),
+    ],
+)
+def test_reset_before_gru_fused_equals_autodiff(kw):
+    """The reset-before GRU's own cell on the fused backward pass (GRU_RESET_BEFORE: r multiplies h before
+    W_hn) against autodiff in float64: flags, reset state, zoneout, recurrent dropout, activations."""
+    _fused_equals_autodiff("gru-reset-before", kw)
+
+
+def _fused_equals_autodiff(kind, kw):
     with jax.enable_x64(True):
         params, xs, h0, _ = jax.tree.map(
-            lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, _inputs(kind)
+            lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, _inputs(kind.split("-")[0])
         )
         kw = dict(kw)
         reset = jnp.cos(jnp.arange(B * H, dtype=jnp.float64)).reshape(B, H) if kw.pop("reset_state", None) else None
+        if kind == "gru-reset-before":
+            kind, kw["reset_after"] = "gru", False
         run = KINDS[kind][1]
         assert jaxlstm.path_of(kind, params, xs, h0, **kw) == "xla-fused"
 
@@ -252,10 +275,7 @@ def test_checkpointed_equals_autodiff(kind, kw):
         chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_checkpointing_needs_the_fused_gru():
-    params, xs, h0, _ = _inputs("gru")
-    with pytest.raises(ValueError, match=r"reset-before GRU .*checkpoint_every=2"):
-        jaxlstm.gru(params, xs, h0, reset_after=False, checkpoint_every=2)
+def test_checkpointing_needs_the_fused_backward():
     with pytest.raises(ValueError, match=r"checkpoint_every requires backward='fused'"):
         jaxlstm.rnn(*_inputs("rnn")[:3], backward="autodiff", checkpoint_every=2)
 
