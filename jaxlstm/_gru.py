@@ -19,6 +19,9 @@ and after the loop ``dW_ih = Xᵀ·dGX``, ``db = ΣdGX``, ``dX = dGX·W_ihᵀ``,
 
 The Elman step ``h(t) = tanh(x·W_ih + b + h(t-1)·W_hh)`` saves ``h(t)`` (before
 zoneout); its VJP is ``dpre = dh ∗ (1 - h²)``, ``dh(t-1) = dpre·W_hhᵀ``.
+
+The reset-before GRU (``gru_step(..., reset_after=False)``, ``GRU_RESET_BEFORE``) saves ``(r, z, n)``;
+its VJP is ``_gru_reset_before_vjp``'s.
 """
 
 from __future__ import annotations
