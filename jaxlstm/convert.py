@@ -253,11 +253,16 @@ def _to_igfo(w, b):
     return _blocks(w, _IGFO, 4), _blocks(b.at[H : 2 * H].add(-FORGET_BIAS_INSIDE), _IGFO, 4)
 
 
+def _hn_block(params: GRUParams):
+    """``b_hn`` as a ``[3H]`` bias in jaxlstm's gate order: zeros on r and z, ``b_hn`` on n."""
+    H = params.w_hh.shape[0]
+    return jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])
+
+
 def _reset_before_bias(params: GRUParams):
     """The one bias of a reset-before GRU (Keras' ``reset_after=False``, ``hk.GRU``), jaxlstm's gate order:
     there ``b_hn`` is plain bias, added to the n block of ``b``."""
-    H = params.w_hh.shape[0]
-    return params.b + jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])
+    return params.b + _hn_block(params)
 
 
 def _from_flax_conv(p) -> ConvLSTMParams:
@@ -472,14 +477,15 @@ def to_keras(params, *, reset_after: bool = True) -> list[np.ndarray]:
     and z biases in the input half of ``bias``; with ``reset_after=False``, params of
     ``jaxlstm.gru(..., reset_after=False)`` for a layer built so, one ``bias [3H]``); ``ConvLSTMParams``
     -> a ``ConvLSTM1D/2D/3D``'s."""
+    if not isinstance(reset_after, bool):
+        raise TypeError(f"reset_after must be a bool, got {type(reset_after).__name__} {reset_after!r}")
     if isinstance(params, ConvLSTMParams):
         return [np.asarray(w) for w in params if w is not None]
     if isinstance(params, GRUParams) and not reset_after:
         ws = (params.w_ih, params.w_hh, _reset_before_bias(params))
         return [np.asarray(_blocks(a, _KERAS_TO_GRU, 3)) for a in ws]
     if isinstance(params, GRUParams):
-        H = params.w_hh.shape[0]
-        b_rec = jnp.concatenate([jnp.zeros((2 * H,), params.b.dtype), params.b_hn])  # r, z: all in the input half
+        b_rec = _hn_block(params)  # r, z: all in the input half
         bias = jnp.stack([_blocks(params.b, _KERAS_TO_GRU, 3), _blocks(b_rec, _KERAS_TO_GRU, 3)])
         ws = [_blocks(params.w_ih, _KERAS_TO_GRU, 3), _blocks(params.w_hh, _KERAS_TO_GRU, 3), bias]
         return [np.asarray(w) for w in ws]

@@ -173,3 +173,9 @@ def test_haiku_what_does_not_convert_says_why():
         convert.from_haiku({"lstm/linear": {"w": np.zeros(4 * H), "b": np.zeros(4 * H)}})
     with pytest.raises(ValueError, match="pass name="):
         convert.from_haiku({"a/lstm/linear": {"w": 0, "b": 0}, "b/lstm/linear": {"w": 0, "b": 0}})
+
+
+def test_to_keras_reset_after_must_be_a_bool():
+    params = jaxlstm.init_gru(jax.random.key(0), 3, 4)
+    with pytest.raises(TypeError, match=r"reset_after must be a bool, got str 'no'"):
+        convert.to_keras(params, reset_after="no")
