@@ -1,6 +1,6 @@
-"""The optional compiled CPU kernel (``jaxlstm/csrc/``, see ``jaxlstm/_native.py``).
+"""The optional native CPU code (``jaxlstm/csrc/``, see ``jaxlstm/_native.py``).
 
-Everything else about the package is in ``pyproject.toml``. The kernel is built with the
+Everything else about the package is in ``pyproject.toml``. The native code is built with the
 machine's C++ compiler against the XLA FFI headers that jaxlib ships (jaxlib is a build
 requirement), once per ISA level, each into a library of its own (``jaxlstm/_native_<level>``),
 with portable flags: on x86-64 ``avx`` (x86-64-v2 + AVX, the least jaxlib runs on), ``avx2``
@@ -9,7 +9,8 @@ bfloat16 GEMMs of ``jaxlstm/csrc/bf16.h``); elsewhere ``generic`` (the compiler'
 ``jaxlstm/_native_cpu`` (baseline flags) asks the CPU which levels it runs, and jaxlstm loads
 the best of those, so a wheel built on one machine runs on any other that runs JAX. Where a
 level cannot be built the package installs without it; where none can, ``jaxlstm.lstm`` runs the
-pure-XLA path. ``JAXLSTM_BUILD_KERNEL=0`` skips the build.
+pure-XLA path. ``JAXLSTM_BUILD_NATIVE=0`` (or its earlier name ``JAXLSTM_BUILD_KERNEL=0``) skips
+the build.
 """
 
 import importlib.util
@@ -44,9 +45,15 @@ def _levels() -> dict[str, list[str]]:
     return X86_LEVELS if x86 else {"generic": []}
 
 
+def _skipped() -> bool:
+    """``JAXLSTM_BUILD_NATIVE=0``, or its earlier name ``JAXLSTM_BUILD_KERNEL=0`` where it is unset."""
+    value = os.environ.get("JAXLSTM_BUILD_NATIVE", os.environ.get("JAXLSTM_BUILD_KERNEL", "1"))
+    return value == "0"
+
+
 def _extensions() -> list[Extension]:
     include = _ffi_include()
-    if os.environ.get("JAXLSTM_BUILD_KERNEL", "1") == "0" or include is None:
+    if _skipped() or include is None:
         return []
     # optional: a level that fails to build leaves the others (and the pure-XLA path), not a failed install
     native = [
@@ -89,15 +96,15 @@ class BuildNative(build_ext):
             e.name for e in self.extensions if e.name.startswith("jaxlstm._native_") and e.name != "jaxlstm._native_cpu"
         ]
         built = [n for n in levels if os.path.exists(self.get_ext_fullpath(n))]
-        if os.environ.get("JAXLSTM_BUILD_KERNEL", "1") == "0":
+        if _skipped():
             return
         if not levels or not built:
             why = "no XLA FFI headers in jaxlib" if not levels else "every level failed to compile (is g++ there?)"
-            print(f"WARNING: jaxlstm's compiled CPU kernel was not built ({why}): jaxlstm runs its pure-XLA path",
+            print(f"WARNING: jaxlstm's native CPU code was not built ({why}): jaxlstm runs its pure-XLA path",
                   file=sys.stderr)  # fmt: skip
         elif len(built) < len(levels):
             missing = sorted(set(levels) - set(built))
-            print(f"WARNING: jaxlstm kernel levels not built: {', '.join(missing)}", file=sys.stderr)
+            print(f"WARNING: jaxlstm native levels not built: {', '.join(missing)}", file=sys.stderr)
 
     def build_extension(self, ext):
         base = self.build_temp

@@ -7,7 +7,7 @@
 ``pip install`` builds one library per level with portable flags (``setup.py``), and jaxlstm
 runs the best one the CPU supports (``jaxlstm.native_info()``). This times ``jaxlstm.lstm`` and
 ``jaxlstm.gru`` (forward; train = value and grad w.r.t. params and inputs, as the main job) at
-each level, forced with ``JAXLSTM_KERNEL_ISA`` while each program is traced, interleaved round
+each level, forced with ``JAXLSTM_NATIVE_ISA`` while each program is traced, interleaved round
 by round in this one process (medians after a warm-up, ``block_until_ready``). ``--native``
 compiles ``jaxlstm/csrc/ffi.cc`` with ``-march=native`` (g++, the same other flags as
 ``setup.py``) into a temporary library and times it beside them: what a build for this very
@@ -59,7 +59,7 @@ def build_native(folder: str, flags: tuple = ("-march=native",)) -> str:
 
 @contextlib.contextmanager
 def at_level(level: str):
-    """Traces jaxlstm's kernel calls at ``level`` (a built level, or ``native``)."""
+    """Traces jaxlstm's native calls at ``level`` (a built level, or ``native``)."""
     if level == "native":
         real = _native.level
         _native.level = lambda: "native"  # the calls' target names; loading stays with the default level

@@ -6,7 +6,7 @@
 
 Compiles (runs nothing) the programs of ``benchmarks.regimes``' "vs XLA path" column: the LSTM and
 the GRU at each regime, forward (both step layouts) and train step (``jax.value_and_grad``), with the
-native code off (``JAXLSTM_KERNEL=0``). ``--features`` adds small programs of every sequence feature on
+native code off (``JAXLSTM_NATIVE=0``). ``--features`` adds small programs of every sequence feature on
 the XLA path (lengths, reverse, masks, resets, projection, checkpointing, zoneout, recurrent dropout,
 other activations, time-major; the variants; the GRU and the Elman RNN). Each is written as XLA's
 optimised HLO without what does not change the program (source metadata, the stack-frame tables).
@@ -72,7 +72,7 @@ def _feature_cases(jax, jnp, jaxlstm):
 
 
 def write(out: str, source: str | None = None, features: bool = False) -> None:
-    os.environ["JAXLSTM_KERNEL"] = "0"  # the XLA path's programs
+    os.environ["JAXLSTM_NATIVE"] = "0"  # the XLA path's programs
     if source is not None:
         sys.path.insert(0, os.path.abspath(source))
     import jax

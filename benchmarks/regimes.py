@@ -259,10 +259,10 @@ def _peak(info: dict, probes: list, records: list, dtype: str) -> float:
 
 
 def _tuning_choices() -> dict:
-    """What jaxlstm.tuning chose on this machine (its disk cache), and whether the kernel is built."""
+    """What jaxlstm.tuning chose on this machine (its disk cache), and whether the native code is built."""
     from jaxlstm import _native, tuning
 
-    rec = {"enabled": tuning.enabled(), "kernel": _native.available(), "kernel_error": _native.load_error()}
+    rec = {"enabled": tuning.enabled(), "native": _native.available(), "native_error": _native.load_error()}
     try:
         with open(tuning.cache_file()) as f:
             return {**rec, "choices": json.load(f)}

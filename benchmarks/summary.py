@@ -97,11 +97,11 @@ def _regimes_section(rg) -> str:
     tuning = rg.get("tuning", {})
     # each choice a record (its margin, rounds, load), or a bare string from before records
     layouts = sorted({v.get("choice") if isinstance(v, dict) else v for v in tuning.get("choices", {}).values()})
-    kernel = {True: "built", False: f"not built ({tuning.get('kernel_error')})"}.get(
-        tuning.get("kernel"), "not recorded (a run before it)"
-    )
+    built = tuning.get("native", tuning.get("kernel"))  # "kernel": a record from before the glossary
+    error = tuning.get("native_error", tuning.get("kernel_error"))
+    kernel = {True: "built", False: f"not built ({error})"}.get(built, "not recorded (a run before it)")
     native = m.get("native") or {}
-    if tuning.get("kernel") and native.get("isa"):
+    if built and native.get("isa"):
         kernel += f", ISA level {native['isa']} (levels built: {', '.join(native.get('isa_built', []))})"
     gpu = m.get("platform") == "gpu"
     bf16 = m.get("dtype", "float32") != "float32"

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel: the LSTM, GRU and Elman recurrences as XLA FFI custom calls.
+"""The native CPU code: the LSTM, GRU and Elman recurrences as XLA FFI custom calls.
 
 ``jaxlstm/csrc/`` is built by the package's own build (``pip install`` compiles it with
 the machine's C++ compiler against the XLA FFI headers that jaxlib ships; where that fails
@@ -6,7 +6,7 @@ the package installs without it), once per ISA level with portable flags (``setu
 ``avx``, ``avx2``, ``avx512`` and ``avx512_bf16`` on x86-64, ``generic`` elsewhere, each a
 library of its own (``jaxlstm/_native_<level>``). When a call first needs it, ``level`` asks the CPU
 (``jaxlstm/_native_cpu``, built for the baseline) which levels it runs and loads the best
-one built; ``JAXLSTM_KERNEL_ISA=<level>`` forces another (one the CPU runs). No library is
+one built; ``JAXLSTM_NATIVE_ISA=<level>`` forces another (one the CPU runs). No library is
 loaded that the CPU cannot run, so no instruction runs that it lacks. Each level registers
 its calls under names of its own (``jaxlstm_<level>_forward``), so levels can be compared
 in one process. ``native_info`` (``jaxlstm.native_info``) reports it all.
@@ -24,13 +24,14 @@ serve every cell (the ``cell`` attribute).
 where ``applies`` (float32 or bfloat16 GEMMs on CPU, no projection or variant, no recurrent
 dropout or zoneout, no checkpointing, no device mesh; with ``compute_dtype=bfloat16`` the
 ``avx512_bf16`` level multiplies bf16 operands, ``bf16_dot``, the others the float32 ones)
-and ``jaxlstm.tuning.kernel_path`` chose it: lengths, masks, resets and ``reverse`` are supported.
+and ``jaxlstm.tuning.native_path`` chose it: lengths, masks, resets and ``reverse`` are supported.
 ``jaxlstm.gru`` and ``jaxlstm.rnn`` run ``native_cell`` in place of ``jaxlstm._fused.fused_sequence``
-on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_KERNEL=0``
+on the same terms (the same loops, with the GRU's three gates or the Elman RNN's one). ``JAXLSTM_NATIVE=0``
 turns it off (the XLA path, which is the reference it is tested against);
-``JAXLSTM_KERNEL_THREADS=n`` sets its team of threads (default: by the work per step; either way at
+``JAXLSTM_NATIVE_THREADS=n`` sets its team of threads (default: by the work per step; either way at
 most one per CPU this process may run on: a larger ``n`` is capped, one that is no positive integer is
-a ``ValueError``).
+a ``ValueError``). Each variable is read under its earlier name too (``JAXLSTM_KERNEL``,
+``JAXLSTM_KERNEL_ISA``, ``JAXLSTM_KERNEL_THREADS``) where the new one is unset.
 """
 
 from __future__ import annotations
@@ -70,15 +71,33 @@ __all__ = [
     "native_info",
 ]
 
-# The ISA levels the kernel is compiled for (setup.py), lowest first: on x86-64 each needs the
+# The ISA levels the native code is compiled for (setup.py), lowest first: on x86-64 each needs the
 # ones before it; "generic" is the compiler's baseline of any other architecture.
 LEVELS = ("avx", "avx2", "avx512", "avx512_bf16", "generic")
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
-ISA_VARIABLE = "JAXLSTM_KERNEL_ISA"
+ISA_VARIABLE = "JAXLSTM_NATIVE_ISA"
+SWITCH_VARIABLE = "JAXLSTM_NATIVE"
+THREADS_VARIABLE = "JAXLSTM_NATIVE_THREADS"
 # The FFI calls' ``cell`` attribute (jaxlstm/csrc/cells.h) and the floats each saves per unit and step.
 _CELLS = {"lstm": (0, 4), "gru": (1, 4), "rnn": (2, 1)}
 _F32 = jnp.dtype(jnp.float32)
 _BF16 = jnp.dtype(jnp.bfloat16)
+
+
+def _env(variable: str) -> tuple[str, str | None]:
+    """(the name it is set under, its value) of ``variable`` (one of the ``JAXLSTM_NATIVE*``
+    above), read under its earlier name ``JAXLSTM_KERNEL*`` where it is unset (the C++ reads
+    ``JAXLSTM_NATIVE_THREADS`` the same way: ``csrc/team.h``); ``(variable, None)`` where neither is."""
+    for name in (variable, variable.replace("JAXLSTM_NATIVE", "JAXLSTM_KERNEL", 1)):
+        value = os.environ.get(name)
+        if value is not None:
+            return name, value
+    return variable, None
+
+
+def _forced_isa() -> tuple[str, str | None]:
+    name, value = _env(ISA_VARIABLE)
+    return name, value or None
 
 
 def _origin(name: str) -> str | None:
@@ -119,21 +138,22 @@ def levels_supported() -> tuple[str, ...]:
 
 
 @functools.cache
-def _choose(forced: str | None) -> tuple[str | None, str | None]:
-    """(the level to load, None) or (None, why there is none)."""
+def _choose(variable: str, forced: str | None) -> tuple[str | None, str | None]:
+    """(the level to load, None) or (None, why there is none); ``forced`` is the level the
+    environment ``variable`` names, where set."""
     built, supported = levels_built(), levels_supported()
     if forced is not None:
         if forced not in LEVELS:
-            raise ValueError(f"{ISA_VARIABLE} must be one of {', '.join(LEVELS)}; got {forced!r}")
+            raise ValueError(f"{variable} must be one of {', '.join(LEVELS)}; got {forced!r}")
         if forced not in built:
-            return None, f"{ISA_VARIABLE}={forced}: that level is not built (built: {', '.join(built) or 'none'})"
+            return None, f"{variable}={forced}: that level is not built (built: {', '.join(built) or 'none'})"
         if forced not in supported:
             return None, (
-                f"{ISA_VARIABLE}={forced}: this CPU cannot run that level (it runs: {', '.join(supported) or 'none'})"
+                f"{variable}={forced}: this CPU cannot run that level (it runs: {', '.join(supported) or 'none'})"
             )
         return forced, None
     if not built:
-        return None, "the compiled kernel (jaxlstm/_native_*) is not built: reinstall with a C++ compiler"
+        return None, "the native code (jaxlstm/_native_*) is not built: reinstall with a C++ compiler"
     runnable = [lv for lv in built if lv in supported]
     if not runnable:
         return None, f"this CPU runs none of the built levels ({', '.join(built)})"
@@ -141,10 +161,10 @@ def _choose(forced: str | None) -> tuple[str | None, str | None]:
 
 
 def level() -> str | None:
-    """The ISA level the kernel runs at in this process (``None`` where it cannot run): the best
-    one built that the CPU supports, or the one ``JAXLSTM_KERNEL_ISA`` names. Read where a call is
+    """The ISA level the native code runs at in this process (``None`` where it cannot run): the best
+    one built that the CPU supports, or the one ``JAXLSTM_NATIVE_ISA`` names. Read where a call is
     traced, so a function ``jax.jit`` already traced keeps the level it was traced with."""
-    return _choose(os.environ.get(ISA_VARIABLE) or None)[0]
+    return _choose(*_forced_isa())[0]
 
 
 def _target(direction: str) -> str:
@@ -166,30 +186,27 @@ def _library(lv: str) -> ctypes.CDLL:
     return lib
 
 
-THREADS_VARIABLE = "JAXLSTM_KERNEL_THREADS"
-
-
 def _check_threads() -> None:
-    """``JAXLSTM_KERNEL_THREADS``, where set, is a positive integer (the kernel caps it at the
+    """``JAXLSTM_NATIVE_THREADS``, where set, is a positive integer (the native code caps it at the
     CPUs this process may run on)."""
-    value = os.environ.get(THREADS_VARIABLE)
+    name, value = _env(THREADS_VARIABLE)
     if value is not None and value.strip() and not (value.strip().isdigit() and int(value) > 0):
         raise ValueError(
-            f"{THREADS_VARIABLE} must be a positive integer (threads per kernel call, at most one per CPU "
+            f"{name} must be a positive integer (threads per native call, at most one per CPU "
             f"this process may run on); got {value!r}"
         )
 
 
 def _load() -> str | None:
-    """Loads and registers the kernel at ``level``; ``None`` on success, else why not."""
+    """Loads and registers the native code at ``level``; ``None`` on success, else why not."""
     _check_threads()
-    lv, error = _choose(os.environ.get(ISA_VARIABLE) or None)
+    lv, error = _choose(*_forced_isa())
     if lv is None:
         return error
     try:
         _library(lv)
     except (OSError, AttributeError) as e:
-        return f"the compiled kernel jaxlstm/_native_{lv} did not load: {e}"
+        return f"the native code jaxlstm/_native_{lv} did not load: {e}"
     return None
 
 
@@ -204,30 +221,35 @@ def _build_id(lv: str) -> str:
 
 def build_id() -> str:
     """The level in use and a short hash of its library (``""`` where none runs): tuning's
-    choices between it and the XLA path are keyed on it, so a rebuilt kernel, or another
+    choices between it and the XLA path are keyed on it, so a rebuilt library, or another
     level, is measured afresh."""
     lv = level()
     return "" if lv is None else _build_id(lv)
 
 
 def load_error() -> str | None:
-    """Why the kernel is unavailable, or ``None`` when it is built and loaded."""
+    """Why the native code is unavailable, or ``None`` when it is built and loaded."""
     return _load()
 
 
 def available() -> bool:
-    """The kernel is built, runs on this CPU and is registered with XLA."""
+    """The native code is built, runs on this CPU and is registered with XLA."""
     return _load() is None
 
 
 def enabled() -> bool:
-    """Available and not turned off with ``JAXLSTM_KERNEL=0``."""
-    return os.environ.get("JAXLSTM_KERNEL", "1") != "0" and available()
+    """Available and not turned off with ``JAXLSTM_NATIVE=0``."""
+    return not switched_off() and available()
+
+
+def switched_off() -> bool:
+    """``JAXLSTM_NATIVE=0`` (or its earlier name ``JAXLSTM_KERNEL=0``)."""
+    return _env(SWITCH_VARIABLE)[1] == "0"
 
 
 def bf16_gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     """The attainable bfloat16 matmul rate: the level's bf16 GEMM on ``[n, n]·[n, n]`` on every
-    core the kernel may use, best of ``repeats`` (GFLOP/s; 0.0 where the level has none). XLA:CPU
+    core the native code may use, best of ``repeats`` (GFLOP/s; 0.0 where the level has none). XLA:CPU
     has no bf16 GEMM of its own to probe: it widens bf16 operands to float32."""
     if not bf16_dot():
         return 0.0
@@ -245,25 +267,25 @@ def bf16_dot() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class NativeInfo:
-    """What ``jaxlstm.native_info`` reports of the compiled CPU kernel."""
+    """What ``jaxlstm.native_info`` reports of the native CPU code."""
 
     available: bool  # built, runs on this CPU, registered with XLA
-    enabled: bool  # available and not turned off with JAXLSTM_KERNEL=0
+    enabled: bool  # available and not turned off with JAXLSTM_NATIVE=0
     isa: str | None  # the level in use
     isa_built: tuple[str, ...]  # the levels this installation holds
     isa_supported: tuple[str, ...]  # the levels this CPU runs
-    isa_forced: str | None  # JAXLSTM_KERNEL_ISA, where set
-    threads: int | None  # the most threads a call uses (one per CPU; JAXLSTM_KERNEL_THREADS, capped there)
+    isa_forced: str | None  # JAXLSTM_NATIVE_ISA, where set
+    threads: int | None  # the most threads a call uses (one per CPU; JAXLSTM_NATIVE_THREADS, capped there)
     cpu: str  # the CPU's name, family and model, as cpuid gives them
     build_id: str  # the level and a hash of its library
     error: str | None  # why it is unavailable
     bf16_dot: bool = False  # the level multiplies bfloat16 operands (compute_dtype=bfloat16 calls)
 
     def __str__(self) -> str:
-        state = "enabled" if self.enabled else ("available, turned off (JAXLSTM_KERNEL=0)" if self.available else "off")
+        state = "enabled" if self.enabled else ("available, turned off (JAXLSTM_NATIVE=0)" if self.available else "off")
         lines = [
-            f"jaxlstm native kernel: {state}" + (f": {self.error}" if self.error else ""),
-            f"  ISA level in use: {self.isa or '-'}" + (f" (forced by {ISA_VARIABLE})" if self.isa_forced else ""),
+            f"jaxlstm native code: {state}" + (f": {self.error}" if self.error else ""),
+            f"  ISA level in use: {self.isa or '-'}" + (f" (forced by {_forced_isa()[0]})" if self.isa_forced else ""),
             f"  bfloat16 GEMMs: {'yes (VDPBF16PS)' if self.bf16_dot else 'no (bf16 calls run the float32 GEMMs)'}",
             f"  levels built: {', '.join(self.isa_built) or 'none'}; this CPU runs: "
             f"{', '.join(self.isa_supported) or 'unknown'}",
@@ -283,8 +305,8 @@ def _cpu_name() -> str:
 
 
 def native_info() -> NativeInfo:
-    """The compiled CPU kernel as this process sees it: whether it is built and why not,
-    the ISA level in use (the best one built that the CPU supports; ``JAXLSTM_KERNEL_ISA``
+    """The native CPU code as this process sees it: whether it is built and why not,
+    the ISA level in use (the best one built that the CPU supports; ``JAXLSTM_NATIVE_ISA``
     forces a lower one), the levels built and supported, the threads per call and the CPU.
 
     Examples:
@@ -293,10 +315,10 @@ def native_info() -> NativeInfo:
       >>> info.isa in info.isa_built if info.available else info.error is not None
       True
     """
-    forced = os.environ.get(ISA_VARIABLE) or None
+    forced = _forced_isa()[1]
     try:
         error = _load()
-    except ValueError as e:  # a JAXLSTM_KERNEL_ISA or _THREADS jaxlstm.lstm would reject: it raises it
+    except ValueError as e:  # a JAXLSTM_NATIVE_ISA or _THREADS jaxlstm.lstm would reject: it raises it
         error = str(e)
     lv = level() if error is None else None
     threads = None
@@ -319,10 +341,10 @@ def native_info() -> NativeInfo:
 
 @functools.cache
 def _warn_not_built() -> None:
-    """Once per process: on CPU without the kernel, a user sees why it is slower than it could be
+    """Once per process: on CPU without the native code, a user sees why it is slower than it could be
     (``pip`` shows a build's messages only with ``-v``)."""
     warnings.warn(
-        "jaxlstm: the compiled CPU kernel is not built in this installation (no C++ compiler, or no XLA FFI "
+        "jaxlstm: the native CPU code is not built in this installation (no C++ compiler, or no XLA FFI "
         "headers in jaxlib, when it was installed), so jaxlstm.lstm/gru/rnn run the pure-XLA path, about "
         "1.3-2.5x slower on CPU. Reinstall with g++ available (pip install -v --force-reinstall --no-deps "
         "<jaxlstm>); jaxlstm.native_info() says what this process sees.",
@@ -332,10 +354,10 @@ def _warn_not_built() -> None:
 
 
 def applies(params, mm_dtype, acc_dtype, *, batch: int, steps: int, h_mask, zoneout, checkpoint_every=None) -> bool:
-    """Whether the kernel can run this ``jaxlstm.lstm`` (``LSTMParams``), ``jaxlstm.gru``
-    or ``jaxlstm.rnn`` call (its fused path); ``jaxlstm.tuning.kernel_path`` then says
+    """Whether the native code can run this ``jaxlstm.lstm`` (``LSTMParams``), ``jaxlstm.gru``
+    or ``jaxlstm.rnn`` call (its fused path); ``jaxlstm.tuning.native_path`` then says
     whether it should."""
-    if not levels_built() and os.environ.get("JAXLSTM_KERNEL", "1") != "0" and jax.default_backend() == "cpu":
+    if not levels_built() and not switched_off() and jax.default_backend() == "cpu":
         _warn_not_built()
     plain = not isinstance(params, LSTMParams) or (not params.is_variant and params.w_hr is None)
     return (
@@ -429,11 +451,11 @@ def _run_backward(kind: str, batch_major: bool, bf16: bool, params, xs, c0, cr, 
 
 
 def _xla_reference(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr):
-    """The pure-XLA scan of a kernel call, differentiated by plain autodiff: ``(ys, h, c)``
-    (``c`` ``None`` but for the LSTM). Its derivatives are the kernel's derivatives of second
+    """The pure-XLA scan of a native call, differentiated by plain autodiff: ``(ys, h, c)``
+    (``c`` ``None`` but for the LSTM). Its derivatives are the native code's derivatives of second
     order (the rules of ``_forward_saving`` and ``_backward``)."""
     xs_tm = jnp.swapaxes(xs, 0, 1) if batch_major else xs
-    acc = params.w_hh.dtype  # float32 for the kernel's calls (float64 where a test checks the rules)
+    acc = params.w_hh.dtype  # float32 for the native code's calls (float64 where a test checks the rules)
     mm = _BF16 if bf16 else acc
     if kind == "lstm":
         core = lstm_scan_core(params, mm, acc, feature_major=False)
@@ -449,8 +471,8 @@ def _zero_tangent(a):
     return jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.inexact) else np.zeros(a.shape, jax.dtypes.float0)
 
 
-# The kernel's forward (saving) and backward calls, each with a JVP rule through the XLA
-# reference, so that the first-order pass runs on the kernel and whatever differentiates
+# The native code's forward (saving) and backward calls, each with a JVP rule through the XLA
+# reference, so that the first-order pass runs on the native code and whatever differentiates
 # it again (grad of grad, jax.hessian, jvp of grad) runs on XLA. The JVP rules treat the
 # saved activations as what they are, functions of the primal inputs: their tangents are
 # zeros, and the backward call's tangent is taken from the primal inputs alone.
@@ -458,7 +480,7 @@ def _zero_tangent(a):
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _forward_saving(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr):
-    """``(ys, h, c, saved)``: the kernel's forward call, saving for ``_backward``."""
+    """``(ys, h, c, saved)``: the native code's forward call, saving for ``_backward``."""
     return _run_forward(kind, batch_major, bf16, params, h0, c0, xs, steps, hr, cr, save=True)
 
 
@@ -474,7 +496,7 @@ def _forward_saving_jvp(kind, batch_major, bf16, primals, tangents):
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def _backward(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr, saved, cts):
-    """The kernel's backward call: ``cts = (dys, dh, dc)`` to ``(grads, dh0, dc0, dxs, dhr, dcr)``."""
+    """The native code's backward call: ``cts = (dys, dh, dc)`` to ``(grads, dh0, dc0, dxs, dhr, dcr)``."""
     del h0, hr  # its JVP rule's: the call reads what the forward call saved
     return _run_backward(kind, batch_major, bf16, params, xs, c0, cr, saved, *cts)
 
@@ -495,18 +517,18 @@ def _backward_jvp(kind, batch_major, bf16, primals, tangents):
 
 
 def _as_f32(params):
-    """The kernel's calls read float32 (bfloat16 params are cast here, outside the custom VJPs,
+    """The native code's calls read float32 (bfloat16 params are cast here, outside the custom VJPs,
     so that autodiff casts their gradients back)."""
     return jax.tree.map(lambda w: w.astype(_F32), params)
 
 
 def native_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps | None, reset_carry, bf16=False):
-    """``jaxlstm._fused.fused_sequence``'s contract for the LSTM on the kernel: ``xs [T, B, D]``
+    """``jaxlstm._fused.fused_sequence``'s contract for the LSTM on the native code: ``xs [T, B, D]``
     (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
     ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
     (``[B, T, H]``), float32. ``bf16``: the GEMMs take bfloat16 operands (weights, x, h and the
     gate cotangents rounded; float32 accumulation) where the level has them (``bf16_dot``).
-    Reverse mode runs the kernel's backward call; differentiated again (grad of grad,
+    Reverse mode runs the native code's backward call; differentiated again (grad of grad,
     ``jax.hessian``, ``jax.jvp`` of ``jax.grad``), the XLA scan's derivatives."""
     return _kernel_lstm(batch_major, bool(bf16), _as_f32(params), carry0, xs.astype(_F32), steps, reset_carry)
 
@@ -536,7 +558,7 @@ _kernel_lstm.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def native_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | None, h_reset, bf16=False):
-    """``jaxlstm._fused.fused_sequence``'s contract on the kernel, for ``kind`` ``"gru"``
+    """``jaxlstm._fused.fused_sequence``'s contract on the native code, for ``kind`` ``"gru"``
     (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
     ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
     ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). ``bf16`` and derivatives as ``native_lstm``'s."""
@@ -568,7 +590,7 @@ _native_cell.defvjp(_cell_fwd, _cell_bwd)
 def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", mm=jnp.float32):
     """A compiled training step (value and gradient of a mean square over all outputs,
     w.r.t. the params and the inputs) of the fused ``cell`` (``"lstm"``, ``"gru"`` or
-    ``"rnn"``) on ``path``, ``"kernel"`` or ``"xla"``, with GEMM operands of dtype ``mm``."""
+    ``"rnn"``) on ``path``, ``"native"`` or ``"xla"``, with GEMM operands of dtype ``mm``."""
     f32 = jnp.dtype(jnp.float32)
     params = {"lstm": init_lstm, "gru": init_gru, "rnn": init_rnn}[cell](jax.random.key(0), D, H)
     xs = jax.random.normal(jax.random.key(1), (T, B, D), f32)
@@ -578,11 +600,11 @@ def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", 
     # (custom_vjp functions return an untyped object to pyright: hence the ignores)
     if cell != "lstm":
         kind = GRU if cell == "gru" else ELMAN
-        if path == tuning.KERNEL:
+        if path == tuning.NATIVE:
             run = lambda p, x: native_cell(cell, False, p, h, x, None, h, bf16)[0]  # pyright: ignore[reportIndexIssue]
         else:
             run = lambda p, x: fused_sequence(cfg, kind, p, (h,), x, None, (h,))[0]
-    elif path == tuning.KERNEL:
+    elif path == tuning.NATIVE:
         run = lambda p, x: native_lstm(False, p, (h, h), x, None, (h, h), bf16)[0]  # pyright: ignore[reportIndexIssue]
     else:
         run = lambda p, x: fused_sequence(cfg, LSTM, p, (h, h), x, None, (h, h))[0]
@@ -592,11 +614,11 @@ def _train_probe(path: str, B: int, D: int, H: int, T: int, cell: str = "lstm", 
 
 
 def _time_paths(B, D, H, T, cell, dtype) -> dict:
-    """``jaxlstm.tuning.kernel_path``'s timing: training steps on the kernel and on the XLA path."""
+    """``jaxlstm.tuning.native_path``'s timing: training steps on the native code and on the XLA path."""
     with jax.ensure_compile_time_eval():
         steps = min(T, tuning.PROBE_STEPS)
-        probes = {name: _train_probe(name, B, D, H, steps, cell, dtype) for name in (tuning.KERNEL, "xla")}
-        return tuning.decide(probes, tuning.KERNEL)
+        probes = {name: _train_probe(name, B, D, H, steps, cell, dtype) for name in (tuning.NATIVE, "xla")}
+        return tuning.decide(probes, tuning.NATIVE)
 
 
-tuning.register("kernel", _time_paths, tag=build_id)
+tuning.register(tuning.NATIVE, _time_paths, tag=build_id)

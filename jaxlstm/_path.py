@@ -167,7 +167,7 @@ def select(call: Call) -> str:
     """The path that runs ``call``: ``NATIVE`` on CPU where the compiled code can run it (the fused
     backward, σ and tanh, float32 sums, no recurrent dropout, zoneout, projection, variant or
     checkpointing, nor the reset-before GRU: ``jaxlstm._native.applies``) and the tuner chose it for the
-    shape (``jaxlstm.tuning.kernel_path``); else the XLA path: ``VARIANT`` for a peephole / layer-norm /
+    shape (``jaxlstm.tuning.native_path``); else the XLA path: ``VARIANT`` for a peephole / layer-norm /
     multi-head LSTM, ``FUSED``, or ``AUTODIFF`` where the caller asked for ``backward="autodiff"``."""
     if (
         call.backward == "fused"
@@ -177,7 +177,7 @@ def select(call: Call) -> str:
             call.params, call.mm, call.acc, batch=call.batch, steps=call.T, h_mask=call.carries[2],
             zoneout=call.zoneout, checkpoint_every=call.checkpoint_every,
         )
-        and tuning.kernel_path(call.batch, call.D, call.H, call.T, cell=call.kind, dtype=call.mm)
+        and tuning.native_path(call.batch, call.D, call.H, call.T, cell=call.kind, dtype=call.mm)
     ):  # fmt: skip
         return NATIVE
     if call.backward == "autodiff":

@@ -3,7 +3,7 @@
 Both are thin: arguments are validated (``jaxlstm._checks``), the step comes
 from ``jaxlstm._step``, the scan, layouts, masking and reversal from
 ``jaxlstm._engine``, and the default path is the fused custom VJP: on CPU the
-compiled kernel of ``jaxlstm._native`` where it applies, else the pure-XLA one
+native code of ``jaxlstm._native`` where it applies, else the pure-XLA one
 of ``jaxlstm._fused`` (chosen per machine and shape by ``jaxlstm.tuning``).
 Inputs and outputs keep the caller's layout.
 """

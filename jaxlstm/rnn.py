@@ -5,7 +5,7 @@ Both go through the engine's ``apply_sequence`` and ``scan_masked``
 ``time_major``, leading batch dims and the argument checks behave exactly as in
 ``jaxlstm.lstm``. Both have a fused backward pass (``jaxlstm._fused``, their cells in ``jaxlstm._gru``), and
 ``backward="autodiff"`` is plain JAX autodiff of the scan. In float32 on CPU the fused
-path runs on the compiled kernel (``jaxlstm._native``) where it applies, as the LSTM's does.
+path runs on the native code (``jaxlstm._native``) where it applies, as the LSTM's does.
 
 Elman RNN (``RNNParams``: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``)::
 

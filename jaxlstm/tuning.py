@@ -5,9 +5,9 @@ feature-major ``[4H, B]`` steps were faster on a Zen 4 at every T, batch-major
 ``[B, 4H]`` steps faster on a Zen 5 from T=256 on). Two choices are made per
 machine and shape:
 
-* ``kernel_path``: whether an LSTM, GRU or Elman RNN on CPU (float32 or bfloat16
-  GEMMs, each timed apart) runs on the compiled kernel (``jaxlstm._native``) or on the
-  pure-XLA fused path (timed on training steps, per cell); the kernel is the default.
+* ``native_path``: whether an LSTM, GRU or Elman RNN on CPU (float32 or bfloat16
+  GEMMs, each timed apart) runs on the native code (``jaxlstm._native``) or on the
+  pure-XLA fused path (timed on training steps, per cell); the native code is the default.
 * ``forward_layout``: on the pure-XLA path, the forward scan that
   ``jaxlstm.lstm`` runs outside training (the primal of the fused path, and the
   whole ``backward="autodiff"`` path): ``"feature"``, feature-major steps, one dot
@@ -20,8 +20,8 @@ probe of at most ``PROBE_STEPS`` (512) steps of that shape and timed interleaved
 of 9 after a warm-up, until the decision is clear: the other candidate is chosen when its
 median is ``MARGIN`` (5 %) faster than the default's and it won at least 70 % of the rounds;
 the default is kept when it is within half the margin or won half the rounds; after
-``MAX_ROUNDS`` (27) rounds without a clear answer, the default. The kernel's choices are
-keyed on a hash of its build, so a rebuilt kernel is timed afresh. The choice is cached in
+``MAX_ROUNDS`` (27) rounds without a clear answer, the default. The native code's choices are
+keyed on a hash of its build, so a rebuilt library is timed afresh. The choice is cached in
 memory and, with its margin, rounds and the machine's load, on disk
 (``$JAXLSTM_CACHE_DIR/tuning.json``, default ``~/.cache/jaxlstm``), unless other processes
 kept more than ``BUSY`` (25 %) of the CPUs busy while it was timed: then it holds for this
@@ -31,8 +31,9 @@ cached choices, ``retune`` times this machine's again (a choice that now measure
 otherwise is replaced), ``clear`` deletes them.
 
 Turn it off with ``JAXLSTM_AUTOTUNE=0`` (then the defaults are used, deterministically);
-force a path with ``with jaxlstm.tuning.forced("batch"): ...`` (``"kernel"``;
-``"xla"``, ``"feature"`` or ``"batch"`` mean pure XLA). All candidates compute
+force a path with ``with jaxlstm.tuning.forced("batch"): ...`` (``"native"``;
+``"xla"``, ``"feature"`` or ``"batch"`` mean pure XLA; ``"kernel"``, the earlier
+spelling, is an alias of ``"native"`` with a ``DeprecationWarning``). All candidates compute
 the same LSTM and are tested against the reference.
 """
 
@@ -62,6 +63,7 @@ __all__ = [
     "CANDIDATES",
     "DEFAULT",
     "KERNEL",
+    "NATIVE",
     "cache_file",
     "clear",
     "cpu_info",
@@ -71,6 +73,7 @@ __all__ = [
     "forced",
     "forward_layout",
     "kernel_path",
+    "native_path",
     "other_load",
     "register",
     "retune",
@@ -79,8 +82,9 @@ __all__ = [
 
 CANDIDATES = ("feature", "batch")
 DEFAULT = "feature"
-KERNEL = "kernel"
-FORCEABLE = CANDIDATES + (KERNEL, "xla")
+NATIVE = "native"
+FORCEABLE = CANDIDATES + (NATIVE, "xla")
+KERNEL = "kernel"  # the native code's name before the glossary: an alias of NATIVE in ``forced``
 PROBE_STEPS = 512
 ROUNDS = 9
 MAX_ROUNDS = 27
@@ -127,17 +131,23 @@ def cache_file() -> str:
 
 @contextlib.contextmanager
 def forced(layout: str) -> Iterator[None]:
-    """Within the block, every trace of ``jaxlstm.lstm`` uses ``layout``: ``"kernel"``
-    (the compiled kernel where it applies, else the pure-XLA path with its forward
+    """Within the block, every trace of ``jaxlstm.lstm`` uses ``layout``: ``"native"``
+    (the native code where it applies, else the pure-XLA path with its forward
     layout tuned as usual), ``"xla"`` (the pure-XLA path, its layout tuned), or the pure-XLA path with
     ``"feature"`` or ``"batch"`` forward steps. ``jaxlstm.gru`` and ``jaxlstm.rnn``
-    take the kernel under ``"kernel"`` (where it applies) and the pure-XLA path under the others.
+    take the native code under ``"native"`` (where it applies) and the pure-XLA path under the others.
+    ``"kernel"`` (the earlier spelling) means ``"native"`` and warns (``DeprecationWarning``).
 
     The choice is made when a call is traced, and the block is part of what ``jax.jit`` keys
     its caches on: a function it traced outside the block is traced afresh inside it (and
     the other way round), so that a comparison of two paths never compares one with itself.
     (Where JAX lacks the configuration state this relies on, ``KEYED`` is false and a
     function already traced keeps its program.)"""
+    if layout == KERNEL:
+        warnings.warn(
+            'jaxlstm.tuning.forced("kernel") is spelled forced("native") now', DeprecationWarning, stacklevel=3
+        )
+        layout = NATIVE
     if layout not in FORCEABLE:
         raise ValueError(f"layout must be one of {FORCEABLE}, got {layout!r}")
     _forced.append(layout)
@@ -218,12 +228,12 @@ def other_load(seconds: float = 0.5) -> float | None:
 # What times each kind of choice, registered by the module that owns the probe (``jaxlstm._step``:
 # the forward layout; ``jaxlstm._native``: native code or XLA), so that this module imports no other
 # module of jaxlstm: ``register(kind, measure, tag)``; ``measure(*shape) -> decision`` (``decide``'s
-# record), ``tag()`` a string the cache key carries (the kernel's build).
+# record), ``tag()`` a string the cache key carries (the native library's build).
 _PROBES: dict[str, tuple[Callable[..., dict], Callable[[], str]]] = {}
 
 
 def register(kind: str, measure: Callable[..., dict], tag: Callable[[], str] = lambda: "") -> None:
-    """Makes ``measure`` the timing of the choices of ``kind`` (``"forward"``, ``"kernel"``)."""
+    """Makes ``measure`` the timing of the choices of ``kind`` (``"forward"``, ``"native"``)."""
     _PROBES[kind] = (measure, tag)
 
 
@@ -238,8 +248,8 @@ def _measure(B, D, H, R, T, mm_dtype, acc_dtype, unroll) -> dict:
     return _probe("forward")[0](B, D, H, R, T, mm_dtype, acc_dtype, unroll)
 
 
-def _measure_kernel(B, D, H, T, cell, dtype) -> dict:
-    return _probe("kernel")[0](B, D, H, T, cell, dtype)
+def _measure_native(B, D, H, T, cell, dtype) -> dict:
+    return _probe(NATIVE)[0](B, D, H, T, cell, dtype)
 
 
 def decide(probes: dict[str, Callable[[], object]], default: str) -> dict:
@@ -327,7 +337,7 @@ def _choice(record) -> str | None:
 def _busy(decision: dict) -> bool:
     """A decision not to keep: other processes kept more than ``BUSY`` of the CPUs busy while it
     was timed. Even a clear one: load does not slow the candidates alike (a grid run beside one
-    busy process on 2 cores chose the XLA path, 1.2-12x faster then, for shapes where the kernel
+    busy process on 2 cores chose the XLA path, 1.2-12x faster then, for shapes where the native code
     is 1.3-2x faster on the idle machine: its team of threads waits at every step for the one
     that shares a CPU)."""
     return decision.get("load") is not None and decision["load"] > BUSY
@@ -376,7 +386,7 @@ def _backend() -> str:
 def default_unroll() -> int:
     """The forward scan's unroll when a caller passes ``unroll=None`` (the default):
     ``GPU_UNROLL`` where JAX's default backend is a GPU, else 1 (on CPUs the
-    compiled kernel runs where it applies, and ``benchmarks.layout`` measured the XLA
+    native code runs where it applies, and ``benchmarks.layout`` measured the XLA
     path's unrolled scans no faster there)."""
     return GPU_UNROLL if _backend() == "gpu" else 1
 
@@ -393,25 +403,29 @@ def forward_layout(B: int, D: int, H: int, R: int, T: int, mm_dtype, acc_dtype, 
     return _cached(key, CANDIDATES, lambda: _measure(B, D, H, R, T, mm_dtype, acc_dtype, unroll), DEFAULT, args)
 
 
-def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
+def native_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
     """Whether a ``cell`` (``"lstm"``, ``"gru"`` or ``"rnn"``) of this shape with GEMM operands
-    of ``dtype`` (float32 or bfloat16), which the compiled kernel can run
+    of ``dtype`` (float32 or bfloat16), which the native code can run
     (``jaxlstm._native.applies``), runs on it rather than on the pure-XLA fused path.
 
-    The default (autotuning off) is the kernel. With autotuning, the first time a shape is
+    The default (autotuning off) is the native code. With autotuning, the first time a shape is
     seen both training steps are timed on a probe of at most ``PROBE_STEPS`` steps, and XLA
     is chosen only when it is ``MARGIN`` faster (it was at B=64, D=512, H=1024 on a Zen 5,
     where both are bound by the arithmetic). A forced ``"feature"`` / ``"batch"`` layout
     means the pure-XLA path."""
     if _forced:
-        return _forced[-1] == KERNEL
+        return _forced[-1] == NATIVE
     if not enabled():
         return True
     dtype = jnp.dtype(dtype)
-    key = f"{_machine()}|{cell}-kernel {_probe('kernel')[1]()}|B={B} D={D} H={H} T<={_bucket(T)}|{dtype.name}"
+    key = f"{_machine()}|{cell}-native {_probe(NATIVE)[1]()}|B={B} D={D} H={H} T<={_bucket(T)}|{dtype.name}"
+    args = dict(kind=NATIVE, B=B, D=D, H=H, T=T, cell=cell, dtype=dtype.name)
+    return _cached(key, (NATIVE, "xla"), lambda: _measure_native(B, D, H, T, cell, dtype), NATIVE, args) == NATIVE
 
-    args = dict(kind="kernel", B=B, D=D, H=H, T=T, cell=cell, dtype=dtype.name)
-    return _cached(key, (KERNEL, "xla"), lambda: _measure_kernel(B, D, H, T, cell, dtype), KERNEL, args) == KERNEL
+
+def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
+    """``native_path``, under its name before the glossary (kept as an alias)."""
+    return native_path(B, D, H, T, cell, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -444,10 +458,10 @@ def clear() -> None:
 
 
 def retune() -> list[str]:
-    """Times this machine's cached choices again (the kernel's: those of the build in use) and
+    """Times this machine's cached choices again (the native code's: those of the build in use) and
     replaces those that now measure otherwise; a choice timed while the machine was busy is left
     as it was. One line per choice: what it was, what it is."""
-    build = _probe("kernel")[1]() if "kernel" in _PROBES else None
+    build = _probe(NATIVE)[1]() if NATIVE in _PROBES else None
     lines = []
     prefix = _machine() + "|"
     for key, record in sorted(_read_disk().items()):
@@ -457,11 +471,11 @@ def retune() -> list[str]:
         if args is None:
             lines.append(f"{key.split('|', 1)[1]}: kept (recorded without its shape: `clear` to time it afresh)")
             continue
-        if args["kind"] == "kernel" and f"-kernel {build}|" not in key:
-            lines.append(f"{key.split('|', 1)[1]}: skipped (another build of the kernel)")
+        if args["kind"] in (NATIVE, KERNEL) and f"-native {build}|" not in key:
+            lines.append(f"{key.split('|', 1)[1]}: skipped (another build of the native code, or an earlier jaxlstm)")
             continue
-        if args["kind"] == "kernel":
-            decision = _measure_kernel(args["B"], args["D"], args["H"], args["T"], args["cell"], args["dtype"])
+        if args["kind"] == NATIVE:
+            decision = _measure_native(args["B"], args["D"], args["H"], args["T"], args["cell"], args["dtype"])
         else:
             a = args
             decision = _measure(a["B"], a["D"], a["H"], a["R"], a["T"], a["mm"], a["acc"], a["unroll"])

@@ -48,7 +48,7 @@ def _assert_grads_close(g, g_ref, rtol=1e-5):
 
 
 GRID = list(itertools.product([None, 2], [False, True], [False, True]))
-# Without a projection jaxlstm.lstm runs the compiled CPU kernel where it is built
+# Without a projection jaxlstm.lstm runs the native code where it is built
 # (tests/test_native.py): "xla" forces the pure-XLA fused path.
 PATHS = [(*case, "default") for case in GRID] + [(None, lengths, reverse, "xla") for _, lengths, reverse in GRID[:4]]
 
@@ -95,7 +95,7 @@ def test_checkpointed_equals_plain(k, proj, lengths, reverse, time_major):
     (v, g) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(
         params, xs, state, seq_lengths, reverse, time_major, checkpoint_every=k
     )
-    with tuning.forced("feature"):  # the same (pure-XLA) path without checkpointing, not the CPU kernel
+    with tuning.forced("feature"):  # the same (pure-XLA) path without checkpointing, not the native code
         (v0, g0) = jax.value_and_grad(_loss, argnums=(0, 1, 2))(params, xs, state, seq_lengths, reverse, time_major)
     np.testing.assert_allclose(v, v0, rtol=1e-6)
     _assert_grads_close(g, g0, rtol=1e-6)

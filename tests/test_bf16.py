@@ -106,7 +106,7 @@ def test_a_level_without_bf16_gemms_runs_them_in_float32(kind, monkeypatch):
         np.testing.assert_allclose(a, b, atol=2e-6)
 
 
-@pytest.mark.parametrize("path", ["kernel", "xla"])
+@pytest.mark.parametrize("path", ["native", "xla"])
 @pytest.mark.parametrize("kind", CELLS)
 def test_dtypes_of_the_contract(kind, path):
     """bf16 params and inputs: bf16 GEMMs, outputs and h in bf16, the LSTM's c in float32, gradients
@@ -129,7 +129,7 @@ def test_dtypes_of_the_contract(kind, path):
         ys_ref = run(params32, xs.astype(jnp.float32))[0]
         assert ys32.dtype == ys_bf.dtype == BF16
         np.testing.assert_array_equal(np.asarray(ys32), np.asarray(ys_ref.astype(BF16)))
-    if path == "kernel" and _native.enabled():
+    if path == "native" and _native.enabled():
         hlo = jax.jit(lambda p, x: run(p, x, compute_dtype=BF16)).lower(params32, xs).as_text()
         assert f"jaxlstm_{_native.level()}_forward" in hlo and "bf16 = 1 : i32" in hlo
 
@@ -142,7 +142,7 @@ def test_compute_dtype_is_checked():
 
 @needs_bf16_level
 def test_second_order_in_bf16(monkeypatch):
-    """Differentiated twice, a bf16 kernel call takes the XLA scan's derivatives in bf16: as the
+    """Differentiated twice, a bf16 native call takes the XLA scan's derivatives in bf16: as the
     XLA path's own (a Hessian-vector product)."""
     monkeypatch.setenv(_native.ISA_VARIABLE, "avx512_bf16")
     params = jaxlstm.init_lstm(jax.random.key(0), 3, 6)

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (jaxlstm/_native.py, jaxlstm/csrc/lstm_cpu.cc) against the
+"""The native CPU code (jaxlstm/_native.py, jaxlstm/csrc/) against the
 NumPy reference loop and the pure-XLA path: values, gradients, masks, resets, reversal,
 layouts, vmap, and the threads' split of the hidden units."""
 
@@ -169,11 +169,11 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs():
         assert not _uses_kernel(f, xs)
     with tuning.forced("batch"):
         assert not _uses_kernel(lambda x: jaxlstm.lstm(params, x), xs)
-    os.environ["JAXLSTM_KERNEL"] = "0"
+    os.environ["JAXLSTM_NATIVE"] = "0"
     try:
         assert not _uses_kernel(lambda x: jaxlstm.lstm(params, x), xs)
     finally:
-        del os.environ["JAXLSTM_KERNEL"]
+        del os.environ["JAXLSTM_NATIVE"]
 
 
 def test_kernel_core_direct_with_flags():
@@ -201,15 +201,15 @@ def test_kernel_core_direct_with_flags():
 
 
 def test_the_thread_setting_is_checked_and_capped(monkeypatch):
-    """JAXLSTM_KERNEL_THREADS: no positive integer is a ValueError naming it; a huge value is
+    """JAXLSTM_NATIVE_THREADS: no positive integer is a ValueError naming it; a huge value is
     capped at the CPUs the process may use (here one, under taskset), so a call starts no
     pile of threads (it once started a thousand per call)."""
     params, xs, _, _ = _case(0, 2, 3, 16, 4)
     for bad in ("abc", "0", "-3", "2.5"):
-        monkeypatch.setenv("JAXLSTM_KERNEL_THREADS", bad)
-        with pytest.raises(ValueError, match=f"JAXLSTM_KERNEL_THREADS must be a positive integer.*got '{bad}'"):
+        monkeypatch.setenv("JAXLSTM_NATIVE_THREADS", bad)
+        with pytest.raises(ValueError, match=f"JAXLSTM_NATIVE_THREADS must be a positive integer.*got '{bad}'"):
             jaxlstm.lstm(params, xs)
-    monkeypatch.delenv("JAXLSTM_KERNEL_THREADS")
+    monkeypatch.delenv("JAXLSTM_NATIVE_THREADS")
     if shutil.which("taskset") is None or not sys.platform.startswith("linux"):
         pytest.skip("needs taskset (Linux)")
     code = textwrap.dedent(
@@ -224,7 +224,7 @@ def test_the_thread_setting_is_checked_and_capped(monkeypatch):
     )
     # 1000, not more: were the cap gone, the process would start a thousand threads (and fail the
     # assertion below) rather than exhaust the machine's for every other test running beside it
-    env = dict(os.environ, JAXLSTM_KERNEL_THREADS="1000", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAXLSTM_NATIVE_THREADS="1000", JAX_PLATFORMS="cpu")
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=180)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -280,8 +280,43 @@ def test_a_busy_machine_gets_a_smaller_team():
     if not os.path.exists("/proc/stat") or (os.cpu_count() or 1) < 2:
         pytest.skip("reads Linux's /proc/stat; needs 2 CPUs")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLSTM_AUTOTUNE="0")
-    env.pop("JAXLSTM_KERNEL_THREADS", None)
+    env.pop("JAXLSTM_NATIVE_THREADS", None)
     out = subprocess.run([sys.executable, "-c", _BUSY], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     threads, busy = out.stdout.split()[-2:]
     assert int(threads) == 1 and float(busy) >= 0.7 * ((os.cpu_count() or 2) - 1), out.stdout
+
+
+def test_the_earlier_variable_names_still_work(monkeypatch):
+    """``JAXLSTM_KERNEL``, ``_ISA`` and ``_THREADS`` (the names before the glossary) are read where
+    the ``JAXLSTM_NATIVE`` ones are unset, and errors name the variable as it was set; the new
+    name wins where both are."""
+    params, xs = jaxlstm.init_lstm(jax.random.key(0), 2, 4), jnp.zeros((1, 3, 2))
+    for name in ("JAXLSTM_NATIVE", "JAXLSTM_NATIVE_ISA", "JAXLSTM_NATIVE_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JAXLSTM_KERNEL", "0")
+    assert not _native.enabled() and jaxlstm.path_of("lstm", params, xs) != "native"
+    monkeypatch.setenv("JAXLSTM_NATIVE", "1")
+    assert _native.enabled()
+    monkeypatch.setenv("JAXLSTM_KERNEL_ISA", "avx1024")
+    with pytest.raises(ValueError, match="JAXLSTM_KERNEL_ISA must be one of"):
+        jaxlstm.lstm(params, xs)
+    monkeypatch.setenv("JAXLSTM_NATIVE_ISA", jaxlstm.native_info().isa_supported[0])
+    assert jaxlstm.native_info().isa == os.environ["JAXLSTM_NATIVE_ISA"]
+    monkeypatch.delenv("JAXLSTM_KERNEL_ISA")
+    monkeypatch.delenv("JAXLSTM_NATIVE_ISA")
+    monkeypatch.setenv("JAXLSTM_KERNEL_THREADS", "x")
+    with pytest.raises(ValueError, match="JAXLSTM_KERNEL_THREADS must be a positive integer"):
+        jaxlstm.lstm(params, xs)
+    monkeypatch.setenv("JAXLSTM_KERNEL_THREADS", "1")  # the C++ reads it too (csrc/team.h)
+    assert jaxlstm.native_info().threads == 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    monkeypatch.setenv("JAXLSTM_NATIVE_THREADS", str(cpus))
+    assert jaxlstm.native_info().threads == cpus
+
+
+def test_the_earlier_spelling_of_the_forced_path_warns():
+    params, xs = jaxlstm.init_lstm(jax.random.key(0), 2, 4), jnp.zeros((1, 3, 2))
+    with pytest.warns(DeprecationWarning, match='forced\\("native"\\)'), tuning.forced("kernel"):
+        assert jaxlstm.path_of("lstm", params, xs) == "native"
+    assert tuning.kernel_path(1, 2, 4, 3) == tuning.native_path(1, 2, 4, 3)

@@ -1,4 +1,4 @@
-"""The compiled CPU kernel's GRU and Elman RNN (jaxlstm/_native.py ``native_cell``, the
+"""The native code's GRU and Elman RNN (jaxlstm/_native.py ``native_cell``, the
 ``Gru`` / ``Elman`` cells of jaxlstm/csrc/lstm_cpu.cc) against the NumPy reference loops
 and the pure-XLA path: values, every gradient, masks, resets, reversal, layouts, vmap,
 and where it does not apply. The threads' split of the units: tests/test_native.py."""
@@ -154,11 +154,11 @@ def test_where_the_kernel_does_not_apply_the_xla_path_runs(kind):
         assert not _uses_kernel(f, xs)
     with tuning.forced("xla"):
         assert not _uses_kernel(lambda x: run(params, x), xs)
-    os.environ["JAXLSTM_KERNEL"] = "0"
+    os.environ["JAXLSTM_NATIVE"] = "0"
     try:
         assert not _uses_kernel(lambda x: run(params, x), xs)
     finally:
-        del os.environ["JAXLSTM_KERNEL"]
+        del os.environ["JAXLSTM_NATIVE"]
 
 
 @pytest.mark.parametrize("kind", CELLS)
@@ -179,11 +179,11 @@ def test_kernel_core_direct_with_flags(kind):
     cfg = FusedConfig(jnp.dtype(jnp.float32), jnp.dtype(jnp.float32))
     cell = GRU if kind == "gru" else ELMAN
     runs = {
-        "kernel": lambda p, h, x, r: _native.native_cell(kind, False, p, h, x, steps, r),
+        "native": lambda p, h, x, r: _native.native_cell(kind, False, p, h, x, steps, r),
         "xla": lambda p, h, x, r: (lambda ys, hs: (ys, hs[0]))(*fused_sequence(cfg, cell, p, (h,), x, steps, (r,))),
     }
     out = {}
     for name, f in runs.items():
         loss = lambda *a, f=f: jnp.sin(f(*a)[0]).sum() + jnp.cos(f(*a)[1]).sum()
         out[name] = (f(params, h0, xs, reset), jax.grad(loss, argnums=(0, 1, 2, 3))(params, h0, xs, reset))
-    assert_trees_close(out["kernel"], out["xla"], rtol=1e-4)
+    assert_trees_close(out["native"], out["xla"], rtol=1e-4)

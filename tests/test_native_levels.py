@@ -1,5 +1,5 @@
-"""The compiled CPU kernel at every ISA level this machine runs (jaxlstm/_native.py: one library
-per level, setup.py), each forced with ``JAXLSTM_KERNEL_ISA``: every cell's values against the
+"""The native code at every ISA level this machine runs (jaxlstm/_native.py: one library
+per level, setup.py), each forced with ``JAXLSTM_NATIVE_ISA``: every cell's values against the
 NumPy loops and every gradient against autodiff of the XLA scan, with lengths, holes, resets,
 reversal, both layouts and the shapes around each level's register tiles; 3 threads in a fresh
 process. The whole kernel suite (tests/test_native.py, tests/test_native_cells.py) runs at the
@@ -67,7 +67,7 @@ def test_forcing_a_level(monkeypatch):
     info = jaxlstm.native_info()
     assert info.isa == RUNNABLE[0] and info.isa_forced == RUNNABLE[0]
     monkeypatch.setenv(_native.ISA_VARIABLE, "avx1024")
-    match = "JAXLSTM_KERNEL_ISA must be one of avx, avx2, avx512, avx512_bf16, generic; got 'avx1024'"
+    match = "JAXLSTM_NATIVE_ISA must be one of avx, avx2, avx512, avx512_bf16, generic; got 'avx1024'"
     with pytest.raises(ValueError, match=match):
         jaxlstm.lstm(jaxlstm.init_lstm(jax.random.key(0), 2, 4), jnp.zeros((1, 3, 2)))
     assert "avx1024" in (jaxlstm.native_info().error or "")
@@ -143,7 +143,7 @@ def test_every_level_with_three_threads():
                 want = f(p, xs), jax.grad(loss, argnums=(0, 1))(p, xs)
             cases[run, B] = f, loss, p, xs, want
         for isa in {RUNNABLE!r}:
-            os.environ["JAXLSTM_KERNEL_ISA"] = isa
+            os.environ["JAXLSTM_NATIVE_ISA"] = isa
             here = shapes if isa == {RUNNABLE[-1]!r} else shapes[1:2]
             for (_, run), (B, D, H, T) in itertools.product(cells, here):
                 f, loss, p, xs, want = cases[run, B]
@@ -155,7 +155,7 @@ def test_every_level_with_three_threads():
         print("ok")
         """
     )
-    env = dict(os.environ, JAXLSTM_KERNEL_THREADS="3", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAXLSTM_NATIVE_THREADS="3", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 

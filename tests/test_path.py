@@ -20,7 +20,7 @@ def test_the_named_path_is_the_one_that_runs(kind):
     run = {"lstm": jaxlstm.lstm, "gru": jaxlstm.gru, "rnn": jaxlstm.rnn}[kind]
     params, xs = init(jax.random.key(0), 3, 5), jnp.ones((2, 7, 3))
     grad = lambda p, x, **kw: jax.grad(lambda p: run(p, x, **kw)[0].sum())(p)
-    for forced, want in (("kernel", NATIVE), ("xla", FUSED)):
+    for forced, want in (("native", NATIVE), ("xla", FUSED)):
         with tuning.forced(forced):
             path = jaxlstm.path_of(kind, params, xs)
             jaxpr = _ops(grad, params, xs)
@@ -31,14 +31,14 @@ def test_the_named_path_is_the_one_that_runs(kind):
     assert jaxlstm.path_of(kind, params, xs, backward="autodiff") == AUTODIFF
     # what the native code cannot run goes to XLA: recurrent dropout in training
     kw = dict(recurrent_dropout=0.5, key=jax.random.key(1))
-    with tuning.forced("kernel"):
+    with tuning.forced("native"):
         assert jaxlstm.path_of(kind, params, xs, **kw) == FUSED
         assert "jaxlstm_" not in _ops(lambda p, x: grad(p, x, **kw), params, xs)
 
 
 def test_variants_and_projections():
     xs = jnp.ones((2, 7, 3))
-    with tuning.forced("kernel"):
+    with tuning.forced("native"):
         assert jaxlstm.path_of("lstm", jaxlstm.init_lstm(jax.random.key(0), 3, 5, peephole=True), xs) == VARIANT
         proj = jaxlstm.init_lstm(jax.random.key(0), 3, 5, proj_size=2)
         assert jaxlstm.path_of("lstm", proj, xs) == FUSED

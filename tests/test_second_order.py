@@ -1,4 +1,4 @@
-"""Second-order derivatives where the compiled CPU kernel runs the first-order pass
+"""Second-order derivatives where the native code runs the first-order pass
 (jaxlstm/_native.py: the kernel's forward and backward calls carry JVP rules through the XLA
 scan): grad of grad (Hessian-vector products), ``jax.jvp`` of ``jax.grad`` and ``jax.hessian``,
 against the pure-XLA path, and ``check_grads(order=2)``; for the LSTM, the GRU and the Elman RNN.

@@ -130,7 +130,7 @@ def test_nnx_module_under_data_parallel_jit(mesh):
         return nnx.merge(graphdef, state)(x, seq_lengths=n)[0]
 
     args = (state, *_put((xs, lengths), mesh, P("data")))
-    np.testing.assert_allclose(forward(*args), want, atol=1e-5)  # without a mesh: the CPU kernel runs replicated
+    np.testing.assert_allclose(forward(*args), want, atol=1e-5)  # without a mesh: the native code runs replicated
     with jax.set_mesh(mesh):  # with one: the XLA path, which XLA partitions
         got = forward(*args)
     np.testing.assert_allclose(got, want, atol=1e-5)

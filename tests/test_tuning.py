@@ -62,7 +62,7 @@ def autotune(monkeypatch, tmp_path):
 
 
 def test_autotuner_measures_once_then_reads_its_cache(autotune, monkeypatch):
-    monkeypatch.setenv("JAXLSTM_KERNEL", "0")  # the forward layout is the pure-XLA path's choice
+    monkeypatch.setenv("JAXLSTM_NATIVE", "0")  # the forward layout is the pure-XLA path's choice
     params = jaxlstm.init_lstm(jax.random.key(0), 3, 4)
     xs = jnp.ones((2, 9, 3))
     calls = []
@@ -85,7 +85,7 @@ def test_autotuner_measures_once_then_reads_its_cache(autotune, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])  # the Elman RNN shares the GRU's code path
-def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch, cell):
+def test_native_path_is_measured_once_on_training_steps(autotune, monkeypatch, cell):
     from jaxlstm import _native
 
     if not _native.available():
@@ -100,18 +100,18 @@ def test_kernel_path_is_measured_once_on_training_steps(autotune, monkeypatch, c
     probe = _native._train_probe
     monkeypatch.setattr(_native, "_train_probe", lambda *a: calls.append(a[0]) or probe(*a))
     ys = jax.jit(lambda p, x: run(p, x)[0])(params, xs)
-    assert sorted(calls) == ["kernel", "xla"]
+    assert sorted(calls) == ["native", "xla"]
     cache = json.loads((autotune / "tuning.json").read_text())
-    (key, record), *rest = [kv for kv in cache.items() if f"|{cell}-kernel {_native.build_id()}|" in kv[0]]
+    (key, record), *rest = [kv for kv in cache.items() if f"|{cell}-native {_native.build_id()}|" in kv[0]]
     choice = record["choice"]
-    assert not rest and choice in ("kernel", "xla") and "B=2 D=3 H=4 T<=16" in key
+    assert not rest and choice in ("native", "xla") and "B=2 D=3 H=4 T<=16" in key
     monkeypatch.setattr(tuning, "_memory", {})
-    assert tuning.kernel_path(2, 3, 4, 9, cell=cell) == (choice == "kernel")  # from the disk cache
+    assert tuning.native_path(2, 3, 4, 9, cell=cell) == (choice == "native")  # from the disk cache
     assert len(calls) == 2
     with tuning.forced("xla"):
         np.testing.assert_allclose(ys, run(params, xs)[0], atol=1e-6)
     monkeypatch.setenv("JAXLSTM_AUTOTUNE", "0")
-    assert tuning.kernel_path(7, 3, 4, 9, cell=cell)  # off: the default, the kernel
+    assert tuning.native_path(7, 3, 4, 9, cell=cell)  # off: the default, the native code
 
 
 def test_autotuner_off_or_failing_gives_the_default(autotune, monkeypatch):
@@ -191,7 +191,7 @@ from jaxlstm import tuning
 worker, start = int(sys.argv[1]), float(sys.argv[2])
 time.sleep(max(0.0, start - time.time()))  # every writer starts at once
 for i in range(60):
-    tuning._write_disk(f"writer {worker} key {i}", dict(choice="kernel"))
+    tuning._write_disk(f"writer {worker} key {i}", dict(choice="native"))
 """
 
 
@@ -222,7 +222,7 @@ def test_forced_retraces_what_jit_already_traced():
     with tuning.forced("xla"):
         assert not on_kernel()
         ys_xla = f(xs)
-        with tuning.forced("kernel"):
+        with tuning.forced("native"):
             assert on_kernel()
     assert on_kernel()
     assert f._cache_size() == 2  # two programs: the kernel's and the XLA path's
@@ -275,7 +275,7 @@ def test_other_load_reads_the_machine():
 
 
 def test_the_command_line_shows_retunes_and_clears(autotune, monkeypatch, capsys):
-    monkeypatch.setenv("JAXLSTM_KERNEL", "0")
+    monkeypatch.setenv("JAXLSTM_NATIVE", "0")
     answers = iter(["batch", "feature"])
     monkeypatch.setattr(
         tuning,
@@ -297,7 +297,7 @@ def test_the_command_line_shows_retunes_and_clears(autotune, monkeypatch, capsys
     assert run.returncode == 0 and "(no choices)" in run.stdout, run.stderr[-2000:]
 
 
-def test_a_missing_kernel_says_so_once(monkeypatch):
+def test_missing_native_code_says_so_once(monkeypatch):
     import warnings
 
     from jaxlstm import _native
@@ -306,12 +306,12 @@ def test_a_missing_kernel_says_so_once(monkeypatch):
     monkeypatch.setattr(_native, "levels_built", lambda: ())
     _native._warn_not_built.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="compiled CPU kernel is not built"):
+        with pytest.warns(RuntimeWarning, match="native CPU code is not built"):
             _native.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _native.applies(params, jnp.float32, jnp.float32, batch=1, steps=2, h_mask=None, zoneout=None)
-    finally:  # the loader's caches saw "nothing built": forget that, or the kernel stays off in this process
+    finally:  # the loader's caches saw "nothing built": forget that, or the native code stays off in this process
         monkeypatch.undo()
         _native._choose.cache_clear()
         _native._warn_not_built.cache_clear()

@@ -271,7 +271,7 @@ extern "C" const char* JaxlstmIsa() { return JAXLSTM_ISA; }
 extern "C" int JaxlstmBf16Dot() { return JAXLSTM_BF16_DOT; }
 
 // The most threads a call's team may have: one per CPU this process may run on, or
-// JAXLSTM_KERNEL_THREADS where it is set.
+// JAXLSTM_NATIVE_THREADS where it is set.
 extern "C" int JaxlstmMaxThreads() {
   const int asked = jaxlstm::requested_threads();
   return asked > 0 ? asked : jaxlstm::cpu_count();

@@ -90,12 +90,13 @@ inline int cpu_count() {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-// JAXLSTM_KERNEL_THREADS, or 0 where it is unset, at most one per CPU this process may run
-// on: more threads than CPUs only wait on each other at the barriers, and a large value once
-// started a thousand threads per call (jaxlstm/_kernel.py rejects a value that is no positive
-// integer before any call).
+// JAXLSTM_NATIVE_THREADS (or its earlier name JAXLSTM_KERNEL_THREADS, where the new one is
+// unset), or 0 where neither is set, at most one per CPU this process may run on: more threads
+// than CPUs only wait on each other at the barriers, and a large value once started a thousand
+// threads per call (jaxlstm/_native.py rejects a value that is no positive integer before any call).
 inline int requested_threads() {
-  const char* env = std::getenv("JAXLSTM_KERNEL_THREADS");
+  const char* env = std::getenv("JAXLSTM_NATIVE_THREADS");
+  if (env == nullptr) env = std::getenv("JAXLSTM_KERNEL_THREADS");
   const long asked = env ? std::strtol(env, nullptr, 10) : 0;
   return asked > 0 ? static_cast<int>(std::min<long>(asked, cpu_count())) : 0;
 }
@@ -106,7 +107,7 @@ inline int requested_threads() {
 // multiply-adds each. A smaller step (B=1, H=64: 25k) is over before a second thread
 // has crossed its barrier, and on this project's 2-core machines a second thread made
 // such steps 2x slower in some processes and 30x in others (measured).
-// JAXLSTM_KERNEL_THREADS=n asks for n threads (up to the CPUs) whatever the work (the tests use it).
+// JAXLSTM_NATIVE_THREADS=n asks for n threads (up to the CPUs) whatever the work (the tests use it).
 constexpr long kMinWork = 128 * 1024;
 
 // How many CPUs other processes kept busy since an earlier call (Linux: /proc/stat's CPU time
