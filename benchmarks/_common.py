@@ -78,7 +78,7 @@ def machine_info() -> dict:
             info[mod] = __import__(mod).__version__
         except ImportError:
             info[mod] = None
-    # The compiled CPU kernel as this process runs it: its ISA level, the levels built, the CPU.
+    # The native CPU code as this process runs it: its ISA level, the levels built, the CPU.
     info["native"] = dataclasses.asdict(jaxlstm.native_info())
     return info
 
@@ -141,7 +141,7 @@ def jax_impl(impl: str, B: int, D: int, H: int, dtype: str = "float32", unroll: 
                 kw["compute_dtype"] = jnp.bfloat16
             elif opt == "autodiff":
                 kw["backward"] = "autodiff"
-            elif opt == "xla":  # the pure-XLA path, not the compiled CPU kernel
+            elif opt == "xla":  # the pure-XLA path, not the native CPU code
                 path = "xla"
             else:
                 raise ValueError(f"unknown jaxlstm option {opt!r} in {impl!r}")
@@ -305,7 +305,7 @@ def peak_matmul_gflops(n: int = 2048) -> float:
 
 
 def peak_bf16_gflops(n: int = 2048) -> float:
-    """The attainable bfloat16 matmul rate: jaxlstm's bf16 GEMM (the ``avx512_bf16`` kernel level's,
+    """The attainable bfloat16 matmul rate: jaxlstm's bf16 GEMM (the ``avx512_bf16`` native level's,
     on every core) where it runs; else XLA's ``jnp.dot`` of bf16 operands (XLA:CPU widens them to
     float32), best of 7."""
     from jaxlstm import _native

@@ -15,11 +15,11 @@ loss over all outputs w.r.t. params and inputs):
   before any JAX work starts here: XLA's and PyTorch's thread pools both spin after
   work and steal each other's cores when they share a process;
 * ``jaxlstm`` / ``jaxlstm-gru`` is what ``jaxlstm.lstm`` / ``jaxlstm.gru`` run by default:
-  on CPU the compiled kernel (:mod:`jaxlstm._native`) where it is built and
+  on CPU the native code (:mod:`jaxlstm._native`) where it is built and
   :mod:`jaxlstm.tuning` chose it on this machine; ``jaxlstm-xla`` / ``jaxlstm-gru-xla`` is
   the pure-XLA path beside it, the LSTM's with the forward layout the tuner chose
   (choices recorded under ``tuning``; ``JAXLSTM_AUTOTUNE=0`` for the defaults; the
-  record says whether the kernel was built);
+  record says whether the native code was built);
 * the *bare recurrent dot* of the shape, ``h @ w_hh`` (``[B, H]·[H, G·H]``, every
   output used) in a ``lax.scan`` of T steps, is timed with the JAX ones: the floor
   of a step. ``step/dot`` is jaxlstm's forward time per step over it.
@@ -63,7 +63,7 @@ QUICK = {"tiny": (2, 4, 8, 16), "tiny-long": (1, 3, 4, 64)}
 # the latency rows (1-2 ms) then have a median of ~40 rounds, not 7.
 FILL_S = 0.5
 GATES = {"lstm": 4, "gru": 3}
-# jaxlstm's default, the peer, and jaxlstm's pure-XLA path beside its compiled CPU kernel.
+# jaxlstm's default, the peer, and jaxlstm's pure-XLA path beside its native CPU code.
 IMPLS = {"lstm": ("jaxlstm", "flax-optimized", "jaxlstm-xla"), "gru": ("jaxlstm-gru", "flax-gru", "jaxlstm-gru-xla")}
 
 

@@ -99,10 +99,10 @@ def _regimes_section(rg) -> str:
     layouts = sorted({v.get("choice") if isinstance(v, dict) else v for v in tuning.get("choices", {}).values()})
     built = tuning.get("native", tuning.get("kernel"))  # "kernel": a record from before the glossary
     error = tuning.get("native_error", tuning.get("kernel_error"))
-    kernel = {True: "built", False: f"not built ({error})"}.get(built, "not recorded (a run before it)")
+    native_code = {True: "built", False: f"not built ({error})"}.get(built, "not recorded (a run before it)")
     native = m.get("native") or {}
     if built and native.get("isa"):
-        kernel += f", ISA level {native['isa']} (levels built: {', '.join(native.get('isa_built', []))})"
+        native_code += f", ISA level {native['isa']} (levels built: {', '.join(native.get('isa_built', []))})"
     gpu = m.get("platform") == "gpu"
     bf16 = m.get("dtype", "float32") != "float32"
     flag, peak = "", ""
@@ -115,9 +115,9 @@ def _regimes_section(rg) -> str:
         f"flax {m['flax']}, torch {m.get('torch')}; peak f32 matmul {m['peak_matmul_gflops']:.0f} GFLOP/s{peak}. "
         "Ratios are speed-ups of jaxlstm (>1: jaxlstm faster); torch timed in its own process; "
         "step/dot: jaxlstm's forward step over the bare recurrent dot of the shape; vs XLA path: jaxlstm's "
-        "default (the compiled CPU kernel where it runs) over its pure-XLA path"
+        "default (the native CPU code where it runs) over its pure-XLA path"
         + ("; vs jax cuDNN: over `jax.experimental.rnn.lstm`. " if gpu else ". ")
-        + f"Compiled kernel: {kernel}. Choices of jaxlstm.tuning: {layouts}.\n\n"
+        + f"Native code: {native_code}. Choices of jaxlstm.tuning: {layouts}.\n\n"
         + regimes.table(rg)
         + "\n"
     )
