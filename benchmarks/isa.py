@@ -1,4 +1,4 @@
-"""The compiled CPU kernel at each ISA level, A/B in one process, over the main job's regimes.
+"""The native CPU code at each ISA level, A/B in one process, over the main job's regimes.
 
     python -m benchmarks.isa              # every level built that this CPU runs
     python -m benchmarks.isa --native     # and the same sources built with -march=native
@@ -11,7 +11,7 @@ each level, forced with ``JAXLSTM_NATIVE_ISA`` while each program is traced, int
 by round in this one process (medians after a warm-up, ``block_until_ready``). ``--native``
 compiles ``jaxlstm/csrc/ffi.cc`` with ``-march=native`` (g++, the same other flags as
 ``setup.py``) into a temporary library and times it beside them: what a build for this very
-machine would gain over the portable default. The tuner is off (every row runs the kernel).
+machine would gain over the portable default. The tuner is off (every row runs the native code).
 Writes ``isa.json`` to ``--out`` (default ``benchmarks/runs/<device>/``, untracked).
 """
 
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 
-os.environ["JAXLSTM_AUTOTUNE"] = "0"  # before jaxlstm reads it: the kernel in every row
+os.environ["JAXLSTM_AUTOTUNE"] = "0"  # before jaxlstm reads it: the native code in every row
 
 import jax  # noqa: E402
 
@@ -133,7 +133,7 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     args = parse(argv)
     if _native.load_error() is not None:
-        sys.exit(f"the compiled kernel does not run here: {_native.load_error()}")
+        sys.exit(f"the native code does not run here: {_native.load_error()}")
     levels = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
     with tempfile.TemporaryDirectory() as tmp:
         if args.native:

@@ -8,10 +8,10 @@ For the LSTM and the GRU at each regime, with float32 params and inputs: the out
 final state and the gradients of ``sum(w * ys)`` (``w`` fixed, random) w.r.t. the params and the
 inputs, from
 
-* ``float32``: ``jaxlstm.lstm`` / ``jaxlstm.gru`` as they run by default (the compiled kernel on
+* ``float32``: ``jaxlstm.lstm`` / ``jaxlstm.gru`` as they run by default (the native code on
   CPU where it is built);
 * ``bfloat16``: the same with ``compute_dtype=bfloat16`` (bf16 GEMM operands, float32 sums, state
-  and gate maths: docs/precision.md), on the kernel and on the pure-XLA path;
+  and gate maths: docs/precision.md), on the native code and on the pure-XLA path;
 
 against the float64 run of the same equations (``jax.enable_x64``, the XLA scan, plain autodiff).
 Each error is ``max |a - ref| / max |ref|`` over the array (the worst element against the array's

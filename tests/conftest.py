@@ -9,6 +9,10 @@ os.environ["XLA_FLAGS"] = " ".join(
     f for f in ("--xla_backend_optimization_level=0", os.environ.get("XLA_FLAGS", "")) if f
 )
 
+# Keras 3 on JAX (tests/test_convert_keras_haiku.py, test_conv_lstm.py, test_activations.py and the docs'
+# Keras block), before anything imports keras: a test file run alone must not meet Keras on TensorFlow.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 

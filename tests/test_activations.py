@@ -3,10 +3,6 @@ projected and the variants), the GRU and the Elman RNN: values against the NumPy
 against flax's cells (``gate_fn`` / ``activation_fn``) and Keras' layers, gradients of the fused backward
 against autodiff in float64, the path selector keeping them off the native code, and the checks."""
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "jax")  # Keras 3 on JAX: before keras is imported anywhere
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

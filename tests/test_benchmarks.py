@@ -72,7 +72,7 @@ def test_regimes_quick(tmp_path, capsys):
                 assert f"{g} {c} {m}: jaxlstm " in printed and f" ms, {peer} " in printed, printed
     data = json.loads((tmp_path / "regimes.json").read_text())
     assert data["machine"]["cpu_family"] is not None and data["machine"]["cores"] >= 1
-    assert data["machine"]["native"]["isa"] == jaxlstm.native_info().isa  # the kernel's ISA level, recorded
+    assert data["machine"]["native"]["isa"] == jaxlstm.native_info().isa  # the native code's ISA level, recorded
     assert all(r["path"] in jaxlstm.PATHS for r in regimes.rows(data))  # the path each jaxlstm row ran on
     rows = regimes.rows(data)
     assert {(r["regime"], r["cell"], r["mode"]) for r in rows} == {
@@ -125,7 +125,7 @@ def test_regimes_peak_is_the_best_probe_and_never_below_a_row(capsys):
 
 
 def test_isa_quick(tmp_path):
-    """benchmarks.isa times the kernel at every level this machine runs, each row at each level."""
+    """benchmarks.isa times the native code at every level this machine runs, each row at each level."""
     from benchmarks import isa
     from jaxlstm import _native
 

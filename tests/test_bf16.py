@@ -1,5 +1,5 @@
 """bfloat16: the precision contract (docs/precision.md) on every path, and the compiled
-kernel's bf16 GEMMs (jaxlstm/csrc/bf16.h, the ``avx512_bf16`` level) against a float64 NumPy
+native code's bf16 GEMMs (jaxlstm/csrc/bf16.h, the ``avx512_bf16`` level) against a float64 NumPy
 loop whose matmul operands are rounded to bf16, the XLA path and autodiff; a level without
 bf16 GEMMs runs the float32 ones on the same data; training converges as in float32."""
 
@@ -30,7 +30,7 @@ SHAPES = [(13, 5, 33, 4), (7, 3, 20, 1), (2, 6, 17, 5)]
 
 
 def _round(a):
-    """float64 values rounded to bfloat16 (to nearest even), as the kernel and XLA round operands."""
+    """float64 values rounded to bfloat16 (to nearest even), as the native code and XLA round operands."""
     return np.asarray(a).astype(ml_dtypes.bfloat16).astype(np.float64)
 
 
@@ -91,7 +91,7 @@ def test_the_bf16_kernel_rounds_as_the_contract_says(kind, monkeypatch):
 @pytest.mark.skipif("avx512" not in RUNNABLE, reason="needs an AVX-512 CPU")
 @pytest.mark.parametrize("kind", CELLS)
 def test_a_level_without_bf16_gemms_runs_them_in_float32(kind, monkeypatch):
-    """At ``avx512`` a bf16 call runs on the kernel's float32 GEMMs: the unrounded loop's numbers."""
+    """At ``avx512`` a bf16 call runs on the native code's float32 GEMMs: the unrounded loop's numbers."""
     monkeypatch.setenv(_native.ISA_VARIABLE, "avx512")
     assert not _native.bf16_dot() and not jaxlstm.native_info().bf16_dot
     run, ref, params, xs, x, state, flags, options = _case(kind, 0, *SHAPES[0])
@@ -111,7 +111,7 @@ def test_a_level_without_bf16_gemms_runs_them_in_float32(kind, monkeypatch):
 def test_dtypes_of_the_contract(kind, path):
     """bf16 params and inputs: bf16 GEMMs, outputs and h in bf16, the LSTM's c in float32, gradients
     in the params' and inputs' dtypes; float32 params with bf16 inputs: float32 GEMMs unless
-    ``compute_dtype`` says bf16. The same on the kernel and on the XLA path."""
+    ``compute_dtype`` says bf16. The same on the native code and on the XLA path."""
     init, run, _ = CELLS[kind]
     params32 = init(jax.random.key(0), 3, 8)
     params = jax.tree.map(lambda w: w.astype(BF16), params32)

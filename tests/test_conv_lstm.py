@@ -3,10 +3,6 @@ Keras' ConvLSTM1D/2D/3D with the same weights (values, both conversion direction
 differences in float64, the sequence semantics (chunks, steps, lengths, masks, resets, reverse, layouts),
 the Flax modules, and the checks."""
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "jax")  # Keras 3 on JAX: before keras is imported anywhere
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -1,10 +1,6 @@
 """Keras 3 and Haiku weights, both directions, against the real libraries (skipped cleanly without them):
 the same inputs through the peer's layer and through jaxlstm give the same outputs and final states."""
 
-import os
-
-os.environ.setdefault("KERAS_BACKEND", "jax")  # Keras 3 on JAX: before keras is imported anywhere
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not _native.available(), reason=str(_native.load
 
 
 def test_built_where_ci_runs():
-    """CI builds the package with a C++ compiler: the kernel must be there, not silently skipped."""
+    """CI builds the package with a C++ compiler: the native code must be there, not silently skipped."""
     if os.environ.get("CI") != "true":
         pytest.skip("only asserted in CI")
     assert _native.available(), _native.load_error()
@@ -50,7 +50,7 @@ def _loss(p, xs, s, r=None, **kw):
     return (w * ys).sum() + (final.h**2).sum() + jnp.sin(final.c).sum()
 
 
-# Shapes around the kernel's tiles: B past a 12-row tile, H not a multiple of the vector
+# Shapes around the native code's tiles: B past a 12-row tile, H not a multiple of the vector
 # width (the last thread's units are padded), T=1.
 SHAPES = [(3, 5, 7, 6), (13, 6, 33, 4), (2, 4, 40, 1), (17, 9, 24, 5)]
 
@@ -116,7 +116,7 @@ def test_layouts_batch_shapes_and_jit(case):
 
 def test_vmap_and_stacks():
     """vmap of the custom call runs it per element; a bidirectional stack (whose directions
-    run under vmap) and the linen module take the kernel too."""
+    run under vmap) and the linen module take the native code too."""
     params, xs, state, _ = _case(4, 4, 6, 16, 5)
     stacked = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), params)
     f = lambda p, x: jaxlstm.lstm(p, x)[0]
@@ -132,7 +132,7 @@ def test_vmap_and_stacks():
 
 @pytest.mark.parametrize("case", ["input dropout", "bfloat16 inputs"])
 def test_input_dropout_and_bfloat16_inputs(case):
-    """Input dropout is applied before the kernel, and bfloat16 inputs with float32 params
+    """Input dropout is applied before the native code, and bfloat16 inputs with float32 params
     run on it in float32 (as the XLA path's dots do): both give the XLA path's numbers."""
     params, xs, state, _ = _case(6, 3, 5, 16, 6)
     key = jax.random.key(2)
@@ -233,9 +233,9 @@ def test_the_thread_setting_is_checked_and_capped(monkeypatch):
 
 
 def test_export_runs_on_the_xla_path():
-    """``jax.export`` refuses custom calls without a compatibility guarantee, and the kernel's
+    """``jax.export`` refuses custom calls without a compatibility guarantee, and the native code's
     calls have none (their ABI is this build's, their names its ISA level's): exported under
-    ``tuning.forced("xla")`` a model serializes, and its round trip gives the kernel's numbers,
+    ``tuning.forced("xla")`` a model serializes, and its round trip gives the native code's numbers,
     values and (``vjp_order=1``) gradients. docs/export.md."""
     params, xs, _, _ = _case(4, 3, 5, 16, 6)
     f = lambda p, x: jnp.tanh(jaxlstm.lstm(p, x)[0]).sum()
@@ -263,7 +263,7 @@ f(p, xs).block_until_ready()
 hogs = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(os.cpu_count() - 1)]
 try:
     time.sleep(0.3)
-    for _ in range(4):  # windows of 60 ms between calls: the kernel reads the load at most every 50 ms
+    for _ in range(4):  # windows of 60 ms between calls: the native code reads the load at most every 50 ms
         f(p, xs).block_until_ready()
         time.sleep(0.06)
     print(lib.JaxlstmLastThreads(), lib.JaxlstmOthersBusyCpus())
@@ -274,7 +274,7 @@ finally:
 
 
 def test_a_busy_machine_gets_a_smaller_team():
-    """With other processes busy on all CPUs but one, the kernel's calls ask for one thread (a
+    """With other processes busy on all CPUs but one, the native code's calls ask for one thread (a
     team thread sharing its CPU waits for its time slice at every barrier), and say how many
     CPUs the others kept busy."""
     if not os.path.exists("/proc/stat") or (os.cpu_count() or 1) < 2:

@@ -62,7 +62,7 @@ def _loss(kind, p, xs, h0, r=None, **kw):
     return (w * ys).sum() + jnp.sin(h).sum()
 
 
-# Shapes around the kernel's tiles: B past a 12-row tile, H not a multiple of the vector
+# Shapes around the native code's tiles: B past a 12-row tile, H not a multiple of the vector
 # width (the last thread's units are padded), T=1. (Threads: tests/test_native.py.)
 SHAPES = [(3, 5, 7, 6), (13, 6, 33, 4), (2, 4, 40, 1)]
 

@@ -1,5 +1,5 @@
 """Second-order derivatives where the native code runs the first-order pass
-(jaxlstm/_native.py: the kernel's forward and backward calls carry JVP rules through the XLA
+(jaxlstm/_native.py: the native code's forward and backward calls carry JVP rules through the XLA
 scan): grad of grad (Hessian-vector products), ``jax.jvp`` of ``jax.grad`` and ``jax.hessian``,
 against the pure-XLA path, and ``check_grads(order=2)``; for the LSTM, the GRU and the Elman RNN.
 The XLA path's own second order in float64: test_backward.py's."""
@@ -104,7 +104,7 @@ def test_check_grads_order_two(kind):
 
 @pytest.mark.parametrize("kind", CELLS)
 def test_the_rules_reference_in_float64(kind):
-    """The second-order rules differentiate _native._xla_reference (the kernel's contract on the
+    """The second-order rules differentiate _native._xla_reference (the native code's contract on the
     XLA scan, plain autodiff): in float64, check_grads of order 2 holds tightly."""
     with jax.enable_x64(True):
         params, xs, state, reset, _ = _case(kind, B=2, H=3, T=3)

@@ -172,7 +172,7 @@ def test_default_unroll_per_backend(monkeypatch):
 
     assert isinstance(linen, nn.Module)
     unrolls = lambda f: _scan_unrolls(jax.make_jaxpr(f)(xs).jaxpr)
-    with tuning.forced("xla"):  # the scans, not the compiled kernel
+    with tuning.forced("xla"):  # the scans, not the native code
         assert tuning.default_unroll() == 1
         for name, f in calls().items():
             assert unrolls(f) == {1}, name
@@ -207,12 +207,12 @@ def test_processes_tuning_at_once_keep_every_key(tmp_path):
 
 
 def test_forced_retraces_what_jit_already_traced():
-    """A function jax.jit traced on the kernel runs the XLA path inside forced("xla") (and the
+    """A function jax.jit traced on the native code runs the XLA path inside forced("xla") (and the
     kernel again after): the forced path is part of jit's cache key."""
     from jaxlstm import _native
 
     if not (_native.available() and tuning.KEYED):
-        pytest.skip("needs the kernel, and JAX's keyed configuration state")
+        pytest.skip("needs the native code, and JAX's keyed configuration state")
     params = jaxlstm.init_lstm(jax.random.key(0), 3, 8)
     xs = jax.random.normal(jax.random.key(1), (2, 4, 3))
     f = jax.jit(lambda x: jaxlstm.lstm(params, x)[0])
@@ -225,7 +225,7 @@ def test_forced_retraces_what_jit_already_traced():
         with tuning.forced("native"):
             assert on_kernel()
     assert on_kernel()
-    assert f._cache_size() == 2  # two programs: the kernel's and the XLA path's
+    assert f._cache_size() == 2  # two programs: the native code's and the XLA path's
     np.testing.assert_allclose(ys, ys_xla, rtol=1e-5, atol=1e-6)
 
 

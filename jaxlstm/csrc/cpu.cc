@@ -1,4 +1,4 @@
-// What the CPU can run: the ISA levels the kernel is compiled for (setup.py), asked of the
+// What the CPU can run: the ISA levels the native code is compiled for (setup.py), asked of the
 // CPU itself (cpuid, and the OS's saved register state, through the compiler's
 // __builtin_cpu_supports). Compiled for the baseline of its architecture, with no -m flags,
 // so that it runs on any CPU before a level is chosen (jaxlstm/_kernel.py).

@@ -1,4 +1,4 @@
-// jaxlstm's CPU kernel: the LSTM, GRU and Elman recurrences as XLA FFI custom calls.
+// jaxlstm's native CPU code: the LSTM, GRU and Elman recurrences as XLA FFI custom calls.
 //
 // jaxlstm.lstm, jaxlstm.gru and jaxlstm.rnn run these on CPU where they apply (see
 // jaxlstm/_native.py); the pure-XLA path (jaxlstm/_fused.py) stays

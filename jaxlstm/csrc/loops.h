@@ -10,7 +10,7 @@
 // [8192, 128] · [128, 1024] at B=32, T=256, against 5 ms of arithmetic).
 // Backward: the reverse recurrence of the cotangents (dh, and dc for the LSTM) and all
 // the gradients: dx, dW_ih, dW_hh, db (the GRU's db_hn) and the initial and reset
-// states' cotangents. The gate cotangents never leave the kernel (a [T, B, G*H] buffer
+// states' cotangents. The gate cotangents never leave the native code (a [T, B, G*H] buffer
 // would cost its first touch again); the weight gradients are GEMMs over chunks of ~256 rows.
 //
 // Per-step flags: valid [T, B] (the step counts: inside the length and the mask) and

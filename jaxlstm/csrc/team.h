@@ -1,5 +1,5 @@
 // The team of threads a call runs on: the calling thread and helpers from XLA's intra-op
-// pool (or the kernel's own threads), meeting at a spin barrier once per step.
+// pool (or the native code's own threads), meeting at a spin barrier once per step.
 //
 // CPU affinity (sched_getaffinity, pthread_setaffinity_np, sched_getcpu) is Linux's: elsewhere
 // the team runs unpinned, on as many threads as the C++ runtime reports.
@@ -171,8 +171,8 @@ inline int thread_count(long units, long width, long work_per_step) {
 // runs, so helpers are recruited, not assumed: each task joins only while the caller is
 // still recruiting, the caller waits a short while for them and then closes the team
 // with whoever came; a task that comes late, or that XLA runs inline on the calling
-// thread, returns at once. Where none came, the kernel's own Pool serves. (XLA's pool
-// comes first: threads of the kernel's own compete for the cores with XLA's pool
+// thread, returns at once. Where none came, the native code's own Pool serves. (XLA's pool
+// comes first: threads of the native code's own compete for the cores with XLA's pool
 // threads, which spin after their work; on 2 cores that made steps up to 5x slower.)
 struct Team {
   std::mutex mu;
@@ -210,7 +210,7 @@ void on_cpu(int cpu, F&& f) {
 
 // The fallback when XLA's pool sends no helper in time (measured: at B=64, H=1024, in
 // some processes XLA ran no scheduled task for the whole call, so the forward pass ran
-// at one thread's speed): threads of the kernel's own, which sleep between calls.
+// at one thread's speed): threads of the native code's own, which sleep between calls.
 class Pool {
  public:
   static Pool& get() {
@@ -357,7 +357,7 @@ void run_team(ffi::ThreadPool& pool, int want, double work, F&& body) {
     admitted = team->joined;
     n = 1 + admitted;
   }
-  if (n == 1) {  // none came: the kernel's own threads
+  if (n == 1) {  // none came: the native code's own threads
     team->size.store(1, std::memory_order_release);
     std::mutex mu;
     std::unique_ptr<SpinBarrier> own_barrier;
