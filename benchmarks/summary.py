@@ -120,6 +120,11 @@ def _regimes_section(rg) -> str:
         + f"Native code: {native_code}. Choices of jaxlstm.tuning: {layouts}.\n\n"
         + regimes.table(rg)
         + "\n"
+        + "".join(
+            f"\nRechecked: {r['regime']} {r['cell']} training ran the native code at {r['vs_xla_path']:.2f}x the "
+            f"XLA path, so the tuner timed it again: {r['now']}\n"
+            for r in rg.get("rechecked", [])
+        )
     )
 
 

@@ -28,7 +28,9 @@ kept more than ``BUSY`` (25 %) of the CPUs busy while it was timed: then it hold
 process only (a warning says so), and the next process times it again. From then on it
 costs a dictionary look-up at trace time. ``python -m jaxlstm.tuning show`` lists the
 cached choices, ``retune`` times this machine's again (a choice that now measures
-otherwise is replaced), ``clear`` deletes them.
+otherwise is replaced), ``clear`` deletes them; ``recheck`` times one shape's again (the main
+job calls it where a training row ran the native code and the XLA path beside it was faster by
+more than ``MARGIN``).
 
 Turn it off with ``JAXLSTM_AUTOTUNE=0`` (then the defaults are used, deterministically);
 force a path with ``with jaxlstm.tuning.forced("batch"): ...`` (``"native"``;
@@ -75,6 +77,7 @@ __all__ = [
     "kernel_path",
     "native_path",
     "other_load",
+    "recheck",
     "register",
     "retune",
     "show",
@@ -417,10 +420,28 @@ def native_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.fl
         return _forced[-1] == NATIVE
     if not enabled():
         return True
+    key, args = _native_key(B, D, H, T, cell, dtype)
+    return _cached(key, (NATIVE, "xla"), lambda: _measure_native(B, D, H, T, cell, dtype), NATIVE, args) == NATIVE
+
+
+def _native_key(B, D, H, T, cell, dtype) -> tuple[str, dict]:
+    """The cache key of ``native_path``'s choice for this shape, and the shape as the record keeps it."""
     dtype = jnp.dtype(dtype)
     key = f"{_machine()}|{cell}-native {_probe(NATIVE)[1]()}|B={B} D={D} H={H} T<={_bucket(T)}|{dtype.name}"
-    args = dict(kind=NATIVE, B=B, D=D, H=H, T=T, cell=cell, dtype=dtype.name)
-    return _cached(key, (NATIVE, "xla"), lambda: _measure_native(B, D, H, T, cell, dtype), NATIVE, args) == NATIVE
+    return key, dict(kind=NATIVE, B=B, D=D, H=H, T=T, cell=cell, dtype=dtype.name)
+
+
+def recheck(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> str | None:
+    """Times ``native_path``'s choice for this shape again, now, and replaces the cached one where it
+    measures otherwise: for a caller that measured the native code slower than the XLA path where the
+    cache chose it (the main job does, on its training rows), so that a choice made in a noisy moment
+    is not trusted forever. A decision timed while the machine is busy is not cached (as ever). Returns
+    a line saying what the choice was and is; ``None`` where autotuning is off, a path is forced, or
+    nothing times the choice."""
+    if _forced or not enabled() or NATIVE not in _PROBES:
+        return None
+    key, args = _native_key(B, D, H, T, cell, dtype)
+    return _retime(key, args, _read_disk().get(key))
 
 
 def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
@@ -474,21 +495,27 @@ def retune() -> list[str]:
         if args["kind"] in (NATIVE, KERNEL) and f"-native {build}|" not in key:
             lines.append(f"{key.split('|', 1)[1]}: skipped (another build of the native code, or an earlier jaxlstm)")
             continue
-        if args["kind"] == NATIVE:
-            decision = _measure_native(args["B"], args["D"], args["H"], args["T"], args["cell"], args["dtype"])
-        else:
-            a = args
-            decision = _measure(a["B"], a["D"], a["H"], a["R"], a["T"], a["mm"], a["acc"], a["unroll"])
-        old = _choice(record)
-        if _busy(decision):
-            lines.append(f"{_describe(key, record)}: kept, the machine was busy ({_describe(key, decision)})")
-            continue
-        _write_disk(key, {**decision, "args": args})
-        with _lock:
-            _memory.pop(key, None)
-        change = "unchanged" if decision["choice"] == old else f"was {old!r}"
-        lines.append(f"{_describe(key, decision)} [{change}]")
+        lines.append(_retime(key, args, record))
     return lines
+
+
+def _retime(key: str, args: dict, record) -> str:
+    """Times the choice under ``key`` (of the shape ``args``) again and caches the decision, unless the
+    machine was busy; one line: what it was (``record``, or nothing cached), what it is."""
+    a = args
+    if a["kind"] == NATIVE:
+        decision = _measure_native(a["B"], a["D"], a["H"], a["T"], a["cell"], a["dtype"])
+    else:
+        decision = _measure(a["B"], a["D"], a["H"], a["R"], a["T"], a["mm"], a["acc"], a["unroll"])
+    old = _choice(record)
+    if _busy(decision):
+        was = "nothing cached" if record is None else _describe(key, record)
+        return f"{was}: kept, the machine was busy ({_describe(key, decision)})"
+    _write_disk(key, {**decision, "args": args})
+    with _lock:
+        _memory.pop(key, None)
+    change = "unchanged" if decision["choice"] == old else ("was not cached" if old is None else f"was {old!r}")
+    return f"{_describe(key, decision)} [{change}]"
 
 
 def main(argv=None) -> None:

@@ -297,6 +297,54 @@ def test_the_command_line_shows_retunes_and_clears(autotune, monkeypatch, capsys
     assert run.returncode == 0 and "(no choices)" in run.stdout, run.stderr[-2000:]
 
 
+def test_recheck_times_one_native_choice_again(autotune, monkeypatch):
+    """``tuning.recheck``: the one shape's native-or-XLA choice timed again and replaced where it now
+    measures otherwise (this process forgets the old one too); a busy machine's answer is not cached;
+    off (autotuning off, or a forced path) it does nothing."""
+    answers = iter(["native", "xla", "native"])
+    loads = iter([0.0, 0.0, 0.9])
+    monkeypatch.setitem(
+        tuning._PROBES,
+        tuning.NATIVE,
+        (lambda *a: dict(choice=next(answers), ratio=0.9, rounds=9, clear=True, load=next(loads), when="now"),
+         lambda: "build-1"),
+    )  # fmt: skip
+    monkeypatch.setattr(tuning, "BUSY", 0.25)
+    assert tuning.native_path(4, 3, 8, 20, cell="gru")  # timed: the native code, cached
+    line = tuning.recheck(4, 3, 8, 20, cell="gru")
+    assert line is not None and "'xla'" in line and "[was 'native']" in line, line
+    assert not tuning.native_path(4, 3, 8, 20, cell="gru")  # this process reads the new choice
+    (key,) = json.loads((autotune / "tuning.json").read_text())
+    assert "gru-native build-1|B=4 D=3 H=8 T<=32|float32" in key
+    line = tuning.recheck(4, 3, 8, 20, cell="gru")  # busy now: not cached
+    assert line is not None and "kept, the machine was busy" in line
+    assert json.loads((autotune / "tuning.json").read_text())[key]["choice"] == "xla"
+    with tuning.forced("xla"):
+        assert tuning.recheck(4, 3, 8, 20, cell="gru") is None
+    monkeypatch.setenv("JAXLSTM_AUTOTUNE", "0")
+    assert tuning.recheck(4, 3, 8, 20, cell="gru") is None
+
+
+def test_the_main_job_rechecks_only_contradicted_training_choices():
+    from benchmarks.regimes import IMPLS, contradicted_choices
+
+    def rec(reg, cell, mode, impl, t, path=None):
+        return dict(regime=reg, cell=cell, mode=mode, impl=impl, median_s=t, **({"path": path} if path else {}))
+
+    lstm, _, lstm_xla = IMPLS["lstm"]
+    gru, _, gru_xla = IMPLS["gru"]
+    records = [
+        rec("big-H", "lstm", "train", lstm, 1.0, "native"), rec("big-H", "lstm", "train", lstm_xla, 0.9),
+        rec("big-H", "lstm", "forward", lstm, 1.0, "native"), rec("big-H", "lstm", "forward", lstm_xla, 0.5),
+        rec("base", "lstm", "train", lstm, 1.0, "native"), rec("base", "lstm", "train", lstm_xla, 0.96),
+        rec("base", "gru", "train", gru, 1.0, "xla-fused"), rec("base", "gru", "train", gru_xla, 0.5),
+        rec("small", "gru", "train", gru, 2.0, "native"), rec("small", "gru", "train", gru_xla, 1.0),
+    ]  # fmt: skip
+    got = contradicted_choices(records)
+    assert [(r, c) for r, c, _ in got] == [("big-H", "lstm"), ("small", "gru")]
+    assert got[0][2] == pytest.approx(0.9) and got[1][2] == pytest.approx(0.5)
+
+
 def test_missing_native_code_says_so_once(monkeypatch):
     import warnings
 
