@@ -185,6 +185,7 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
     peaks = [probe(n)]  # the peak is probed again after every regime: its best is the machine's
     f32_peaks = peaks if dtype == "float32" else [C.peak_matmul_gflops(n)]
     records = list(torch_recs)
+    rechecked = []
     bar = tqdm(total=len(grid) * len(GATES) * 2, desc="regimes", unit="row", file=sys.stderr, leave=False)
     for name, (B, D, H, T) in grid.items():
         for cell in GATES:
@@ -203,6 +204,8 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
                 if mode == "forward":
                     fns["bare-dot"] = dot
                 times = C.time_interleaved(fns, repeats, budget_s=budget_s, fill_s=0.0 if quick else FILL_S)
+                if mode == "train":  # the tuner's word against this row's: the same programs timed again
+                    rechecked += _recheck(name, cell, path, times, fns, (B, D, H, T), dtype)
                 for impl, ts in times.items():
                     rec = dict(regime=name, cell=cell, mode=mode, impl=impl, **C.summarize(ts))
                     if impl in built:
@@ -229,35 +232,39 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
     for r in records:
         if "gflops" in r:
             r["fraction_of_peak"] = r["gflops"] / peak
-    rechecked = []
-    for name, cell, ratio in contradicted_choices(records):  # the cache's word against this run's
-        B, D, H, T = grid[name]
-        print(f"jaxlstm.tuning chose the native code for {name} {cell} training, where the XLA path beside it "
-              f"measured {1 / ratio:.2f}x faster here: timing that choice again", file=sys.stderr)  # fmt: skip
-        line = tuning.recheck(B, D, H, T, cell, dtype=C.jnp.dtype(dtype))  # the GEMMs' dtype, as jaxlstm_path
-        if line is not None:
-            print(f"  {line}", file=sys.stderr)
-            rechecked.append(dict(regime=name, cell=cell, vs_xla_path=ratio, now=line))
     return {"machine": info, "regimes": grid, "records": records, "tuning": _tuning_choices(), "rechecked": rechecked}
 
 
-def contradicted_choices(records: list) -> list:
-    """``(regime, cell, vs_xla_path)`` of each training row that ran the native code (the tuner's choice)
-    while the pure-XLA path beside it, in the same interleaved rounds, was more than the tuner's margin
-    faster (``vs_xla_path < 1 - jaxlstm.tuning.MARGIN``). The tuner decides on training steps, so forward
-    rows are not its word to check."""
+def contradicts_tuner(cell: str, path: str, times: dict) -> float | None:
+    """Where a training row ran the native code (the tuner's choice) while the pure-XLA path beside it, in
+    the same interleaved rounds, was more than the tuner's margin faster (median time ratio XLA / default
+    below ``1 - jaxlstm.tuning.MARGIN``): that ratio; else ``None``. The tuner decides on training steps,
+    so forward rows are not its word to check."""
     from jaxlstm import tuning
 
-    by = {(r["regime"], r["cell"], r["mode"], r["impl"]): r for r in records}
-    out = []
-    for (reg, cell, mode, impl), ours in by.items():
-        xla = by.get((reg, cell, mode, IMPLS[cell][2]))
-        if mode != "train" or impl != IMPLS[cell][0] or ours.get("path") != "native" or xla is None:
-            continue
-        ratio = xla["median_s"] / ours["median_s"]
-        if ratio < 1 - tuning.MARGIN:
-            out.append((reg, cell, ratio))
-    return out
+    ours, xla = IMPLS[cell][0], IMPLS[cell][2]
+    if path != "native" or ours not in times or xla not in times:
+        return None
+    ratio = float(np.median(times[xla]) / np.median(times[ours]))
+    return ratio if ratio < 1 - tuning.MARGIN else None
+
+
+def _recheck(name, cell, path, times, fns, shape, dtype) -> list:
+    """The row's two programs (jaxlstm's default and its XLA path) timed again by the tuner's rule
+    (``jaxlstm.tuning.recheck``), its choice for this shape replaced where they now say otherwise."""
+    from jaxlstm import tuning
+
+    ratio = contradicts_tuner(cell, path, times)
+    if ratio is None:
+        return []
+    print(f"jaxlstm.tuning chose the native code for {name} {cell} training, where the XLA path beside it "
+          f"measured {1 / ratio:.2f}x faster here: timing the two again", file=sys.stderr)  # fmt: skip
+    probes = {"native": fns[IMPLS[cell][0]], "xla": fns[IMPLS[cell][2]]}
+    line = tuning.recheck(*shape, cell, dtype=C.jnp.dtype(dtype), probes=probes)  # the GEMMs' dtype, as path_of
+    if line is None:
+        return []
+    print(f"  {line}", file=sys.stderr)
+    return [dict(regime=name, cell=cell, vs_xla_path=ratio, now=line)]
 
 
 def _peak(info: dict, probes: list, records: list, dtype: str) -> float:

@@ -431,17 +431,22 @@ def _native_key(B, D, H, T, cell, dtype) -> tuple[str, dict]:
     return key, dict(kind=NATIVE, B=B, D=D, H=H, T=T, cell=cell, dtype=dtype.name)
 
 
-def recheck(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> str | None:
+def recheck(
+    B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32, probes: dict | None = None
+) -> str | None:
     """Times ``native_path``'s choice for this shape again, now, and replaces the cached one where it
     measures otherwise: for a caller that measured the native code slower than the XLA path where the
     cache chose it (the main job does, on its training rows), so that a choice made in a noisy moment
-    is not trusted forever. A decision timed while the machine is busy is not cached (as ever). Returns
-    a line saying what the choice was and is; ``None`` where autotuning is off, a path is forced, or
-    nothing times the choice."""
+    is not trusted forever. ``probes``, ``{"native": f, "xla": g}`` (compiled training steps of this
+    shape, functions of no argument that block until ready), are what is timed, by ``decide``'s rule;
+    by default the tuner's own probe. A decision timed while the machine is busy is not cached (as
+    ever). Returns a line saying what the choice was and is; ``None`` where autotuning is off, a path
+    is forced, or nothing times the choice."""
     if _forced or not enabled() or NATIVE not in _PROBES:
         return None
     key, args = _native_key(B, D, H, T, cell, dtype)
-    return _retime(key, args, _read_disk().get(key))
+    decision = None if probes is None else decide(probes, NATIVE)
+    return _retime(key, args, _read_disk().get(key), decision)
 
 
 def kernel_path(B: int, D: int, H: int, T: int, cell: str = "lstm", dtype=jnp.float32) -> bool:
@@ -499,13 +504,14 @@ def retune() -> list[str]:
     return lines
 
 
-def _retime(key: str, args: dict, record) -> str:
-    """Times the choice under ``key`` (of the shape ``args``) again and caches the decision, unless the
-    machine was busy; one line: what it was (``record``, or nothing cached), what it is."""
+def _retime(key: str, args: dict, record, decision: dict | None = None) -> str:
+    """Times the choice under ``key`` (of the shape ``args``) again (or takes ``decision``, timed by the
+    caller) and caches the decision, unless the machine was busy; one line: what it was (``record``, or
+    nothing cached), what it is."""
     a = args
-    if a["kind"] == NATIVE:
+    if decision is None and a["kind"] == NATIVE:
         decision = _measure_native(a["B"], a["D"], a["H"], a["T"], a["cell"], a["dtype"])
-    else:
+    elif decision is None:
         decision = _measure(a["B"], a["D"], a["H"], a["R"], a["T"], a["mm"], a["acc"], a["unroll"])
     old = _choice(record)
     if _busy(decision):

@@ -325,24 +325,26 @@ def test_recheck_times_one_native_choice_again(autotune, monkeypatch):
     assert tuning.recheck(4, 3, 8, 20, cell="gru") is None
 
 
-def test_the_main_job_rechecks_only_contradicted_training_choices():
-    from benchmarks.regimes import IMPLS, contradicted_choices
+def test_the_main_job_rechecks_only_contradicted_native_rows():
+    from benchmarks.regimes import IMPLS, contradicts_tuner
 
-    def rec(reg, cell, mode, impl, t, path=None):
-        return dict(regime=reg, cell=cell, mode=mode, impl=impl, median_s=t, **({"path": path} if path else {}))
+    ours, _, xla = IMPLS["gru"]
+    times = lambda a, b: {ours: [a, a * 1.01, a * 0.99], xla: [b, b, b * 1.02], "flax-gru": [9.0]}
+    assert contradicts_tuner("gru", "native", times(1.0, 0.9)) == pytest.approx(0.9)
+    assert contradicts_tuner("gru", "native", times(1.0, 0.96)) is None  # within the tuner's margin
+    assert contradicts_tuner("gru", "xla-fused", times(1.0, 0.5)) is None  # not the native code's row
+    assert contradicts_tuner("gru", "native", {ours: [1.0]}) is None  # no XLA path beside it
 
-    lstm, _, lstm_xla = IMPLS["lstm"]
-    gru, _, gru_xla = IMPLS["gru"]
-    records = [
-        rec("big-H", "lstm", "train", lstm, 1.0, "native"), rec("big-H", "lstm", "train", lstm_xla, 0.9),
-        rec("big-H", "lstm", "forward", lstm, 1.0, "native"), rec("big-H", "lstm", "forward", lstm_xla, 0.5),
-        rec("base", "lstm", "train", lstm, 1.0, "native"), rec("base", "lstm", "train", lstm_xla, 0.96),
-        rec("base", "gru", "train", gru, 1.0, "xla-fused"), rec("base", "gru", "train", gru_xla, 0.5),
-        rec("small", "gru", "train", gru, 2.0, "native"), rec("small", "gru", "train", gru_xla, 1.0),
-    ]  # fmt: skip
-    got = contradicted_choices(records)
-    assert [(r, c) for r, c, _ in got] == [("big-H", "lstm"), ("small", "gru")]
-    assert got[0][2] == pytest.approx(0.9) and got[1][2] == pytest.approx(0.5)
+
+def test_recheck_times_the_programs_it_is_given(autotune, monkeypatch):
+    """With ``probes``, ``recheck`` times those (the main job's own two programs) by ``decide``'s rule."""
+    monkeypatch.setitem(tuning._PROBES, tuning.NATIVE, (lambda *a: pytest.fail("the tuner's probe ran"), lambda: "b"))
+    clock = [0.0]
+    monkeypatch.setattr(tuning.time, "perf_counter", lambda: clock[0])
+    tick = lambda s: lambda: clock.__setitem__(0, clock[0] + s)
+    line = tuning.recheck(2, 3, 4, 5, cell="lstm", probes={"native": tick(2.0), "xla": tick(1.0)})
+    assert line is not None and "'xla'" in line and "[was not cached]" in line, line
+    assert not tuning.native_path(2, 3, 4, 5)
 
 
 def test_missing_native_code_says_so_once(monkeypatch):
