@@ -93,17 +93,27 @@ class GRUStepGrads(NamedTuple):
     dh_prev: jax.Array  # [B, H]
 
 
+def _gate_derivatives(r, z, n, derivs):
+    """``(r', z', n')``: σ's and tanh's from the saved gates, or the saved ``derivs`` of other activations."""
+    return (r * (1 - r), z * (1 - z), 1 - n * n) if derivs is None else derivs
+
+
+def _blend_vjp(z, n, h_prev, dh, d_z, d_n):
+    """Of ``h = (1 - z) ∗ n + z ∗ h(t-1)`` (both GRU forms): the cotangents of n's and z's
+    pre-activations, and ``h(t-1)``'s share through z's blend, ``dh ∗ z``."""
+    return dh * (1 - z) * d_n, dh * (h_prev - n) * d_z, dh * z
+
+
 def gru_step_vjp(w_hh, r, z, n, hn, h_prev, dh, mm_dtype, acc_dtype, h_mask=None, derivs=None) -> GRUStepGrads:
     """Backward of one step, given its saved ``(r, z, n, hn)``, the state entering it,
     the cotangent ``dh`` of its output and the recurrent dropout mask (or ``None``);
     ``derivs``: the saved ``(r', z', n')`` of other activations than σ and tanh."""
-    d_r, d_z, d_n = (r * (1 - r), z * (1 - z), 1 - n * n) if derivs is None else derivs
-    dn = dh * (1 - z) * d_n
+    d_r, d_z, d_n = _gate_derivatives(r, z, n, derivs)
+    dn, dz, dh_blend = _blend_vjp(z, n, h_prev, dh, d_z, d_n)
     dr = dn * hn * d_r
-    dz = dh * (h_prev - n) * d_z
     dgh = jnp.concatenate([dr, dz, dn * r], axis=-1)
     dh_rec = dot(dgh, w_hh.T, mm_dtype, acc_dtype)
-    dh_prev = dh * z + (dh_rec if h_mask is None else dh_rec * h_mask)
+    dh_prev = dh_blend + (dh_rec if h_mask is None else dh_rec * h_mask)
     return GRUStepGrads(jnp.concatenate([dr, dz, dn], axis=-1), dh_prev)
 
 
@@ -138,15 +148,15 @@ def _gru_reset_before_vjp(params, cfg, h_mask, res, carry_prev, d_new, valid):
     ``dgx = [dr', dz', dn']``, the cotangent of ``x @ w_ih + b``."""
     mm, acc = cfg.mm_dtype, cfg.acc_dtype
     r, z, n = res[:3]
-    d_r, d_z, d_n = (r * (1 - r), z * (1 - z), 1 - n * n) if len(res) == 3 else res[3]
+    d_r, d_z, d_n = _gate_derivatives(r, z, n, res[3] if len(res) > 3 else None)
     H = r.shape[-1]
     h_prev, dh = carry_prev[0], d_new[0]
     h_in = h_prev if h_mask is None else h_prev * h_mask
-    dn = dh * (1 - z) * d_n
+    dn, dz, dh_blend = _blend_vjp(z, n, h_prev, dh, d_z, d_n)
     dq = dot(dn, params.w_hh[:, 2 * H :].T, mm, acc)
-    drz = jnp.concatenate([dq * h_in * d_r, dh * (h_prev - n) * d_z], axis=-1)
+    drz = jnp.concatenate([dq * h_in * d_r, dz], axis=-1)
     dh_in = dq * r + dot(drz, params.w_hh[:, : 2 * H].T, mm, acc)
-    dh_prev = dh * z + (dh_in if h_mask is None else dh_in * h_mask)
+    dh_prev = dh_blend + (dh_in if h_mask is None else dh_in * h_mask)
     return (where_valid(valid, jnp.concatenate([drz, dn], axis=-1), 0),), (dh_prev,), None
 
 

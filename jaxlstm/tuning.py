@@ -442,6 +442,10 @@ def recheck(
     by default the tuner's own probe. A decision timed while the machine is busy is not cached (as
     ever). Returns a line saying what the choice was and is; ``None`` where autotuning is off, a path
     is forced, or nothing times the choice."""
+    if cell not in ("lstm", "gru", "rnn"):
+        raise ValueError(f"cell must be one of 'lstm', 'gru', 'rnn', got {cell!r}")
+    if probes is not None and set(probes) != {NATIVE, "xla"}:
+        raise ValueError(f"probes must have the keys 'native' and 'xla', got {sorted(probes)}")
     if _forced or not enabled() or NATIVE not in _PROBES:
         return None
     key, args = _native_key(B, D, H, T, cell, dtype)

@@ -320,3 +320,5 @@ def test_the_earlier_spelling_of_the_forced_path_warns():
     with pytest.warns(DeprecationWarning, match='forced\\("native"\\)'), tuning.forced("kernel"):
         assert jaxlstm.path_of("lstm", params, xs) == "native"
     assert tuning.kernel_path(1, 2, 4, 3) == tuning.native_path(1, 2, 4, 3)
+    with tuning.forced("xla"):  # the alias follows the choice, not a constant
+        assert not tuning.kernel_path(1, 2, 4, 3) and not tuning.native_path(1, 2, 4, 3)

@@ -323,6 +323,10 @@ def test_recheck_times_one_native_choice_again(autotune, monkeypatch):
         assert tuning.recheck(4, 3, 8, 20, cell="gru") is None
     monkeypatch.setenv("JAXLSTM_AUTOTUNE", "0")
     assert tuning.recheck(4, 3, 8, 20, cell="gru") is None
+    with pytest.raises(ValueError, match="cell must be one of 'lstm', 'gru', 'rnn', got 'lsmt'"):
+        tuning.recheck(4, 3, 8, 20, cell="lsmt")
+    with pytest.raises(ValueError, match=r"probes must have the keys 'native' and 'xla', got \['kernel', 'xla'\]"):
+        tuning.recheck(4, 3, 8, 20, probes={"kernel": lambda: None, "xla": lambda: None})
 
 
 def test_the_main_job_rechecks_only_contradicted_native_rows():
