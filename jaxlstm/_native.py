@@ -412,7 +412,7 @@ def _run_forward(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, s
     valid, reset = _flags(steps, T, B)
     cs = (T, B, H) if save and lstm else (0,)
     saved = (_out(T, B, saved_per_unit * H), _out(*cs), _out(T, B, H)) if save else (_out(0),) * 3
-    ys = _out(B, T, H) if batch_major else _out(T, B, H)
+    ys = jax.ShapeDtypeStruct((B, T, H) if batch_major else (T, B, H), xs.dtype)  # f32 or bf16 (_io)
     outs = (ys, _out(B, H), _out(*((B, H) if lstm else (0,))), *saved)
     call = jax.ffi.ffi_call(_target("forward"), outs, vmap_method="sequential")
     ys, h, c, acts, cs, h_in = call(
@@ -491,7 +491,7 @@ def _forward_saving_jvp(kind, batch_major, bf16, primals, tangents):
     ref = lambda p, h0, c0, x, hr, cr: _xla_reference(kind, batch_major, bf16, p, h0, c0, x, steps, hr, cr)
     dp, dh0, dc0, dx, _, dhr, dcr = tangents
     _, (dys, dh, dc) = jax.jvp(ref, (params, h0, c0, xs, hr, cr), (dp, dh0, dc0, dx, dhr, dcr))
-    return out, (dys, dh, dc, jax.tree.map(_zero_tangent, out[3]))
+    return out, (dys.astype(out[0].dtype), dh, dc, jax.tree.map(_zero_tangent, out[3]))
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
@@ -516,6 +516,22 @@ def _backward_jvp(kind, batch_major, bf16, primals, tangents):
     return out, t_out
 
 
+def _backward_of(kind: str, batch_major: bool, bf16: bool, params, h0, c0, xs, steps, hr, cr, saved, cts):
+    """``_backward`` of a call whose ``xs`` and ``ys`` may be bfloat16 (``_io``): the backward call
+    reads them widened to float32, here, outside its custom JVP; ``dxs`` in the dtype of ``xs``."""
+    dys, dh, dc = cts
+    out = _backward(kind, batch_major, bf16, params, h0, c0, xs.astype(_F32), steps, hr, cr, saved,
+                    (dys.astype(_F32), dh, dc))  # fmt: skip
+    grads, dh0, dc0, dxs, dhr, dcr = out
+    return grads, dh0, dc0, dxs.astype(xs.dtype), dhr, dcr
+
+
+def _io(xs):
+    """The inputs as the forward call reads them: bfloat16 as they are (the call writes bf16 ``ys``
+    then, with no float32 copy of the sequence on either side), anything else as float32."""
+    return xs if xs.dtype == _BF16 else xs.astype(_F32)
+
+
 def _as_f32(params):
     """The native code's calls read float32 (bfloat16 params are cast here, outside the custom VJPs,
     so that autodiff casts their gradients back)."""
@@ -526,11 +542,12 @@ def native_lstm(batch_major: bool, params: LSTMParams, carry0, xs, steps: Steps 
     """``jaxlstm._fused.fused_sequence``'s contract for the LSTM on the native code: ``xs [T, B, D]``
     (``[B, T, D]`` with ``batch_major``), ``carry0`` / ``reset_carry`` ``(h [B, H], c [B, H])``,
     ``steps`` time-major (``[T, B]`` flags). Returns ``(ys, (h, c))``, ``ys`` ``[T, B, H]``
-    (``[B, T, H]``), float32. ``bf16``: the GEMMs take bfloat16 operands (weights, x, h and the
-    gate cotangents rounded; float32 accumulation) where the level has them (``bf16_dot``).
+    (``[B, T, H]``), bfloat16 for bfloat16 ``xs``, else float32. ``bf16``: the GEMMs take bfloat16
+    operands (weights, x, h and the gate cotangents rounded; float32 accumulation) where the level
+    has them (``bf16_dot``).
     Reverse mode runs the native code's backward call; differentiated again (grad of grad,
     ``jax.hessian``, ``jax.jvp`` of ``jax.grad``), the XLA scan's derivatives."""
-    return _kernel_lstm(batch_major, bool(bf16), _as_f32(params), carry0, xs.astype(_F32), steps, reset_carry)
+    return _kernel_lstm(batch_major, bool(bf16), _as_f32(params), carry0, _io(xs), steps, reset_carry)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -549,8 +566,8 @@ def _kernel_fwd(batch_major, bf16, params, carry0, xs, steps, reset_carry):
 def _kernel_bwd(batch_major, bf16, res, cotangents):
     params, (h0, c0), (hr, cr), xs, steps, saved = res
     dys, (dh, dc) = cotangents
-    grads, dh0, dc0, dxs, dhr, dcr = _backward("lstm", batch_major, bf16, params, h0, c0, xs, steps, hr, cr, saved,
-                                               (dys, dh, dc))  # fmt: skip
+    grads, dh0, dc0, dxs, dhr, dcr = _backward_of("lstm", batch_major, bf16, params, h0, c0, xs, steps, hr, cr,
+                                                  saved, (dys, dh, dc))  # fmt: skip
     return grads, (dh0, dc0), dxs, None, (dhr, dcr)
 
 
@@ -562,7 +579,7 @@ def native_cell(kind: str, batch_major: bool, params, h0, xs, steps: Steps | Non
     (``GRUParams``) or ``"rnn"`` (``RNNParams``): ``xs [T, B, D]`` (``[B, T, D]`` with
     ``batch_major``), ``h0`` / ``h_reset`` ``[B, H]``, ``steps`` time-major. Returns
     ``(ys, h)``, ``ys`` ``[T, B, H]`` (``[B, T, H]``). ``bf16`` and derivatives as ``native_lstm``'s."""
-    return _native_cell(kind, batch_major, bool(bf16), _as_f32(params), h0, xs.astype(_F32), steps, h_reset)
+    return _native_cell(kind, batch_major, bool(bf16), _as_f32(params), h0, _io(xs), steps, h_reset)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -579,8 +596,8 @@ def _cell_fwd(kind, batch_major, bf16, params, h0, xs, steps, h_reset):
 def _cell_bwd(kind, batch_major, bf16, res, cotangents):
     params, h0, h_reset, xs, steps, saved = res
     dys, dh = cotangents
-    grads, dh0, _, dxs, dhr, _ = _backward(kind, batch_major, bf16, params, h0, None, xs, steps, h_reset, None, saved,
-                                           (dys, dh, None))  # fmt: skip
+    grads, dh0, _, dxs, dhr, _ = _backward_of(kind, batch_major, bf16, params, h0, None, xs, steps, h_reset, None,
+                                              saved, (dys, dh, None))  # fmt: skip
     return grads, dh0, dxs, None, dhr
 
 

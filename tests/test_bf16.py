@@ -106,6 +106,35 @@ def test_a_level_without_bf16_gemms_runs_them_in_float32(kind, monkeypatch):
         np.testing.assert_allclose(a, b, atol=2e-6)
 
 
+@pytest.mark.skipif(not RUNNABLE, reason="no native level runs here")
+@pytest.mark.parametrize("level", RUNNABLE)
+@pytest.mark.parametrize("kind", CELLS)
+def test_bf16_inputs_and_outputs_cross_the_native_call_as_they_are(kind, level, monkeypatch):
+    """bf16 inputs go into the forward call unconverted and it writes bf16 outputs (no float32 copy
+    of the sequence on either side): the numbers of the same values given as float32, rounded once
+    at the end, at every level (those without bf16 GEMMs widen x(t) a step at a time); odd D,
+    holes, reversed, time-major. Gradients: dxs in bf16, near the float32 inputs' (the outputs'
+    cotangent is bf16 now)."""
+    monkeypatch.setenv(_native.ISA_VARIABLE, level)
+    for i, shape in enumerate(SHAPES):
+        run, _, params, _, x, state, _, options = _case(kind, i, *shape)
+        xb = x.astype(BF16)
+        f = jax.jit(partial(run, **options))
+        call = [ln for ln in f.lower(params, xb, state).as_text().splitlines() if f"{level}_forward" in ln]
+        assert len(call) == 1 and "bf16>" in call[0].split("->")[0].split(":")[-1], call
+        (ys, final), (ys32, final32) = f(params, xb, state), f(params, xb.astype(jnp.float32), state)
+        assert ys.dtype == BF16 and ys32.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(ys), np.asarray(ys32.astype(BF16)))
+        for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(final32), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(a.dtype)))
+        wide = lambda *a, run=run, **k: jax.tree.map(lambda v: v.astype(jnp.float32), run(*a, **k))
+        loss = partial(_loss, wide, options, s=state, r=state)
+        g = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xb)
+        g32 = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, xb.astype(jnp.float32))
+        assert g[1].dtype == BF16
+        assert_trees_close(g, g32, rtol=2e-2, floor=1e-1)
+
+
 @pytest.mark.parametrize("path", ["native", "xla"])
 @pytest.mark.parametrize("kind", CELLS)
 def test_dtypes_of_the_contract(kind, path):

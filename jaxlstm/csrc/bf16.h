@@ -10,9 +10,10 @@
 // the low half the even k, a zero after the last k where K is odd) and a panel [K2, NC], the
 // packed layout of gemm.h with a pair in place of a float.
 //
-// Only the avx512_bf16 level (setup.py) compiles the definitions (JAXLSTM_BF16_DOT); the other
-// levels see the declarations alone, so that the loops compile unchanged, and run a bf16 call
-// on the float32 GEMM of the same (float32) data.
+// Only the avx512_bf16 level (setup.py) compiles the GEMM's definitions (JAXLSTM_BF16_DOT); the
+// other levels see their declarations alone, so that the loops compile unchanged, and run a bf16
+// call on the float32 GEMM of the same data (bf16 inputs widened a step at a time). Every level
+// reads bf16 inputs and writes bf16 outputs (from_bf16, store_bf16).
 #pragma once
 
 #include <algorithm>
@@ -92,8 +93,17 @@ void transpose_pairs(Row&& row, long rows, long cols, pair16* dst) {
 // dst[0 .. pairs(n)) = src[0 .. n) rounded and paired (a zero after the last where n is odd).
 inline void to_pairs(const float* src, pair16* dst, long n);
 
-// The first m (<= VW) lanes of v, rounded, to dst.
+// The first m (<= VW) lanes of v, rounded, to dst (every level: the forward pass writes bf16
+// outputs with it).
 inline void store_bf16(uint16_t* dst, vf v, int m);
+
+// dst[0 .. n) = the bf16 src[0 .. n), widened (exactly: a bf16 is the high half of a float).
+inline void from_bf16(const uint16_t* src, float* dst, long n) {
+  for (long i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &u, 4);
+  }
+}
 
 // C [M, N] (+)= A · panels with paired operands: A [M, K2] (row stride rs pairs), panel j
 // [K2, NC] for columns j*NC ...; N a multiple of NC.
@@ -180,6 +190,12 @@ inline void gemm_bf16(const pair16* A, long rs, long M, const pair16* panels, lo
       tiles[m - 1](A + r * rs, rs, P, K2, C + r * ldc + j * NC, ldc, accumulate);
     }
   }
+}
+
+#else
+
+inline void store_bf16(uint16_t* dst, vf v, int m) {
+  for (int i = 0; i < m; ++i) dst[i] = bf16(v[i]);
 }
 
 #endif  // JAXLSTM_BF16_DOT

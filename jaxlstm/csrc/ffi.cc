@@ -37,13 +37,15 @@ namespace {
 
 using F32 = ffi::Buffer<ffi::F32>;
 using Out = ffi::ResultBuffer<ffi::F32>;
+using Any = ffi::AnyBuffer;  // the forward call's xs and ys: float32 or bfloat16
+using AnyOut = ffi::Result<ffi::AnyBuffer>;
 using Flags = ffi::Buffer<ffi::U8>;
 
 ffi::Error invalid(const std::string& what) { return ffi::Error::InvalidArgument("jaxlstm kernel: " + what); }
 
 // Sizes from xs ([T, B, D], or [B, T, D] when batch-major) and w_hh [H, G*H].
-template <class Cell>
-ffi::Error decode(const F32& xs, const F32& w_ih, const F32& w_hh, int32_t batch_major, Dims& a) {
+template <class Cell, class Xs>
+ffi::Error decode(const Xs& xs, const F32& w_ih, const F32& w_hh, int32_t batch_major, Dims& a) {
   auto d = xs.dimensions();
   auto dw = w_hh.dimensions();
   if (d.size() != 3 || dw.size() != 2 || dw[1] != Cell::G * dw[0])
@@ -68,12 +70,15 @@ struct Expect {
 };
 
 template <class Cell>
-ffi::Error Forward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& bias, F32& b_hn, F32& w_hh, F32& h0, F32& c0,
-                   F32& hr, F32& cr, Flags& valid, Flags& reset, Out& ys, Out& hT, Out& cT, Out& acts, Out& cs,
+ffi::Error Forward(ffi::ThreadPool& pool, Any& xs, F32& w_ih, F32& bias, F32& b_hn, F32& w_hh, F32& h0, F32& c0,
+                   F32& hr, F32& cr, Flags& valid, Flags& reset, AnyOut& ys, Out& hT, Out& cT, Out& acts, Out& cs,
                    Out& hin, int32_t batch_major, int32_t bf16) {
   ForwardArgs a{};
   if (auto e = decode<Cell>(xs, w_ih, w_hh, batch_major, a); e.failure()) return e;
-  const bool save = acts->element_count() != 0;
+  const auto dtype = xs.element_type();
+  if (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) return invalid("xs must be float32 or bfloat16");
+  if (ys->element_type() != dtype) return invalid("ys must have the dtype of xs");
+  const bool save = acts->element_count() != 0, io16 = dtype == ffi::DataType::BF16;
   const size_t bh = a.B * a.H, tbh = a.T * bh, c_bh = Cell::kHasC ? bh : 0;
   Expect expect;
   expect(bias.element_count(), Cell::G * a.H, "b");
@@ -91,7 +96,8 @@ ffi::Error Forward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& bias, F32& b_
   expect(cs->element_count(), save && Cell::kHasC ? tbh : 0, "cs");
   expect(hin->element_count(), save ? tbh : 0, "h_in");
   if (!expect.error.empty()) return invalid(expect.error);
-  a.xs = xs.typed_data();
+  a.xs = io16 ? nullptr : static_cast<const float*>(xs.untyped_data());
+  a.xs16 = io16 ? static_cast<const uint16_t*>(xs.untyped_data()) : nullptr;
   a.w_ih = w_ih.typed_data();
   a.bias = bias.typed_data();
   a.b_hn = Cell::kSplit ? b_hn.typed_data() : nullptr;
@@ -102,7 +108,8 @@ ffi::Error Forward(ffi::ThreadPool& pool, F32& xs, F32& w_ih, F32& bias, F32& b_
   a.cr = Cell::kHasC ? cr.typed_data() : nullptr;
   a.valid = valid.typed_data();
   a.reset = reset.typed_data();
-  a.ys = ys->typed_data();
+  a.ys = io16 ? nullptr : static_cast<float*>(ys->untyped_data());
+  a.ys16 = io16 ? static_cast<uint16_t*>(ys->untyped_data()) : nullptr;
   a.hT = hT->typed_data();
   a.cT = Cell::kHasC ? cT->typed_data() : nullptr;
   a.acts = save ? acts->typed_data() : nullptr;
@@ -182,8 +189,8 @@ ffi::Error with_cell(int32_t cell, F&& f) {
   }
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, F32 xs, F32 w_ih, F32 bias, F32 b_hn, F32 w_hh, F32 h0, F32 c0, F32 hr,
-                       F32 cr, Flags valid, Flags reset, Out ys, Out hT, Out cT, Out acts, Out cs, Out hin,
+ffi::Error ForwardImpl(ffi::ThreadPool pool, Any xs, F32 w_ih, F32 bias, F32 b_hn, F32 w_hh, F32 h0, F32 c0, F32 hr,
+                       F32 cr, Flags valid, Flags reset, AnyOut ys, Out hT, Out cT, Out acts, Out cs, Out hin,
                        int32_t batch_major, int32_t cell, int32_t bf16) {
   return with_cell(cell, [&](auto c) {
     return Forward<decltype(c)>(pool, xs, w_ih, bias, b_hn, w_hh, h0, c0, hr, cr, valid, reset, ys, hT, cT, acts, cs,
@@ -213,7 +220,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, F32 xs, F32 w_ih, F32 w_hh, F32 ac
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmForward, jaxlstm::ForwardImpl,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::ThreadPool>()        // XLA's intra-op threads
-                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // xs [T, B, D] or [B, T, D]
+                                  .Arg<xla::ffi::AnyBuffer>()  // xs [T, B, D] or [B, T, D], f32 or bf16
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // w_ih [D, G*H]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // b [G*H]
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // b_hn [H] (GRU) or [0]
@@ -224,7 +231,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxlstmForward, jaxlstm::ForwardImpl,
                                   .Arg<xla::ffi::Buffer<xla::ffi::F32>>()  // reset c [B, H] (LSTM) or [0]
                                   .Arg<xla::ffi::Buffer<xla::ffi::U8>>()   // valid [T, B]
                                   .Arg<xla::ffi::Buffer<xla::ffi::U8>>()   // reset [T, B]
-                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // ys, in the layout of xs
+                                  .Ret<xla::ffi::AnyBuffer>()  // ys, in the layout and dtype of xs
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // h(T)
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // c(T) (LSTM) or [0]
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()  // acts [T, B, S*H] or [0]
