@@ -104,17 +104,11 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   float* zh = Cell::kSplit ? aligned_floats(zh_store, static_cast<size_t>(B) * cols) : zx;
   float* bias = aligned_floats(bias_store, cols);
   if constexpr (Bf16) {
-    auto column = [&](const float* w) {
-      return [&s, w, np, nu, GH, H](long k, long c) {
-        const long g = c / np, u = c % np;
-        return u < nu ? w[k * GH + g * H + s.lo + u] : 0.0f;
-      };
-    };
     wxp = aligned_pairs(wxp_store, static_cast<size_t>(D2) * cols);
     whp = aligned_pairs(whp_store, static_cast<size_t>(H2) * cols);
     xp = aligned_pairs(xp_store, static_cast<size_t>(B) * D2);
-    pack_pairs<true>(wxp, a.D, cols, column(a.w_ih));
-    pack_pairs<true>(whp, H, cols, column(a.w_hh));
+    pack_gate_pairs(wxp, a.w_ih, a.D, GH, G, H, s.lo, nu, np);
+    pack_gate_pairs(whp, a.w_hh, H, GH, G, H, s.lo, nu, np);
   } else if (!stream) {
     wx = aligned_floats(wx_store, static_cast<size_t>(a.D) * cols);
     wh = aligned_floats(wh_store, static_cast<size_t>(H) * cols);
@@ -268,8 +262,8 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   if constexpr (Bf16) {
     whTp = aligned_pairs(own_p.whT, static_cast<size_t>(GH2) * np);
     wiTp = aligned_pairs(own_p.wiT, static_cast<size_t>(GH2) * ndp);
-    pack_pairs<false>(whTp, GH, np, [&](long k, long u) { return u < nu ? a.w_hh[(s.lo + u) * GH + k] : 0.0f; });
-    pack_pairs<false>(wiTp, GH, ndp, [&](long k, long d) { return d < nd ? a.w_ih[(sd.lo + d) * GH + k] : 0.0f; });
+    pack_pairs(whTp, GH, np, [&](long k, long u) { return u < nu ? a.w_hh[(s.lo + u) * GH + k] : 0.0f; });
+    pack_pairs(wiTp, GH, ndp, [&](long k, long d) { return d < nd ? a.w_ih[(sd.lo + d) * GH + k] : 0.0f; });
     php = aligned_pairs(own_p.ph, static_cast<size_t>(TB2) * cols);
     pxp = Cell::kSplit ? aligned_pairs(own_p.px, static_cast<size_t>(TB2) * cols) : php;
     hTp = aligned_pairs(own_p.hT, static_cast<size_t>(TB2) * H);
