@@ -129,20 +129,20 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   const float* b_hn = a.b_hn ? a.b_hn + s.lo : nullptr;
   auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * B * H : hbuf + (t & 1) * B * H; };
   // The state entering step t for this thread's units (a reset replaces it).
+  // h_in(t) is read by the float32 GEMMs and saved for the backward pass; a bf16 forward pass
+  // that does not save reads h(t-1) paired (hpairs) alone.
+  const bool copy_h_in = !Bf16 || a.hin;
   auto enter = [&](long t) {
     float* hin = h_in_at(t);
     for (long b = 0; b < B; ++b) {
-      const bool r = a.reset[t * B + b] != 0;
-      for (long u = s.lo; u < s.hi; ++u) {
-        const long i = b * H + u;
-        if (r) {
-          h_state[i] = a.hr[i];
-          if constexpr (Cell::kHasC) c_state[i] = a.cr[i];
-        }
-        hin[i] = h_state[i];
+      const long i = b * H + s.lo;
+      if (a.reset[t * B + b] != 0) {
+        std::memcpy(h_state + i, a.hr + i, 4 * nu);
+        if constexpr (Cell::kHasC) std::memcpy(c_state + i, a.cr + i, 4 * nu);
       }
+      if (copy_h_in) std::memcpy(hin + i, h_state + i, 4 * nu);
       // s.lo is even (a multiple of VW): the thread owns whole pairs
-      if constexpr (Bf16) to_pairs(h_state + b * H + s.lo, hpairs + ((t & 1) * B + b) * H2 + s.lo / 2, nu);
+      if constexpr (Bf16) to_pairs(h_state + i, hpairs + ((t & 1) * B + b) * H2 + s.lo / 2, nu);
     }
   };
   if (nu > 0) {
