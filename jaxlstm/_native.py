@@ -533,8 +533,8 @@ def _io(xs):
 
 
 def _as_f32(params):
-    """The native code's calls read float32 (bfloat16 params are cast here, outside the custom VJPs,
-    so that autodiff casts their gradients back)."""
+    """The native code's calls read float32 params (bfloat16 params are cast here, outside the custom
+    VJPs, so that autodiff casts their gradients back)."""
     return jax.tree.map(lambda w: w.astype(_F32), params)
 
 

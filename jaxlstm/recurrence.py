@@ -222,7 +222,8 @@ def lstm(
     if path == _path.NATIVE:
 
         def native_core(inputs, carries, steps, batch_major=False):
-            # float32 in and out; bfloat16 GEMM operands where mm is bfloat16 (the precision contract)
+            # bf16 inputs and outputs as they are, any other dtype float32; bf16 GEMM operands where mm is
+            # bf16 (the precision contract)
             return native_lstm(batch_major, params, carries[0], inputs, steps, carries[1], bf16=mm == jnp.bfloat16)
 
         core = native_core

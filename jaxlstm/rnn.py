@@ -113,7 +113,8 @@ def _sequence(
     mm, acc, unroll, zoneout, per_step, act = call.mm, call.acc, call.unroll, call.zoneout, call.per_step, call.act
 
     def core(inputs, hs, steps, batch_major=False):
-        if path == _path.NATIVE:  # float32 in and out; bfloat16 GEMM operands where mm is bfloat16
+        if path == _path.NATIVE:
+            # bf16 inputs and outputs as they are, any other dtype float32; bf16 GEMM operands where mm is bf16
             return native_cell(kind, batch_major, params, hs[0], inputs, steps, hs[1], bf16=mm == jnp.bfloat16)
         if path == _path.FUSED:
             xs_tm, zh = (inputs, None) if per_step is None else inputs

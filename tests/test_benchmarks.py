@@ -124,6 +124,34 @@ def test_regimes_peak_is_the_best_probe_and_never_below_a_row(capsys):
     assert info["peak_bf16_gflops"] == 120.0 and info["peak_bf16_from_row"] == "base gru forward"
 
 
+def test_versus_torch_pairs_each_round(monkeypatch):
+    """benchmarks.versus_torch: each round's PyTorch and jaxlstm processes paired, a row's ratio the
+    median of its rounds' ratios with their spread (the processes stubbed: a real run needs torch)."""
+    from benchmarks import versus_torch
+
+    grid = {"tiny": (2, 4, 8, 16)}
+    rounds = iter([1.0, 2.0, 4.0])  # torch's time scale per round: a machine whose speed drifts
+
+    def worker(kind, spec):
+        if kind == "torch":
+            scale = next(rounds)
+            recs = [dict(regime="tiny", cell=c, mode=m, median_s=scale * 0.01) for c in ("lstm", "gru")
+                    for m in ("forward", "train")]  # fmt: skip
+            return recs
+        recs = [dict(regime="tiny", cell=c, mode=m, path="native", median_s=0.01 * (1 + (m == "train")))
+                for c in ("lstm", "gru") for m in ("forward", "train")]  # fmt: skip
+        return {"records": recs, "machine": {"cpu": "test", "cores": 2}}
+
+    monkeypatch.setattr(versus_torch, "_worker", worker)
+    result = versus_torch.run(grid, 3, 1, 0.1, "float32")
+    fwd = next(r for r in result["rows"] if (r["cell"], r["mode"]) == ("lstm", "forward"))
+    assert (fwd["vs_torch"], fwd["vs_torch_min"], fwd["vs_torch_max"]) == (2.0, 1.0, 4.0)
+    train = next(r for r in result["rows"] if (r["cell"], r["mode"]) == ("gru", "train"))
+    assert (train["vs_torch"], train["vs_torch_min"], train["vs_torch_max"]) == (1.0, 0.5, 2.0)
+    assert len(result["rows"]) == 4 and len(result["sittings"]) == 3 and result["machine"]["dtype"] == "float32"
+    assert "| tiny (2, 4, 8, 16) | lstm | forward | 20.00 | 10.00 | 2.00x [1.00–4.00] |" in versus_torch.table(result)
+
+
 def test_isa_quick(tmp_path):
     """benchmarks.isa times the native code at every level this machine runs, each row at each level."""
     from benchmarks import isa
