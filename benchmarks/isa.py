@@ -39,13 +39,14 @@ FLAGS = ["-std=c++17", "-O3", "-g0", "-ffp-contract=fast", "-fno-math-errno", "-
 IMPLS = {"lstm": "jaxlstm", "gru": "jaxlstm-gru"}
 
 
-def build_native(folder: str, flags: tuple = ("-march=native",)) -> str:
-    """``jaxlstm/csrc/ffi.cc`` built with ``-march=native`` (or ``flags``) into ``folder``, registered
-    with XLA as the level ``native``."""
+def build_native(folder: str, flags: tuple = ("-march=native",), checkout: str | None = None) -> str:
+    """``jaxlstm/csrc/ffi.cc`` (this checkout's, or ``checkout``'s: another revision's root) built
+    with ``-march=native`` (or ``flags``) into ``folder``, registered with XLA as the level ``native``."""
     import jaxlib
 
     include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
-    source = os.path.join(os.path.dirname(_native.__file__), "csrc", "ffi.cc")
+    root = checkout or os.path.dirname(os.path.dirname(_native.__file__))
+    source = os.path.join(root, "jaxlstm", "csrc", "ffi.cc")
     path = os.path.join(folder, "native.so")
     cmd = ["g++", *FLAGS, *flags, '-DJAXLSTM_ISA="native"', f"-I{include}", "-fPIC", "-shared", source]
     done = subprocess.run([*cmd, "-o", path], capture_output=True, text=True)
@@ -122,6 +123,13 @@ def parse(argv=None):
         default="-march=native",
         help="that build's flags in place of -march=native (to try other flags; its column stays 'native')",
     )
+    p.add_argument(
+        "--native-source",
+        default=None,
+        help="build that column from another checkout's sources (its root: an A/B of two revisions, float32 "
+        "calls; with --native-flags a level's own flags)",
+    )
+    p.add_argument("--levels", default=None, help="comma-separated built levels to time (default: all this CPU runs)")
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 15; 3 with --quick)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per row before stopping early")
@@ -135,9 +143,14 @@ def main(argv=None) -> dict:
     if _native.load_error() is not None:
         sys.exit(f"the native code does not run here: {_native.load_error()}")
     levels = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
+    if args.levels:
+        unknown = set(args.levels.split(",")) - set(levels)
+        if unknown:
+            sys.exit(f"--levels: {sorted(unknown)} not built or not run by this CPU; it runs {', '.join(levels)}")
+        levels = [lv for lv in levels if lv in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.native:
-            build_native(tmp, tuple(args.native_flags.split()))
+        if args.native or args.native_source:
+            build_native(tmp, tuple(args.native_flags.split()), args.native_source)
             levels.append("native")
         grid = QUICK if args.quick else REGIMES
         if args.regimes:

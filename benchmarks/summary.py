@@ -148,6 +148,19 @@ def main(argv=None):
         rg = _load(folder, name)
         if rg:
             parts.append(_regimes_section(rg))
+    for dtype in ("float32", "bfloat16"):
+        vt = _load(folder, f"versus-torch-{dtype}.json")
+        if vt:
+            from . import versus_torch
+
+            m = vt["machine"]
+            parts.append(
+                f"## Against PyTorch in alternating processes (`benchmarks.versus_torch --dtype {dtype}`)\n\n"
+                f"Machine: {m['cpu']} (cpu family {m.get('cpu_family')}), {m['cores']} cores, torch "
+                f"{m.get('torch')}; {vt['rounds']} rounds, each a PyTorch process then a jaxlstm one.\n\n"
+                + versus_torch.table(vt)
+                + "\n"
+            )
     pr = _load(folder, "precision.json")
     if pr:
         from . import precision
