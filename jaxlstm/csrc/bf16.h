@@ -68,14 +68,6 @@ void pack_pairs(pair16* panels, long K, long cols, Src&& src) {
       panels[(c / NC) * K2 * NC + k2 * NC + c % NC] = pair(src(2 * k2, c), 2 * k2 + 1 < K ? src(2 * k2 + 1, c) : 0.0f);
 }
 
-// The bf16 of each lane of x, rounded to nearest even (NaN stays NaN) as bf16() does, in the high
-// half of the lane (the low half zero).
-inline vu bf16_high(vf x) {
-  const vu u = (vu)x;
-  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  return (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) & 0xffff0000u : rounded;
-}
-
 // The forward pass's paired panels (pack_pairs' layout) of the columns of a row-major w [K, ld]
 // that one thread owns: panel column g*np + u is column g*H + lo + u of w for u < nu (the other
 // columns stay as they are: zero). A vector of a row at a time, rounded and paired with the next
@@ -120,6 +112,14 @@ inline void to_pairs(const float* src, pair16* dst, long n);
 // The first m (<= VW) lanes of v, rounded, to dst (every level: the forward pass writes bf16
 // outputs with it).
 inline void store_bf16(uint16_t* dst, vf v, int m);
+
+// dst[0 .. n) = src[0 .. n) rounded to bf16, as floats.
+inline void round_floats(const float* src, float* dst, long n) {
+  for (long i = 0; i < n; i += VW) {
+    const int m = static_cast<int>(std::min<long>(VW, n - i));
+    store_n(dst + i, round_bf16(load_n(src + i, m)), m);
+  }
+}
 
 // dst[0 .. n) = the bf16 src[0 .. n), widened (exactly: a bf16 is the high half of a float).
 inline void from_bf16(const uint16_t* src, float* dst, long n) {

@@ -23,8 +23,9 @@ namespace jaxlstm {
 constexpr long kPrefetch = 64;
 
 // C[r, 0:NC] (+)= Σ_k A[r, k] · P[k, 0:NC] for r < M; A[r, k] = A[r * rs + k * ks];
-// P is a packed [K, NC] panel, or (InPlace) NC columns of a row-major matrix whose rows are ldp long.
-template <int M, bool InPlace>
+// P is a packed [K, NC] panel, or (InPlace) NC columns of a row-major matrix whose rows are ldp long;
+// with Round, P's values rounded to bf16 as they are read (a bf16 one-step call's weights).
+template <int M, bool InPlace, bool Round = false>
 void tile(const float* A, long rs, long ks, const float* P, long K, float* C, long ldc, bool accumulate, long ldp) {
   const long stride = InPlace ? ldp : NC;  // a constant for the panels: their loop as it was
   // U independent sums over alternate k where a row block has fewer than 8 accumulators:
@@ -47,7 +48,10 @@ void tile(const float* A, long rs, long ks, const float* P, long K, float* C, lo
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) __builtin_prefetch(P + (k + kPrefetch) * stride + j * VW);
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) b[j] = load(P + k * stride + j * VW);
+    for (int j = 0; j < NV; ++j) {
+      b[j] = load(P + k * stride + j * VW);
+      if constexpr (Round) b[j] = round_bf16(b[j]);
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r) {
       const float a = A[r * rs + k * ks];
@@ -72,12 +76,13 @@ void tile(const float* A, long rs, long ks, const float* P, long K, float* C, lo
 
 using TileFn = void (*)(const float*, long, long, const float*, long, float*, long, bool, long);
 
-template <bool InPlace, int... Ms>
+template <bool InPlace, bool Round, int... Ms>
 constexpr auto make_tiles(std::integer_sequence<int, Ms...>) {
-  return std::array<TileFn, sizeof...(Ms)>{&tile<Ms + 1, InPlace>...};
+  return std::array<TileFn, sizeof...(Ms)>{&tile<Ms + 1, InPlace, Round>...};
 }
-const auto kTiles = make_tiles<false>(std::make_integer_sequence<int, MR>{});
-const auto kTilesInPlace = make_tiles<true>(std::make_integer_sequence<int, MR>{});
+const auto kTiles = make_tiles<false, false>(std::make_integer_sequence<int, MR>{});
+const auto kTilesInPlace = make_tiles<true, false>(std::make_integer_sequence<int, MR>{});
+const auto kTilesInPlaceRounded = make_tiles<true, true>(std::make_integer_sequence<int, MR>{});
 
 // C [M, N] (+)= A [M, K] · panels, N a multiple of NC; A[r, k] = A[r * rs + k * ks]
 // (rs = row stride, ks = 1 for a row-major A; rs = 1 for a transposed one); panel j
@@ -101,15 +106,18 @@ inline void gemm(const float* A, long rs, long ks, long M, const float* panels, 
 // tile would read past them, and past the end of W on its last row). Measured on the Zen 4, one-step
 // calls at H=256 in µs (in place / panels): B=1 LSTM 66 / 166-192, GRU 52 / 128 (the tile in place:
 // LSTM 115, its rows 4 KiB apart); B=4 LSTM 115 / 181-227, GRU 59 / 138; B=16 LSTM 206 / 306-329, GRU
-// 148 / 228-259.
-inline void gemm_unpacked(const float* A, long rs, long M, const float* W, long ldw, long K, int G, long H, long nu,
+// 148 / 228-259. With Round, each weight is rounded to bf16 as it is read (a bf16 call's contract; the
+// caller rounds A).
+template <bool Round>
+void gemm_unpacked(const float* A, long rs, long M, const float* W, long ldw, long K, int G, long H, long nu,
                           float* C, long ldc, long ldg) {
   const long full = M == 1 ? 0 : nu / NC * NC;
   for (int g = 0; g < G; ++g)
     for (long u = 0; u < full; u += NC)
       for (long r = 0; r < M; r += MR) {
         const long m = std::min<long>(MR, M - r);
-        kTilesInPlace[m - 1](A + r * rs, rs, 1, W + g * H + u, K, C + r * ldc + g * ldg + u, ldc, true, ldw);
+        (Round ? kTilesInPlaceRounded : kTilesInPlace)[m - 1](A + r * rs, rs, 1, W + g * H + u, K,
+                                                              C + r * ldc + g * ldg + u, ldc, true, ldw);
       }
   if (full == nu) return;
   for (long b = 0; b < M; ++b)
@@ -120,7 +128,8 @@ inline void gemm_unpacked(const float* A, long rs, long M, const float* W, long 
       for (int g = 0; g < G; ++g)
         for (long u = full; u < nu; u += VW) {
           const int m = static_cast<int>(std::min<long>(VW, nu - u));
-          store_n(c + g * ldg + u, load_n(c + g * ldg + u, m) + a * load_n(w + g * H + u, m), m);
+          const vf wv = Round ? round_bf16(load_n(w + g * H + u, m)) : load_n(w + g * H + u, m);
+          store_n(c + g * ldg + u, load_n(c + g * ldg + u, m) + a * wv, m);
         }
     }
 }

@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
+
 namespace jaxlstm {
 
 #if defined(__AVX512F__)
@@ -49,6 +53,27 @@ inline void store_n(float* p, vf v, int n) {
 }
 
 inline vf splat(float x) { return vf{} + x; }
+
+// The bf16 of each lane of x, rounded to nearest even (NaN stays NaN) as bf16.h's bf16() does, in
+// the high half of the lane (the low half zero).
+inline vu bf16_high(vf x) {
+  const vu u = (vu)x;
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  return (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) & 0xffff0000u : rounded;
+}
+
+// x rounded to bfloat16, as a float (exact: a bf16 is the high half of a float); where the CPU
+// converts to bf16 itself (VCVTNEPS2BF16, the avx512_bf16 level: the level that runs bf16 calls'
+// rounding in the GEMMs), three instructions for bf16_high's eight; like the VDPBF16PS path's
+// conversions it flushes subnormal floats to zero.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+inline vf round_bf16(vf x) {
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)x);
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+#else
+inline vf round_bf16(vf x) { return (vf)bf16_high(x); }
+#endif
 
 // exp with Cephes' polynomial on [-ln2/2, ln2/2]: relative error ~2e-7 on [-87, 88].
 inline vf vexp(vf x) {
