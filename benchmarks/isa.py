@@ -80,20 +80,20 @@ def at_level(level: str):
             os.environ[_native.ISA_VARIABLE] = old
 
 
-def run(grid: dict, levels: list[str], repeats: int, budget_s: float) -> dict:
+def run(grid: dict, levels: list[str], repeats: int, budget_s: float, dtype: str = "float32") -> dict:
     records = []
     for name, (B, D, H, T) in grid.items():
         for cell, impl in IMPLS.items():
             built = {}
             for level in levels:
                 with at_level(level):
-                    built[level] = C.build(impl, B, T, D, H, "float32")
+                    built[level] = C.build(impl, B, T, D, H, dtype)
             for mode in ("forward", "train"):
                 times = C.time_interleaved({lv: b[mode] for lv, b in built.items()}, repeats, budget_s=budget_s)
                 for level, ts in times.items():
                     records.append(dict(regime=name, cell=cell, mode=mode, level=level, **C.summarize(ts)))
                 print(_row(records[-len(levels) :], levels), flush=True)
-    return {"machine": C.machine_info(), "regimes": grid, "levels": levels, "records": records}
+    return {"machine": C.machine_info(), "regimes": grid, "levels": levels, "dtype": dtype, "records": records}
 
 
 def _row(recs: list, levels: list[str]) -> str:
@@ -130,6 +130,12 @@ def parse(argv=None):
         "calls; with --native-flags a level's own flags)",
     )
     p.add_argument("--levels", default=None, help="comma-separated built levels to time (default: all this CPU runs)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="bfloat16: inputs and GEMMs in bf16, as the main job's --dtype (compare levels that multiply bf16)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 15; 3 with --quick)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per row before stopping early")
@@ -158,7 +164,7 @@ def main(argv=None) -> dict:
             if unknown:
                 sys.exit(f"--regimes: unknown {sorted(unknown)}; the grid has {', '.join(grid)}")
             grid = {k: v for k, v in grid.items() if k in args.regimes.split(",")}
-        result = run(grid, levels, args.repeats or (3 if args.quick else 15), args.budget)
+        result = run(grid, levels, args.repeats or (3 if args.quick else 15), args.budget, args.dtype)
     out = args.out or C.results_dir()
     C.write_json(os.path.join(out, "isa.json"), result)
     print(f"\n{jax.numpy.zeros(0).device} — {result['machine']['native']['cpu']}\n\n" + table(result))

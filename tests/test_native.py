@@ -322,3 +322,43 @@ def test_the_earlier_spelling_of_the_forced_path_warns():
     assert tuning.kernel_path(1, 2, 4, 3) == tuning.native_path(1, 2, 4, 3)
     with tuning.forced("xla"):  # the alias follows the choice, not a constant
         assert not tuning.kernel_path(1, 2, 4, 3) and not tuning.native_path(1, 2, 4, 3)
+
+
+@pytest.mark.skipif(not _native.enabled() or (os.cpu_count() or 1) < 2, reason="needs the native code and 2 CPUs")
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_the_forward_pass_split_by_sequences(kind, monkeypatch):
+    """Two threads and small weights: the forward pass splits the batch (13 sequences: 6 and 7), each
+    thread running the whole recurrence of its own. Batch-major, reversed, time-major, with lengths,
+    holes and resets; float32 and bf16 (inputs, outputs and GEMMs): the numbers of one thread, values
+    and gradients (the saving forward pass split too), and the XLA path's within float32's error."""
+    from helpers import cell_case
+
+    init, run = {"lstm": (jaxlstm.init_lstm, jaxlstm.lstm), "gru": (jaxlstm.init_gru, jaxlstm.gru),
+                 "rnn": (jaxlstm.init_rnn, jaxlstm.rnn)}[kind]  # fmt: skip
+    for i in range(3):
+        params, _, x, state, _, options = cell_case(init, kind, i, 13, 5, 40, 6)
+        for dtype in (jnp.float32, jnp.bfloat16):
+            opts = dict(options, compute_dtype=dtype)
+            xd = x.astype(dtype)
+
+            def loss(p, x, opts=opts, state=state):
+                ys, final = run(p, x, state, **opts)
+                return jnp.sin(ys.astype(jnp.float32)).sum() + sum(jnp.cos(a.astype(jnp.float32)).sum()
+                                                                    for a in jax.tree.leaves(final))  # fmt: skip
+
+            def both(opts=opts, loss=loss, p=params, x=xd, s=state):  # the thread count: read per call
+                return run(p, x, s, **opts), jax.grad(loss, argnums=(0, 1))(p, x)
+
+            results = {}
+            for threads in ("1", "2"):
+                monkeypatch.setenv("JAXLSTM_NATIVE_THREADS", threads)
+                results[threads] = both()
+            # the same sums but for their order where a row lands in a smaller register tile (13 = 12 + 1
+            # rows on one thread): float32's rounding, and a bf16 output's last bit
+            tol = 1e-5 if dtype == jnp.float32 else 1e-2
+            for a, b in zip(jax.tree.leaves(results["2"]), jax.tree.leaves(results["1"]), strict=True):
+                np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+            if dtype == jnp.float32:
+                with tuning.forced("xla"):
+                    want = both()
+                assert_trees_close(results["2"], want, rtol=1e-4)

@@ -54,7 +54,7 @@ ffi::Error decode(const Xs& xs, const F32& w_ih, const F32& w_hh, int32_t batch_
   a.B = d[batch_major ? 0 : 1];
   a.D = d[2];
   a.H = dw[0];
-  a.io = {a.T, a.B, batch_major != 0};
+  a.io = {a.T, a.B, batch_major != 0, a.B};
   if (w_ih.element_count() != static_cast<size_t>(a.D * Cell::G * a.H)) return invalid("w_ih must be [D, G*H]");
   return ffi::Error::Success();
 }

@@ -17,13 +17,15 @@
 // reset [T, B] (a counted step starts from the reset state). A step that does not
 // count leaves the state unchanged and outputs zeros, as in jaxlstm._engine.
 //
-// Parallelism (a team of threads per call, team.h): the hidden units are split into one
-// contiguous range per thread; each thread owns the G gate columns of its units (packed
-// once per call into panels that stay in its core's cache), computes their gates with the
-// register-blocked GEMM (gemm.h), and applies the pointwise update to its own units. One
-// spin barrier per step publishes the new h to all threads. The backward pass splits the
-// same way: each thread forms the gate cotangents of its units, a barrier, then dh(t-1)
-// for its units from all of them.
+// Parallelism (a team of threads per call, team.h). Where the weights are small enough for each
+// thread to hold them all near it and there are sequences enough, the forward pass splits the
+// batch: each thread runs the whole recurrence of its sequences, no barrier per step (run_forward,
+// sequences()). Otherwise the hidden units are split into one contiguous range per thread; each
+// thread owns the G gate columns of its units (packed once per call into panels that stay in its
+// core's cache), computes their gates with the register-blocked GEMM (gemm.h), and applies the
+// pointwise update to its own units. One spin barrier per step publishes the new h to all
+// threads. The backward pass splits by units: each thread forms the gate cotangents of its
+// units, a barrier, then dh(t-1) for its units from all of them.
 #pragma once
 
 #include <algorithm>
@@ -53,11 +55,14 @@ inline Split split_units(long H, int p, int n) {
   return {lo, std::min(H, lo + per)};
 }
 
-// Where step t of sequence b lies in a [T, B, F] (time-major) or [B, T, F] array, in rows.
+// Where step t of sequence b lies in a [T, B, F] (time-major) or [B, T, F] array, in rows. ldb: the
+// rows of one time step of a time-major array, B but where a call's B sequences are a slice of more
+// (the forward pass split by sequences: the arrays' pointers start at the slice's first sequence).
 struct Layout {
   long T, B;
   bool batch_major;
-  long row(long t, long b) const { return batch_major ? b * T + t : t * B + b; }
+  long ldb;
+  long row(long t, long b) const { return batch_major ? b * T + t : t * ldb + b; }
   long batch_stride() const { return batch_major ? T : 1; }  // rows from (t, b) to (t, b + 1)
 };
 
@@ -133,7 +138,9 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   }
   for (long g = 0; g < G; ++g) std::memcpy(bias + g * np, a.bias + g * H + s.lo, 4 * nu);
   const float* b_hn = a.b_hn ? a.b_hn + s.lo : nullptr;
-  auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * B * H : hbuf + (t & 1) * B * H; };
+  // [T, B, .] arrays (the step flags, the saved activations): ldb rows a step (a slice of sequences)
+  const long LB = a.io.ldb;
+  auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * LB * H : hbuf + (t & 1) * B * H; };
   // The state entering step t for this thread's units (a reset replaces it).
   // h_in(t) is read by the float32 GEMMs and saved for the backward pass; a bf16 forward pass
   // that does not save reads h(t-1) paired (hpairs) alone.
@@ -142,7 +149,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
     float* hin = h_in_at(t);
     for (long b = 0; b < B; ++b) {
       const long i = b * H + s.lo;
-      if (a.reset[t * B + b] != 0) {
+      if (a.reset[t * LB + b] != 0) {
         std::memcpy(h_state + i, a.hr + i, 4 * nu);
         if constexpr (Cell::kHasC) std::memcpy(c_state + i, a.cr + i, 4 * nu);
       }
@@ -201,7 +208,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
         }
       }
       for (long b = 0; b < B; ++b) {
-        const bool valid = a.valid[t * B + b] != 0;
+        const bool valid = a.valid[t * LB + b] != 0;
         const long y = a.io.row(t, b) * H + s.lo;
         auto put_y = [&](long u, vf v, int m) {
           if (a.ys16) store_bf16(a.ys16 + y + u, v, m);
@@ -209,7 +216,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
         };
         float* hs = h_state + b * H + s.lo;
         float* cst = Cell::kHasC ? c_state + b * H + s.lo : nullptr;
-        float* act = a.acts ? a.acts + (t * B + b) * S * H + s.lo : nullptr;
+        float* act = a.acts ? a.acts + (t * LB + b) * S * H + s.lo : nullptr;
         for (long u = 0; u < nu; u += VW) {
           const int m = static_cast<int>(std::min<long>(VW, nu - u));
           if (!valid) {
@@ -222,7 +229,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
           store_n(hs + u, h, m);
           put_y(u, h, m);
         }
-        if (Cell::kHasC && a.cs) std::memcpy(a.cs + (t * B + b) * H + s.lo, cst, 4 * nu);
+        if (Cell::kHasC && a.cs) std::memcpy(a.cs + (t * LB + b) * H + s.lo, cst, 4 * nu);
       }
       if (t + 1 < T) enter(t + 1);
     }
@@ -454,6 +461,23 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   if (Cell::kSplit && nu > 0) std::memcpy(a.db_hn + s.lo, gbh + (G - 1) * np, 4 * nu);
 }
 
+// A forward call's sequences b0 .. b0 + rows: the same arrays from its first sequence on.
+template <class Cell>
+ForwardArgs sequences(const ForwardArgs& a, long b0, long rows) {
+  ForwardArgs s = a;
+  s.B = s.io.B = rows;
+  const long x0 = a.io.row(0, b0);  // the slice's first row of xs and ys
+  auto at = [](auto* p, long offset) { return p ? p + offset : p; };
+  s.xs = at(a.xs, x0 * a.D), s.xs16 = at(a.xs16, x0 * a.D);
+  s.ys = at(a.ys, x0 * a.H), s.ys16 = at(a.ys16, x0 * a.H);
+  for (auto* p : {&s.h0, &s.c0, &s.hr, &s.cr}) *p = at(*p, b0 * a.H);
+  s.hT = at(a.hT, b0 * a.H), s.cT = at(a.cT, b0 * a.H);
+  s.valid = at(a.valid, b0), s.reset = at(a.reset, b0);
+  s.acts = at(a.acts, b0 * Cell::S * a.H);
+  s.cs = at(a.cs, b0 * a.H), s.hin = at(a.hin, b0 * a.H);
+  return s;
+}
+
 // Runs the forward loop of a decoded call: saves for the backward pass where a.acts is set;
 // Bf16: on paired bf16 operands (bf16.h).
 template <class Cell, bool Bf16>
@@ -475,11 +499,31 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
   // saves until the step is large. On the Zen 4, one thread against two (µs): B=1, H=256 LSTM 66 / 115-123,
   // GRU 52 / 85-111; B=16, H=256 LSTM 204-219 / 180-182 (two win there: 8.4M multiply-adds).
   constexpr long kStreamSplit = 16;
-  const long team_work = a.T == 1 ? step_work / kStreamSplit : step_work;
-  run_team(pool, thread_count(a.H, VW, team_work), static_cast<double>(a.T) * step_work,
-           [&](int p, int n, SpinBarrier& barrier) {
-             forward_thread<Cell, Bf16>(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data(), hpairs);
-           });
+  const int team = thread_count(a.H, VW, a.T == 1 ? step_work / kStreamSplit : step_work);
+  // Split by sequences where each thread can hold all the weights near it: each runs the whole
+  // recurrence of its sequences, with no barrier per step and no h(t) crossing cores. Measured on the
+  // Zen 4 (2 threads, by units / by sequences, interleaved, median ms): bf16 B=32, D=128, H=256, T=256
+  // 19.8-20.1 / 18.6-18.8 (29-32 / 18.2-18.5 while the VM's other vCPU was held up: a barrier per step
+  // waits for it); B=16, D=64, H=128, T=4096 bf16 53.7 / 44.3, f32 85.5 / 72.1; B=8, D=64, H=128 level;
+  // f32 at B=32, H=256 (1.5 MiB of weights) level; B=64, D=512, H=1024 (12 MiB of bf16 weights) 5 % slower.
+  constexpr long kMinRowsPerThread = 4, kSplitBySequencesBytes = 2L << 20;
+  const long weight_bytes = Cell::G * a.H * (a.D + a.H) * (Bf16 ? 2 : 4);
+  const int by_rows = static_cast<int>(std::min<long>(team, a.B / kMinRowsPerThread));
+  if (a.T > 1 && by_rows > 1 && weight_bytes <= kSplitBySequencesBytes) {
+    run_team(pool, by_rows, static_cast<double>(a.T) * step_work, [&](int p, int n, SpinBarrier&) {
+      const long b0 = a.B * p / n, rows = a.B * (p + 1) / n - b0;
+      ForwardArgs s = sequences<Cell>(a, b0, rows);
+      SpinBarrier alone(1);
+      forward_thread<Cell, Bf16>(s, 0, 1, alone, h_state.data() + b0 * a.H,
+                                 Cell::kHasC ? c_state.data() + b0 * a.H : nullptr,
+                                 save ? nullptr : hbuf.data() + 2 * b0 * a.H,
+                                 Bf16 ? hpairs + 2 * b0 * pairs(a.H) : nullptr);
+    });
+    return;
+  }
+  run_team(pool, team, static_cast<double>(a.T) * step_work, [&](int p, int n, SpinBarrier& barrier) {
+    forward_thread<Cell, Bf16>(a, p, n, barrier, h_state.data(), c_state.data(), hbuf.data(), hpairs);
+  });
 }
 
 // Runs the backward loop of a decoded call; Bf16: on paired bf16 operands.
