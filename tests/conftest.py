@@ -19,8 +19,10 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# JAX's persistent compilation cache, in a folder of this run's own that the xdist workers share (they
-# inherit the variable from the process that starts them) and that the run deletes at its end: tests trace
+# JAX's persistent compilation cache, in a folder of this run's own (the xdist workers inherit the
+# variable from the process that starts them, and each keeps a folder of its own in it: a worker that
+# read an entry another was still writing failed its test, "Error reading persistent compilation cache
+# entry ... truncated stream", under filterwarnings=error) that the run deletes at its end: tests trace
 # the same call at the same shape from fresh functions, which jit's in-memory cache (keyed on the
 # function) compiles again and this one (keyed on the program) does not (measured on the Zen 4, 2 cores:
 # the suite 10.8 -> 9.0 min, 1,256 -> 1,035 s of tests). A folder the caller names in
@@ -30,7 +32,10 @@ _CACHE_VARIABLE = "JAXLSTM_TEST_XLA_CACHE"
 _OWN_CACHE = _CACHE_VARIABLE not in os.environ
 if _OWN_CACHE:
     os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="jaxlstm-xla-cache-")
-jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.path.join(os.environ[_CACHE_VARIABLE], os.environ.get("PYTEST_XDIST_WORKER", "main")),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 

@@ -141,10 +141,10 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   // [T, B, .] arrays (the step flags, the saved activations): ldb rows a step (a slice of sequences)
   const long LB = a.io.ldb;
   auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * LB * H : hbuf + (t & 1) * B * H; };
-  // The state entering step t for this thread's units (a reset replaces it).
-  // h_in(t) is read by the float32 GEMMs and saved for the backward pass; a bf16 forward pass
-  // that does not save reads h(t-1) paired (hpairs) alone.
+  // h_in(t) is read by the float32 GEMMs and saved for the backward pass; the bf16 GEMMs read
+  // h(t-1) paired (hpairs).
   const bool copy_h_in = f32_gemms || a.hin;
+  // The state entering step t for this thread's units (a reset replaces it).
   auto enter = [&](long t) {
     float* hin = h_in_at(t);
     for (long b = 0; b < B; ++b) {
@@ -155,7 +155,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
       }
       if (copy_h_in) std::memcpy(hin + i, h_state + i, 4 * nu);
       // s.lo is even (a multiple of VW): the thread owns whole pairs
-      if constexpr (Bf16) to_pairs(h_state + i, hpairs + ((t & 1) * B + b) * H2 + s.lo / 2, nu);
+      if (Bf16 && !f32_gemms) to_pairs(h_state + i, hpairs + ((t & 1) * B + b) * H2 + s.lo / 2, nu);
     }
   };
   if (nu > 0) {
