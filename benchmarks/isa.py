@@ -47,6 +47,8 @@ def build_native(folder: str, flags: tuple = ("-march=native",), checkout: str |
     include = os.path.join(os.path.dirname(jaxlib.__file__), "include")
     root = checkout or os.path.dirname(os.path.dirname(_native.__file__))
     source = os.path.join(root, "jaxlstm", "csrc", "ffi.cc")
+    if not os.path.isfile(source):
+        sys.exit(f"--native-source must be a checkout of jaxlstm (its root): {source} does not exist")
     path = os.path.join(folder, "native.so")
     cmd = ["g++", *FLAGS, *flags, '-DJAXLSTM_ISA="native"', f"-I{include}", "-fPIC", "-shared", source]
     done = subprocess.run([*cmd, "-o", path], capture_output=True, text=True)

@@ -442,6 +442,9 @@ def recheck(
     by default the tuner's own probe. A decision timed while the machine is busy is not cached (as
     ever). Returns a line saying what the choice was and is; ``None`` where autotuning is off, a path
     is forced, or nothing times the choice."""
+    for name, v in zip("BDHT", (B, D, H, T), strict=True):  # jaxlstm.tuning is a leaf: no _checks here
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     if cell not in ("lstm", "gru", "rnn"):
         raise ValueError(f"cell must be one of 'lstm', 'gru', 'rnn', got {cell!r}")
     if probes is not None and set(probes) != {NATIVE, "xla"}:

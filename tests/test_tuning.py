@@ -325,6 +325,8 @@ def test_recheck_times_one_native_choice_again(autotune, monkeypatch):
     assert tuning.recheck(4, 3, 8, 20, cell="gru") is None
     with pytest.raises(ValueError, match="cell must be one of 'lstm', 'gru', 'rnn', got 'lsmt'"):
         tuning.recheck(4, 3, 8, 20, cell="lsmt")
+    with pytest.raises(ValueError, match="H must be a positive int, got 0"):
+        tuning.recheck(4, 3, 0, 20, cell="gru")
     with pytest.raises(ValueError, match=r"probes must have the keys 'native' and 'xla', got \['kernel', 'xla'\]"):
         tuning.recheck(4, 3, 8, 20, probes={"kernel": lambda: None, "xla": lambda: None})
 
