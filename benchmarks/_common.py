@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -263,23 +264,27 @@ def time_interleaved(
     budget_s: float = 1e9,
     pause_s: float = 0.02,
     fill_s: float = 0.0,
+    seed: int = 0,
 ):
     """Calls each fn once to warm up, then ``repeats`` rounds, one call of each per round.
 
-    The order rotates from round to round, and a short pause (untimed) separates
-    calls, so that one implementation's aftermath (torch's OpenMP threads spin for
-    a while after a call) does not always land on the same neighbour. Stops early
-    (after ``min_repeats``) once ``budget_s`` is spent. ``fill_s``: short calls get more
-    rounds, past ``repeats`` (up to 10x) until the calls themselves took that long, so that
-    a row of 1-2 ms calls has a median of more than 7 (the main job's latency rows moved by
-    7 % between runs with 7). Returns per-name lists."""
+    Each round calls them in a fresh order (shuffled, seeded), and a short pause (untimed)
+    separates calls, so that one implementation's aftermath (torch's OpenMP threads spin for
+    a while after a call; a large program's buffers freed and mapped anew) lands on every
+    neighbour alike: a rotation would keep each one's predecessor fixed (the cyclic order
+    never changes). Stops early (after ``min_repeats``) once ``budget_s`` is spent. ``fill_s``:
+    short calls get more rounds, past ``repeats`` (up to 10x) until the calls themselves took
+    that long, so that a row of 1-2 ms calls has a median of more than 7 (the main job's latency
+    rows moved by 7 % between runs with 7). Returns per-name lists, the i-th entries of one
+    round (``paired_ratio`` compares them round by round)."""
     names = list(fns)
     times = {n: [] for n in names}
+    order = random.Random(seed)
     for f in fns.values():
         f()
     start = time.perf_counter()
     for r in range(10 * repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
+        for n in order.sample(names, len(names)):
             time.sleep(pause_s)
             t0 = time.perf_counter()
             fns[n]()
@@ -289,6 +294,17 @@ def time_interleaved(
         if r + 1 >= repeats and sum(sum(v) for v in times.values()) >= fill_s:
             break
     return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """How many times ``den``'s calls fit in ``num``'s: the median over rounds of the two calls'
+    ratio in the same round (as ``jaxlstm.tuning.decide`` compares), so that a machine whose
+    speed drifts from round to round (a VM's neighbours) moves both sides of each ratio alike.
+    Lists of unequal length (not from one ``time_interleaved`` call) fall back to the ratio of
+    medians."""
+    if len(num) != len(den) or not num:
+        return statistics.median(num) / statistics.median(den)
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 def summarize(ts: list[float]) -> dict:

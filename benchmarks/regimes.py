@@ -207,7 +207,7 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
                 if mode == "train":  # the tuner's word against this row's: the same programs timed again
                     rechecked += _recheck(name, cell, path, times, fns, (B, D, H, T), dtype)
                 for impl, ts in times.items():
-                    rec = dict(regime=name, cell=cell, mode=mode, impl=impl, **C.summarize(ts))
+                    rec = dict(regime=name, cell=cell, mode=mode, impl=impl, **C.summarize(ts), times_s=ts)
                     if impl in built:
                         rec["compile_s"] = built[impl][mode + "_compile_s"]
                     if impl == IMPLS[cell][0]:
@@ -216,7 +216,7 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
                 ms = {impl: 1e3 * C.summarize(ts)["median_s"] for impl, ts in times.items()}
                 ours, peer = IMPLS[cell][:2]
                 bar.write(f"{name} {cell} {mode}: jaxlstm {ms[ours]:.2f} ms, {peer} {ms[peer]:.2f} ms "
-                          f"({ms[peer] / ms[ours]:.2f}x; jaxlstm on {path})")  # fmt: skip
+                          f"({C.paired_ratio(times[peer], times[ours]):.2f}x; jaxlstm on {path})")  # fmt: skip
                 bar.update()
             del built
         peaks.append(probe(n))
@@ -237,15 +237,15 @@ def run(grid: dict, repeats: int, budget_s: float, quick: bool = False, dtype: s
 
 def contradicts_tuner(cell: str, path: str, times: dict) -> float | None:
     """Where a training row ran the native code (the tuner's choice) while the pure-XLA path beside it, in
-    the same interleaved rounds, was more than the tuner's margin faster (median time ratio XLA / default
-    below ``1 - jaxlstm.tuning.MARGIN``): that ratio; else ``None``. The tuner decides on training steps,
-    so forward rows are not its word to check."""
+    the same interleaved rounds, was more than the tuner's margin faster (the median over rounds of the
+    time ratio XLA / default, as the tuner compares, below ``1 - jaxlstm.tuning.MARGIN``): that ratio;
+    else ``None``. The tuner decides on training steps, so forward rows are not its word to check."""
     from jaxlstm import tuning
 
     ours, xla = IMPLS[cell][0], IMPLS[cell][2]
     if path != "native" or ours not in times or xla not in times:
         return None
-    ratio = float(np.median(times[xla]) / np.median(times[ours]))
+    ratio = C.paired_ratio(times[xla], times[ours])
     return ratio if ratio < 1 - tuning.MARGIN else None
 
 
@@ -305,8 +305,20 @@ def _tuning_choices() -> dict:
         return {**rec, "choices": {}}
 
 
+def _ratio(other: dict | None, ours: dict) -> float | None:
+    """``other``'s time over ours: round by round where both were timed in the same interleaved
+    rounds (``times_s``, the same mode; ``benchmarks._common.paired_ratio``), else (PyTorch, timed in its own
+    process; results written before ``times_s`` was recorded) the ratio of the medians."""
+    if other is None:
+        return None
+    if "times_s" in other and "times_s" in ours and other["mode"] == ours["mode"]:
+        return C.paired_ratio(other["times_s"], ours["times_s"])
+    return other["median_s"] / ours["median_s"]
+
+
 def rows(result: dict) -> list:
-    """One row per (regime, cell, mode): the ratios the issue's targets are stated in."""
+    """One row per (regime, cell, mode): the ratios the issue's targets are stated in, those between
+    programs timed in the same process the median of their per-round ratios."""
     recs = result["records"]
     get = lambda reg, cell, mode, impl: next(
         (r for r in recs if (r["regime"], r["cell"], r["mode"], r["impl"]) == (reg, cell, mode, impl)), None
@@ -329,16 +341,16 @@ def rows(result: dict) -> list:
                     mode=mode,
                     jaxlstm_tokens_per_s=ours["tokens_per_s"],
                     path=ours.get("path"),
-                    vs_flax=flax["median_s"] / ours["median_s"],
-                    vs_xla_path=None if xla is None else xla["median_s"] / ours["median_s"],
-                    vs_own_float32=None if f32 is None else f32["median_s"] / ours["median_s"],
-                    vs_torch=None if torch is None else torch["median_s"] / ours["median_s"],
-                    vs_cudnn=None if cudnn is None else cudnn["median_s"] / ours["median_s"],
+                    vs_flax=_ratio(flax, ours),
+                    vs_xla_path=_ratio(xla, ours),
+                    vs_own_float32=_ratio(f32, ours),
+                    vs_torch=_ratio(torch, ours),
+                    vs_cudnn=_ratio(cudnn, ours),
                     fraction_of_peak=ours["fraction_of_peak"],
                     step_us=1e6 * ours["median_s"] / T,
                     dot_us=None if dot is None else 1e6 * dot["median_s"] / T,
                 )
-                row["step_over_dot"] = None if dot is None else ours["median_s"] / dot["median_s"]
+                row["step_over_dot"] = None if dot is None else _ratio(ours, dot)  # forward: the same rounds
                 out.append(row)
     return out
 

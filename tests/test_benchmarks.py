@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxlstm
+from benchmarks import _common as C
 from benchmarks import memory, throughput
 
 
@@ -59,8 +61,8 @@ def test_throughput_quick_schema(tmp_path):
 @pytest.mark.usefixtures("standard_promotion")
 def test_regimes_quick(tmp_path, capsys):
     """The main job's grid: every (regime, cell, mode) row, torch only when installed
-    (timed in its own process), the bare dot, and ratios that follow from the medians; a line
-    per row as it finishes, and a word on torch either way."""
+    (timed in its own process), the bare dot, and ratios that follow from the per-round times
+    (paired round by round); a line per row as it finishes, and a word on torch either way."""
     from benchmarks import regimes
 
     throughput.main(["--quick", "--out", str(tmp_path)])
@@ -82,13 +84,17 @@ def test_regimes_quick(tmp_path, capsys):
     for r in rows:
         ours = recs[(r["regime"], r["cell"], r["mode"], regimes.IMPLS[r["cell"]][0])]
         flax = recs[(r["regime"], r["cell"], r["mode"], regimes.IMPLS[r["cell"]][1])]
-        np.testing.assert_allclose(r["vs_flax"], flax["median_s"] / ours["median_s"])
-        dot = recs[(r["regime"], r["cell"], "forward", "bare-dot")]
-        np.testing.assert_allclose(r["step_over_dot"], ours["median_s"] / dot["median_s"])
+        assert len(flax["times_s"]) == len(ours["times_s"]) == ours["repeats"]  # one call of each per round
+        paired = np.median(np.array(flax["times_s"]) / np.array(ours["times_s"]))
+        np.testing.assert_allclose(r["vs_flax"], paired)
+        if r["mode"] == "forward":
+            dot = recs[(r["regime"], r["cell"], "forward", "bare-dot")]
+            np.testing.assert_allclose(r["step_over_dot"], np.median(np.array(ours["times_s"]) / dot["times_s"]))
         assert (r["vs_torch"] is None) == (not C_torch())
     assert "| tiny (2, 4, 8, 16) | lstm | forward |" in regimes.table(data)
     # On a GPU the grid also times jax.experimental.rnn's cuDNN LSTM, in a column of its own.
-    cudnn = [dict(r, impl="jax-cudnn", median_s=2 * r["median_s"]) for r in data["records"] if r["impl"] == "jaxlstm"]
+    cudnn = [dict(r, impl="jax-cudnn", median_s=2 * r["median_s"], times_s=[2 * t for t in r["times_s"]])
+             for r in data["records"] if r["impl"] == "jaxlstm"]  # fmt: skip
     on_gpu = dict(data, records=data["records"] + cudnn)
     assert "vs jax cuDNN" in regimes.table(on_gpu) and "vs jax cuDNN" not in regimes.table(data)
     assert [r["vs_cudnn"] for r in regimes.rows(on_gpu) if r["cell"] == "lstm"] == [2.0] * 4
@@ -105,6 +111,25 @@ def test_regimes_quick(tmp_path, capsys):
     summary.main([str(tmp_path)])
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "## Regimes (`benchmarks.throughput`, the main job)" in text and "| tiny (2, 4, 8, 16) | lstm |" in text
+
+
+def test_interleaved_rounds_vary_the_order_and_ratios_pair_rounds():
+    """Each round calls the programs in a fresh order, so that no program always follows the same
+    one (a rotation keeps every predecessor fixed); ratios are taken round by round, so that a
+    machine slowing down for a while moves both sides of a ratio alike."""
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = C.time_interleaved(fns, 12, pause_s=0.0)
+    rounds = [calls[3 + 3 * r : 6 + 3 * r] for r in range(12)]  # after the warm-up call of each
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and all(len(v) == 12 for v in times.values())
+    follows = {(r[i - 1], r[i]) for r in rounds for i in (1, 2)}
+    assert follows == {(p, n) for p in "abc" for n in "abc" if p != n}  # every program after every other
+    # the machine 3x slower from round 3 on, except for `other`'s call in round 3 (the burst began
+    # between the two): 1.2x in every round but that one; the ratio of the medians would read 0.4x
+    ours, other = [0.010, 0.010, 0.030, 0.030, 0.030], [0.012, 0.012, 0.012, 0.036, 0.036]
+    assert statistics.median(other) / statistics.median(ours) == pytest.approx(0.4)
+    assert C.paired_ratio(other, ours) == pytest.approx(1.2)
+    assert C.paired_ratio([2.0, 4.0], [1.0]) == pytest.approx(3.0)  # unequal lengths: the medians' ratio
 
 
 def test_regimes_peak_is_the_best_probe_and_never_below_a_row(capsys):
@@ -170,7 +195,6 @@ def test_isa_quick(tmp_path):
 
 
 def C_torch():
-    from benchmarks import _common as C
 
     return C.torch_available()
 
@@ -199,7 +223,6 @@ def test_layout_variants_compute_the_lstm():
 
 
 def test_allocator_mode_picks_the_results_folder(monkeypatch):
-    from benchmarks import _common as C
 
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert C.allocator() == "default" and C.results_dir().endswith(os.path.join("benchmarks", "runs", C.device_name()))
