@@ -57,21 +57,28 @@ inline pair16* aligned_pairs(std::vector<pair16>& v, size_t n) {
 
 inline pair16 pair(float lo, float hi) { return bf16(lo) | (static_cast<pair16>(bf16(hi)) << 16); }
 
-// Packs K rows of `cols` columns into paired panels [cols / NC][pairs(K)][NC] (cols a multiple
-// of NC): src(k, c) is row k, column c, read column by column (the backward pass's transposed
-// weights, read in order).
-template <typename Src>
-void pack_pairs(pair16* panels, long K, long cols, Src&& src) {
+// dst[0 .. pairs(n)) = src[0 .. n) rounded and paired (a zero after the last where n is odd).
+inline void to_pairs(const float* src, pair16* dst, long n);
+
+// The backward pass's paired panels [cols / NC][pairs(K)][NC] of the transposed rows of a row-major
+// w: panel column c is row c of w (K floats, rows ld apart) for c < n, zero after (cols a multiple
+// of NC; the panels zeroed before). A row at a time: rounded and paired in order (to_pairs), then
+// spread down its panel column (before, a float at a time through bf16(): one-process A/B of bf16
+// training at B=64, D=512, H=1024, T=64 on a Zen 4, this 0.99-1.04x that, at the VM's resolution).
+inline void pack_row_pairs(pair16* panels, const float* w, long K, long ld, long n, long cols) {
   const long K2 = pairs(K);
-  for (long c = 0; c < cols; ++c)
-    for (long k2 = 0; k2 < K2; ++k2)
-      panels[(c / NC) * K2 * NC + k2 * NC + c % NC] = pair(src(2 * k2, c), 2 * k2 + 1 < K ? src(2 * k2 + 1, c) : 0.0f);
+  std::vector<pair16> row(static_cast<size_t>(K2));
+  for (long c = 0; c < std::min(n, cols); ++c) {
+    to_pairs(w + c * ld, row.data(), K);
+    pair16* dst = panels + (c / NC) * K2 * NC + c % NC;
+    for (long k2 = 0; k2 < K2; ++k2) dst[k2 * NC] = row[static_cast<size_t>(k2)];
+  }
 }
 
-// The forward pass's paired panels (pack_pairs' layout) of the columns of a row-major w [K, ld]
+// The forward pass's paired panels (pack_row_pairs' layout) of the columns of a row-major w [K, ld]
 // that one thread owns: panel column g*np + u is column g*H + lo + u of w for u < nu (the other
 // columns stay as they are: zero). A vector of a row at a time, rounded and paired with the next
-// row's (pack_pairs, a float at a time, took 8 of the 140 ms of a forward call at B=64, D=512,
+// row's (a float at a time, this took 8 of the 140 ms of a forward call at B=64, D=512,
 // H=1024, T=64 on the Zen 4).
 inline void pack_gate_pairs(pair16* panels, const float* w, long K, long ld, int G, long H, long lo, long nu,
                             long np) {
@@ -106,8 +113,6 @@ void transpose_pairs(Row&& row, long rows, long cols, pair16* dst) {
       }
 }
 
-// dst[0 .. pairs(n)) = src[0 .. n) rounded and paired (a zero after the last where n is odd).
-inline void to_pairs(const float* src, pair16* dst, long n);
 
 // The first m (<= VW) lanes of v, rounded, to dst (every level: the forward pass writes bf16
 // outputs with it).

@@ -284,8 +284,8 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   if constexpr (Bf16) {
     whTp = aligned_pairs(own_p.whT, static_cast<size_t>(GH2) * np);
     wiTp = aligned_pairs(own_p.wiT, static_cast<size_t>(GH2) * ndp);
-    pack_pairs(whTp, GH, np, [&](long k, long u) { return u < nu ? a.w_hh[(s.lo + u) * GH + k] : 0.0f; });
-    pack_pairs(wiTp, GH, ndp, [&](long k, long d) { return d < nd ? a.w_ih[(sd.lo + d) * GH + k] : 0.0f; });
+    pack_row_pairs(whTp, a.w_hh + s.lo * GH, GH, GH, nu, np);
+    pack_row_pairs(wiTp, a.w_ih + sd.lo * GH, GH, GH, nd, ndp);
     php = aligned_pairs(own_p.ph, static_cast<size_t>(TB2) * cols);
     pxp = Cell::kSplit ? aligned_pairs(own_p.px, static_cast<size_t>(TB2) * cols) : php;
     hTp = aligned_pairs(own_p.hT, static_cast<size_t>(TB2) * H);
