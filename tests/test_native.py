@@ -362,3 +362,44 @@ def test_the_forward_pass_split_by_sequences(kind, monkeypatch):
                 with tuning.forced("xla"):
                     want = both()
                 assert_trees_close(results["2"], want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize(
+    "B,D,H,T,case",
+    [(3, 5, 1024, 4, 0), (3, 64, 24, 16, 1), (3, 1024, 8, 3, 2), (13, 6, 256, 3, 0)],
+    ids=["h(t-1) and the rings", "batch-major x", "time-major x", "the LSTM's ring at H=256"],
+)
+def test_rows_4_kib_apart_are_read_with_a_padded_stride(kind, B, D, H, T, case):
+    """Where the GEMMs' rows would lie a multiple of 4 KiB apart (gemm.h: lead; one L1 set), the native
+    code copies them into buffers a cache line wider: h(t-1) at H=1024, the backward pass's gate cotangent
+    rings at G·H = 1024·k (bf16: pairs(G·H)), x(t) read in place with rows T·D (batch-major) or D
+    (time-major) = 1024·k floats apart. Values and gradients against the XLA path: float32 within its
+    rounding, bf16 within bf16's (a row read at the wrong stride is off by O(1))."""
+    from helpers import cell_case
+
+    init, run = {"lstm": (jaxlstm.init_lstm, jaxlstm.lstm), "gru": (jaxlstm.init_gru, jaxlstm.gru),
+                 "rnn": (jaxlstm.init_rnn, jaxlstm.rnn)}[kind]  # fmt: skip
+    params, _, x, state, _, options = cell_case(init, kind, case, B, D, H, T)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        opts, xd = dict(options, compute_dtype=dtype), x.astype(dtype)
+
+        def both(opts=opts, x=xd):
+            def loss(p, x):
+                ys, final = run(p, x, state, **opts)
+                return jnp.sin(ys.astype(jnp.float32)).sum() + sum(jnp.cos(a.astype(jnp.float32)).sum()
+                                                                    for a in jax.tree.leaves(final))  # fmt: skip
+
+            return run(params, x, state, **opts), jax.grad(loss, argnums=(0, 1))(params, x)
+
+        with tuning.forced("native"):
+            assert jaxlstm.path_of(kind, params, xd, state, **opts) == "native"
+            got = both()
+        with tuning.forced("xla"):
+            want = both()
+        if dtype == jnp.float32:
+            assert_trees_close(got, want, rtol=1e-4)
+            continue
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b) + 1e-3, (a.shape, np.abs(a - b).max())

@@ -83,9 +83,14 @@ struct ForwardArgs : Dims {
   float *acts, *cs, *hin;  // saved for the backward pass, or nullptr (cs: the LSTM's)
 };
 
-// hpairs: with Bf16 (bf16.h), h(t-1) rounded and paired for the recurrent GEMM, shared by the
-// team: two buffers [B, pairs(H)], step t's at t & 1 (a thread writes step t+1's while another
-// may still read step t's).
+// The row stride of h(t-1) for forward_thread's float32 GEMMs: lead(H) (gemm.h) over a sequence; a
+// one-step call (T = 1) reads it rows H apart.
+inline long forward_h_lead(bool bf16, long T, long H) { return !bf16 && T > 1 ? lead(H) : H; }
+
+// hbuf: h(t-1) for the float32 GEMMs where it is not read where it is saved, shared by the team: two
+// buffers [B, forward_h_lead], step t's at t & 1 (a thread writes step t+1's while another may still
+// read step t's). hpairs: with Bf16 (bf16.h), h(t-1) rounded and paired for the recurrent GEMM, two
+// buffers [B, pairs(H)] likewise.
 template <class Cell, bool Bf16>
 void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, float* h_state, float* c_state,
                     float* hbuf, pair16* hpairs) {
@@ -106,11 +111,16 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   // at B=1, D=128, H=256 take 125 µs, float32's 54, on the Zen 4.)
   const bool stream = T == 1;
   float* zx = aligned_floats(zx_store, static_cast<size_t>(B) * cols);
-  // For the float32 GEMMs, x(t) [B, D]: bf16 inputs widened, and with Bf16 (a step) rounded; and
-  // with Bf16 (a step) h(t-1) [B, H] rounded.
+  // For the float32 GEMMs, x(t) [B, D], rows ldx apart (gemm.h: lead): bf16 inputs widened, with Bf16
+  // (a step) rounded, float32 read in place unless more rows than the L1 cache has ways (8) lie a
+  // multiple of 4 KiB apart (gemm.h: aliased; a batch-major x(t)'s are T·D apart: B=32, D=128, T=256,
+  // the forward pass 1.13x faster copied, on the Zen 4); and with Bf16 (a step) h(t-1) [B, H] rounded.
   std::vector<float> xf_store, hf_store;
   const bool f32_gemms = !Bf16 || stream;
-  float* xf = f32_gemms && (a.xs16 || Bf16) ? aligned_floats(xf_store, static_cast<size_t>(B) * a.D) : nullptr;
+  const long ldx = lead(a.D);
+  const bool x_aliased = !stream && B > 8 && aliased(a.io.batch_stride() * a.D);
+  float* xf = f32_gemms && (a.xs16 || Bf16 || x_aliased) ? aligned_floats(xf_store, static_cast<size_t>(B) * ldx)
+                                                         : nullptr;
   float* hf = Bf16 && stream ? aligned_floats(hf_store, static_cast<size_t>(B) * H) : nullptr;
   float* zh = Cell::kSplit ? aligned_floats(zh_store, static_cast<size_t>(B) * cols) : zx;
   float* bias = aligned_floats(bias_store, cols);
@@ -140,20 +150,22 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   const float* b_hn = a.b_hn ? a.b_hn + s.lo : nullptr;
   // [T, B, .] arrays (the step flags, the saved activations): ldb rows a step (a slice of sequences)
   const long LB = a.io.ldb;
-  auto h_in_at = [&](long t) -> float* { return a.hin ? a.hin + t * LB * H : hbuf + (t & 1) * B * H; };
-  // h_in(t) is read by the float32 GEMMs and saved for the backward pass; the bf16 GEMMs read
-  // h(t-1) paired (hpairs).
-  const bool copy_h_in = f32_gemms || a.hin;
+  // h(t-1) for the float32 GEMMs: where it is saved for the backward pass (a.hin, rows H apart), read
+  // there, unless its rows want another stride (forward_h_lead); else hbuf, two buffers [B, ldh], step
+  // t's at t & 1. The bf16 GEMMs read it paired (hpairs).
+  const long ldh = forward_h_lead(Bf16, T, H);
+  const bool h_in_place = a.hin && ldh == H;
+  auto h_gemm = [&](long t) -> float* { return h_in_place ? a.hin + t * LB * H : hbuf + (t & 1) * B * ldh; };
   // The state entering step t for this thread's units (a reset replaces it).
   auto enter = [&](long t) {
-    float* hin = h_in_at(t);
     for (long b = 0; b < B; ++b) {
       const long i = b * H + s.lo;
       if (a.reset[t * LB + b] != 0) {
         std::memcpy(h_state + i, a.hr + i, 4 * nu);
         if constexpr (Cell::kHasC) std::memcpy(c_state + i, a.cr + i, 4 * nu);
       }
-      if (copy_h_in) std::memcpy(hin + i, h_state + i, 4 * nu);
+      if (f32_gemms && !h_in_place) std::memcpy(h_gemm(t) + b * ldh + s.lo, h_state + i, 4 * nu);
+      if (a.hin) std::memcpy(a.hin + t * LB * H + i, h_state + i, 4 * nu);
       // s.lo is even (a multiple of VW): the thread owns whole pairs
       if (Bf16 && !f32_gemms) to_pairs(h_state + i, hpairs + ((t & 1) * B + b) * H2 + s.lo / 2, nu);
     }
@@ -191,20 +203,21 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
         if (xf) {
           for (long b = 0; b < B; ++b) {
             const long r = a.io.row(t, b) * a.D;
-            if (a.xs16) from_bf16(a.xs16 + r, xf + b * a.D, a.D);  // bf16 already: rounding keeps it
-            else round_floats(a.xs + r, xf + b * a.D, a.D);
+            if (a.xs16) from_bf16(a.xs16 + r, xf + b * ldx, a.D);  // bf16 already: rounding keeps it
+            else if (Bf16) round_floats(a.xs + r, xf + b * ldx, a.D);
+            else std::memcpy(xf + b * ldx, a.xs + r, 4 * a.D);
           }
-          x = xf, rs = a.D;
+          x = xf, rs = ldx;
         }
         if (stream) {
-          const float* h = h_in_at(t);
+          const float* h = h_gemm(t);  // rows H apart (a step: ldh = H)
           if (hf) round_floats(h, hf, B * H), h = hf;
           if constexpr (Cell::kSplit) std::memset(zh, 0, sizeof(float) * B * cols);
           gemm_unpacked<Bf16>(x, rs, B, a.w_ih + s.lo, GH, a.D, G, H, nu, zx, cols, np);
           gemm_unpacked<Bf16>(h, H, B, a.w_hh + s.lo, GH, H, G, H, nu, zh, cols, np);
         } else {
           gemm(x, rs, 1, B, wx, a.D, cols, zx, cols, true);
-          gemm(h_in_at(t), H, 1, B, wh, H, cols, zh, cols, !Cell::kSplit);
+          gemm(h_gemm(t), ldh, 1, B, wh, H, cols, zh, cols, !Cell::kSplit);
         }
       }
       for (long b = 0; b < B; ++b) {
@@ -261,13 +274,14 @@ struct BackwardArgs : Dims {
 // written. dgx is the cotangent of x·W_ih + b, dgh that of h·W_hh (the same but for
 // the GRU's n block, dgh_n = dgx_n ∗ r); with kSplit each has its ring and panels.
 // With Bf16 (bf16.h) every GEMM takes paired bf16 operands: the rings hold the gate
-// cotangents rounded ([2 TC B, pairs(GH)]: ringp, ringp_x), the weights and each chunk's
+// cotangents rounded ([2 TC B, pairs(GH)], rows lead(pairs(GH)) apart: ringp, ringp_x), the weights and each chunk's
 // operands are rounded and paired once.
 template <class Cell, bool Bf16>
 void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, float* dh, float* dc, float* ring,
                      float* ring_x, pair16* ringp, pair16* ringp_x, long TC) {
   constexpr int G = Cell::G, S = Cell::S;
   const long T = a.T, B = a.B, D = a.D, H = a.H, GH = G * H, GH2 = pairs(GH), TB2 = pairs(TC * B);
+  const long LR = lead(GH), LR2 = lead(GH2);  // the rings' row strides (gemm.h: lead), floats and pairs
   const Split s = split_units(H, p, n), sd = split_units(D, p, n);
   const long nu = s.n(), np = s.padded(), cols = G * np, nd = sd.n(), ndp = sd.padded();
   // A thread's own buffers, each a std::vector that aligned_floats fills and aligns.
@@ -323,12 +337,12 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   // The chunk of t: steps [t0, t0 + TC); its rows k = (t - t0) * B + b.
   for (long t = T - 1; t >= 0; --t) {
     const long t0 = t / TC * TC, rows = std::min(TC, T - t0) * B;
-    const long chunk_row = ((t / TC) & 1) * TC * B, chunk = chunk_row * GH;
-    float* dgh_t = ring + chunk + (t - t0) * B * GH;
-    float* dgx_t = ring_x + chunk + (t - t0) * B * GH;
+    const long chunk_row = ((t / TC) & 1) * TC * B, chunk = chunk_row * LR;
+    float* dgh_t = ring + chunk + (t - t0) * B * LR;
+    float* dgx_t = ring_x + chunk + (t - t0) * B * LR;
     // Bf16: the step's rows of the paired rings, as bf16 (a gate block may start mid-pair)
-    auto* dgh_p = reinterpret_cast<uint16_t*>(ringp + (chunk_row + (t - t0) * B) * GH2);
-    auto* dgx_p = reinterpret_cast<uint16_t*>(ringp_x + (chunk_row + (t - t0) * B) * GH2);
+    auto* dgh_p = reinterpret_cast<uint16_t*>(ringp + (chunk_row + (t - t0) * B) * LR2);
+    auto* dgx_p = reinterpret_cast<uint16_t*>(ringp_x + (chunk_row + (t - t0) * B) * LR2);
     for (long b = 0; b < B && nu > 0; ++b) {
       const long row = t * B + b, k = (t - t0) * B + b;
       // The cotangents of gate g, units u...u+m: vx of x·W_ih + b, vh of h·W_hh.
@@ -336,11 +350,11 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
         const long c = g * np + u;  // VW divides NC: a vector never straddles two panels
         const long at = k * NC + (c / NC) * TC * B * NC + c % NC;
         if constexpr (Bf16) {
-          store_bf16(dgh_p + b * 2 * GH2 + g * H + s.lo + u, vh, m);
-          if constexpr (Cell::kSplit) store_bf16(dgx_p + b * 2 * GH2 + g * H + s.lo + u, vx, m);
+          store_bf16(dgh_p + b * 2 * LR2 + g * H + s.lo + u, vh, m);
+          if constexpr (Cell::kSplit) store_bf16(dgx_p + b * 2 * LR2 + g * H + s.lo + u, vx, m);
         } else {
-          store_n(dgh_t + b * GH + g * H + s.lo + u, vh, m);
-          if constexpr (Cell::kSplit) store_n(dgx_t + b * GH + g * H + s.lo + u, vx, m);
+          store_n(dgh_t + b * LR + g * H + s.lo + u, vh, m);
+          if constexpr (Cell::kSplit) store_n(dgx_t + b * LR + g * H + s.lo + u, vx, m);
         }
         store_n(ph + at, vh, m);
         store_n(gb + c, load_n(gb + c, m) + vx, m);
@@ -378,9 +392,9 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
     barrier.wait();  // all of the step's gate cotangents are written
     if (nu > 0) {
       if constexpr (Bf16) {
-        gemm_bf16(ringp + (chunk_row + (t - t0) * B) * GH2, GH2, B, whTp, GH2, np, rec, np, false);
+        gemm_bf16(ringp + (chunk_row + (t - t0) * B) * LR2, LR2, B, whTp, GH2, np, rec, np, false);
       } else {
-        gemm(dgh_t, GH, 1, B, whT, GH, np, rec, np, false);
+        gemm(dgh_t, LR, 1, B, whT, GH, np, rec, np, false);
       }
       for (long b = 0; b < B; ++b) {
         const long row = t * B + b;
@@ -441,9 +455,9 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
     }
     if (nd > 0) {
       if constexpr (Bf16) {
-        gemm_bf16(ringp_x + chunk_row * GH2, GH2, rows, wiTp, GH2, ndp, dxc, ndp, false);
+        gemm_bf16(ringp_x + chunk_row * LR2, LR2, rows, wiTp, GH2, ndp, dxc, ndp, false);
       } else {
-        gemm(ring_x + chunk, GH, 1, rows, wiT, GH, ndp, dxc, ndp, false);
+        gemm(ring_x + chunk, LR, 1, rows, wiT, GH, ndp, dxc, ndp, false);
       }
       for (long k = 0; k < rows; ++k)
         std::memcpy(a.dxs + a.io.row(t0 + k / B, k % B) * D + sd.lo, dxc + k * ndp, 4 * nd);
@@ -491,7 +505,8 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
     prefer_huge_pages(a.hin, 4 * tbh);
     if (Cell::kHasC) prefer_huge_pages(a.cs, 4 * tbh);
   }
-  std::vector<float> h_state(bh), c_state(Cell::kHasC ? bh : 0), hbuf(save ? 0 : 2 * bh);
+  const long ldh = forward_h_lead(Bf16, a.T, a.H);
+  std::vector<float> h_state(bh), c_state(Cell::kHasC ? bh : 0), hbuf(2 * static_cast<size_t>(a.B * ldh));
   std::vector<pair16> hpairs_store;
   pair16* hpairs = Bf16 ? aligned_pairs(hpairs_store, static_cast<size_t>(2 * a.B) * pairs(a.H)) : nullptr;
   const long step_work = a.B * Cell::G * a.H * (a.D + a.H);
@@ -516,7 +531,7 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
       SpinBarrier alone(1);
       forward_thread<Cell, Bf16>(s, 0, 1, alone, h_state.data() + b0 * a.H,
                                  Cell::kHasC ? c_state.data() + b0 * a.H : nullptr,
-                                 save ? nullptr : hbuf.data() + 2 * b0 * a.H,
+                                 hbuf.data() + 2 * b0 * ldh,
                                  Bf16 ? hpairs + 2 * b0 * pairs(a.H) : nullptr);
     });
     return;
@@ -532,12 +547,12 @@ void run_backward(ffi::ThreadPool& pool, BackwardArgs& a) {
   prefer_huge_pages(a.dxs, 4 * static_cast<size_t>(a.T * a.B * a.D));
   // About 256 rows per chunk: the weight-gradient GEMMs run with K = 256.
   const long TC = std::max<long>(1, std::min<long>(a.T, 256 / std::max<long>(1, a.B)));
-  const size_t bh = static_cast<size_t>(a.B * a.H), ring_size = static_cast<size_t>(2 * TC) * a.B * Cell::G * a.H;
+  const size_t bh = static_cast<size_t>(a.B * a.H), ring_size = static_cast<size_t>(2 * TC) * a.B * lead(Cell::G * a.H);
   std::vector<float> dh(bh), dc(Cell::kHasC ? bh : 0), ring_store, ring_x_store;
   std::vector<pair16> ringp_store, ringp_x_store;
   float* ring = aligned_floats(ring_store, Bf16 ? 0 : ring_size);
   float* ring_x = Cell::kSplit ? aligned_floats(ring_x_store, Bf16 ? 0 : ring_size) : ring;
-  const size_t ringp_size = Bf16 ? static_cast<size_t>(2 * TC) * a.B * pairs(Cell::G * a.H) : 0;
+  const size_t ringp_size = Bf16 ? static_cast<size_t>(2 * TC) * a.B * lead(pairs(Cell::G * a.H)) : 0;
   pair16* ringp = aligned_pairs(ringp_store, ringp_size);
   pair16* ringp_x = Cell::kSplit ? aligned_pairs(ringp_x_store, ringp_size) : ringp;
   const long step_work = a.B * 2 * Cell::G * a.H * (a.D + a.H);
