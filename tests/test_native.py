@@ -367,14 +367,15 @@ def test_the_forward_pass_split_by_sequences(kind, monkeypatch):
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize(
     "B,D,H,T,case",
-    [(3, 5, 1024, 4, 0), (3, 64, 24, 16, 1), (3, 1024, 8, 3, 2), (13, 6, 256, 3, 0)],
-    ids=["h(t-1) and the rings", "batch-major x", "time-major x", "the LSTM's ring at H=256"],
+    [(3, 5, 1024, 4, 0), (3, 64, 24, 16, 1), (3, 1024, 8, 3, 2), (13, 6, 256, 3, 0), (2048, 3, 8, 2, 0)],
+    ids=["h(t-1) and the rings", "batch-major x", "time-major x", "the LSTM's ring at H=256", "transposed chunks"],
 )
 def test_rows_4_kib_apart_are_read_with_a_padded_stride(kind, B, D, H, T, case):
     """Where the GEMMs' rows would lie a multiple of 4 KiB apart (gemm.h: lead; one L1 set), the native
     code copies them into buffers a cache line wider: h(t-1) at H=1024, the backward pass's gate cotangent
     rings at G·H = 1024·k (bf16: pairs(G·H)), x(t) read in place with rows T·D (batch-major) or D
-    (time-major) = 1024·k floats apart. Values and gradients against the XLA path: float32 within its
+    (time-major) = 1024·k floats apart, a chunk of h_in and x transposed for the weight gradients with
+    1024·k rows (B=2048: one step a chunk; bf16: 1024 pairs). Values and gradients against the XLA path: float32 within its
     rounding, bf16 within bf16's (a row read at the wrong stride is off by O(1))."""
     from helpers import cell_case
 

@@ -97,11 +97,11 @@ inline void pack_gate_pairs(pair16* panels, const float* w, long K, long ld, int
   }
 }
 
-// dst [cols, pairs(rows)] (row-major, paired along rows) = the rows row(0), ..., row(rows - 1)
+// dst [cols, pairs(rows)] (row-major, rows ld pairs apart, paired along rows) = the rows row(0), ..., row(rows - 1)
 // of cols floats, transposed and rounded, in blocks that stay in cache; a zero after the last
 // row where rows is odd.
 template <typename Row>
-void transpose_pairs(Row&& row, long rows, long cols, pair16* dst) {
+void transpose_pairs(Row&& row, long rows, long cols, pair16* dst, long ld) {
   constexpr long kBlock = 32;
   const long R2 = pairs(rows);
   for (long r0 = 0; r0 < R2; r0 += kBlock)
@@ -109,7 +109,7 @@ void transpose_pairs(Row&& row, long rows, long cols, pair16* dst) {
       for (long r2 = r0; r2 < std::min(R2, r0 + kBlock); ++r2) {
         const float* lo = row(2 * r2);
         const float* hi = 2 * r2 + 1 < rows ? row(2 * r2 + 1) : nullptr;
-        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * R2 + r2] = pair(lo[c], hi ? hi[c] : 0.0f);
+        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * ld + r2] = pair(lo[c], hi ? hi[c] : 0.0f);
       }
 }
 

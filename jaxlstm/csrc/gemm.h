@@ -142,16 +142,16 @@ void gemm_unpacked(const float* A, long rs, long M, const float* W, long ldw, lo
     }
 }
 
-// dst [cols, rows] = the rows row(0), ..., row(rows - 1) of cols floats, transposed,
+// dst [cols, rows] (rows ld apart) = the rows row(0), ..., row(rows - 1) of cols floats, transposed,
 // in blocks that stay in cache.
 template <typename Row>
-void transpose(Row&& row, long rows, long cols, float* dst) {
+void transpose(Row&& row, long rows, long cols, float* dst, long ld) {
   constexpr long kBlock = 32;
   for (long r0 = 0; r0 < rows; r0 += kBlock)
     for (long c0 = 0; c0 < cols; c0 += kBlock)
       for (long r = r0; r < std::min(rows, r0 + kBlock); ++r) {
         const float* src = row(r);
-        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * rows + r] = src[c];
+        for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * ld + r] = src[c];
       }
 }
 

@@ -282,6 +282,7 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   constexpr int G = Cell::G, S = Cell::S;
   const long T = a.T, B = a.B, D = a.D, H = a.H, GH = G * H, GH2 = pairs(GH), TB2 = pairs(TC * B);
   const long LR = lead(GH), LR2 = lead(GH2);  // the rings' row strides (gemm.h: lead), floats and pairs
+  const long LT = lead(TC * B), LT2 = lead(TB2);  // and those of a chunk's h_in and x, transposed
   const Split s = split_units(H, p, n), sd = split_units(D, p, n);
   const long nu = s.n(), np = s.padded(), cols = G * np, nd = sd.n(), ndp = sd.padded();
   // A thread's own buffers, each a std::vector that aligned_floats fills and aligns.
@@ -302,8 +303,8 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
     pack_row_pairs(wiTp, a.w_ih + sd.lo * GH, GH, GH, nd, ndp);
     php = aligned_pairs(own_p.ph, static_cast<size_t>(TB2) * cols);
     pxp = Cell::kSplit ? aligned_pairs(own_p.px, static_cast<size_t>(TB2) * cols) : php;
-    hTp = aligned_pairs(own_p.hT, static_cast<size_t>(TB2) * H);
-    xTp = aligned_pairs(own_p.xT, static_cast<size_t>(TB2) * D);
+    hTp = aligned_pairs(own_p.hT, static_cast<size_t>(LT2) * H);
+    xTp = aligned_pairs(own_p.xT, static_cast<size_t>(LT2) * D);
   } else {
     whT = aligned_floats(own.whT, static_cast<size_t>(GH) * np);
     wiT = aligned_floats(own.wiT, static_cast<size_t>(GH) * ndp);
@@ -322,8 +323,8 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
   float* gb = aligned_floats(own.gb, cols);                                   // db of its columns
   float* gbh = aligned_floats(own.gbh, cols);                                 // Σ dgh (the GRU's db_hn)
   float* dxc = aligned_floats(own.dxc, static_cast<size_t>(TC) * B * ndp);    // dx of its features, a chunk
-  float* hT = aligned_floats(own.hT, Bf16 ? 0 : static_cast<size_t>(TC) * B * H);  // a chunk of h_in, transposed
-  float* xT = aligned_floats(own.xT, Bf16 ? 0 : static_cast<size_t>(TC) * B * D);  // and of x
+  float* hT = aligned_floats(own.hT, Bf16 ? 0 : static_cast<size_t>(LT) * H);  // a chunk of h_in, transposed
+  float* xT = aligned_floats(own.xT, Bf16 ? 0 : static_cast<size_t>(LT) * D);  // and of x
   for (long b = 0; b < B; ++b)
     for (long u = s.lo; u < s.hi; ++u) {
       const long i = b * H + u;
@@ -427,8 +428,8 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
       auto x_row = [&](long k) { return a.xs + a.io.row(t0 + k / B, k % B) * D; };
       if constexpr (Bf16) {
         const long R2 = pairs(rows);
-        transpose_pairs(h_row, rows, H, hTp);
-        transpose_pairs(x_row, rows, D, xTp);
+        transpose_pairs(h_row, rows, H, hTp, LT2);
+        transpose_pairs(x_row, rows, D, xTp, LT2);
         // The chunk's panels paired along its rows (a zero row after the last where rows is odd).
         auto pair_panels = [&](const float* from, pair16* to) {
           for (long j = 0; j < cols / NC; ++j)
@@ -441,15 +442,15 @@ void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, 
         pair_panels(ph, php);
         if constexpr (Cell::kSplit) pair_panels(px, pxp);
         for (long j = 0; j < cols / NC; ++j) {
-          gemm_bf16(hTp, R2, H, php + j * R2 * NC, R2, NC, gwh + j * NC, cols, true);
-          gemm_bf16(xTp, R2, D, pxp + j * R2 * NC, R2, NC, gwi + j * NC, cols, true);
+          gemm_bf16(hTp, LT2, H, php + j * R2 * NC, R2, NC, gwh + j * NC, cols, true);
+          gemm_bf16(xTp, LT2, D, pxp + j * R2 * NC, R2, NC, gwi + j * NC, cols, true);
         }
       } else {
-        transpose(h_row, rows, H, hT);
-        transpose(x_row, rows, D, xT);
+        transpose(h_row, rows, H, hT, LT);
+        transpose(x_row, rows, D, xT, LT);
         for (long j = 0; j < cols / NC; ++j) {
-          gemm(hT, rows, 1, H, ph + j * TC * B * NC, rows, NC, gwh + j * NC, cols, true);
-          gemm(xT, rows, 1, D, px + j * TC * B * NC, rows, NC, gwi + j * NC, cols, true);
+          gemm(hT, LT, 1, H, ph + j * TC * B * NC, rows, NC, gwh + j * NC, cols, true);
+          gemm(xT, LT, 1, D, px + j * TC * B * NC, rows, NC, gwi + j * NC, cols, true);
         }
       }
     }
