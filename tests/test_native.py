@@ -364,25 +364,38 @@ def test_the_forward_pass_split_by_sequences(kind, monkeypatch):
                 assert_trees_close(results["2"], want, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+_F32, _BF16 = (jnp.float32,), (jnp.bfloat16,)
+# (B, D, H, T, cell_case's layout, the dtypes whose buffers alias there, the cells); x(t) is copied where a
+# thread has more than 8 rows: B=20 on two threads (the batch split between them) or one
+_PADDED = {
+    "h(t-1) and the rings": (3, 5, 1024, 4, 0, _F32 + _BF16, ("lstm", "gru", "rnn")),
+    "batch-major x": (20, 64, 24, 16, 1, _F32, ("lstm", "gru", "rnn")),
+    "time-major x": (20, 1024, 8, 3, 2, _F32, ("lstm", "gru", "rnn")),
+    "the LSTM's ring at H=256": (13, 6, 256, 3, 0, _F32, ("lstm",)),
+    "transposed chunks": (2048, 3, 8, 2, 0, _F32 + _BF16, ("lstm", "gru", "rnn")),
+    "bf16 x(t) pairs": (3, 2048, 8, 5, 2, _BF16, ("lstm", "gru", "rnn")),
+    "bf16 h(t-1) pairs": (3, 4, 2048, 5, 0, _BF16, ("lstm", "gru")),
+}
+
+
 @pytest.mark.parametrize(
-    "B,D,H,T,case",
-    [(3, 5, 1024, 4, 0), (3, 64, 24, 16, 1), (3, 1024, 8, 3, 2), (13, 6, 256, 3, 0), (2048, 3, 8, 2, 0)],
-    ids=["h(t-1) and the rings", "batch-major x", "time-major x", "the LSTM's ring at H=256", "transposed chunks"],
+    "kind,B,D,H,T,case,dtypes",
+    [pytest.param(k, *v[:6], id=f"{name}-{k}") for name, v in _PADDED.items() for k in v[6]],
 )
-def test_rows_4_kib_apart_are_read_with_a_padded_stride(kind, B, D, H, T, case):
+def test_rows_4_kib_apart_are_read_with_a_padded_stride(kind, B, D, H, T, case, dtypes):
     """Where the GEMMs' rows would lie a multiple of 4 KiB apart (gemm.h: lead; one L1 set), the native
     code copies them into buffers a cache line wider: h(t-1) at H=1024, the backward pass's gate cotangent
     rings at G·H = 1024·k (bf16: pairs(G·H)), x(t) read in place with rows T·D (batch-major) or D
     (time-major) = 1024·k floats apart, a chunk of h_in and x transposed for the weight gradients with
-    1024·k rows (B=2048: one step a chunk; bf16: 1024 pairs). Values and gradients against the XLA path: float32 within its
+    1024·k rows (B=2048: one step a chunk; bf16: 1024 pairs), and bf16's paired x(t) and h(t-1) at
+    D, H = 2048 (1024 pairs a row). Values and gradients against the XLA path: float32 within its
     rounding, bf16 within bf16's (a row read at the wrong stride is off by O(1))."""
     from helpers import cell_case
 
     init, run = {"lstm": (jaxlstm.init_lstm, jaxlstm.lstm), "gru": (jaxlstm.init_gru, jaxlstm.gru),
                  "rnn": (jaxlstm.init_rnn, jaxlstm.rnn)}[kind]  # fmt: skip
     params, _, x, state, _, options = cell_case(init, kind, case, B, D, H, T)
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in dtypes:
         opts, xd = dict(options, compute_dtype=dtype), x.astype(dtype)
 
         def both(opts=opts, x=xd):

@@ -90,12 +90,13 @@ inline long forward_h_lead(bool bf16, long T, long H) { return !bf16 && T > 1 ? 
 // hbuf: h(t-1) for the float32 GEMMs where it is not read where it is saved, shared by the team: two
 // buffers [B, forward_h_lead], step t's at t & 1 (a thread writes step t+1's while another may still
 // read step t's). hpairs: with Bf16 (bf16.h), h(t-1) rounded and paired for the recurrent GEMM, two
-// buffers [B, pairs(H)] likewise.
+// buffers [B, pairs(H)] likewise, rows lead(pairs(H)) apart.
 template <class Cell, bool Bf16>
 void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, float* h_state, float* c_state,
                     float* hbuf, pair16* hpairs) {
   constexpr int G = Cell::G, S = Cell::S;
   const long T = a.T, B = a.B, H = a.H, GH = G * H, D2 = pairs(a.D), H2 = pairs(H);
+  const long LD2 = lead(D2), LH2 = lead(H2);  // the paired rows' strides (gemm.h: lead): x(t), h(t-1)
   const Split s = split_units(H, p, n);
   const long nu = s.n(), np = s.padded(), cols = G * np;
   // Panels of W_ih's and W_hh's columns for this thread's units, gate-blocked: column
@@ -127,7 +128,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   if (Bf16 && !stream) {
     wxp = aligned_pairs(wxp_store, static_cast<size_t>(D2) * cols);
     whp = aligned_pairs(whp_store, static_cast<size_t>(H2) * cols);
-    xp = aligned_pairs(xp_store, static_cast<size_t>(B) * D2);
+    xp = aligned_pairs(xp_store, static_cast<size_t>(B) * LD2);
     pack_gate_pairs(wxp, a.w_ih, a.D, GH, G, H, s.lo, nu, np);
     pack_gate_pairs(whp, a.w_hh, H, GH, G, H, s.lo, nu, np);
   } else if (!stream) {
@@ -167,7 +168,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
       if (f32_gemms && !h_in_place) std::memcpy(h_gemm(t) + b * ldh + s.lo, h_state + i, 4 * nu);
       if (a.hin) std::memcpy(a.hin + t * LB * H + i, h_state + i, 4 * nu);
       // s.lo is even (a multiple of VW): the thread owns whole pairs
-      if (Bf16 && !f32_gemms) to_pairs(h_state + i, hpairs + ((t & 1) * B + b) * H2 + s.lo / 2, nu);
+      if (Bf16 && !f32_gemms) to_pairs(h_state + i, hpairs + ((t & 1) * B + b) * LH2 + s.lo / 2, nu);
     }
   };
   if (nu > 0) {
@@ -190,11 +191,11 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
           // the Zen 4: 4.2 ms a call, against 2.2 copied).
           for (long b = 0; b < B; ++b) {
             const long r = a.io.row(t, b) * a.D;
-            if (a.xs16) std::memcpy(xp + b * D2, a.xs16 + r, 2 * a.D);
-            else to_pairs(a.xs + r, xp + b * D2, a.D);
+            if (a.xs16) std::memcpy(xp + b * LD2, a.xs16 + r, 2 * a.D);
+            else to_pairs(a.xs + r, xp + b * LD2, a.D);
           }
-          gemm_bf16(xp, D2, B, wxp, D2, cols, zx, cols, true);
-          gemm_bf16(hpairs + (t & 1) * B * H2, H2, B, whp, H2, cols, zh, cols, !Cell::kSplit);
+          gemm_bf16(xp, LD2, B, wxp, D2, cols, zx, cols, true);
+          gemm_bf16(hpairs + (t & 1) * B * LH2, LH2, B, whp, H2, cols, zh, cols, !Cell::kSplit);
         }
       }
       if (f32_gemms) {
@@ -509,7 +510,8 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
   const long ldh = forward_h_lead(Bf16, a.T, a.H);
   std::vector<float> h_state(bh), c_state(Cell::kHasC ? bh : 0), hbuf(2 * static_cast<size_t>(a.B * ldh));
   std::vector<pair16> hpairs_store;
-  pair16* hpairs = Bf16 ? aligned_pairs(hpairs_store, static_cast<size_t>(2 * a.B) * pairs(a.H)) : nullptr;
+  const long lh2 = lead(pairs(a.H));  // forward_thread's LH2
+  pair16* hpairs = Bf16 ? aligned_pairs(hpairs_store, static_cast<size_t>(2 * a.B) * lh2) : nullptr;
   const long step_work = a.B * Cell::G * a.H * (a.D + a.H);
   // A one-step call (streaming) is a few tens of µs in all: a second thread's hand-over costs what it
   // saves until the step is large. On the Zen 4, one thread against two (µs): B=1, H=256 LSTM 66 / 115-123,
@@ -533,7 +535,7 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
       forward_thread<Cell, Bf16>(s, 0, 1, alone, h_state.data() + b0 * a.H,
                                  Cell::kHasC ? c_state.data() + b0 * a.H : nullptr,
                                  hbuf.data() + 2 * b0 * ldh,
-                                 Bf16 ? hpairs + 2 * b0 * pairs(a.H) : nullptr);
+                                 Bf16 ? hpairs + 2 * b0 * lh2 : nullptr);
     });
     return;
   }
