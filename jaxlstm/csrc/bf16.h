@@ -97,9 +97,9 @@ inline void pack_gate_pairs(pair16* panels, const float* w, long K, long ld, int
   }
 }
 
-// dst [cols, pairs(rows)] (row-major, rows ld pairs apart, paired along rows) = the rows row(0), ..., row(rows - 1)
-// of cols floats, transposed and rounded, in blocks that stay in cache; a zero after the last
-// row where rows is odd.
+// dst [cols, pairs(rows)] (row-major, rows ld pairs apart, paired along rows) = the rows row(0), ...,
+// row(rows - 1) of cols floats, transposed and rounded, in blocks that stay in cache; a zero after the
+// last row where rows is odd.
 template <typename Row>
 void transpose_pairs(Row&& row, long rows, long cols, pair16* dst, long ld) {
   constexpr long kBlock = 32;
@@ -112,7 +112,6 @@ void transpose_pairs(Row&& row, long rows, long cols, pair16* dst, long ld) {
         for (long c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[c * ld + r2] = pair(lo[c], hi ? hi[c] : 0.0f);
       }
 }
-
 
 // The first m (<= VW) lanes of v, rounded, to dst (every level: the forward pass writes bf16
 // outputs with it).

@@ -275,8 +275,8 @@ struct BackwardArgs : Dims {
 // written. dgx is the cotangent of x·W_ih + b, dgh that of h·W_hh (the same but for
 // the GRU's n block, dgh_n = dgx_n ∗ r); with kSplit each has its ring and panels.
 // With Bf16 (bf16.h) every GEMM takes paired bf16 operands: the rings hold the gate
-// cotangents rounded ([2 TC B, pairs(GH)], rows lead(pairs(GH)) apart: ringp, ringp_x), the weights and each chunk's
-// operands are rounded and paired once.
+// cotangents rounded ([2 TC B, pairs(GH)], rows lead(pairs(GH)) apart: ringp, ringp_x), the
+// weights and each chunk's operands are rounded and paired once.
 template <class Cell, bool Bf16>
 void backward_thread(const BackwardArgs& a, int p, int n, SpinBarrier& barrier, float* dh, float* dc, float* ring,
                      float* ring_x, pair16* ringp, pair16* ringp_x, long TC) {
