@@ -195,7 +195,6 @@ def test_isa_quick(tmp_path):
 
 
 def C_torch():
-
     return C.torch_available()
 
 
@@ -223,7 +222,6 @@ def test_layout_variants_compute_the_lstm():
 
 
 def test_allocator_mode_picks_the_results_folder(monkeypatch):
-
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert C.allocator() == "default" and C.results_dir().endswith(os.path.join("benchmarks", "runs", C.device_name()))
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0:" + C.THP_TUNABLE)
