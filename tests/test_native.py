@@ -15,10 +15,10 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxlstm
-from helpers import assert_trees_close, random_step_flags
+from helpers import assert_trees_close, cell_case, random_step_flags
 from jaxlstm import _native, tuning
 from jaxlstm._engine import Steps
-from reference import lstm_ref
+from reference import as_dict, gru_ref, lstm_ref, rnn_ref
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason=str(_native.load_error()))
 
@@ -324,6 +324,23 @@ def test_the_earlier_spelling_of_the_forced_path_warns():
         assert not tuning.kernel_path(1, 2, 4, 3) and not tuning.native_path(1, 2, 4, 3)
 
 
+_CELLS = {"lstm": (jaxlstm.init_lstm, jaxlstm.lstm), "gru": (jaxlstm.init_gru, jaxlstm.gru),
+          "rnn": (jaxlstm.init_rnn, jaxlstm.rnn)}  # fmt: skip
+_REFS = {"lstm": lstm_ref, "gru": gru_ref, "rnn": rnn_ref}
+
+
+def _outputs_and_grads(run, params, x, state, opts):
+    """A cell call's outputs and final state, and the gradients (params, inputs) of a loss of all of
+    them (every output and every final state read, none sliced away)."""
+
+    def loss(p, x):
+        ys, final = run(p, x, state, **opts)
+        return jnp.sin(ys.astype(jnp.float32)).sum() + sum(jnp.cos(a.astype(jnp.float32)).sum()
+                                                            for a in jax.tree.leaves(final))  # fmt: skip
+
+    return run(params, x, state, **opts), jax.grad(loss, argnums=(0, 1))(params, x)
+
+
 @pytest.mark.skipif(not _native.enabled() or (os.cpu_count() or 1) < 2, reason="needs the native code and 2 CPUs")
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 def test_the_forward_pass_split_by_sequences(kind, monkeypatch):
@@ -331,23 +348,15 @@ def test_the_forward_pass_split_by_sequences(kind, monkeypatch):
     thread running the whole recurrence of its own. Batch-major, reversed, time-major, with lengths,
     holes and resets; float32 and bf16 (inputs, outputs and GEMMs): the numbers of one thread, values
     and gradients (the saving forward pass split too), and the XLA path's within float32's error."""
-    from helpers import cell_case
-
-    init, run = {"lstm": (jaxlstm.init_lstm, jaxlstm.lstm), "gru": (jaxlstm.init_gru, jaxlstm.gru),
-                 "rnn": (jaxlstm.init_rnn, jaxlstm.rnn)}[kind]  # fmt: skip
+    init, run = _CELLS[kind]
     for i in range(3):
         params, _, x, state, _, options = cell_case(init, kind, i, 13, 5, 40, 6)
         for dtype in (jnp.float32, jnp.bfloat16):
             opts = dict(options, compute_dtype=dtype)
             xd = x.astype(dtype)
 
-            def loss(p, x, opts=opts, state=state):
-                ys, final = run(p, x, state, **opts)
-                return jnp.sin(ys.astype(jnp.float32)).sum() + sum(jnp.cos(a.astype(jnp.float32)).sum()
-                                                                    for a in jax.tree.leaves(final))  # fmt: skip
-
-            def both(opts=opts, loss=loss, p=params, x=xd, s=state):  # the thread count: read per call
-                return run(p, x, s, **opts), jax.grad(loss, argnums=(0, 1))(p, x)
+            def both(opts=opts, p=params, x=xd, s=state):  # the thread count: read per call
+                return _outputs_and_grads(run, p, x, s, opts)
 
             results = {}
             for threads in ("1", "2"):
@@ -390,29 +399,26 @@ def test_rows_4_kib_apart_are_read_with_a_padded_stride(kind, B, D, H, T, case, 
     1024·k rows (B=2048: one step a chunk; bf16: 1024 pairs), and bf16's paired x(t) and h(t-1) at
     D, H = 2048 (1024 pairs a row). Values and gradients against the XLA path: float32 within its
     rounding, bf16 within bf16's (a row read at the wrong stride is off by O(1))."""
-    from helpers import cell_case
-
-    init, run = {"lstm": (jaxlstm.init_lstm, jaxlstm.lstm), "gru": (jaxlstm.init_gru, jaxlstm.gru),
-                 "rnn": (jaxlstm.init_rnn, jaxlstm.rnn)}[kind]  # fmt: skip
-    params, _, x, state, _, options = cell_case(init, kind, case, B, D, H, T)
+    init, run = _CELLS[kind]
+    params, xs, x, state, flags, options = cell_case(init, kind, case, B, D, H, T)
     for dtype in dtypes:
         opts, xd = dict(options, compute_dtype=dtype), x.astype(dtype)
-
-        def both(opts=opts, x=xd):
-            def loss(p, x):
-                ys, final = run(p, x, state, **opts)
-                return jnp.sin(ys.astype(jnp.float32)).sum() + sum(jnp.cos(a.astype(jnp.float32)).sum()
-                                                                    for a in jax.tree.leaves(final))  # fmt: skip
-
-            return run(params, x, state, **opts), jax.grad(loss, argnums=(0, 1))(params, x)
-
         with tuning.forced("native"):
             assert jaxlstm.path_of(kind, params, xd, state, **opts) == "native"
-            got = both()
+            got = _outputs_and_grads(run, params, xd, state, opts)
         with tuning.forced("xla"):
-            want = both()
+            want = _outputs_and_grads(run, params, xd, state, opts)
         if dtype == jnp.float32:
             assert_trees_close(got, want, rtol=1e-4)
+            # the values against the float64 NumPy loop of the equations, too
+            f = {k: np.asarray(v) for k, v in flags.items()}
+            starts = [np.asarray(a, np.float64) for a in jax.tree.leaves(state)]
+            ref = _REFS[kind](np, as_dict(params), np.asarray(xs, np.float64), *starts, reverse=options["reverse"],
+                              lengths=f["seq_lengths"], mask=f["mask"], resets=f["resets"])  # fmt: skip
+            ys, final = got[0]
+            ys = jnp.swapaxes(ys, 0, 1) if options.get("time_major") else ys
+            for a, b in zip((ys, *jax.tree.leaves(final)), ref, strict=True):
+                np.testing.assert_allclose(np.asarray(a), b, atol=2e-5)
             continue
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

@@ -86,6 +86,8 @@ struct ForwardArgs : Dims {
 // The row stride of h(t-1) for forward_thread's float32 GEMMs: lead(H) (gemm.h) over a sequence; a
 // one-step call (T = 1) reads it rows H apart.
 inline long forward_h_lead(bool bf16, long T, long H) { return !bf16 && T > 1 ? lead(H) : H; }
+// The row stride of the paired h(t-1) for the bf16 GEMMs (hpairs), in pairs.
+inline long forward_hpairs_lead(long H) { return lead(pairs(H)); }
 
 // hbuf: h(t-1) for the float32 GEMMs where it is not read where it is saved, shared by the team: two
 // buffers [B, forward_h_lead], step t's at t & 1 (a thread writes step t+1's while another may still
@@ -96,7 +98,7 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
                     float* hbuf, pair16* hpairs) {
   constexpr int G = Cell::G, S = Cell::S;
   const long T = a.T, B = a.B, H = a.H, GH = G * H, D2 = pairs(a.D), H2 = pairs(H);
-  const long LD2 = lead(D2), LH2 = lead(H2);  // the paired rows' strides (gemm.h: lead): x(t), h(t-1)
+  const long LD2 = lead(D2), LH2 = forward_hpairs_lead(H);  // the paired rows' strides: x(t), h(t-1)
   const Split s = split_units(H, p, n);
   const long nu = s.n(), np = s.padded(), cols = G * np;
   // Panels of W_ih's and W_hh's columns for this thread's units, gate-blocked: column
@@ -507,10 +509,13 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
     prefer_huge_pages(a.hin, 4 * tbh);
     if (Cell::kHasC) prefer_huge_pages(a.cs, 4 * tbh);
   }
+  // hbuf where the float32 GEMMs read h(t-1) other than where it is saved (forward_thread: h_in_place)
   const long ldh = forward_h_lead(Bf16, a.T, a.H);
-  std::vector<float> h_state(bh), c_state(Cell::kHasC ? bh : 0), hbuf(2 * static_cast<size_t>(a.B * ldh));
+  const bool hbuf_read = (!Bf16 || a.T == 1) && !(save && ldh == a.H);
+  std::vector<float> h_state(bh), c_state(Cell::kHasC ? bh : 0);
+  std::vector<float> hbuf(hbuf_read ? 2 * static_cast<size_t>(a.B * ldh) : 0);
   std::vector<pair16> hpairs_store;
-  const long lh2 = lead(pairs(a.H));  // forward_thread's LH2
+  const long lh2 = forward_hpairs_lead(a.H);
   pair16* hpairs = Bf16 ? aligned_pairs(hpairs_store, static_cast<size_t>(2 * a.B) * lh2) : nullptr;
   const long step_work = a.B * Cell::G * a.H * (a.D + a.H);
   // A one-step call (streaming) is a few tens of µs in all: a second thread's hand-over costs what it
@@ -534,7 +539,7 @@ void run_forward(ffi::ThreadPool& pool, ForwardArgs& a) {
       SpinBarrier alone(1);
       forward_thread<Cell, Bf16>(s, 0, 1, alone, h_state.data() + b0 * a.H,
                                  Cell::kHasC ? c_state.data() + b0 * a.H : nullptr,
-                                 hbuf.data() + 2 * b0 * ldh,
+                                 hbuf_read ? hbuf.data() + 2 * b0 * ldh : nullptr,
                                  Bf16 ? hpairs + 2 * b0 * lh2 : nullptr);
     });
     return;
