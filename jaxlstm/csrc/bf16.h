@@ -138,6 +138,21 @@ inline void from_bf16(const uint16_t* src, float* dst, long n) {
 inline void gemm_bf16(const pair16* A, long rs, long M, const pair16* panels, long K2, long N, float* C, long ldc,
                bool accumulate);
 
+// One paired operand of gemm2_bf16: A [M, K2] (row stride rs pairs) and its panels [N / NC][K2][NC].
+struct PairOperand {
+  const pair16* A = nullptr;
+  long rs = 0;
+  const pair16* panels = nullptr;
+  long K2 = 0;
+};
+
+// C [M, N] = bias + x.A · x.panels + h.A · h.panels (bias [N], broadcast over the rows; h with K2 = 0:
+// none): the forward step's z = b + x(t)·W_ih + h(t-1)·W_hh in one pass of the register tile, each
+// tile's sums kept in registers from the bias to the store (three passes over C before: the bias
+// copied in, each GEMM loading and storing it).
+inline void gemm2_bf16(const PairOperand& x, const PairOperand& h, long M, long N, const float* bias, float* C,
+                       long ldc);
+
 #if JAXLSTM_BF16_DOT
 
 inline void to_pairs(const float* src, pair16* dst, long n) {
@@ -158,39 +173,48 @@ inline void store_bf16(uint16_t* dst, vf v, int m) {
 }
 
 // C[r, 0:NC] (+)= Σ_k2 A[r, k2] · P[k2, 0:NC] for r < M, on VDPBF16PS: each instruction
-// multiplies 16 columns by two k and adds both to float32 accumulators.
+// multiplies 16 columns by two k and adds both to float32 accumulators. A second operand (A2, P2,
+// K22 > 0) adds its products to the same sums; with a bias row, the sums start from it (every row)
+// instead of from C or zero.
 template <int M>
-void tile_bf16(const pair16* A, long rs, const pair16* P, long K2, float* C, long ldc, bool accumulate) {
+void tile_bf16(const pair16* A, long rs, const pair16* P, long K2, const pair16* A2, long rs2, const pair16* P2,
+               long K22, float* C, long ldc, bool accumulate, const float* bias) {
   constexpr int U = M * NV >= 8 ? 1 : 8 / (M * NV);  // independent sums, as gemm.h's tile
   __m512 acc[U][M][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) {
-      acc[0][r][j] = accumulate ? _mm512_loadu_ps(C + r * ldc + j * VW) : _mm512_setzero_ps();
+      acc[0][r][j] = bias         ? _mm512_loadu_ps(bias + j * VW)
+                     : accumulate ? _mm512_loadu_ps(C + r * ldc + j * VW)
+                                  : _mm512_setzero_ps();
 #pragma GCC unroll 8
       for (int u = 1; u < U; ++u) acc[u][r][j] = _mm512_setzero_ps();
     }
-  auto step = [&](long k, __m512(&sum)[M][NV]) {
-    __m512bh b[NV];
+  auto run = [&](const pair16* A, long rs, const pair16* P, long K2) {
+    auto step = [&](long k, __m512(&sum)[M][NV]) {
+      __m512bh b[NV];
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) __builtin_prefetch(P + (k + kPrefetch) * NC + j * VW);
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(P + (k + kPrefetch) * NC + j * VW);
 #pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_load_si512(P + k * NC + j * VW);
+      for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_load_si512(P + k * NC + j * VW);
 #pragma GCC unroll 16
-    for (int r = 0; r < M; ++r) {
-      int32_t ak;  // by bytes: the pairs may have been written as bf16 (store_bf16)
-      std::memcpy(&ak, A + r * rs + k, 4);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(ak);
+      for (int r = 0; r < M; ++r) {
+        int32_t ak;  // by bytes: the pairs may have been written as bf16 (store_bf16)
+        std::memcpy(&ak, A + r * rs + k, 4);
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(ak);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) sum[r][j] = _mm512_dpbf16_ps(sum[r][j], a, b[j]);
-    }
-  };
-  long k = 0;
-  for (; k + U <= K2; k += U)
+        for (int j = 0; j < NV; ++j) sum[r][j] = _mm512_dpbf16_ps(sum[r][j], a, b[j]);
+      }
+    };
+    long k = 0;
+    for (; k + U <= K2; k += U)
 #pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) step(k + u, acc[u]);
-  for (; k < K2; ++k) step(k, acc[0]);
+      for (int u = 0; u < U; ++u) step(k + u, acc[u]);
+    for (; k < K2; ++k) step(k, acc[0]);
+  };
+  run(A, rs, P, K2);
+  if (K22 > 0) run(A2, rs2, P2, K22);
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r)
 #pragma GCC unroll 4
@@ -201,21 +225,37 @@ void tile_bf16(const pair16* A, long rs, const pair16* P, long K2, float* C, lon
     }
 }
 
-using TileBf16Fn = void (*)(const pair16*, long, const pair16*, long, float*, long, bool);
+using TileBf16Fn = void (*)(const pair16*, long, const pair16*, long, const pair16*, long, const pair16*, long, float*,
+                            long, bool, const float*);
 
 template <int... Ms>
 constexpr auto make_tiles_bf16(std::integer_sequence<int, Ms...>) {
   return std::array<TileBf16Fn, sizeof...(Ms)>{&tile_bf16<Ms + 1>...};
 }
 
+inline const auto kTilesBf16 = make_tiles_bf16(std::make_integer_sequence<int, MR>{});
+
 inline void gemm_bf16(const pair16* A, long rs, long M, const pair16* panels, long K2, long N, float* C, long ldc,
                       bool accumulate) {
-  static const auto tiles = make_tiles_bf16(std::make_integer_sequence<int, MR>{});
   for (long j = 0; j < N / NC; ++j) {
     const pair16* P = panels + j * K2 * NC;
     for (long r = 0; r < M; r += MR) {
       const long m = std::min<long>(MR, M - r);
-      tiles[m - 1](A + r * rs, rs, P, K2, C + r * ldc + j * NC, ldc, accumulate);
+      kTilesBf16[m - 1](A + r * rs, rs, P, K2, nullptr, 0, nullptr, 0, C + r * ldc + j * NC, ldc, accumulate,
+                        nullptr);
+    }
+  }
+}
+
+inline void gemm2_bf16(const PairOperand& x, const PairOperand& h, long M, long N, const float* bias, float* C,
+                       long ldc) {
+  for (long j = 0; j < N / NC; ++j) {
+    const pair16* Px = x.panels + j * x.K2 * NC;
+    const pair16* Ph = h.K2 > 0 ? h.panels + j * h.K2 * NC : nullptr;
+    for (long r = 0; r < M; r += MR) {
+      const long m = std::min<long>(MR, M - r);
+      kTilesBf16[m - 1](x.A + r * x.rs, x.rs, Px, x.K2, h.K2 > 0 ? h.A + r * h.rs : nullptr, h.rs, Ph, h.K2,
+                        C + r * ldc + j * NC, ldc, false, bias + j * NC);
     }
   }
 }

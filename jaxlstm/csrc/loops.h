@@ -184,7 +184,8 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
   barrier.wait();
   for (long t = 0; t < T; ++t) {
     if (nu > 0) {
-      for (long b = 0; b < B; ++b) std::memcpy(zx + b * cols, bias, 4 * cols);
+      if (f32_gemms)
+        for (long b = 0; b < B; ++b) std::memcpy(zx + b * cols, bias, 4 * cols);
       if constexpr (Bf16) {
         if (!f32_gemms) {
           // x(t) paired, its rows side by side: bf16 inputs are pairs as they lie (the low half the
@@ -196,8 +197,10 @@ void forward_thread(const ForwardArgs& a, int p, int n, SpinBarrier& barrier, fl
             if (a.xs16) std::memcpy(xp + b * LD2, a.xs16 + r, 2 * a.D);
             else to_pairs(a.xs + r, xp + b * LD2, a.D);
           }
-          gemm_bf16(xp, LD2, B, wxp, D2, cols, zx, cols, true);
-          gemm_bf16(hpairs + (t & 1) * B * LH2, LH2, B, whp, H2, cols, zh, cols, !Cell::kSplit);
+          // z = b + x(t)·W_ih + h(t-1)·W_hh in one pass (the GRU: zx = b + x(t)·W_ih, zh = h(t-1)·W_hh)
+          const PairOperand xo{xp, LD2, wxp, D2}, ho{hpairs + (t & 1) * B * LH2, LH2, whp, H2};
+          gemm2_bf16(xo, Cell::kSplit ? PairOperand{} : ho, B, cols, bias, zx, cols);
+          if constexpr (Cell::kSplit) gemm_bf16(ho.A, ho.rs, B, ho.panels, ho.K2, cols, zh, cols, false);
         }
       }
       if (f32_gemms) {
