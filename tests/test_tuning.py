@@ -210,8 +210,8 @@ def test_forced_retraces_what_jit_already_traced():
     """A function jax.jit traced on the native code runs the XLA path inside forced("xla") (and the
     kernel again after): the forced path is part of jit's cache key, so the call inside forced traces
     the function again instead of running the native program from jit's fast path. (Counted by the
-    function's traces, not by jit's private `_cache_size()`: that read 0 in one full run out of
-    several, whatever emptied it, while the traces and programs were right.)"""
+    function's traces, not by jit's private `_cache_size()`: that read 0 in two full runs of the
+    suite (never alone; not explained), while the traces and programs were right.)"""
     from jaxlstm import _native
 
     if not (_native.available() and tuning.KEYED):

@@ -191,27 +191,27 @@ void tile_bf16(const pair16* A, long rs, const pair16* P, long K2, const pair16*
 #pragma GCC unroll 8
       for (int u = 1; u < U; ++u) acc[u][r][j] = _mm512_setzero_ps();
     }
-  auto run = [&](const pair16* A, long rs, const pair16* P, long K2) {
+  auto run = [&](const pair16* a_rows, long a_rs, const pair16* panel, long k2s) {
     auto step = [&](long k, __m512(&sum)[M][NV]) {
       __m512bh b[NV];
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(P + (k + kPrefetch) * NC + j * VW);
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(panel + (k + kPrefetch) * NC + j * VW);
 #pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_load_si512(P + k * NC + j * VW);
+      for (int j = 0; j < NV; ++j) b[j] = (__m512bh)_mm512_load_si512(panel + k * NC + j * VW);
 #pragma GCC unroll 16
       for (int r = 0; r < M; ++r) {
         int32_t ak;  // by bytes: the pairs may have been written as bf16 (store_bf16)
-        std::memcpy(&ak, A + r * rs + k, 4);
+        std::memcpy(&ak, a_rows + r * a_rs + k, 4);
         const __m512bh a = (__m512bh)_mm512_set1_epi32(ak);
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) sum[r][j] = _mm512_dpbf16_ps(sum[r][j], a, b[j]);
       }
     };
     long k = 0;
-    for (; k + U <= K2; k += U)
+    for (; k + U <= k2s; k += U)
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) step(k + u, acc[u]);
-    for (; k < K2; ++k) step(k, acc[0]);
+    for (; k < k2s; ++k) step(k, acc[0]);
   };
   run(A, rs, P, K2);
   if (K22 > 0) run(A2, rs2, P2, K22);
