@@ -3,6 +3,7 @@
     python -m benchmarks.isa              # every level built that this CPU runs
     python -m benchmarks.isa --native     # and the same sources built with -march=native
     python -m benchmarks.isa --quick      # tiny shapes, seconds
+    python -m benchmarks.isa --pause 0    # calls back to back (default: 20 ms of rest before each)
 
 ``pip install`` builds one library per level with portable flags (``setup.py``), and jaxlstm
 runs the best one the CPU supports (``jaxlstm.native_info()``). This times ``jaxlstm.lstm`` and
@@ -82,7 +83,9 @@ def at_level(level: str):
             os.environ[_native.ISA_VARIABLE] = old
 
 
-def run(grid: dict, levels: list[str], repeats: int, budget_s: float, dtype: str = "float32") -> dict:
+def run(
+    grid: dict, levels: list[str], repeats: int, budget_s: float, dtype: str = "float32", pause_s: float = 0.02
+) -> dict:
     records = []
     for name, (B, D, H, T) in grid.items():
         for cell, impl in IMPLS.items():
@@ -91,11 +94,20 @@ def run(grid: dict, levels: list[str], repeats: int, budget_s: float, dtype: str
                 with at_level(level):
                     built[level] = C.build(impl, B, T, D, H, dtype)
             for mode in ("forward", "train"):
-                times = C.time_interleaved({lv: b[mode] for lv, b in built.items()}, repeats, budget_s=budget_s)
+                times = C.time_interleaved(
+                    {lv: b[mode] for lv, b in built.items()}, repeats, budget_s=budget_s, pause_s=pause_s
+                )
                 for level, ts in times.items():
                     records.append(dict(regime=name, cell=cell, mode=mode, level=level, **C.summarize(ts)))
                 print(_row(records[-len(levels) :], levels), flush=True)
-    return {"machine": C.machine_info(), "regimes": grid, "levels": levels, "dtype": dtype, "records": records}
+    return {
+        "machine": C.machine_info(),
+        "regimes": grid,
+        "levels": levels,
+        "dtype": dtype,
+        "pause_s": pause_s,
+        "records": records,
+    }
 
 
 def _row(recs: list, levels: list[str]) -> str:
@@ -141,6 +153,13 @@ def parse(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test in seconds")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per row (default 15; 3 with --quick)")
     p.add_argument("--budget", type=float, default=20.0, help="seconds per row before stopping early")
+    p.add_argument(
+        "--pause",
+        type=float,
+        default=0.02,
+        help="seconds of rest before each timed call (default 0.02, the main job's; 0: back to back, as a training "
+        "loop calls)",
+    )
     p.add_argument("--regimes", default=None, help="comma-separated regimes of the grid (default: all)")
     p.add_argument("--out", default=None, help="folder for isa.json (default benchmarks/runs/<device>/)")
     return p.parse_args(argv)
@@ -148,6 +167,8 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.pause < 0:
+        sys.exit(f"--pause must be >= 0 seconds; got {args.pause}")
     if _native.load_error() is not None:
         sys.exit(f"the native code does not run here: {_native.load_error()}")
     levels = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
@@ -166,7 +187,7 @@ def main(argv=None) -> dict:
             if unknown:
                 sys.exit(f"--regimes: unknown {sorted(unknown)}; the grid has {', '.join(grid)}")
             grid = {k: v for k, v in grid.items() if k in args.regimes.split(",")}
-        result = run(grid, levels, args.repeats or (3 if args.quick else 15), args.budget, args.dtype)
+        result = run(grid, levels, args.repeats or (3 if args.quick else 15), args.budget, args.dtype, args.pause)
     out = args.out or C.results_dir()
     C.write_json(os.path.join(out, "isa.json"), result)
     print(f"\n{jax.numpy.zeros(0).device} — {result['machine']['native']['cpu']}\n\n" + table(result))
