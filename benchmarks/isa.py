@@ -4,6 +4,7 @@
     python -m benchmarks.isa --native     # and the same sources built with -march=native
     python -m benchmarks.isa --quick      # tiny shapes, seconds
     python -m benchmarks.isa --pause 0    # calls back to back (default: 20 ms of rest before each)
+    python -m benchmarks.isa --shapes 3x64x128x512   # other rows than the grid's (B x D x H x T)
 
 ``pip install`` builds one library per level with portable flags (``setup.py``), and jaxlstm
 runs the best one the CPU supports (``jaxlstm.native_info()``). This times ``jaxlstm.lstm`` and
@@ -129,6 +130,14 @@ def table(result: dict) -> str:
     return head + "\n".join(_row(recs[i : i + len(levels)], levels) for i in range(0, len(recs), len(levels)))
 
 
+def _shape(text: str) -> tuple[int, int, int, int]:
+    parts = text.split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        sys.exit(f"--shapes: each shape is BxDxHxT, four positive integers (e.g. 3x64x128x512); got {text!r}")
+    B, D, H, T = map(int, parts)
+    return B, D, H, T
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--native", action="store_true", help="also time a -march=native build of the same sources")
@@ -161,12 +170,19 @@ def parse(argv=None):
         "loop calls)",
     )
     p.add_argument("--regimes", default=None, help="comma-separated regimes of the grid (default: all)")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated BxDxHxT shapes to time in place of the grid (e.g. 3x64x128x512: rows the grid lacks)",
+    )
     p.add_argument("--out", default=None, help="folder for isa.json (default benchmarks/runs/<device>/)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.shapes and (args.regimes or args.quick):
+        sys.exit("--shapes takes the place of the grid: give it without --regimes and --quick")
     if args.pause < 0:
         sys.exit(f"--pause must be >= 0 seconds; got {args.pause}")
     if _native.load_error() is not None:
@@ -177,16 +193,18 @@ def main(argv=None) -> dict:
         if unknown:
             sys.exit(f"--levels: {sorted(unknown)} not built or not run by this CPU; it runs {', '.join(levels)}")
         levels = [lv for lv in levels if lv in args.levels.split(",")]
+    grid = QUICK if args.quick else REGIMES
+    if args.shapes:
+        grid = {shape: _shape(shape) for shape in args.shapes.split(",")}
+    if args.regimes:
+        unknown = set(args.regimes.split(",")) - set(grid)
+        if unknown:
+            sys.exit(f"--regimes: unknown {sorted(unknown)}; the grid has {', '.join(grid)}")
+        grid = {k: v for k, v in grid.items() if k in args.regimes.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         if args.native or args.native_source:
             build_native(tmp, tuple(args.native_flags.split()), args.native_source)
             levels.append("native")
-        grid = QUICK if args.quick else REGIMES
-        if args.regimes:
-            unknown = set(args.regimes.split(",")) - set(grid)
-            if unknown:
-                sys.exit(f"--regimes: unknown {sorted(unknown)}; the grid has {', '.join(grid)}")
-            grid = {k: v for k, v in grid.items() if k in args.regimes.split(",")}
         result = run(grid, levels, args.repeats or (3 if args.quick else 15), args.budget, args.dtype, args.pause)
     out = args.out or C.results_dir()
     C.write_json(os.path.join(out, "isa.json"), result)

@@ -51,6 +51,8 @@ void tile(const float* A, long rs, long ks, const float* P, long K, float* C, lo
     for (int j = 0; j < NV; ++j) {
       b[j] = load(P + k * stride + j * VW);
       if constexpr (Round) b[j] = round_bf16(b[j]);
+      // one load per k, not one per row (simd.h); one row reads it once either way
+      if constexpr (M > 1) b[j] = in_register(b[j]);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r) {

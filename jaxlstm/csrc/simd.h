@@ -54,6 +54,20 @@ inline void store_n(float* p, vf v, int n) {
 
 inline vf splat(float x) { return vf{} + x; }
 
+// v, held in a register from here on. Without it g++ may fold the load that made v into every
+// instruction that uses it (an FMA's memory operand), loading v again at each use: the register tile
+// (gemm.h) uses each panel vector once per row, so its M-row tile loaded each M times. g++ 12 did so in
+// the 2- and 3-row tiles of the generic-tuned levels and in the 4-row tile of a -march=native build on
+// the Zen 4 (its znver3 tuning), whose forward pass at B=8, H=128 took 1.2-1.36x the default's (measured).
+inline vf in_register(vf v) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+v"(v));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(v));
+#endif
+  return v;
+}
+
 // The bf16 of each lane of x, rounded to nearest even (NaN stays NaN) as bf16.h's bf16() does, in
 // the high half of the lane (the low half zero).
 inline vu bf16_high(vf x) {
