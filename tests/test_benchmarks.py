@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import statistics
 
 import jax
@@ -184,14 +185,32 @@ def test_isa_quick(tmp_path):
 
     if not _native.available():
         pytest.skip(str(_native.load_error()))
-    isa.main(["--quick", "--regimes", "tiny", "--repeats", "2", "--out", str(tmp_path)])
+    isa.main(["--quick", "--regimes", "tiny", "--repeats", "2", "--pause", "0", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "isa.json").read_text())
     runnable = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
-    assert data["levels"] == runnable
+    assert data["levels"] == runnable and data["pause_s"] == 0
     rows = {(r["regime"], r["cell"], r["mode"], r["level"]) for r in data["records"]}
     assert rows == {("tiny", c, m, lv) for c in ("lstm", "gru") for m in ("forward", "train") for lv in runnable}
     assert all(r["median_s"] > 0 for r in data["records"])
     assert "| tiny | lstm | forward |" in isa.table(data)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shapes", "3x64"], "each shape is BxDxHxT, four positive integers"),
+        (["--shapes", "3x64x0x5"], "got '3x64x0x5'"),
+        (["--shapes", "3x64x128x5", "--regimes", "small"], "takes the place of the grid"),
+        (["--pause", "-1"], "--pause must be >= 0 seconds; got -1.0"),
+    ],
+)
+def test_isa_rejects_bad_shapes_and_pauses(argv, message):
+    """benchmarks.isa names the flag and the value it cannot use, before it builds or times anything."""
+    from benchmarks import isa
+
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        isa.main(argv)
+    assert isa._shape("3x64x128x512") == (3, 64, 128, 512)
 
 
 def C_torch():
