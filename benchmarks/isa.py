@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import math
 import os
 import subprocess
 import sys
@@ -183,16 +184,9 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.shapes and (args.regimes or args.quick):
         sys.exit("--shapes takes the place of the grid: give it without --regimes and --quick")
-    if args.pause < 0:
-        sys.exit(f"--pause must be >= 0 seconds; got {args.pause}")
-    if _native.load_error() is not None:
-        sys.exit(f"the native code does not run here: {_native.load_error()}")
-    levels = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
-    if args.levels:
-        unknown = set(args.levels.split(",")) - set(levels)
-        if unknown:
-            sys.exit(f"--levels: {sorted(unknown)} not built or not run by this CPU; it runs {', '.join(levels)}")
-        levels = [lv for lv in levels if lv in args.levels.split(",")]
+    if not (math.isfinite(args.pause) and args.pause >= 0):
+        sys.exit(f"--pause must be a finite number of seconds >= 0; got {args.pause}")
+    # the flags' own values first: a bad one is named on any machine, the native code built or not
     grid = QUICK if args.quick else REGIMES
     if args.shapes:
         grid = {shape: _shape(shape) for shape in args.shapes.split(",")}
@@ -201,6 +195,14 @@ def main(argv=None) -> dict:
         if unknown:
             sys.exit(f"--regimes: unknown {sorted(unknown)}; the grid has {', '.join(grid)}")
         grid = {k: v for k, v in grid.items() if k in args.regimes.split(",")}
+    if _native.load_error() is not None:
+        sys.exit(f"the native code does not run here: {_native.load_error()}")
+    levels = [lv for lv in _native.levels_built() if lv in _native.levels_supported()]
+    if args.levels:
+        unknown = set(args.levels.split(",")) - set(levels)
+        if unknown:
+            sys.exit(f"--levels: {sorted(unknown)} not built or not run by this CPU; it runs {', '.join(levels)}")
+        levels = [lv for lv in levels if lv in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         if args.native or args.native_source:
             build_native(tmp, tuple(args.native_flags.split()), args.native_source)

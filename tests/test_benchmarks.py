@@ -201,7 +201,9 @@ def test_isa_quick(tmp_path):
         (["--shapes", "3x64"], "each shape is BxDxHxT, four positive integers"),
         (["--shapes", "3x64x0x5"], "got '3x64x0x5'"),
         (["--shapes", "3x64x128x5", "--regimes", "small"], "takes the place of the grid"),
-        (["--pause", "-1"], "--pause must be >= 0 seconds; got -1.0"),
+        (["--pause", "-1"], "--pause must be a finite number of seconds >= 0; got -1.0"),
+        (["--pause", "nan"], "--pause must be a finite number of seconds >= 0; got nan"),
+        (["--regimes", "huge"], "--regimes: unknown ['huge']"),
     ],
 )
 def test_isa_rejects_bad_shapes_and_pauses(argv, message):
